@@ -1,0 +1,85 @@
+"""The metering seam between sessions and money.
+
+A session opens one `SessionMeter` before `ready`, tells it the audio it accepted and dropped
+(integer ms, synchronous: called on the hot path), asks for a `UsageReport` every
+`usage_interval_s` and settles it exactly once however the session ends. The billing layer
+supplies a wallet-backed implementation; `PricedMeter` prices usage without a wallet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    audio_ms: int
+    billed_ms: int
+    dropped_ms: int
+    cost_micros: int
+    balance_micros: int | None
+
+
+class InsufficientBalance(Exception):
+    pass
+
+
+class SessionMeter(Protocol):
+    def accept(self, audio_ms: int) -> None: ...
+
+    def drop(self, audio_ms: int) -> None: ...
+
+    async def report(self) -> UsageReport: ...
+
+    async def settle(self) -> UsageReport: ...
+
+
+class MeterFactory(Protocol):
+    async def open(self, *, session_id: str, tenant_id: str, model: str) -> SessionMeter: ...
+
+
+def cost_micros(billed_ms: int, price_micros_per_minute: int) -> int:
+    """Integer money: round the cost of billed_ms up to the next micro (never give audio away)."""
+    return -(-billed_ms * price_micros_per_minute // 60000)
+
+
+class PricedMeter:
+    """Counts and prices usage; no wallet behind it (balance_micros is None)."""
+
+    def __init__(self, price_micros_per_minute: int) -> None:
+        self._price = price_micros_per_minute
+        self._audio_ms = 0
+        self._dropped_ms = 0
+        self._settled: UsageReport | None = None
+
+    def accept(self, audio_ms: int) -> None:
+        self._audio_ms += audio_ms
+
+    def drop(self, audio_ms: int) -> None:
+        self._dropped_ms += audio_ms
+
+    def _snapshot(self) -> UsageReport:
+        return UsageReport(
+            audio_ms=self._audio_ms,
+            billed_ms=self._audio_ms,
+            dropped_ms=self._dropped_ms,
+            cost_micros=cost_micros(self._audio_ms, self._price),
+            balance_micros=None,
+        )
+
+    async def report(self) -> UsageReport:
+        return self._settled or self._snapshot()
+
+    async def settle(self) -> UsageReport:
+        if self._settled is None:
+            self._settled = self._snapshot()
+        return self._settled
+
+
+class PricedMeterFactory:
+    def __init__(self, prices: dict[str, int]) -> None:
+        self._prices = prices
+
+    async def open(self, *, session_id: str, tenant_id: str, model: str) -> SessionMeter:
+        return PricedMeter(self._prices.get(model, 0))

@@ -1,0 +1,190 @@
+"""Typed configuration: config/default.toml, then --config FILE, then STREAMGATE_* env vars.
+
+Every layer is merged as plain dicts and decoded once into msgspec Structs, so a bad value
+fails at start-up with the path of the offending key, not later in a session.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+ENV_PREFIX = "STREAMGATE_"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, malformed or out of range."""
+
+
+class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(Base):
+    host: str = "127.0.0.1"
+    ws_port: int = 8765
+    http_port: int = 8080
+    max_frame_bytes: int = 65536
+    max_connections: int = 10000
+    handshake_timeout_s: float = 5.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    idle_timeout_s: float = 10.0
+    write_high_water_bytes: int = 65536
+    write_low_water_bytes: int = 16384
+    drain_timeout_s: float = 10.0
+    housekeeping_interval_s: float = 0.25
+
+
+class LoggingConfig(Base):
+    level: str = "INFO"
+    json: bool = True
+
+
+class AuthConfig(Base):
+    # SHA-256 hex digests of accepted keys. The billing layer replaces this with real tenants.
+    key_sha256: list[str] = msgspec.field(default_factory=list)
+    allow_anonymous: bool = True
+
+
+class AsrSessionConfig(Base):
+    default_model: str = "sphinx-en"
+    ingest_queue_ms: int = 2000
+    invoke_queue_ms: int = 10000
+    max_control_messages: int = 64
+    max_outbound_messages: int = 512
+    usage_interval_s: float = 5.0
+    preroll_ms: int = 300
+    max_utterance_ms: int = 30000
+    vad_frame_ms: int = 20
+    resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ"] = "HQ"
+    max_wav_header_bytes: int = 4096
+
+
+class PocketsphinxModelConfig(Base, tag="pocketsphinx", tag_field="engine"):
+    language: str = "en-US"
+    max_concurrency: int = 2
+    interim_every_ms: int = 400
+    price_micros_per_minute: int = 6000
+
+
+class SyntheticModelConfig(Base, tag="synthetic", tag_field="engine"):
+    latency_base_ms: float = 5.0
+    latency_per_item_ms: float = 0.5
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    failure_rate: float = 0.0
+    seed: int = 0
+    ms_per_word: int = 400
+    price_micros_per_minute: int = 1000
+
+
+class UpstreamModelConfig(Base, tag="upstream", tag_field="engine"):
+    url: str
+    upstream_model: str = "whisper-1"
+    api_key_env: str = ""
+    timeout_s: float = 30.0
+    retries: int = 2
+    backoff_s: float = 0.2
+    breaker_failures: int = 5
+    breaker_reset_s: float = 30.0
+    max_concurrency: int = 8
+    price_micros_per_minute: int = 6000
+
+
+AsrModelConfig = PocketsphinxModelConfig | SyntheticModelConfig | UpstreamModelConfig
+
+
+class AsrConfig(Base):
+    session: AsrSessionConfig = msgspec.field(default_factory=AsrSessionConfig)
+    models: dict[str, AsrModelConfig] = msgspec.field(default_factory=dict)
+
+
+class Config(Base):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    asr: AsrConfig = msgspec.field(default_factory=AsrConfig)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_layer(environ: dict[str, str]) -> dict[str, Any]:
+    """STREAMGATE_SERVER__WS_PORT=9000 -> {"server": {"ws_port": 9000}}.
+
+    Values are parsed as TOML scalars (numbers, booleans, quoted strings, arrays); anything that
+    is not valid TOML is taken as a bare string.
+    """
+    layer: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = layer
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return layer
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _validate(cfg: Config) -> None:
+    s = cfg.server
+    if not 0 < s.write_low_water_bytes < s.write_high_water_bytes:
+        raise ConfigError("server.write_low_water_bytes must be > 0 and < write_high_water_bytes")
+    if s.max_frame_bytes < 1024:
+        raise ConfigError("server.max_frame_bytes must be at least 1024")
+    a = cfg.asr.session
+    if a.vad_frame_ms not in (10, 20, 30):
+        raise ConfigError("asr.session.vad_frame_ms must be 10, 20 or 30")
+    if a.ingest_queue_ms < 100 or a.invoke_queue_ms < 100:
+        raise ConfigError("asr.session queue bounds must be at least 100 ms")
+    if not cfg.asr.models:
+        raise ConfigError("asr.models: at least one model must be configured")
+    if a.default_model not in cfg.asr.models:
+        raise ConfigError(f"asr.session.default_model {a.default_model!r} is not in asr.models")
+
+
+def load_config(
+    path: Path | None = None,
+    environ: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    data = _read_toml(DEFAULT_CONFIG_PATH)
+    if path is not None:
+        data = _merge(data, _read_toml(path))
+    data = _merge(data, _env_layer(dict(os.environ if environ is None else environ)))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        cfg = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    _validate(cfg)
+    return cfg
