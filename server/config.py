@@ -78,6 +78,7 @@ class SyntheticModelConfig(Base, tag="synthetic", tag_field="engine"):
     latency_per_item_ms: float = 0.5
     max_batch: int = 32
     max_wait_ms: float = 5.0
+    max_pending: int = 4096
     failure_rate: float = 0.0
     seed: int = 0
     ms_per_word: int = 400

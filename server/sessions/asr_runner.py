@@ -1,0 +1,437 @@
+"""The asyncio side of an ASR session: feeds the sans-I/O machine and does its I/O.
+
+Stages: socket -> ingest queue (in the machine, bounded in ms) -> ingest/VAD task (drains
+everything waiting in one go) -> invoke queue (bounded in ms) -> invoke task (engine) ->
+outbound (interim results coalesced while the socket's write buffer is above high water).
+A slow engine fills the invoke queue, which stalls the ingest task, which fills the ingest
+queue, which pauses the socket (`block`) or drops the oldest audio (`drop`): memory per session
+is bounded whatever the client or the engine does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+from collections import deque
+
+from server.billing.auth import Principal
+from server.billing.meter import InsufficientBalance, MeterFactory, SessionMeter, UsageReport
+from server.config import Config
+from server.models.base import EngineError, Transcriber, TranscriptionStream
+from server.sessions import messages as m
+from server.sessions.asr import AsrSession, EngineFeed, EngineRequest, encode_event
+from server.sessions.asr_params import BadParams, params_from_query
+from server.telemetry.metrics import Metrics
+from server.ws.connection import WsConnection
+from server.ws.handshake import Admitted, Rejected, UpgradeRequest
+from server.ws.server import WsServer
+
+log = logging.getLogger("streamgate.asr")
+
+FINALS_TIMEOUT_S = 10.0
+KIND = "asr"
+
+
+class AsrEndpoint:
+    kind = KIND
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        engines: dict[str, Transcriber],
+        meters: MeterFactory,
+        server: WsServer,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.engines = engines
+        self.meters = meters
+        self.server = server
+        self.metrics = metrics
+        self.models = frozenset(engines)
+
+    async def admit(self, upgrade: UpgradeRequest, principal: Principal) -> Admitted | Rejected:
+        settings = self.config.asr.session
+        try:
+            params = params_from_query(
+                upgrade.query, default_model=settings.default_model, models=self.models
+            )
+        except BadParams as exc:
+            return Rejected(400, "bad_request", str(exc))
+        session_id = uuid.uuid4().hex
+        try:
+            meter = await self.meters.open(
+                session_id=session_id, tenant_id=principal.tenant_id, model=params.model
+            )
+        except InsufficientBalance as exc:
+            return Rejected(402, "insufficient_balance", str(exc) or "wallet balance too low")
+        engine = self.engines[params.model]
+        machine = AsrSession(
+            session_id=session_id,
+            resume_token=secrets.token_urlsafe(18),
+            params=params,
+            settings=settings,
+            models=self.models,
+            engine_rate=engine.sample_rate,
+            engine_interim=engine.supports_interim,
+            max_frame_bytes=self.config.server.max_frame_bytes,
+            idle_timeout_s=self.config.server.idle_timeout_s,
+        )
+
+        def start(conn: WsConnection) -> AsrSessionRunner:
+            runner = AsrSessionRunner(self, conn, machine, engine, meter, principal)
+            runner.start()
+            return runner
+
+        def cancel() -> None:
+            self.server.spawn(meter.settle())
+
+        return Admitted(start=start, cancel=cancel)
+
+
+class AsrSessionRunner:
+    def __init__(
+        self,
+        endpoint: AsrEndpoint,
+        conn: WsConnection,
+        machine: AsrSession,
+        engine: Transcriber,
+        meter: SessionMeter,
+        principal: Principal,
+    ) -> None:
+        self.endpoint = endpoint
+        self.conn = conn
+        self.machine = machine
+        self.engine = engine
+        self.meter = meter
+        self.principal = principal
+        self.metrics = endpoint.metrics
+        self._wake = asyncio.Event()
+        self._invoke_wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._invoke_q: deque[EngineRequest] = deque()
+        self._invoke_bytes = 0
+        self._invoke_capacity = (
+            endpoint.config.asr.session.invoke_queue_ms * engine.sample_rate * 2 // 1000
+        )
+        self._outbox: list[m.AsrServerMessage] = []
+        self._gone = False
+        self._close_code: int | None = None
+        self._draining = False
+        self._metered_ms = 0
+        self._metered_dropped_ms = 0
+        self._frames_in = 0
+        self._bytes_in = 0
+        self._frames_out = 0
+        self._bytes_out = 0
+        self._closing_since: float | None = None
+        self._pending_finish: tuple[int, str, str] | None = None
+        self._log_extra = {"session_id": machine.session_id, "tenant_id": principal.tenant_id}
+
+    # --- SessionHandler (called from the connection, synchronously) ----------------------------
+
+    def start(self) -> None:
+        self.machine.start()
+        self._send_events()
+        self.metrics.sessions_active.labels(KIND).inc()
+        log.info("session started", extra={**self._log_extra, "model": self.machine.params.model,
+                                            "encoding": self.machine.params.encoding})
+        self.endpoint.server.session_count += 1
+        self.endpoint.server.spawn(self._run())
+
+    def on_binary(self, data: bytes) -> None:
+        self._frames_in += 1
+        self._bytes_in += len(data)
+        if self.machine.receive_audio(data):
+            self.conn.pause_reading()
+        self._wake.set()
+
+    def on_text(self, data: bytes) -> None:
+        self._frames_in += 1
+        self._bytes_in += len(data)
+        self.machine.receive_text(data)
+        self._wake.set()
+
+    def on_writable(self) -> None:
+        self._writable.set()
+        self._wake.set()
+
+    def on_idle(self) -> None:
+        if self.machine.state == "open":
+            timeout = self.endpoint.config.server.idle_timeout_s
+            self.machine.fail(4008, "idle_timeout", f"no audio or keepalive for {timeout:g} s")
+            self._wake.set()
+
+    def on_drain(self) -> None:
+        self._draining = True
+        self.machine.end_of_input()
+        self._wake.set()
+
+    def on_connection_closed(self, code: int) -> None:
+        self._gone = True
+        if self._close_code is None:
+            self._close_code = code
+        self._wake.set()
+        self._invoke_wake.set()
+        self._room.set()
+        self._writable.set()
+
+    # --- the session's life ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        invoke = asyncio.get_running_loop().create_task(self._invoke_loop())
+        usage = asyncio.get_running_loop().create_task(self._usage_loop())
+        try:
+            await self._ingest_loop()
+        except Exception:
+            log.exception("session failed", extra=self._log_extra)
+            self.machine.fail(1011, "internal_error", "internal error; retry the session",
+                              retryable=True)
+            self._send_events()
+            self._close_if_done()
+        finally:
+            for task in (invoke, usage):
+                task.cancel()
+            for task in (invoke, usage):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            report = await self._settle()
+            self._publish_metrics()
+            code = self._close_code if self._close_code is not None else 1006
+            self.metrics.sessions_active.labels(KIND).dec()
+            self.metrics.sessions_total.labels(KIND, str(code)).inc()
+            self.endpoint.server.session_count -= 1
+            log.info("session ended", extra={**self._log_extra, "close_code": code,
+                                              "audio_ms": report.audio_ms,
+                                              "dropped_ms": report.dropped_ms})
+
+    async def _ingest_loop(self) -> None:
+        machine, conn = self.machine, self.conn
+        session_cfg = self.endpoint.config.asr.session
+        invoke_capacity = self._invoke_capacity
+        while not self._gone:
+            if machine.state == "closing":
+                await self._wait_closing()
+            else:
+                await self._wake.wait()
+            self._wake.clear()
+            if self._gone:
+                return
+            while conn.write_paused and not self._gone:
+                # The client is not reading: stop producing until its socket drains.
+                self._writable.clear()
+                await self._writable.wait()
+            t0 = time.perf_counter()
+            machine.process()
+            self.metrics.stage_seconds.labels("ingest").observe(time.perf_counter() - t0)
+            self._meter_deltas()
+            self._queue_requests(machine.engine_requests())
+            self._send_events()
+            if self._close_if_done():
+                return
+            if len(self._outbox) > session_cfg.max_outbound_messages:
+                machine.fail(1008, "client_not_reading", "client stopped reading results")
+                self._send_events()
+                self._close_if_done()
+                return
+            while self._invoke_bytes > invoke_capacity and not self._gone:
+                self._room.clear()
+                await self._room.wait()
+            if conn.reading_paused and machine.queue.resumable:
+                conn.resume_reading()
+
+    async def _wait_closing(self) -> None:
+        """While closing, wake for results but give up on finals after FINALS_TIMEOUT_S."""
+        loop = asyncio.get_running_loop()
+        if self._closing_since is None:
+            self._closing_since = loop.time()
+        remaining = FINALS_TIMEOUT_S - (loop.time() - self._closing_since)
+        if remaining <= 0:
+            log.warning("finals abandoned after %.0f s", FINALS_TIMEOUT_S, extra=self._log_extra)
+            self.machine.abandon_pending()
+            self._invoke_q.clear()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(remaining):
+                await self._wake.wait()
+
+    def _close_if_done(self) -> bool:
+        machine = self.machine
+        if machine.close_action is None:
+            if machine.state != "closing" or machine.finals_pending or self._invoke_q:
+                return False
+            if self._draining:
+                self._finish_later(1001, "draining", "server is draining; reconnect")
+            else:
+                self._finish_later(1000, "", "")
+            return True
+        action = machine.close_action
+        self._close_code = action.code
+        self._flush_outbox()
+        self.conn.close(action.code, action.reason)
+        return True
+
+    def _finish_later(self, code: int, reason: str, message: str) -> None:
+        # Settling is async (the wallet may be remote); the summary carries its result.
+        self._pending_finish = (code, reason, message)
+
+    async def _settle(self) -> UsageReport:
+        self._meter_deltas()
+        try:
+            report = await self.meter.settle()
+        except Exception:
+            log.exception("meter settle failed", extra=self._log_extra)
+            report = UsageReport(self.machine.accepted_ms, self.machine.accepted_ms,
+                                 self.machine.dropped_ms, 0, None)
+        finish = self._pending_finish
+        if finish is not None and not self._gone:
+            code, reason, message = finish
+            self.machine.finish(report, code, reason, message)
+            self._send_events()
+            self._close_if_done()
+        return report
+
+    # --- invoke stage ---------------------------------------------------------------------------
+
+    def _queue_requests(self, reqs: list[EngineRequest]) -> None:
+        if not reqs:
+            return
+        for req in reqs:
+            if isinstance(req, EngineFeed):
+                self._invoke_bytes += len(req.pcm)
+            self._invoke_q.append(req)
+        self._invoke_wake.set()
+
+    async def _invoke_loop(self) -> None:
+        streams: dict[int, TranscriptionStream] = {}
+        failed: set[int] = set()
+        model = self.machine.params.model
+        engine_seconds = self.metrics.engine_seconds
+        try:
+            while not self._gone:
+                if not self._invoke_q:
+                    self._invoke_wake.clear()
+                    await self._invoke_wake.wait()
+                    continue
+                req = self._invoke_q.popleft()
+                utt = req.utterance_id
+                pcm = b""
+                if isinstance(req, EngineFeed):
+                    parts = [req.pcm]
+                    # Coalesce: one engine call for everything this utterance has waiting.
+                    while (self._invoke_q and isinstance(self._invoke_q[0], EngineFeed)
+                           and self._invoke_q[0].utterance_id == utt):
+                        nxt = self._invoke_q.popleft()
+                        assert isinstance(nxt, EngineFeed)
+                        parts.append(nxt.pcm)
+                    pcm = b"".join(parts)
+                    self._invoke_bytes -= len(pcm)
+                    self._room.set()
+                if utt in failed:
+                    continue
+                stream = streams.get(utt)
+                if stream is None:
+                    stream = streams[utt] = self.engine.open_stream(
+                        language=self.machine.params.language,
+                        session_id=self.machine.session_id,
+                        utterance_id=utt,
+                    )
+                t0 = time.perf_counter()
+                try:
+                    if isinstance(req, EngineFeed):
+                        hyp = await stream.feed(pcm)
+                        if hyp is not None:
+                            self.machine.receive_result(utt, hyp, final=False)
+                        engine_seconds.labels(model, "feed").observe(time.perf_counter() - t0)
+                    else:
+                        del streams[utt]
+                        hyp = await stream.finish()
+                        engine_seconds.labels(model, "finish").observe(time.perf_counter() - t0)
+                        self.machine.receive_result(utt, hyp, final=True)
+                except EngineError as exc:
+                    self.metrics.engine_errors.labels(model).inc()
+                    failed.add(utt)
+                    dead = streams.pop(utt, None)
+                    if dead is not None:
+                        await dead.aclose()
+                    self.machine.receive_engine_error(utt, exc)
+                self._send_events()
+                self._wake.set()
+        finally:
+            for stream in streams.values():
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+
+    # --- usage ----------------------------------------------------------------------------------
+
+    async def _usage_loop(self) -> None:
+        interval = self.endpoint.config.asr.session.usage_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            self._meter_deltas()
+            report = await self.meter.report()
+            if self.machine.state != "closed":
+                self.machine.usage(report)
+                self._send_events()
+            self._publish_metrics()
+
+    def _meter_deltas(self) -> None:
+        accepted, dropped = self.machine.accepted_ms, self.machine.dropped_ms
+        if accepted > self._metered_ms:
+            self.meter.accept(accepted - self._metered_ms)
+            self._metered_ms = accepted
+        if dropped > self._metered_dropped_ms:
+            self.meter.drop(dropped - self._metered_dropped_ms)
+            self._metered_dropped_ms = dropped
+
+    def _publish_metrics(self) -> None:
+        mx = self.metrics
+        mx.frames_in.labels(KIND).inc(self._frames_in)
+        mx.bytes_in.labels(KIND).inc(self._bytes_in)
+        mx.frames_out.labels(KIND).inc(self._frames_out)
+        mx.bytes_out.labels(KIND).inc(self._bytes_out)
+        self._frames_in = self._bytes_in = self._frames_out = self._bytes_out = 0
+
+    # --- outbound -------------------------------------------------------------------------------
+
+    def _send_events(self) -> None:
+        events = self.machine.events_to_send()
+        if not events:
+            return
+        if self.conn.write_paused:
+            self._coalesce(events)
+            return
+        if self._outbox:
+            events, self._outbox = self._outbox + events, []
+        self._write(events)
+
+    def _coalesce(self, events: list[m.AsrServerMessage]) -> None:
+        """Keep only the newest interim per utterance while the client is slow to read."""
+        for ev in events:
+            if isinstance(ev, m.Transcript) and not ev.is_final:
+                self._outbox = [
+                    o for o in self._outbox
+                    if not (isinstance(o, m.Transcript) and not o.is_final
+                            and o.utterance_id == ev.utterance_id)
+                ]
+            self._outbox.append(ev)
+
+    def _flush_outbox(self) -> None:
+        if self._outbox:
+            events, self._outbox = self._outbox, []
+            self._write(events)
+
+    def _write(self, events: list[m.AsrServerMessage]) -> None:
+        conn = self.conn
+        for ev in events:
+            data = encode_event(ev)
+            conn.send_text(data)
+            self._bytes_out += len(data)
+        self._frames_out += len(events)
+        conn.flush()

@@ -1,0 +1,290 @@
+"""One WebSocket connection: our own asyncio.Protocol over websockets' sans-I/O ServerProtocol.
+
+websockets' asyncio server costs about half the frames/s of this design (DESIGN.md): it runs a
+task per connection and an assembler per message. Here bytes go straight from data_received
+into the protocol parser and whole frames go to the session, with no task hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+from websockets.exceptions import PayloadTooBig, ProtocolError
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from server.ws.handshake import Admitted, Rejected, error_frame_payload, json_response
+
+if TYPE_CHECKING:
+    from server.ws.server import WsServer
+
+log = logging.getLogger("streamgate.ws")
+
+CLOSE_HANDSHAKE_TIMEOUT_S = 3.0
+
+
+class SessionHandler(Protocol):
+    """What a connection drives once the upgrade is accepted."""
+
+    def on_text(self, data: bytes) -> None: ...
+
+    def on_binary(self, data: bytes) -> None: ...
+
+    def on_writable(self) -> None: ...
+
+    def on_idle(self) -> None: ...
+
+    def on_drain(self) -> None: ...
+
+    def on_connection_closed(self, code: int) -> None: ...
+
+
+class WsConnection(asyncio.Protocol):
+    __slots__ = (
+        "_frag_op",
+        "_frag_parts",
+        "_frag_size",
+        "_parser_error_sent",
+        "activity",
+        "close_code",
+        "close_deadline",
+        "closed",
+        "handshake_deadline",
+        "last_activity",
+        "last_pong",
+        "path",
+        "peer",
+        "ping_sent_at",
+        "protocol",
+        "reading_paused",
+        "server",
+        "session",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, server: WsServer) -> None:
+        self.server = server
+        cfg = server.config
+        self.protocol = ServerProtocol(
+            subprotocols=["token"],  # type: ignore[list-item]
+            max_size=cfg.max_frame_bytes,
+            logger=logging.getLogger("streamgate.ws.protocol"),
+        )
+        self.transport: asyncio.Transport | None = None
+        self.session: SessionHandler | None = None
+        self.peer = ""
+        self.path = ""
+        now = server.now
+        self.handshake_deadline = now + cfg.handshake_timeout_s
+        self.last_activity = now
+        self.activity = False
+        self.ping_sent_at: float | None = None
+        self.last_pong = now
+        self.close_deadline: float | None = None
+        self.close_code: int | None = None
+        self.closed = False
+        self.reading_paused = False
+        self.write_paused = False
+        self._frag_op: Opcode | None = None
+        self._frag_parts: list[bytes] = []
+        self._frag_size = 0
+        self._parser_error_sent = False
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        cfg = self.server.config
+        transport.set_write_buffer_limits(cfg.write_high_water_bytes, cfg.write_low_water_bytes)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.server.connection_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        p = self.protocol
+        p.receive_data(data)
+        for event in p.events_received():
+            if isinstance(event, Frame):
+                self._frame(event)
+            elif isinstance(event, Request):
+                self._request(event)
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        self.protocol.receive_eof()
+        self.flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        code = self.close_code
+        if code is None:
+            code = self.protocol.close_code if self.protocol.close_rcvd else 1006
+        if self.session is not None:
+            self.session.on_connection_closed(code)
+        self.server.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.session is not None:
+            self.session.on_writable()
+
+    # --- frames -------------------------------------------------------------------------------
+
+    def _frame(self, frame: Frame) -> None:
+        op = frame.opcode
+        if op is Opcode.BINARY or op is Opcode.TEXT:
+            if frame.fin:
+                self._deliver(op, bytes(frame.data))
+            else:
+                self._frag_op, self._frag_parts = op, [bytes(frame.data)]
+        elif op is Opcode.CONT:
+            # websockets enforces max_size across fragments, so this list is bounded.
+            self._frag_parts.append(bytes(frame.data))
+            if frame.fin and self._frag_op is not None:
+                op, self._frag_op = self._frag_op, None
+                data, self._frag_parts = b"".join(self._frag_parts), []
+                self._deliver(op, data)
+        elif op is Opcode.PONG:
+            self.ping_sent_at = None
+            self.last_pong = self.server.now
+        elif op is Opcode.CLOSE:
+            # websockets has answered the close; the transport closes on its EOF.
+            self.close_code = self.protocol.close_code
+
+    def _deliver(self, op: Opcode, data: bytes) -> None:
+        self.activity = True
+        session = self.session
+        if session is None:
+            return
+        if op is Opcode.BINARY:
+            session.on_binary(data)
+        else:
+            session.on_text(data)
+
+    # --- handshake ----------------------------------------------------------------------------
+
+    def _request(self, request: Request) -> None:
+        self.path = request.path
+        assert self.transport is not None
+        self.transport.pause_reading()  # nothing to read until the upgrade is decided
+        self.server.spawn(self._admit(request))
+
+    async def _admit(self, request: Request) -> None:
+        try:
+            decision = await self.server.router.admit(request, self)
+        except Exception:
+            log.exception("admission failed")
+            decision = Rejected(500, "internal_error", "admission failed")
+        if self.closed:
+            if isinstance(decision, Admitted):
+                decision.cancel()
+            return
+        if isinstance(decision, Rejected):
+            self.protocol.send_response(
+                json_response(decision.status, decision.code, decision.message, decision.headers)
+            )
+            self.flush()
+            return
+        response = self.protocol.accept(request)
+        if response.status_code != 101:
+            # Not a valid WebSocket upgrade (missing headers, bad version): say so in JSON.
+            decision.cancel()
+            body = response.body.decode(errors="replace").strip() if response.body else ""
+            reply: Response = json_response(
+                response.status_code, "bad_request", body or "invalid WebSocket upgrade"
+            )
+            self.protocol.send_response(reply)
+            self.flush()
+            return
+        self.protocol.send_response(response)
+        self.flush()
+        self.session = decision.start(self)
+        self.resume_reading()
+
+    # --- outbound -----------------------------------------------------------------------------
+
+    def send_text(self, data: bytes) -> None:
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_text(data)
+
+    def send_binary(self, data: bytes) -> None:
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_binary(data)
+
+    def send_ping(self, now: float) -> None:
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_ping(b"")
+            self.ping_sent_at = now
+            self.flush()
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake; the peer gets CLOSE_HANDSHAKE_TIMEOUT_S to answer."""
+        if self.protocol.state is State.OPEN:
+            self.close_code = code
+            self.protocol.send_close(code, reason[:120])
+            self.close_deadline = self.server.now + CLOSE_HANDSHAKE_TIMEOUT_S
+            self.flush()
+        elif self.protocol.state is State.CONNECTING and self.transport is not None:
+            self.transport.close()
+
+    def abort(self, code: int = 1006) -> None:
+        if self.close_code is None:
+            self.close_code = code
+        if self.transport is not None:
+            self.transport.abort()
+
+    def flush(self) -> None:
+        """Write what the protocol produced; an empty chunk means "close the TCP connection"."""
+        p = self.protocol
+        if p.parser_exc is not None and not self._parser_error_sent:
+            self._parser_failed(p.parser_exc)
+        chunks = p.data_to_send()
+        if not chunks or self.transport is None:
+            return
+        eof = not chunks[-1]
+        payload = b"".join(chunks)
+        if payload:
+            self.transport.write(payload)
+        if eof:
+            self.transport.close()
+
+    def _parser_failed(self, exc: Exception) -> None:
+        """websockets already queued its close frame; put our `error` frame ahead of it."""
+        self._parser_error_sent = True
+        if isinstance(exc, PayloadTooBig):
+            code, err = 1009, "frame_too_big"
+        elif isinstance(exc, ProtocolError):
+            code, err = 1002, "protocol_error"
+        else:
+            return  # EOF and the like: nobody to tell
+        self.close_code = code
+        if self.protocol.close_sent is None or self.transport is None:
+            return
+        frame = Frame(Opcode.TEXT, error_frame_payload(err, str(exc)))
+        self.transport.write(frame.serialize(mask=False, extensions=[]))
+
+    # --- flow control -------------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    @property
+    def is_open(self) -> bool:
+        return self.protocol.state is State.OPEN

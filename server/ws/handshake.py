@@ -1,0 +1,112 @@
+"""Upgrade-time decisions: who is asking (API key), for what (path, query), and the answers.
+
+Rejections are plain HTTP responses with `{"error":{"code","message"}}` before any 101, so a
+client library sees a status code it can act on (401, 402, 429 + Retry-After, 400, 503).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlsplit
+
+import msgspec
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+if TYPE_CHECKING:
+    from server.ws.connection import SessionHandler, WsConnection
+
+_encoder = msgspec.json.Encoder()
+
+
+class _ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+
+
+class _ErrorEnvelope(msgspec.Struct):
+    error: _ErrorBody
+
+
+class _ErrorFrame(msgspec.Struct, tag="error", tag_field="type"):
+    code: str
+    message: str
+    retryable: bool = False
+
+
+def error_frame_payload(code: str, message: str, retryable: bool = False) -> bytes:
+    return _encoder.encode(_ErrorFrame(code, message[:200], retryable))
+
+
+def json_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    body = _encoder.encode(_ErrorEnvelope(_ErrorBody(code, message)))
+    hdrs = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+        ]
+    )
+    for name, value in (headers or {}).items():
+        hdrs[name] = value
+    return Response(status, http.HTTPStatus(status).phrase, hdrs, body)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    status: int
+    code: str
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Admitted:
+    """The upgrade is accepted: `start` builds the session once 101 is on the wire."""
+
+    start: Callable[[WsConnection], SessionHandler]
+    cancel: Callable[[], None] = lambda: None
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeRequest:
+    path: str
+    query: dict[str, str]
+    api_key: str | None
+    headers: Headers
+
+
+def parse_upgrade(request: Request) -> UpgradeRequest:
+    parts = urlsplit(request.path)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    return UpgradeRequest(
+        path=parts.path,
+        query=query,
+        api_key=extract_api_key(request.headers, query),
+        headers=request.headers,
+    )
+
+
+def extract_api_key(headers: Headers, query: dict[str, str]) -> str | None:
+    """Bearer header, then `Sec-WebSocket-Protocol: token, <key>` (browsers), then ?api_key=."""
+    auth = headers.get("Authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    protocols = [
+        p.strip()
+        for value in headers.get_all("Sec-WebSocket-Protocol")
+        for p in value.split(",")
+    ]
+    if len(protocols) >= 2 and protocols[0] == "token" and protocols[1]:
+        return protocols[1]
+    key = query.pop("api_key", None)
+    return key or None

@@ -1,0 +1,197 @@
+"""The WebSocket listener: connections, routing at the upgrade, housekeeping and drain.
+
+One housekeeping tick walks every connection (idle timeout, ping/pong, close deadlines) instead
+of a timer per connection: a timer per session per second costs more than the sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+from websockets.http11 import Request
+
+from server.billing.auth import Authenticator, Principal
+from server.config import ServerConfig
+from server.telemetry.metrics import Metrics
+from server.ws.connection import WsConnection
+from server.ws.handshake import Admitted, Rejected, UpgradeRequest, parse_upgrade
+
+log = logging.getLogger("streamgate.ws")
+
+
+class Endpoint(Protocol):
+    """A session kind behind one path (ASR, TTS, telephony)."""
+
+    kind: str
+
+    async def admit(self, upgrade: UpgradeRequest, principal: Principal) -> Admitted | Rejected:
+        ...
+
+
+class Router:
+    def __init__(self, server: WsServer, authenticator: Authenticator) -> None:
+        self._server = server
+        self._auth = authenticator
+        self.endpoints: dict[str, Endpoint] = {}
+
+    async def admit(self, request: Request, conn: WsConnection) -> Admitted | Rejected:
+        decision = await self._decide(request)
+        if isinstance(decision, Rejected):
+            self._server.metrics.upgrades_rejected.labels(str(decision.status)).inc()
+            log.info(
+                "upgrade rejected",
+                extra={"path": conn.path.split("?")[0], "status": decision.status,
+                       "code": decision.code, "peer": conn.peer},
+            )
+        return decision
+
+    async def _decide(self, request: Request) -> Admitted | Rejected:
+        server = self._server
+        if server.draining:
+            return Rejected(503, "draining", "server is draining; reconnect elsewhere",
+                            {"Retry-After": "1"})
+        upgrade = parse_upgrade(request)
+        endpoint = self.endpoints.get(upgrade.path)
+        if endpoint is None:
+            return Rejected(404, "not_found", f"no WebSocket endpoint at {upgrade.path[:64]}")
+        if server.session_count >= server.config.max_connections:
+            return Rejected(503, "overloaded", "too many sessions on this node",
+                            {"Retry-After": "1"})
+        principal = await self._auth.authenticate(upgrade.api_key)
+        if principal is None:
+            return Rejected(401, "unauthorized", "missing or invalid API key")
+        return await endpoint.admit(upgrade, principal)
+
+
+class WsServer:
+    def __init__(self, config: ServerConfig, metrics: Metrics, authenticator: Authenticator) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.router = Router(self, authenticator)
+        self.connections: set[WsConnection] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.draining = False
+        self.session_count = 0
+        self.now = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._tick_task: asyncio.Task[None] | None = None
+        self.port = config.ws_port
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self.now = loop.time()
+        if sock is not None:
+            self._server = await loop.create_server(lambda: WsConnection(self), sock=sock,
+                                                    backlog=4096)
+        else:
+            self._server = await loop.create_server(
+                lambda: WsConnection(self), self.config.host, self.config.ws_port,
+                backlog=4096, reuse_port=True,
+            )
+        sockname = self._server.sockets[0].getsockname()
+        self.port = sockname[1]
+        self._tick_task = loop.create_task(self._housekeeping())
+
+    async def stop_listening(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new upgrades, ask every session to finish (finals, then 1001), wait, then cut."""
+        self.draining = True
+        for conn in list(self.connections):
+            if conn.session is not None:
+                conn.session.on_drain()
+            else:
+                conn.close(1001)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort(1001)
+        await self.stop_listening()
+        await self.close_tasks(max(0.5, deadline - asyncio.get_running_loop().time()))
+
+    async def close_tasks(self, timeout_s: float) -> None:
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick_task
+            self._tick_task = None
+        if self.tasks:
+            _, pending = await asyncio.wait(list(self.tasks), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Every task the server starts is tracked, so drain can await it and none leaks."""
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed", exc_info=task.exception())
+
+    def connection_opened(self, conn: WsConnection) -> None:
+        self.connections.add(conn)
+        self.metrics.connections_open.inc()
+
+    def connection_closed(self, conn: WsConnection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.metrics.connections_open.dec()
+
+    # --- housekeeping ---------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.housekeeping_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            self.now = now = loop.time()
+            try:
+                self._sweep(now)
+            except Exception:
+                log.exception("housekeeping sweep failed")
+
+    def _sweep(self, now: float) -> None:
+        cfg = self.config
+        for conn in list(self.connections):
+            if conn.activity:
+                conn.activity = False
+                conn.last_activity = now
+            if conn.close_deadline is not None:
+                if now > conn.close_deadline:
+                    conn.abort()
+                continue
+            if conn.session is None:
+                if not conn.is_open and now > conn.handshake_deadline and conn.path == "":
+                    conn.abort()  # never sent a complete upgrade request
+                continue
+            if now - conn.last_activity > cfg.idle_timeout_s:
+                conn.last_activity = now  # ask once per idle period, not per tick
+                conn.session.on_idle()
+            if conn.ping_sent_at is not None:
+                if now - conn.ping_sent_at > cfg.ping_timeout_s:
+                    conn.abort(1011)  # the peer is gone; no close handshake is possible
+            elif now - max(conn.last_activity, conn.last_pong) > cfg.ping_interval_s:
+                conn.send_ping(now)

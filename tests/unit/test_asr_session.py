@@ -1,0 +1,283 @@
+"""The ASR session machine without sockets: feed frames, drive a fake engine, assert events."""
+
+from __future__ import annotations
+
+import audioop
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pytest
+
+from server.audio.codecs import wav_header
+from server.billing.meter import UsageReport
+from server.config import AsrSessionConfig
+from server.models.base import EngineError, Hypothesis, WordTiming
+from server.sessions import messages as m
+from server.sessions.asr import AsrSession, EngineFeed, EngineFinish
+from server.sessions.asr_params import AsrParams
+from tests.speech import espeak_pcm16, silence
+
+MODELS = frozenset({"fake", "other"})
+FRAME = 640
+
+
+@dataclass
+class FakeEngine:
+    """Counts audio per utterance; the 'text' says how much it heard, so tests can check it."""
+
+    fail: bool = False
+    audio: dict[int, int] = field(default_factory=dict)
+
+    def run(self, session: AsrSession) -> None:
+        for req in session.engine_requests():
+            if isinstance(req, EngineFeed):
+                if self.fail:
+                    session.receive_engine_error(req.utterance_id, EngineError("boom"))
+                    continue
+                self.audio[req.utterance_id] = self.audio.get(req.utterance_id, 0) + len(req.pcm)
+                ms = self.audio[req.utterance_id] // 32
+                session.receive_result(req.utterance_id, Hypothesis(f"heard {ms // 100}"),
+                                       final=False)
+            elif isinstance(req, EngineFinish):
+                ms = self.audio.get(req.utterance_id, 0) // 32
+                words = [WordTiming("heard", 0, ms // 2, 0.9)]
+                session.receive_result(req.utterance_id, Hypothesis(f"heard {ms}", words),
+                                       final=True)
+
+
+def make(**params: object) -> AsrSession:
+    p = AsrParams(**{"model": "fake", **params})  # type: ignore[arg-type]
+    s = AsrSession(
+        session_id="s1", resume_token="tok", params=p,
+        settings=AsrSessionConfig(ingest_queue_ms=1000, usage_interval_s=5.0),
+        models=MODELS, engine_rate=16000, engine_interim=True,
+        max_frame_bytes=65536, idle_timeout_s=10.0,
+    )
+    s.start()
+    return s
+
+
+def run_test(session: AsrSession, frames: Iterable[bytes | str], engine: FakeEngine | None = None,
+             *, step: int = 10) -> list[m.AsrServerMessage]:
+    """Feed frames (bytes = binary, str = text), processing every `step` frames as the runner
+    does when it drains its queue; return every event produced."""
+    engine = engine or FakeEngine()
+    out: list[m.AsrServerMessage] = []
+    for i, frame in enumerate(frames, 1):
+        if isinstance(frame, str):
+            session.receive_text(frame.encode())
+        else:
+            session.receive_audio(frame)
+        if i % step == 0:
+            session.process()
+            engine.run(session)
+    session.process()
+    engine.run(session)
+    out += session.events_to_send()
+    return out
+
+
+def frames(pcm: bytes, size: int = FRAME) -> list[bytes]:
+    return [pcm[i:i + size] for i in range(0, len(pcm), size)]
+
+
+def types(events: list[m.AsrServerMessage]) -> list[str]:
+    return [type(e).__name__ for e in events]
+
+
+SPEECH = silence(600) + espeak_pcm16("hello there, how are you") + silence(1000)
+
+
+def test_ready_announces_format_credit_and_limits() -> None:
+    s = make()
+    (ready,) = s.events_to_send()
+    assert isinstance(ready, m.Ready)
+    assert ready.credit_bytes == 1000 * 32
+    assert ready.audio == m.AudioFormat(encoding="pcm_s16le", sample_rate=16000)
+    assert ready.limits.max_frame_bytes == 65536
+
+
+def test_speech_gives_one_utterance_in_audio_time() -> None:
+    s = make(interim_results=True)
+    s.events_to_send()
+    events = run_test(s, frames(SPEECH))
+    names = types(events)
+    assert names.count("SpeechStarted") == 1
+    assert names.count("UtteranceEnd") == 1
+    finals = [e for e in events if isinstance(e, m.Transcript) and e.is_final]
+    interims = [e for e in events if isinstance(e, m.Transcript) and not e.is_final]
+    assert len(finals) == 1 and interims
+    started = next(e for e in events if isinstance(e, m.SpeechStarted))
+    final = finals[0]
+    # Speech begins at 600 ms; the pre-roll (300 ms) reaches back before it.
+    assert 250 <= started.at_ms <= 650
+    assert final.start_ms == started.at_ms
+    assert final.words[0].start_ms == final.start_ms
+    speech_ms = len(espeak_pcm16("hello there, how are you")) // 32
+    assert final.end_ms - final.start_ms >= speech_ms - 200
+    assert names.index("SpeechStarted") < names.index("Transcript") < names.index("UtteranceEnd")
+    assert s.accepted_ms == len(SPEECH) // 32
+
+
+def test_credit_is_granted_per_quarter_window() -> None:
+    s = make()
+    s.events_to_send()
+    events = run_test(s, frames(silence(2000)), step=1)
+    credits = [e.bytes for e in events if isinstance(e, m.Credit)]
+    assert credits and all(c >= 1000 * 32 // 4 for c in credits)
+    assert s.credit.granted_total == 1000 * 32 + sum(credits)
+    assert sum(credits) <= len(silence(2000))
+
+
+def test_bad_text_frames_are_errors_not_closes() -> None:
+    s = make()
+    s.events_to_send()
+    events = run_test(s, ["{oops", '{"type":"jump"}', "[1,2]", '{"type":"keepalive"}'])
+    errors = [e for e in events if isinstance(e, m.Error)]
+    assert [e.code for e in errors] == ["bad_message"] * 3
+    assert s.state == "open" and s.close_action is None
+
+
+def test_empty_binary_frame_is_an_error_not_end_of_stream() -> None:
+    s = make()
+    s.events_to_send()
+    events = run_test(s, [b"", silence(100)])
+    assert [e.code for e in events if isinstance(e, m.Error)] == ["empty_frame"]
+    assert s.state == "open" and s.accepted_ms == 100
+
+
+def test_block_asks_to_pause_reading_when_full() -> None:
+    s = make(overflow="block")
+    s.events_to_send()
+    pause = [s.receive_audio(f) for f in frames(silence(1100))]
+    assert pause[-1] is True and pause[0] is False
+    s.process()
+    assert s.queue.resumable and s.dropped_ms == 0 and s.accepted_ms == 1100
+
+
+def test_drop_keeps_newest_and_accounts_every_ms() -> None:
+    s = make(overflow="drop")
+    s.events_to_send()
+    sent = silence(3000)
+    for f in frames(sent):
+        assert s.receive_audio(f) is False
+    s.process()
+    events = s.events_to_send()
+    warnings = [e for e in events if isinstance(e, m.Warning) and e.code == "audio_dropped"]
+    assert warnings and warnings[0].dropped_ms == s.dropped_ms == 2000
+    assert s.accepted_ms + s.dropped_ms == 3000
+    assert any(isinstance(e, m.Warning) and e.code == "credit_exceeded" for e in events)
+
+
+def test_finalize_ends_the_open_utterance() -> None:
+    s = make()
+    s.events_to_send()
+    talk = silence(300) + espeak_pcm16("one two three four")
+    events = run_test(s, [*frames(talk), '{"type":"finalize"}'])
+    assert types(events).count("UtteranceEnd") == 1
+    final = next(e for e in events if isinstance(e, m.Transcript) and e.is_final)
+    assert final.end_ms == s.accepted_ms  # forced end: the utterance runs to the last sample
+    assert s.state == "open"
+
+
+def test_close_flushes_finals_then_summary() -> None:
+    s = make()
+    s.events_to_send()
+    talk = silence(300) + espeak_pcm16("good morning")
+    events = run_test(s, [*frames(talk), '{"type":"close"}', silence(100)])
+    assert s.state == "closing" and not s.finals_pending
+    assert types(events).count("UtteranceEnd") == 1
+    assert s.accepted_ms == len(talk) // 32  # audio after close is not taken
+    s.finish(UsageReport(s.accepted_ms, s.accepted_ms, 0, 42, None))
+    (summary,) = s.events_to_send()
+    assert isinstance(summary, m.Summary)
+    assert summary.utterances == 1 and summary.cost_micros == 42
+    assert s.close_action is not None and s.close_action.code == 1000
+
+
+def test_drain_close_carries_error_with_reason() -> None:
+    s = make()
+    s.events_to_send()
+    s.end_of_input()
+    s.finish(UsageReport(0, 0, 0, 0, None), 1001, "draining", "server is draining")
+    events = s.events_to_send()
+    assert types(events) == ["Summary", "Error"]
+    assert isinstance(events[1], m.Error) and events[1].code == "draining"
+    assert s.close_action is not None and s.close_action.code == 1001
+
+
+def test_config_message_reconfigures_before_audio_only() -> None:
+    s = make()
+    s.events_to_send()
+    s.receive_text(json.dumps({"type": "config", "encoding": "mulaw", "sample_rate": 8000}).encode())
+    (ready,) = s.events_to_send()
+    assert isinstance(ready, m.Ready) and ready.credit_bytes == 1000 * 8
+    ulaw = audioop.lin2ulaw(silence(500, 8000), 2)
+    events = run_test(s, [*frames(ulaw, 160), '{"type":"config","sample_rate":16000}'])
+    assert [e.code for e in events if isinstance(e, m.Error)] == ["bad_message"]
+    assert s.accepted_ms == 500
+
+
+def test_bad_config_closes_4400() -> None:
+    s = make()
+    s.events_to_send()
+    s.receive_text(b'{"type":"config","model":"missing"}')
+    (err,) = s.events_to_send()
+    assert isinstance(err, m.Error) and err.code == "bad_config"
+    assert s.close_action is not None and s.close_action.code == 4400
+
+
+def test_mulaw_8k_speech_is_resampled_and_transcribed() -> None:
+    s = make(encoding="mulaw", sample_rate=8000)
+    s.events_to_send()
+    pcm8k = silence(400, 8000) + espeak_pcm16("testing telephony audio", 8000) + silence(900, 8000)
+    ulaw = audioop.lin2ulaw(pcm8k, 2)
+    events = run_test(s, frames(ulaw, 160))
+    assert types(events).count("UtteranceEnd") == 1
+    assert s.accepted_ms == len(ulaw) // 8
+
+
+def test_wav_header_rate_is_honoured() -> None:
+    s = make(encoding="wav", sample_rate=16000)
+    s.events_to_send()
+    body = audioop.lin2lin(silence(700, 8000), 2, 2)
+    data = wav_header(8000, 1, len(body) // 2) + body
+    run_test(s, frames(data, 100))
+    assert s.decoder.sample_rate == 8000
+    assert s.accepted_ms == 700
+
+
+def test_bad_wav_header_closes_4400() -> None:
+    s = make(encoding="wav")
+    s.events_to_send()
+    events = run_test(s, [b"RIFX" + b"\x00" * 100])
+    assert any(isinstance(e, m.Error) and e.code == "bad_audio" for e in events)
+    assert s.close_action is not None and s.close_action.code == 4400
+
+
+def test_engine_error_reports_and_session_continues() -> None:
+    s = make()
+    s.events_to_send()
+    events = run_test(s, frames(SPEECH), FakeEngine(fail=True))
+    errors = [e for e in events if isinstance(e, m.Error)]
+    assert errors and errors[0].code == "engine_error" and errors[0].retryable
+    assert s.state == "open"
+
+
+def test_control_lane_is_bounded() -> None:
+    s = make()
+    s.events_to_send()
+    for _ in range(64):
+        s.receive_text(b'{"type":"finalize"}')
+    assert s.close_action is None
+    s.receive_text(b'{"type":"finalize"}')
+    assert s.close_action is not None and s.close_action.code == 1008
+
+
+@pytest.mark.parametrize("vad", ["off", "low", "high"])
+def test_vad_modes_all_produce_one_utterance_for_one_phrase(vad: str) -> None:
+    s = make(vad=vad)
+    s.events_to_send()
+    events = run_test(s, [*frames(SPEECH), '{"type":"finalize"}'])
+    assert types(events).count("UtteranceEnd") == 1
