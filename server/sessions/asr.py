@@ -100,21 +100,23 @@ class AsrSession:
         self.dropped_bytes = 0
         self._dropped_reported_ms = 0
         self._credit_warned = False
+        self.credit = CreditWindow(self._capacity(params))
         self._configure(params)
 
     # --- configuration ------------------------------------------------------------------------
 
+    def _capacity(self, params: AsrParams) -> int:
+        """The ingest bound and the credit window: ingest_queue_ms of the client's encoding."""
+        return max(1, int(self.settings.ingest_queue_ms * params.bytes_per_ms))
+
     def _configure(self, params: AsrParams) -> None:
         self.params = params
-        capacity = max(1, int(self.settings.ingest_queue_ms * params.bytes_per_ms))
+        capacity = self._capacity(params)
         self.queue: IngestQueue[_Control] = IngestQueue(
             capacity, params.overflow, self.settings.max_control_messages
         )
         self.queue.protect_head = params.encoding == "wav"
-        if hasattr(self, "credit"):
-            self.credit.resize(capacity)
-        else:
-            self.credit = CreditWindow(capacity)
+        self.credit.resize(capacity)
         self.decoder = StreamDecoder(
             params.encoding,
             params.sample_rate,

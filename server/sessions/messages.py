@@ -109,7 +109,7 @@ class Usage(Msg, tag="usage"):
     dropped_ms: int = 0
 
 
-class Warning(Msg, tag="warning", omit_defaults=True):  # noqa: A001 - the wire name is binding
+class Warning(Msg, tag="warning", omit_defaults=True):
     code: str
     message: str
     dropped_ms: int | None = None

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, cast
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
 
 from server.ws.handshake import Admitted, Rejected, error_frame_payload, json_response
 
@@ -25,6 +27,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamgate.ws")
 
 CLOSE_HANDSHAKE_TIMEOUT_S = 3.0
+
+
+def _select_subprotocol(
+    _protocol: ServerProtocol, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """Browsers pass the key as `Sec-WebSocket-Protocol: token, <key>`; we answer `token`.
+    A client that offers no subprotocol is fine too (websockets' default would refuse it)."""
+    return Subprotocol("token") if "token" in offered else None
 
 
 class SessionHandler(Protocol):
@@ -71,7 +81,7 @@ class WsConnection(asyncio.Protocol):
         self.server = server
         cfg = server.config
         self.protocol = ServerProtocol(
-            subprotocols=["token"],  # type: ignore[list-item]
+            select_subprotocol=_select_subprotocol,
             max_size=cfg.max_frame_bytes,
             logger=logging.getLogger("streamgate.ws.protocol"),
         )
@@ -98,7 +108,8 @@ class WsConnection(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, only duck-compatible.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         cfg = self.server.config
         transport.set_write_buffer_limits(cfg.write_high_water_bytes, cfg.write_low_water_bytes)
@@ -125,7 +136,9 @@ class WsConnection(asyncio.Protocol):
         self.closed = True
         code = self.close_code
         if code is None:
-            code = self.protocol.close_code if self.protocol.close_rcvd else 1006
+            code = self.protocol.close_code if self.protocol.close_rcvd else None
+        if code is None:
+            code = 1006
         if self.session is not None:
             self.session.on_connection_closed(code)
         self.server.connection_closed(self)

@@ -69,7 +69,9 @@ class Router:
 
 
 class WsServer:
-    def __init__(self, config: ServerConfig, metrics: Metrics, authenticator: Authenticator) -> None:
+    def __init__(
+        self, config: ServerConfig, metrics: Metrics, authenticator: Authenticator
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.router = Router(self, authenticator)
@@ -81,6 +83,7 @@ class WsServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._tick_task: asyncio.Task[None] | None = None
+        self._all_closed = asyncio.Event()
         self.port = config.ws_port
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -116,8 +119,10 @@ class WsServer:
             else:
                 conn.close(1001)
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while self.connections and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        if self.connections:
+            self._all_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout_s)
         for conn in list(self.connections):
             conn.abort(1001)
         await self.stop_listening()
@@ -159,6 +164,8 @@ class WsServer:
         if conn in self.connections:
             self.connections.discard(conn)
             self.metrics.connections_open.dec()
+            if not self.connections:
+                self._all_closed.set()
 
     # --- housekeeping ---------------------------------------------------------------------------
 

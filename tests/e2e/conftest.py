@@ -93,7 +93,8 @@ def server() -> Iterator[ServerProcess]:
     yield srv
     code = srv.stop()
     # Exit code 3 means the server found leaked asyncio tasks at shutdown.
-    assert code == 0, "server exited with %d:\n%s" % (code, "\n".join(srv.stderr_lines[-40:]))
+    tail = "\n".join(srv.stderr_lines[-40:])
+    assert code == 0, f"server exited with {code}:\n{tail}"
 
 
 @pytest.fixture(scope="session")

@@ -210,7 +210,8 @@ def test_drain_close_carries_error_with_reason() -> None:
 def test_config_message_reconfigures_before_audio_only() -> None:
     s = make()
     s.events_to_send()
-    s.receive_text(json.dumps({"type": "config", "encoding": "mulaw", "sample_rate": 8000}).encode())
+    config = {"type": "config", "encoding": "mulaw", "sample_rate": 8000}
+    s.receive_text(json.dumps(config).encode())
     (ready,) = s.events_to_send()
     assert isinstance(ready, m.Ready) and ready.credit_bytes == 1000 * 8
     ulaw = audioop.lin2ulaw(silence(500, 8000), 2)

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Prepare a checkout of streamgate: system packages, a Python 3.11 virtualenv in .venv and an
+# editable install of the project with its dev extras.
+#
+# Idempotent and quick when everything is already in place: it only installs what is missing and
+# re-runs `pip install` only when pyproject.toml is newer than the stamp file in .venv.
+# Works from any current directory. Used by scripts/run.sh, scripts/test.sh and the Makefile.
+#
+# Environment:
+#   STREAMGATE_PYTHON   interpreter to build .venv with (default: python3.11, else python3 if 3.11)
+#   STREAMGATE_SKIP_SYSTEM_PACKAGES=1   do not check Debian packages (non-Debian machines, CI images)
+set -euo pipefail
+
+# System packages the server and its tests need (Debian/Ubuntu names). Python itself is handled
+# separately below because the package name depends on the distribution.
+SYSTEM_PACKAGES="espeak-ng redis-server postgresql"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+VENV="$ROOT/.venv"
+STAMP="$VENV/.streamgate-installed"
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+is_py311() {
+    "$1" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' >/dev/null 2>&1
+}
+
+has_venv_module() {
+    # Debian splits venv/ensurepip into python3.11-venv; without it `python -m venv` fails.
+    "$1" -c 'import venv, ensurepip' >/dev/null 2>&1
+}
+
+find_python() {
+    local candidate
+    for candidate in ${STREAMGATE_PYTHON:-} python3.11 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 && is_py311 "$candidate"; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+package_present() {
+    # A package counts as present if dpkg knows it or a command of that name exists (covers
+    # machines where the tool was installed some other way).
+    dpkg -s "$1" >/dev/null 2>&1 || command -v "$1" >/dev/null 2>&1
+}
+
+# --- system packages ----------------------------------------------------------------------------
+missing=()
+PYTHON="$(find_python || true)"
+if [[ -z "$PYTHON" ]]; then
+    missing+=(python3.11 python3.11-venv)
+elif ! has_venv_module "$PYTHON" && [[ ! -x "$VENV/bin/python" ]]; then
+    missing+=(python3.11-venv)
+fi
+if [[ "${STREAMGATE_SKIP_SYSTEM_PACKAGES:-0}" != 1 ]]; then
+    for pkg in $SYSTEM_PACKAGES; do
+        package_present "$pkg" || missing+=("$pkg")
+    done
+fi
+
+if ((${#missing[@]})); then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        die "missing system packages: ${missing[*]} (no apt-get here: install them with your" \
+            "package manager, or set STREAMGATE_SKIP_SYSTEM_PACKAGES=1 if they are elsewhere)"
+    fi
+    if [[ "$(id -u)" -ne 0 ]]; then
+        log "missing system packages: ${missing[*]}"
+        log "install them with:"
+        printf '\n    sudo apt-get install -y --no-install-recommends %s\n\n' "${missing[*]}" >&2
+        log "then run this script again."
+        exit 1
+    fi
+    log "installing system packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    PYTHON="$(find_python || true)"
+fi
+
+if [[ -z "$PYTHON" ]]; then
+    die "no Python 3.11 interpreter found (tried python3.11 and python3). On Ubuntu releases" \
+        "without python3.11, install it from the deadsnakes PPA or pyenv, or point" \
+        "STREAMGATE_PYTHON at one."
+fi
+
+# --- virtualenv -----------------------------------------------------------------------------------
+if [[ -x "$VENV/bin/python" ]] && ! is_py311 "$VENV/bin/python"; then
+    # A venv from another interpreter (or one whose interpreter has gone away): rebuild it.
+    log "$VENV does not run Python 3.11; recreating it"
+    rm -rf "$VENV"
+fi
+if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating $VENV with $PYTHON"
+    "$PYTHON" -m venv "$VENV"
+    rm -f "$STAMP"
+fi
+
+# --- project install ------------------------------------------------------------------------------
+if [[ ! -f "$STAMP" || "$ROOT/pyproject.toml" -nt "$STAMP" ]]; then
+    log "installing streamgate and its dev dependencies into $VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]"
+    touch "$STAMP"
+fi

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up the checkout if needed (scripts/setup.sh), then run the test suite from the repository
+# root. Extra arguments go to pytest (paths relative to the repository root), e.g.
+#   ./scripts/test.sh tests/unit -k credit
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$ROOT/scripts/setup.sh"
+cd "$ROOT"
+exec .venv/bin/pytest -q "$@"

@@ -1,0 +1,89 @@
+"""Per-session streaming resampler (int16 mono) on top of soxr's ResampleStream.
+
+One Resampler per session keeps the filter state across frames, so chunk boundaries leave no
+clicks and the output equals a one-shot resample of the whole stream.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import soxr
+
+__all__ = ["QUALITIES", "Resampler"]
+
+Int16Array = npt.NDArray[np.int16]
+
+QUALITIES: Final = frozenset({"QQ", "LQ", "MQ", "HQ", "VHQ"})
+
+# Zero-length arrays cannot be mutated, so one shared instance is safe to hand out.
+_EMPTY: Final[Int16Array] = np.empty(0, dtype=np.int16)
+
+
+class Resampler:
+    """Stateful int16 mono resampler; a no-op pass-through when the rates are equal."""
+
+    __slots__ = ("_finished", "_in_rate", "_out_rate", "_stream")
+
+    def __init__(self, in_rate: int, out_rate: int, quality: str = "HQ") -> None:
+        if in_rate <= 0 or out_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {in_rate} -> {out_rate}")
+        if quality not in QUALITIES:
+            raise ValueError(
+                f"unknown soxr quality {quality!r}; expected one of {sorted(QUALITIES)}"
+            )
+        self._in_rate = in_rate
+        self._out_rate = out_rate
+        self._finished = False
+        # Equal rates skip soxr entirely: no filter delay and no per-session C state.
+        self._stream: soxr.ResampleStream | None = (
+            None
+            if in_rate == out_rate
+            else soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=quality)
+        )
+
+    @property
+    def in_rate(self) -> int:
+        return self._in_rate
+
+    @property
+    def out_rate(self) -> int:
+        return self._out_rate
+
+    @property
+    def passthrough(self) -> bool:
+        return self._stream is None
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def process(self, x: npt.ArrayLike) -> Int16Array:
+        """Resample the next chunk. Output lags input by the filter delay until ``flush``."""
+        if self._finished:
+            raise RuntimeError("Resampler.process() called after flush()")
+        # soxr insists on an exact ndarray of the stream dtype; this is a no-op for the
+        # contiguous int16 arrays the decoder produces.
+        arr = np.ascontiguousarray(x, dtype=np.int16)
+        if arr.ndim != 1:
+            raise ValueError(f"expected a 1-D mono array, got shape {arr.shape}")
+        if arr.shape[0] == 0:
+            return _EMPTY
+        stream = self._stream
+        if stream is None:
+            return arr
+        out: Int16Array = stream.resample_chunk(arr)
+        return out
+
+    def flush(self) -> Int16Array:
+        """Drain the filter tail; the resampler is finished afterwards (idempotent)."""
+        if self._finished:
+            return _EMPTY
+        self._finished = True
+        stream = self._stream
+        if stream is None:
+            return _EMPTY
+        out: Int16Array = stream.resample_chunk(_EMPTY, last=True)
+        return out

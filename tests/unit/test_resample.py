@@ -1,0 +1,125 @@
+"""Streaming resampler: chunking must not change the signal, lengths follow the rate ratio."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import soxr
+
+from server.audio.resample import Resampler
+
+Int16Array = npt.NDArray[np.int16]
+
+
+def _sine(rate: int, seconds: float, freq: float = 440.0, amp: float = 12000.0) -> Int16Array:
+    t = np.arange(int(rate * seconds)) / rate
+    return (np.sin(2 * np.pi * freq * t) * amp).astype(np.int16)
+
+
+def _chunked(r: Resampler, x: Int16Array, seed: int = 0, max_chunk: int = 700) -> Int16Array:
+    rng = np.random.default_rng(seed)
+    out: list[Int16Array] = []
+    i = 0
+    while i < len(x):
+        n = int(rng.integers(0, max_chunk))  # includes empty chunks
+        out.append(r.process(x[i : i + n]))
+        i += n
+    out.append(r.flush())
+    return np.concatenate(out)
+
+
+def _one_shot(in_rate: int, out_rate: int, x: Int16Array) -> Int16Array:
+    r = Resampler(in_rate, out_rate)
+    return np.concatenate([r.process(x), r.flush()])
+
+
+def _peak_hz(x: Int16Array, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(x.astype(np.float64) * np.hanning(len(x))))
+    return float(np.argmax(spectrum) * rate / len(x))
+
+
+@pytest.mark.parametrize(
+    ("in_rate", "out_rate"), [(8000, 16000), (48000, 16000), (22050, 16000), (16000, 8000)]
+)
+def test_random_chunks_equal_one_shot(in_rate: int, out_rate: int) -> None:
+    x = _sine(in_rate, 1.5)
+    one = _one_shot(in_rate, out_rate, x)
+    for seed in range(3):
+        got = _chunked(Resampler(in_rate, out_rate), x, seed=seed)
+        n = min(len(got), len(one))
+        assert abs(len(got) - len(one)) <= 1
+        diff = np.abs(got[:n].astype(np.int32) - one[:n])
+        # soxr's int16 I/O rounds per call, so chunking can move a sample by an LSB or two.
+        assert np.max(diff) <= 3
+        assert np.mean(diff) < 0.5
+
+
+@pytest.mark.parametrize(
+    ("in_rate", "out_rate"), [(8000, 16000), (48000, 16000), (22050, 16000), (44100, 48000)]
+)
+def test_length_and_frequency_preserved(in_rate: int, out_rate: int) -> None:
+    x = _sine(in_rate, 2.0, freq=1000.0)
+    y = _chunked(Resampler(in_rate, out_rate), x, max_chunk=400)
+    assert abs(len(y) - len(x) * out_rate / in_rate) <= 2
+    assert y.dtype == np.int16
+    assert _peak_hz(y, out_rate) == pytest.approx(1000.0, abs=2.0)
+    # Amplitude survives: soxr's pass-band is flat at 1 kHz.
+    mid = y[len(y) // 4 : 3 * len(y) // 4]
+    assert np.max(np.abs(mid)) == pytest.approx(12000, rel=0.02)
+
+
+def test_matches_soxr_one_shot_function() -> None:
+    x = _sine(8000, 1.0)
+    ours = _chunked(Resampler(8000, 16000), x)
+    ref = soxr.resample(x, 8000, 16000, quality="HQ")
+    n = min(len(ours), len(ref))
+    assert abs(len(ours) - len(ref)) <= 2
+    assert np.max(np.abs(ours[:n].astype(np.int32) - ref[:n])) <= 2
+
+
+def test_streaming_has_delay_until_flush() -> None:
+    r = Resampler(8000, 16000)
+    first = r.process(_sine(8000, 0.02))
+    assert len(first) < 320  # filter delay holds some output back
+    tail = r.flush()
+    assert len(first) + len(tail) == pytest.approx(320, abs=2)
+    assert r.finished
+
+
+def test_passthrough() -> None:
+    r = Resampler(16000, 16000)
+    assert r.passthrough and r.in_rate == r.out_rate == 16000
+    x = _sine(16000, 0.1)
+    np.testing.assert_array_equal(r.process(x), x)
+    np.testing.assert_array_equal(r.process(x.tolist()), x)
+    assert r.flush().shape == (0,)
+
+
+def test_empty_input_and_flush_semantics() -> None:
+    r = Resampler(48000, 16000, quality="VHQ")
+    assert (r.in_rate, r.out_rate, r.passthrough) == (48000, 16000, False)
+    empty = r.process(np.empty(0, np.int16))
+    assert empty.shape == (0,) and empty.dtype == np.int16
+    r.process(_sine(48000, 0.05))
+    assert len(r.flush()) > 0
+    assert r.flush().shape == (0,)  # idempotent
+    with pytest.raises(RuntimeError, match="after flush"):
+        r.process(_sine(48000, 0.01))
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="quality"):
+        Resampler(8000, 16000, quality="ultra")
+    with pytest.raises(ValueError, match="positive"):
+        Resampler(0, 16000)
+    with pytest.raises(ValueError, match="1-D"):
+        Resampler(8000, 16000).process(np.zeros((10, 2), np.int16))
+
+
+def test_full_scale_input_does_not_wrap() -> None:
+    # int16 I/O clips in soxr instead of wrapping around on overshoot.
+    x = np.where(np.arange(8000) % 40 < 20, 32767, -32768).astype(np.int16)
+    y = _one_shot(8000, 16000, x)
+    d = np.abs(np.diff(y.astype(np.int32)))
+    assert np.max(d) < 40000
