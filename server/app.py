@@ -39,7 +39,7 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.config
-        self.engines = build_transcribers(cfg.asr.models)
+        self.engines = build_transcribers(cfg.asr.models, self.metrics)
         await start_all(self.engines)
         prices = {name: model.price_micros_per_minute for name, model in cfg.asr.models.items()}
         auth = StaticKeyAuthenticator(cfg.auth.key_sha256, allow_anonymous=cfg.auth.allow_anonymous)

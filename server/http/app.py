@@ -22,6 +22,7 @@ def build_http_app(metrics: Metrics, is_ready: Callable[[], tuple[bool, str]]) -
         )
 
     async def metrics_view(_: web.Request) -> web.Response:
+        metrics.before_scrape()
         body = generate_latest(metrics.registry)
         resp = web.Response(body=body)
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]

@@ -25,7 +25,7 @@ class Hypothesis:
 
 
 class EngineError(Exception):
-    """An engine could not produce a result. `retryable` says whether the same call may work later."""
+    """An engine could not produce a result; `retryable`: the same call may work later."""
 
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
@@ -64,5 +64,6 @@ class Transcriber(Protocol):
 
     async def aclose(self) -> None: ...
 
-    def open_stream(self, *, language: str, session_id: str, utterance_id: int) -> TranscriptionStream:
-        ...
+    def open_stream(
+        self, *, language: str, session_id: str, utterance_id: int
+    ) -> TranscriptionStream: ...

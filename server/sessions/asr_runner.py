@@ -54,6 +54,18 @@ class AsrEndpoint:
         self.server = server
         self.metrics = metrics
         self.models = frozenset(engines)
+        self.runners: set[AsrSessionRunner] = set()
+        metrics.scrape_hooks.append(self._publish_gauges)
+
+    def _publish_gauges(self) -> None:
+        ingest_ms = invoke_ms = credit = 0
+        for r in self.runners:
+            ingest_ms += int(r.machine.queue.audio_bytes / r.machine.params.bytes_per_ms)
+            invoke_ms += r.invoke_queue_ms
+            credit += max(0, r.machine.credit.outstanding)
+        self.metrics.queue_depth_ms.labels("ingest").set(ingest_ms)
+        self.metrics.queue_depth_ms.labels("invoke").set(invoke_ms)
+        self.metrics.credit_outstanding.set(credit)
 
     async def admit(self, upgrade: UpgradeRequest, principal: Principal) -> Admitted | Rejected:
         settings = self.config.asr.session
@@ -111,6 +123,7 @@ class AsrSessionRunner:
         self.meter = meter
         self.principal = principal
         self.metrics = endpoint.metrics
+        self._ingest_seconds = self.metrics.stage_seconds.labels("ingest")
         self._wake = asyncio.Event()
         self._invoke_wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -126,6 +139,8 @@ class AsrSessionRunner:
         self._draining = False
         self._metered_ms = 0
         self._metered_dropped_ms = 0
+        self._published_ms = 0
+        self._published_dropped_ms = 0
         self._frames_in = 0
         self._bytes_in = 0
         self._frames_out = 0
@@ -143,6 +158,7 @@ class AsrSessionRunner:
         log.info("session started", extra={**self._log_extra, "model": self.machine.params.model,
                                             "encoding": self.machine.params.encoding})
         self.endpoint.server.session_count += 1
+        self.endpoint.runners.add(self)
         self.endpoint.server.spawn(self._run())
 
     def on_binary(self, data: bytes) -> None:
@@ -207,6 +223,7 @@ class AsrSessionRunner:
             self.metrics.sessions_active.labels(KIND).dec()
             self.metrics.sessions_total.labels(KIND, str(code)).inc()
             self.endpoint.server.session_count -= 1
+            self.endpoint.runners.discard(self)
             log.info("session ended", extra={**self._log_extra, "close_code": code,
                                               "audio_ms": report.audio_ms,
                                               "dropped_ms": report.dropped_ms})
@@ -229,7 +246,7 @@ class AsrSessionRunner:
                 await self._writable.wait()
             t0 = time.perf_counter()
             machine.process()
-            self.metrics.stage_seconds.labels("ingest").observe(time.perf_counter() - t0)
+            self._ingest_seconds.observe(time.perf_counter() - t0)
             self._meter_deltas()
             self._queue_requests(machine.engine_requests())
             self._send_events()
@@ -390,8 +407,16 @@ class AsrSessionRunner:
             self.meter.drop(dropped - self._metered_dropped_ms)
             self._metered_dropped_ms = dropped
 
+    @property
+    def invoke_queue_ms(self) -> int:
+        return self._invoke_bytes * 1000 // (self.engine.sample_rate * 2)
+
     def _publish_metrics(self) -> None:
         mx = self.metrics
+        accepted, dropped = self.machine.accepted_ms, self.machine.dropped_ms
+        mx.audio_ms.labels(KIND).inc(accepted - self._published_ms)
+        mx.dropped_ms.labels(KIND).inc(dropped - self._published_dropped_ms)
+        self._published_ms, self._published_dropped_ms = accepted, dropped
         mx.frames_in.labels(KIND).inc(self._frames_in)
         mx.bytes_in.labels(KIND).inc(self._bytes_in)
         mx.frames_out.labels(KIND).inc(self._frames_out)

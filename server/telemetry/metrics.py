@@ -3,12 +3,16 @@ them, because a prometheus_client `inc()` per 20 ms frame costs more than decodi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        # Gauges summed over live sessions are computed when scraped, not kept up to date.
+        self.scrape_hooks: list[Callable[[], None]] = []
         self.sessions_active = Gauge(
             "streamgate_sessions_active", "Live sessions", ["kind"], registry=r
         )
@@ -70,3 +74,7 @@ class Metrics:
             "streamgate_audio_dropped_ms_total", "Audio dropped by overflow=drop", ["kind"],
             registry=r,
         )
+
+    def before_scrape(self) -> None:
+        for hook in self.scrape_hooks:
+            hook()
