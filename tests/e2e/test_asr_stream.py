@@ -359,3 +359,77 @@ def test_rejections_are_logged_without_keys(server: ServerProcess) -> None:
         pass
     text = "\n".join(server.stderr_lines)
     assert TEST_KEY not in text
+
+
+# --- bad clients never disturb good ones ---------------------------------------------------------
+
+
+async def _garbage_tcp(server: ServerProcess) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.ws_port)
+    writer.write(b"\x16\x03\x01 this is not HTTP at all\r\n\r\n")
+    await writer.drain()
+    await asyncio.wait_for(reader.read(), 5)  # the server answers or hangs up; it must not crash
+    writer.close()
+    await writer.wait_closed()
+
+
+async def _vanishing_client(server: ServerProcess) -> None:
+    ws = await connect(url(server), additional_headers=AUTH)
+    await recv_json(ws)
+    for _ in range(10):
+        await ws.send(silence(20))
+    ws.transport.abort()  # no close frame, no FIN handshake: the client just disappears
+
+
+async def _bad_wav(server: ServerProcess) -> int | None:
+    async with connect(url(server, encoding="wav"), additional_headers=AUTH) as ws:
+        await recv_json(ws)
+        await ws.send(b"RIFF\x00\x00\x00\x00WAVEjunk" + b"\x00" * 5000)
+        await drain_to_close(ws)
+        return ws.close_code
+
+
+async def test_bad_clients_do_not_disturb_a_good_session(server: ServerProcess,
+                                                         speech: bytes) -> None:
+    async def good() -> list[dict[str, Any]]:
+        async with connect(url(server), additional_headers=AUTH) as ws:
+            ready = await recv_json(ws)
+            seen: list[dict[str, Any]] = []
+            await stream_with_credit(ws, speech, ready, seen)
+            await ws.send(json.dumps({"type": "close"}))
+            seen += await drain_to_close(ws)
+            assert ws.close_code == 1000
+            return seen
+
+    good_task = asyncio.create_task(good())
+    results = await asyncio.gather(
+        _garbage_tcp(server), _vanishing_client(server), _bad_wav(server),
+        _flood(server, "drop", 5), return_exceptions=True,
+    )
+    seen = await good_task
+    assert results[2] == 4400
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert seen[-1]["type"] == "summary" and seen[-1]["audio_ms"] == len(speech) // 32
+    assert [m["type"] for m in seen].count("utterance_end") == 1
+    # The server is still there and healthy afterwards.
+    with urllib.request.urlopen(f"{server.http}/healthz", timeout=5) as resp:
+        assert resp.status == 200
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_flooding_clients_keep_server_memory_bounded(server: ServerProcess) -> None:
+    """Eight clients flood 60 s each at once, ignoring credit: queues stay bounded, so the
+    server's memory grows by far less than the audio they pushed (8 x 1.9 MB)."""
+    await _flood(server, "block", 2)  # warm up allocators and engine paths first
+    before = _rss_kib(server.proc.pid)
+    results = await asyncio.gather(*[_flood(server, "block", 60) for _ in range(8)])
+    after = _rss_kib(server.proc.pid)
+    assert all(r[-1]["audio_ms"] == 60000 for r in results)
+    assert after - before < 12 * 1024, f"RSS grew {after - before} KiB"
