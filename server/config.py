@@ -71,6 +71,8 @@ class PocketsphinxModelConfig(Base, tag="pocketsphinx", tag_field="engine"):
     max_concurrency: int = 2
     interim_every_ms: int = 400
     price_micros_per_minute: int = 6000
+    call_timeout_s: float = 30.0  # one worker request (and worker start-up); then it is killed
+    stop_timeout_s: float = 2.0  # at shutdown, wait this long for a worker to exit on EOF
 
 
 class SyntheticModelConfig(Base, tag="synthetic", tag_field="engine"):

@@ -1,17 +1,30 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+import server.models.pocketsphinx_engine as engine_module
 from server.config import PocketsphinxModelConfig
 from server.models.base import EngineError, EngineUnavailable, Hypothesis, TranscriptionStream
 from server.models.pocketsphinx_engine import PocketsphinxTranscriber
+from server.models.sphinx_worker import words_from_segments
 from tests.fakes import leftover_tasks
 from tests.speech import espeak_pcm16
 
 SENTENCE = "hello world this is a test"
+# ~5.8 s of speech: end_utt on it held the GIL ~350 ms when the decoder ran in-process.
+LONG_SENTENCE = (
+    "the quick brown fox jumps over the lazy dog while the gateway keeps serving "
+    "every other session on the loop"
+)
 CHUNK = 3200  # 100 ms at 16 kHz
 
 
@@ -27,12 +40,38 @@ async def no_leftover_tasks() -> AsyncIterator[None]:
     assert await leftover_tasks() == set()
 
 
-@pytest.fixture
-async def engine() -> AsyncIterator[PocketsphinxTranscriber]:
-    eng = PocketsphinxTranscriber("sphinx", PocketsphinxModelConfig(max_concurrency=1))
+def child_pids() -> set[int]:
+    """Children (running or zombie) of this process, whichever thread started them."""
+    pids: set[int] = set()
+    for children in Path("/proc/self/task").glob("*/children"):
+        pids.update(int(pid) for pid in children.read_text().split())
+    return pids
+
+
+def gone(pids: set[int]) -> bool:
+    """Exited and reaped: neither a child of ours (zombies included) nor in /proc at all."""
+    return not pids & child_pids() and not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+@asynccontextmanager
+async def running_engine(
+    max_concurrency: int = 1, **cfg: Any
+) -> AsyncIterator[PocketsphinxTranscriber]:
+    """Started engine, closed inside the test body (so the task-leak check covers it); on the
+    way out, every worker it ever ran must be gone: exited and reaped, no zombie."""
+    eng = PocketsphinxTranscriber(
+        "sphinx", PocketsphinxModelConfig(max_concurrency=max_concurrency, **cfg)
+    )
     await eng.start()
-    yield eng
-    await eng.aclose()
+    seen = set(eng.pool.pids)
+    assert len(seen) == max_concurrency
+    try:
+        yield eng
+        if eng._pool is not None:
+            seen.update(eng.pool.pids)
+    finally:
+        await eng.aclose()
+    assert gone(seen)
 
 
 def open_stream(engine: PocketsphinxTranscriber, n: int = 1) -> TranscriptionStream:
@@ -48,12 +87,28 @@ async def feed_all(stream: TranscriptionStream, pcm: bytes) -> list[Hypothesis]:
     return interims
 
 
-async def test_espeak_sentence_gives_text_with_increasing_word_timings(
-    engine: PocketsphinxTranscriber, speech: bytes
-) -> None:
-    stream = open_stream(engine)
-    interims = await feed_all(stream, speech)
-    final = await stream.finish()
+def test_words_from_segments_drops_fillers_and_converts_frames() -> None:
+    segs = [
+        ("<s>", 0, 9, 1.0),
+        ("hello", 10, 49, 0.9),
+        ("<sil>", 50, 54, 1.0),
+        ("[NOISE]", 55, 57, 1.0),
+        ("++GARBAGE++", 58, 59, 1.0),
+        ("world(2)", 60, 99, 1.2),
+        ("</s>", 100, 110, 1.0),
+    ]
+    assert words_from_segments(segs, 100) == [
+        ("hello", 100, 500, 0.9),
+        ("world", 600, 1000, 1.0),  # end frame inclusive; confidence clamped
+    ]
+
+
+async def test_espeak_sentence_gives_text_with_increasing_word_timings(speech: bytes) -> None:
+    async with running_engine() as engine:
+        stream = open_stream(engine)
+        interims = await feed_all(stream, speech)
+        final = await stream.finish()
+        assert engine.pool.in_use == 0
     heard = [h.text for h in interims]
     print(f"\npocketsphinx heard {SENTENCE!r} as {final.text!r}; interims {heard}")
     assert final.text.strip()
@@ -68,89 +123,195 @@ async def test_espeak_sentence_gives_text_with_increasing_word_timings(
     # interim_every_ms=400 over ~1.7 s of audio: a few interims at most, each one new.
     assert 1 <= len(interims) <= len(speech) // (32 * 400) + 1
     assert all(h.text and not h.words for h in interims)
-    assert engine.pool.in_use == 0
 
 
-async def test_streams_beyond_max_concurrency_wait_rather_than_fail(
-    engine: PocketsphinxTranscriber, speech: bytes
-) -> None:
-    first, second = open_stream(engine, 1), open_stream(engine, 2)
-    await first.feed(speech[:CHUNK])
-    blocked = asyncio.create_task(second.feed(speech[:CHUNK]))
-    await asyncio.sleep(0.2)
-    assert not blocked.done()  # waiting for the only decoder, not failing
-    assert engine.pool.waiting == 1
-    await feed_all(first, speech[CHUNK:])
-    assert (await first.finish()).text
-    await blocked  # got the decoder as soon as the first stream let go
-    await feed_all(second, speech[CHUNK:])
-    assert (await second.finish()).text
-    assert engine.pool.created == 1 and engine.pool.in_use == 0
+async def test_streams_beyond_max_concurrency_wait_rather_than_fail(speech: bytes) -> None:
+    async with running_engine() as engine:
+        first, second = open_stream(engine, 1), open_stream(engine, 2)
+        await first.feed(speech[:CHUNK])
+        blocked = asyncio.create_task(second.feed(speech[:CHUNK]))
+        await asyncio.sleep(0.2)
+        assert not blocked.done()  # waiting for the only worker, not failing
+        assert engine.pool.waiting == 1
+        await feed_all(first, speech[CHUNK:])
+        assert (await first.finish()).text
+        await blocked  # got the worker as soon as the first stream let go
+        await feed_all(second, speech[CHUNK:])
+        assert (await second.finish()).text
+        assert engine.pool.created == 1 and engine.pool.in_use == 0
+        assert engine.pool.replaced == 0
 
 
-async def test_aclose_mid_utterance_frees_a_clean_decoder(
-    engine: PocketsphinxTranscriber, speech: bytes
-) -> None:
-    reference = open_stream(engine, 1)
-    await feed_all(reference, speech)
-    expected = await reference.finish()
+async def test_aclose_mid_utterance_frees_a_clean_worker(speech: bytes) -> None:
+    async with running_engine() as engine:
+        [pid] = engine.pool.pids
+        reference = open_stream(engine, 1)
+        await feed_all(reference, speech)
+        expected = await reference.finish()
 
-    abandoned = open_stream(engine, 2)
-    await feed_all(abandoned, speech[: len(speech) // 2])
-    assert engine.pool.in_use == 1
-    await abandoned.aclose()
-    assert engine.pool.in_use == 0 and engine.pool.idle == 1
-    with pytest.raises(EngineError):
-        await abandoned.feed(speech[:CHUNK])
+        abandoned = open_stream(engine, 2)
+        await feed_all(abandoned, speech[: len(speech) // 2])
+        assert engine.pool.in_use == 1
+        await abandoned.aclose()
+        assert engine.pool.in_use == 0 and engine.pool.idle == 1
+        with pytest.raises(EngineError):
+            await abandoned.feed(speech[:CHUNK])
 
-    # The same decoder, reused: its old utterance must not leak into the new one. (Only the
-    # text is compared: live CMN adapts across utterances, so confidences drift slightly.)
-    again = open_stream(engine, 3)
-    await feed_all(again, speech)
-    assert (await again.finish()).text == expected.text
-
-
-async def test_aclose_while_waiting_for_a_decoder(
-    engine: PocketsphinxTranscriber, speech: bytes
-) -> None:
-    holder, waiter = open_stream(engine, 1), open_stream(engine, 2)
-    await holder.feed(speech[:CHUNK])
-    blocked = asyncio.create_task(waiter.feed(speech[:CHUNK]))
-    await asyncio.sleep(0.05)
-    await waiter.aclose()
-    with pytest.raises(EngineError):
-        await blocked
-    assert engine.pool.waiting == 0
-    await holder.aclose()
-    assert engine.pool.in_use == 0
+        # The same process, reused: its old utterance must not leak into the new one. (Only
+        # the text is compared: live CMN adapts across utterances, so confidences drift.)
+        again = open_stream(engine, 3)
+        await feed_all(again, speech)
+        assert (await again.finish()).text == expected.text
+        assert engine.pool.pids == [pid]
 
 
-async def test_cancelled_feed_then_aclose_returns_the_decoder(
-    engine: PocketsphinxTranscriber, speech: bytes
-) -> None:
-    stream = open_stream(engine)
-    task = asyncio.create_task(stream.feed(speech))  # one big feed, ~0.3 s of decoding
-    await asyncio.sleep(0.02)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await stream.aclose()  # waits for the abandoned decoder call, then ends the utterance
-    assert engine.pool.in_use == 0 and engine.pool.idle == 1
-    again = open_stream(engine, 2)
-    await feed_all(again, speech)
-    assert (await again.finish()).text
+async def test_aclose_while_waiting_for_a_worker(speech: bytes) -> None:
+    async with running_engine() as engine:
+        holder, waiter = open_stream(engine, 1), open_stream(engine, 2)
+        await holder.feed(speech[:CHUNK])
+        blocked = asyncio.create_task(waiter.feed(speech[:CHUNK]))
+        await asyncio.sleep(0.05)
+        await waiter.aclose()
+        with pytest.raises(EngineError):
+            await blocked
+        assert engine.pool.waiting == 0
+        await holder.aclose()
+        assert engine.pool.in_use == 0
 
 
-async def test_finish_without_audio_needs_no_decoder(engine: PocketsphinxTranscriber) -> None:
-    stream = open_stream(engine)
-    assert await stream.feed(b"\x01") is None  # half a sample: carried, nothing decoded
-    assert await stream.finish() == Hypothesis(text="")
-    assert engine.pool.in_use == 0
+async def test_cancelled_feed_then_aclose_returns_the_worker(speech: bytes) -> None:
+    async with running_engine() as engine:
+        stream = open_stream(engine)
+        task = asyncio.create_task(stream.feed(speech))  # one big feed, ~0.1 s of decoding
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await stream.aclose()  # waits for the abandoned request, then aborts the utterance
+        assert engine.pool.in_use == 0 and engine.pool.idle == 1
+        again = open_stream(engine, 2)
+        await feed_all(again, speech)
+        assert (await again.finish()).text
+        assert engine.pool.replaced == 0
+
+
+async def test_finish_without_audio_needs_no_worker() -> None:
+    async with running_engine() as engine:
+        stream = open_stream(engine)
+        assert await stream.feed(b"\x01") is None  # half a sample: carried, nothing decoded
+        assert await stream.finish() == Hypothesis(text="")
+        assert engine.pool.in_use == 0
+
+
+async def test_killed_worker_fails_the_utterance_and_is_replaced(speech: bytes) -> None:
+    async with running_engine() as engine:
+        [pid] = engine.pool.pids
+        doomed = open_stream(engine, 1)
+        await feed_all(doomed, speech[: len(speech) // 2])
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EngineError) as failed:
+            await feed_all(doomed, speech[len(speech) // 2 :])
+        assert failed.value.retryable
+        with pytest.raises(EngineError):
+            await doomed.finish()
+        await doomed.aclose()
+
+        after = open_stream(engine, 2)  # waits for the replacement if it is still starting
+        await feed_all(after, speech)
+        assert (await after.finish()).text
+        assert engine.pool.replaced == 1 and engine.pool.created == 1
+        assert engine.pool.pids != [pid]
+        assert pid not in child_pids()  # the dead one was reaped at once
+
+
+async def test_worker_killed_while_idle_is_replaced_transparently(speech: bytes) -> None:
+    async with running_engine() as engine:
+        [pid] = engine.pool.pids
+        os.kill(pid, signal.SIGKILL)  # no utterance, no audio lost: the stream never notices
+        stream = open_stream(engine)
+        await feed_all(stream, speech)
+        assert (await stream.finish()).text
+        assert engine.pool.replaced == 1 and engine.pool.pids != [pid]
+
+
+async def test_unresponsive_worker_is_killed_after_the_call_timeout(speech: bytes) -> None:
+    async with running_engine(call_timeout_s=1.0) as engine:
+        [pid] = engine.pool.pids
+        stuck = open_stream(engine, 1)
+        await stuck.feed(speech[:CHUNK])
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match="did not answer") as failed:
+            await stuck.feed(speech[CHUNK : 2 * CHUNK])
+        assert 0.9 < time.monotonic() - t0 < 3
+        assert failed.value.retryable
+        await stuck.aclose()
+
+        # aclose() on a stuck worker mid-utterance: Abort times out, the worker is replaced.
+        stream = open_stream(engine, 2)
+        await stream.feed(speech[:CHUNK])  # on the replacement, once it has started
+        [replacement] = engine.pool.pids
+        assert replacement != pid
+        os.kill(replacement, signal.SIGSTOP)
+        await stream.aclose()
+        assert engine.pool.in_use == 0 and engine.pool.replaced == 2
+
+        last = open_stream(engine, 3)
+        await feed_all(last, speech)
+        assert (await last.finish()).text
+
+
+async def test_event_loop_stays_responsive_while_decoding() -> None:
+    long_speech = espeak_pcm16(LONG_SENTENCE)
+    assert len(long_speech) > 5 * 32000
+    async with running_engine() as engine:
+        stream = open_stream(engine)
+        worst = 0.0
+        running = True
+
+        async def ticker() -> None:
+            nonlocal worst
+            while running:
+                t0 = time.perf_counter()
+                await asyncio.sleep(0.005)
+                worst = max(worst, time.perf_counter() - t0 - 0.005)
+
+        tick = asyncio.create_task(ticker())
+        try:
+            await feed_all(stream, long_speech)
+            feed_lag, worst = worst, 0.0
+            t0 = time.perf_counter()
+            final = await stream.finish()  # end_utt's second pass over ~5.8 s of speech
+            finish_s = time.perf_counter() - t0
+        finally:
+            running = False
+            await tick
+    print(
+        f"\nmax loop lag: {feed_lag * 1000:.1f} ms while feeding, {worst * 1000:.1f} ms during "
+        f"a {finish_s * 1000:.0f} ms finish; heard {final.text!r}"
+    )
+    assert final.text
+    assert finish_s > 0.05  # the decoder did work while the loop kept ticking
+    assert worst < 0.1 and feed_lag < 0.1
+
+
+async def test_two_workers_decode_at_the_same_time(speech: bytes) -> None:
+    async with running_engine(max_concurrency=2) as engine:
+        streams = [open_stream(engine, n) for n in (1, 2)]
+
+        async def utterance(stream: TranscriptionStream) -> str:
+            await feed_all(stream, speech)
+            return (await stream.finish()).text
+
+        texts = await asyncio.gather(*(utterance(s) for s in streams))
+        assert texts[0] and texts[0] == texts[1]
+        assert engine.pool.created == 2 and engine.pool.idle == 2
 
 
 async def test_engine_close_fails_waiting_streams(speech: bytes) -> None:
     eng = PocketsphinxTranscriber("sphinx", PocketsphinxModelConfig(max_concurrency=1))
     await eng.start()
+    [pid] = eng.pool.pids
     holder, waiter = open_stream(eng, 1), open_stream(eng, 2)
     await holder.feed(speech[:CHUNK])
     blocked = asyncio.create_task(waiter.feed(speech[:CHUNK]))
@@ -162,3 +323,16 @@ async def test_engine_close_fails_waiting_streams(speech: bytes) -> None:
         await holder.feed(speech[:CHUNK])
     await holder.aclose()
     await waiter.aclose()
+    assert gone({pid})
+
+
+async def test_broken_worker_install_fails_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "WORKER_MODULE", "server.models.no_such_worker")
+    before = child_pids()
+    eng = PocketsphinxTranscriber("sphinx", PocketsphinxModelConfig(max_concurrency=2))
+    with pytest.raises(EngineError, match="failed to start") as failed:
+        await eng.start()
+    assert not failed.value.retryable
+    assert child_pids() <= before
+    with pytest.raises(EngineUnavailable):
+        eng.pool  # noqa: B018
