@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+
+from server.infra.embedded import Services, create_database, drop_database
+from tests.infra import test_services as _start_services
 
 
 def _no_task_leaks(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -41,3 +45,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_task_leaks: opt out of the task-leak check")
+
+
+# --- real Redis and PostgreSQL -----------------------------------------------------------------
+# The suite starts its own servers on free ports (a user's machine has none running), unless
+# REDIS_URL and DATABASE_URL are both set.
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    started = _start_services(tmp_path_factory.mktemp("services"))
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(services: Services) -> str:
+    return services.redis_url
+
+
+@pytest.fixture(scope="session")
+def database_url(services: Services) -> str:
+    return services.database_url
+
+
+@pytest.fixture
+async def fresh_database(database_url: str) -> AsyncIterator[str]:
+    """A throwaway database per test (works with externally given URLs too)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    dsn = await create_database(database_url, name)
+    try:
+        yield dsn
+    finally:
+        await drop_database(database_url, name)

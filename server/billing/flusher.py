@@ -1,0 +1,345 @@
+"""Usage flusher: Redis usage streams -> one Postgres transaction per batch -> XACK.
+
+Exactly once = at-least-once delivery (consumer group, entries acknowledged only after COMMIT)
++ idempotent apply (usage_events primary key, ON CONFLICT DO NOTHING). A crash between COMMIT
+and XACK redelivers entries that then hit the conflict and charge nothing. Each tenant has its
+own stream (`sg:{t}:usage`, one hash slot per tenant), so a round reads tenant by tenant; that
+also keeps one tenant's bad data from blocking everybody else's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import ReadOnlyError, ResponseError
+
+from server.billing import keys
+from server.billing.store import UNITS, BillingStore, UnknownTenant, UsageEvent
+
+log = logging.getLogger("streamgate.billing.flusher")
+
+GROUP = keys.FLUSHER_GROUP
+FAULT_ENV = "STREAMGATE_FAULT"
+FAULT_EXIT_AFTER_COMMIT = "flusher_exit_after_commit"
+FAULT_EXIT_CODE = 17
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_BACKOFF_S = 5.0
+_ERROR_LOG_EVERY_S = 60.0
+_MAX_CLAIM_PAGES = 10  # per tenant per round; the rest is claimed next round
+
+ReplayConflict = Callable[[str, str, int], Awaitable[None]]
+Entry = tuple[str, dict[str, str]]
+
+
+def as_str(value: Any) -> str:
+    # The client may or may not decode responses; accept both.
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """XREADGROUP / XAUTOCLAIM entries as (id, fields); a deleted entry has empty fields."""
+    out: list[Entry] = []
+    for entry_id, fields in reply or []:
+        out.append((as_str(entry_id), {as_str(k): as_str(v) for k, v in (fields or {}).items()}))
+    return out
+
+
+def parse_entry(tenant_id: str, fields: dict[str, str]) -> tuple[UsageEvent, bool]:
+    """A stream entry (docs/billing.md, Redis) as a UsageEvent and its `replay` flag."""
+    try:
+        units, cost, ts_ms = int(fields["units"]), int(fields["cost"]), int(fields["ts"])
+        event = UsageEvent(
+            tenant_id=tenant_id,
+            event_id=fields["event_id"],
+            session_id=fields["session_id"],
+            model=fields["model"],
+            unit=fields["unit"],
+            units=units,
+            cost_micros=cost,
+            # timedelta, not fromtimestamp(ms / 1000): no float on the way.
+            occurred_at=_EPOCH + timedelta(milliseconds=ts_ms),
+        )
+    except (KeyError, ValueError, OverflowError) as exc:
+        raise ValueError(f"malformed usage entry ({type(exc).__name__}: {exc})") from None
+    # What Postgres would refuse is refused here, so it cannot block the rest of the batch.
+    if not event.event_id or units < 0 or cost < 0 or event.unit not in UNITS:
+        raise ValueError("malformed usage entry (empty event_id, negative units or cost,"
+                         f" or unknown unit {event.unit!r})")
+    return event, fields.get("replay", "0") == "1"
+
+
+class UsageFlusher:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        store: BillingStore,
+        *,
+        consumer: str,
+        batch: int = 500,
+        block_ms: int = 200,
+        claim_idle_ms: int = 30000,
+        on_replay_conflict: ReplayConflict | None = None,
+        tenants_key: str = keys.TENANTS_SET,
+    ) -> None:
+        self._redis = redis
+        self._store = store
+        self._consumer = consumer
+        self._batch = batch
+        self._block_ms = block_ms
+        self._claim_idle_ms = claim_idle_ms
+        self._on_replay_conflict = on_replay_conflict
+        # Another set only to confine a flusher to some tenants (tests on a shared Redis).
+        self._tenants_key = tenants_key
+        self._groups: set[str] = set()  # tenants whose stream group this process ensured
+        # (tenant, entry id): stream ids are unique per stream only.
+        self._malformed: set[tuple[str, str]] = set()  # already logged as malformed
+        # Entries whose event this process inserted into Postgres, until they are acked.
+        self._inserters: set[tuple[str, str]] = set()
+        self._error_logged: dict[str, float] = {}  # tenant -> monotonic time of last log
+        self._fault_exit = os.environ.get(FAULT_ENV) == FAULT_EXIT_AFTER_COMMIT
+
+    async def flush_once(self) -> int:
+        """One round over every cached tenant; returns the number of entries acknowledged.
+
+        Errors local to one tenant (unknown in Postgres, constraint violations, a wrong key
+        type, an id unfit for a key name) are logged and leave that tenant's entries pending;
+        connection errors propagate to the caller, every unacknowledged entry still pending.
+        """
+        members: Any = await self._redis.smembers(self._tenants_key)
+        processed = 0
+        for tenant_id in sorted(as_str(m) for m in members):
+            try:
+                processed += await self._flush_tenant(tenant_id)
+            except (UnknownTenant, asyncpg.IntegrityConstraintViolationError,
+                    asyncpg.DataError, ResponseError, ValueError) as exc:
+                if isinstance(exc, ReadOnlyError):
+                    raise  # a failover in progress concerns every tenant: back off
+                self._groups.discard(tenant_id)  # ensure the group again next round
+                # At most one log line per tenant per minute: the failure repeats every round.
+                now = time.monotonic()
+                if now - self._error_logged.get(tenant_id, -_ERROR_LOG_EVERY_S) >= \
+                        _ERROR_LOG_EVERY_S:
+                    self._error_logged[tenant_id] = now
+                    log.exception("usage flush failed for tenant %s; entries stay pending",
+                                  tenant_id, extra={"tenant_id": tenant_id})
+        return processed
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush until `stop` is set; back off on errors, sleep `block_ms` when idle."""
+        backoff = 0.0
+        while not stop.is_set():
+            try:
+                processed = await self.flush_once()
+            except Exception:
+                # Postgres or Redis unreachable: nothing was acknowledged that is not
+                # committed, so waiting and retrying loses nothing.
+                backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF_S)
+                log.exception("usage flush failed; retrying in %.1f s", backoff)
+                await _wait(stop, backoff)
+                continue
+            backoff = 0.0
+            if processed == 0:
+                await _wait(stop, self._block_ms / 1000)
+
+    async def _flush_tenant(self, tenant_id: str) -> int:
+        try:
+            return await self._flush_stream(tenant_id)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+        # The stream and its group vanished (Redis lost its data): start afresh at once.
+        self._groups.discard(tenant_id)
+        self._inserters = {i for i in self._inserters if i[0] != tenant_id}
+        return await self._flush_stream(tenant_id)
+
+    async def _flush_stream(self, tenant_id: str) -> int:
+        key = keys.usage_stream(tenant_id)
+        await self._ensure_group(tenant_id, key)
+        await self._claim_idle(key)
+        processed = 0
+        # Our own pending entries first (claimed from a dead consumer, or left by a failed
+        # transaction), walking forward so malformed entries cannot starve the rest.
+        cursor = "0"
+        while True:
+            entries = await self._read(key, cursor)
+            if not entries:
+                break
+            processed += await self._process(tenant_id, key, entries)
+            cursor = entries[-1][0]
+            if len(entries) < self._batch:
+                break
+        # Then one batch of new entries per tenant per round, so one busy tenant cannot
+        # delay the others; run() loops again at once while there is work.
+        entries = await self._read(key, ">")
+        if entries:
+            processed += await self._process(tenant_id, key, entries)
+        return processed
+
+    async def _ensure_group(self, tenant_id: str, key: str) -> None:
+        if tenant_id in self._groups:
+            return
+        try:
+            # From id 0: entries written before the group existed are usage too.
+            await self._redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(tenant_id)
+
+    async def _claim_idle(self, key: str) -> None:
+        start = "0-0"
+        for _ in range(_MAX_CLAIM_PAGES):
+            reply: Any = await self._redis.xautoclaim(
+                key, GROUP, self._consumer, self._claim_idle_ms, start_id=start,
+                count=self._batch, justid=False,
+            )
+            # [next cursor, claimed entries, deleted ids]; the claimed entries are now in
+            # our pending list and are read by the pending pass that follows.
+            start = as_str(reply[0])
+            if start == "0-0":
+                return
+
+    async def _read(self, key: str, start: str) -> list[Entry]:
+        reply: Any = await self._redis.xreadgroup(
+            GROUP, self._consumer, {key: start}, count=self._batch
+        )
+        if not reply:
+            return []
+        if isinstance(reply, dict):  # RESP3
+            return _entries(next(iter(reply.values()))[0])
+        return _entries(reply[0][1])
+
+    async def _process(self, tenant_id: str, key: str, entries: list[Entry]) -> int:
+        events: list[_Parsed] = []
+        acks: list[str] = []
+        for entry_id, fields in entries:
+            if not fields:
+                # Deleted while pending: nothing left to record, only the PEL slot to free.
+                log.warning("usage entry %s of tenant %s vanished before flush", entry_id,
+                            tenant_id, extra={"tenant_id": tenant_id})
+                acks.append(entry_id)
+                continue
+            try:
+                event, replay = parse_entry(tenant_id, fields)
+            except ValueError as exc:
+                # Left pending (not acknowledged): money we cannot read is not dropped.
+                if (tenant_id, entry_id) not in self._malformed:
+                    self._malformed.add((tenant_id, entry_id))
+                    log.error("usage entry %s of tenant %s left pending: %s", entry_id,
+                              tenant_id, exc, extra={"tenant_id": tenant_id})
+                continue
+            events.append(_Parsed(entry_id, event, replay))
+            acks.append(entry_id)
+        if events:
+            inserted = set(await self._store.record_usage([p.event for p in events]))
+            if inserted and self._fault_exit:
+                os._exit(FAULT_EXIT_CODE)  # crash test: committed, not acknowledged
+            await self._refund_replays(tenant_id, events, inserted)
+        if acks:
+            # Acknowledged entries are in Postgres. Deleting them (atomically with the ack)
+            # bounds the stream, and memory under noeviction, to what is not flushed yet;
+            # reconcile relies on it: every entry in a stream is unacknowledged.
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xack(key, GROUP, *acks)
+                pipe.xdel(key, *acks)
+                await pipe.execute()
+            self._inserters.difference_update((tenant_id, a) for a in acks)
+        return len(acks)
+
+    async def _refund_replays(
+        self, tenant_id: str, events: list[_Parsed], inserted: set[str]
+    ) -> None:
+        """REFUND replayed events Postgres already had, BEFORE their entries are acked.
+
+        A replayed entry needs a refund unless it is the entry that put its event into
+        Postgres. Of several entries of one event in a batch, record_usage inserted the first
+        in stream order. A batch retried after a failure (here or at XACK) conflicts on every
+        row, so the inserting entries are remembered until acknowledged; a refund failure thus
+        leaves the batch pending, and the retry refunds exactly the same events (REFUND is
+        idempotent per event id). Only a crash of this process (or a claim by another consumer)
+        between COMMIT and XACK forgets which entry inserted: see docs/billing.md, Flusher.
+        """
+        first: set[str] = set()
+        refunds: dict[str, int] = {}
+        for p in events:
+            if p.event.event_id in inserted and p.event.event_id not in first:
+                self._inserters.add((tenant_id, p.entry_id))
+            first.add(p.event.event_id)
+            if (p.replay and (tenant_id, p.entry_id) not in self._inserters
+                    and p.event.event_id not in refunds):
+                refunds[p.event.event_id] = p.event.cost_micros
+        for event_id, cost in refunds.items():
+            if self._on_replay_conflict is None:
+                log.warning("replayed event %s of tenant %s conflicted; no refund hook",
+                            event_id, tenant_id, extra={"tenant_id": tenant_id})
+                continue
+            await self._on_replay_conflict(tenant_id, event_id, cost)
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    entry_id: str
+    event: UsageEvent
+    replay: bool
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
+def default_consumer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def flusher_main(
+    redis_url: str,
+    database_url: str,
+    *,
+    consumer: str | None = None,
+    make_refund: Callable[[aioredis.Redis], ReplayConflict] | None = None,
+    tenants_key: str = keys.TENANTS_SET,
+) -> int:
+    """`streamgate flusher`: flush until SIGTERM/SIGINT. `make_refund` builds the REFUND hook."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    client = aioredis.from_url(redis_url)
+    store: BillingStore | None = None
+    try:
+        backoff = 0.1
+        while store is None and not stop.is_set():
+            try:
+                store = await BillingStore.connect(database_url, min_size=1, max_size=2)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                log.exception("cannot connect to Postgres; retrying in %.1f s", backoff)
+                await _wait(stop, backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        if store is not None:
+            flusher = UsageFlusher(
+                client, store, consumer=consumer or default_consumer(),
+                on_replay_conflict=make_refund(client) if make_refund else None,
+                tenants_key=tenants_key,
+            )
+            await flusher.run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if store is not None:
+            await store.close()
+        await client.aclose()
+    return 0

@@ -1,0 +1,59 @@
+"""Billing test fixtures: a fresh, migrated database per test and Redis isolation by tenant id.
+
+`database_url`, `redis_url` and `fresh_database` come from tests/conftest.py: servers the test
+session starts itself, or DATABASE_URL/REDIS_URL when both are set.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from server.billing import keys
+from server.billing.migrate import migrate
+from server.billing.store import BillingStore
+
+
+@pytest.fixture
+async def billing_store(fresh_database: str) -> AsyncIterator[BillingStore]:
+    await migrate(fresh_database)
+    store = await BillingStore.connect(fresh_database, min_size=1, max_size=4)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def tenants_key(redis_client: aioredis.Redis) -> AsyncIterator[str]:
+    """A tenants set of this test only: flushers and reconcile of this test read it instead of
+    the shared `sg:tenants`, so tests of others on the same Redis are neither seen nor touched.
+    Every tenant added to it has its keys deleted after the test."""
+    key = f"sg:test:{uuid.uuid4().hex}:tenants"
+    try:
+        yield key
+    finally:
+        for member in await redis_client.smembers(key):
+            tenant = member.decode() if isinstance(member, bytes) else member
+            doomed = [k async for k in redis_client.scan_iter(match=keys.tenant_pattern(tenant))]
+            if doomed:
+                await redis_client.delete(*doomed)
+            await redis_client.srem(keys.TENANTS_SET, tenant)
+        await redis_client.delete(key)
+
+
+@pytest.fixture
+def new_tenant_id() -> Callable[[], str]:
+    return lambda: f"t-{uuid.uuid4().hex}"
