@@ -7,14 +7,24 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 
 from aiohttp import web
 
-from server.billing.auth import StaticKeyAuthenticator
-from server.billing.meter import PricedMeterFactory
+from server.billing.auth import Authenticator, StaticKeyAuthenticator
+from server.billing.bootstrap import (
+    BillingUrls,
+    data_dir,
+    ensure_dev_tenant,
+    prepare_database,
+    resolve_urls,
+)
+from server.billing.meter import MeterFactory, PricedMeterFactory
+from server.billing.service import BillingService
 from server.config import Config
+from server.http.admin import add_admin_routes
 from server.http.app import build_http_app
 from server.models.base import Transcriber
 from server.models.registry import aclose_all, build_transcribers, start_all
@@ -36,21 +46,46 @@ class Gateway:
         self.http_port = config.server.http_port
         self._stop = asyncio.Event()
         self._started = False
+        self.billing: BillingService | None = None
+        self.billing_urls: BillingUrls | None = None
+        self.admin_token = ""
+        self.dev_key: str | None = None
+
+    async def _start_billing(self) -> BillingService:
+        cfg = self.config
+        urls = self.billing_urls = await resolve_urls(cfg)
+        await prepare_database(cfg, urls.database_url)
+        billing = BillingService(cfg.billing, report_interval_s=cfg.asr.session.usage_interval_s)
+        await billing.start(urls.redis_url, urls.database_url)
+        if urls.services is not None and cfg.billing.dev_tenant:
+            self.dev_key = await ensure_dev_tenant(cfg, billing)
+        return billing
 
     async def start(self) -> None:
         cfg = self.config
         self.engines = build_transcribers(cfg.asr.models, self.metrics)
         await start_all(self.engines)
-        prices = {name: model.price_micros_per_minute for name, model in cfg.asr.models.items()}
-        auth = StaticKeyAuthenticator(cfg.auth.key_sha256, allow_anonymous=cfg.auth.allow_anonymous)
+        auth: Authenticator
+        meters: MeterFactory
+        if cfg.billing.enabled:
+            billing = self.billing = await self._start_billing()
+            auth, meters = billing, billing
+        else:
+            prices = {name: m.price_micros_per_minute for name, m in cfg.asr.models.items()}
+            auth = StaticKeyAuthenticator(cfg.auth.key_sha256,
+                                          allow_anonymous=cfg.auth.allow_anonymous)
+            meters = PricedMeterFactory(prices)
         ws = self.ws = WsServer(cfg.server, self.metrics, auth)
+        ws.router.policy = self.billing
         ws.router.endpoints["/v1/asr/stream"] = AsrEndpoint(
-            config=cfg, engines=self.engines, meters=PricedMeterFactory(prices), server=ws,
-            metrics=self.metrics,
+            config=cfg, engines=self.engines, meters=meters, server=ws, metrics=self.metrics,
         )
         await ws.start()
-        self._http = web.AppRunner(build_http_app(self.metrics, self._readiness),
-                                   access_log=None, handle_signals=False)
+        app = build_http_app(self.metrics, self._readiness)
+        if self.billing is not None:
+            self.admin_token = cfg.billing.admin_token or secrets.token_urlsafe(24)
+            add_admin_routes(app, self.billing, self.admin_token)
+        self._http = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._http.setup()
         site = web.TCPSite(self._http, cfg.server.host, cfg.server.http_port, reuse_port=True)
         await site.start()
@@ -84,6 +119,10 @@ class Gateway:
             await self._http.cleanup()
             self._http = None
         await aclose_all(self.engines)
+        if self.billing is not None:
+            await self.billing.stop()  # after the sessions settled: the flusher goes last
+        if self.billing_urls is not None and self.billing_urls.services is not None:
+            await asyncio.to_thread(self.billing_urls.services.stop)
 
 
 async def serve(config: Config) -> int:
@@ -94,6 +133,13 @@ async def serve(config: Config) -> int:
     # One machine-readable line on stdout: scripts and tests learn the bound ports from it.
     print(json.dumps({"event": "listening", "host": config.server.host,
                       "ws_port": gateway.ws.port, "http_port": gateway.http_port}), flush=True)
+    if gateway.billing is not None and not config.billing.admin_token:
+        # Secrets go to the terminal that started us, never into the logs.
+        print(json.dumps({"event": "admin_token", "admin_token": gateway.admin_token}),
+              flush=True)
+    if gateway.dev_key is not None:
+        print(json.dumps({"event": "dev_api_key", "tenant_id": "dev", "api_key": gateway.dev_key,
+                          "saved_in": str(data_dir(config) / "dev-api-key")}), flush=True)
     log.info("listening", extra={"ws_port": gateway.ws.port, "http_port": gateway.http_port})
     await gateway.serve_until_stopped()
     return _leaked_tasks()

@@ -108,11 +108,34 @@ class AsrConfig(Base):
     models: dict[str, AsrModelConfig] = msgspec.field(default_factory=dict)
 
 
+class BillingConfig(Base):
+    # Off: no wallets, sessions are priced but not charged, keys come from auth.key_sha256.
+    enabled: bool = True
+    # Empty: REDIS_URL / DATABASE_URL from the environment, else embedded servers started from
+    # the system binaries in data_dir.
+    redis_url: str = ""
+    database_url: str = ""
+    data_dir: str = ""
+    embedded_redis_port: int = 6390
+    embedded_postgres_port: int = 5440
+    admin_token: str = ""
+    lease_s: int = 30
+    min_lease_s: int = 2
+    low_balance_s: int = 60
+    run_flusher: bool = True
+    sweep_interval_s: float = 2.0
+    key_cache_ttl_s: float = 10.0
+    fallback_fraction: float = 0.5
+    dev_tenant: bool = True
+    dev_topup_micros: int = 10_000_000
+
+
 class Config(Base):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     asr: AsrConfig = msgspec.field(default_factory=AsrConfig)
+    billing: BillingConfig = msgspec.field(default_factory=BillingConfig)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -171,6 +194,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             "asr.session.ingest_queue_ms must be >= 40 and invoke_queue_ms >= 100"
         )
+    b = cfg.billing
+    if not 0 < b.min_lease_s <= b.lease_s:
+        raise ConfigError("billing: need 0 < min_lease_s <= lease_s")
+    if not 0 < b.fallback_fraction <= 1:
+        raise ConfigError("billing.fallback_fraction must be in (0, 1]")
     if not cfg.asr.models:
         raise ConfigError("asr.models: at least one model must be configured")
     if a.default_model not in cfg.asr.models:

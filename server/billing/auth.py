@@ -9,9 +9,18 @@ from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
+class TenantLimits:
+    max_concurrent_sessions: int
+    audio_seconds_per_minute: int
+    requests_per_second: int
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     tenant_id: str
     key_id: str
+    limits: TenantLimits | None = None  # None: no limits (static keys, anonymous)
 
 
 ANONYMOUS = Principal(tenant_id="anonymous", key_id="anonymous")

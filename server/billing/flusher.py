@@ -2,9 +2,11 @@
 
 Exactly once = at-least-once delivery (consumer group, entries acknowledged only after COMMIT)
 + idempotent apply (usage_events primary key, ON CONFLICT DO NOTHING). A crash between COMMIT
-and XACK redelivers entries that then hit the conflict and charge nothing. Each tenant has its
-own stream (`sg:{t}:usage`, one hash slot per tenant), so a round reads tenant by tenant; that
-also keeps one tenant's bad data from blocking everybody else's.
+and XACK redelivers entries that then hit the conflict and charge nothing. Every usage row
+records the stream entry that inserted it (`usage_events.source`), so a replayed entry is
+REFUNDed only when its event came into Postgres from another entry, never from itself. Each
+tenant has its own stream (`sg:{t}:usage`, one hash slot per tenant), so a round reads tenant by
+tenant; that also keeps one tenant's bad data from blocking everybody else's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError, ResponseError
 
 from server.billing import keys
-from server.billing.store import UNITS, BillingStore, UnknownTenant, UsageEvent
+from server.billing.store import (
+    UNITS,
+    BillingStore,
+    RecordedUsage,
+    StoredUsage,
+    UnknownTenant,
+    UsageEvent,
+)
 
 log = logging.getLogger("streamgate.billing.flusher")
 
@@ -56,8 +65,25 @@ def _entries(reply: Any) -> list[Entry]:
     return out
 
 
-def parse_entry(tenant_id: str, fields: dict[str, str]) -> tuple[UsageEvent, bool]:
-    """A stream entry (docs/billing.md, Redis) as a UsageEvent and its `replay` flag."""
+def entry_source(entry_id: str, fields: dict[str, str]) -> str:
+    """The `usage_events.source` of a stream entry: which entry inserted a usage row.
+
+    The wallet epoch is not in an entry. Within one Redis the entry id alone is unique; `ts` and
+    `replay` are added for a replay in ANOTHER Redis (after a data loss), whose stream ids start
+    afresh from that server's clock: its entry could repeat the original's id only with a clock
+    at or behind the lost server's, and then it still differs in `replay` (1 versus 0) and, but
+    for the same millisecond, in `ts`. Only two replays of one event in two new Redis servers
+    with colliding ids and timestamps would look alike.
+    """
+    replay = "1" if fields.get("replay", "0") == "1" else "0"
+    return f"{entry_id} ts={fields.get('ts', '')} replay={replay}"
+
+
+def parse_entry(
+    tenant_id: str, fields: dict[str, str], *, entry_id: str | None = None
+) -> tuple[UsageEvent, bool]:
+    """A stream entry (docs/billing.md, Redis) as a UsageEvent and its `replay` flag; with
+    `entry_id`, the event's `source` names the entry (entry_source)."""
     try:
         units, cost, ts_ms = int(fields["units"]), int(fields["cost"]), int(fields["ts"])
         event = UsageEvent(
@@ -70,6 +96,7 @@ def parse_entry(tenant_id: str, fields: dict[str, str]) -> tuple[UsageEvent, boo
             cost_micros=cost,
             # timedelta, not fromtimestamp(ms / 1000): no float on the way.
             occurred_at=_EPOCH + timedelta(milliseconds=ts_ms),
+            source=None if entry_id is None else entry_source(entry_id, fields),
         )
     except (KeyError, ValueError, OverflowError) as exc:
         raise ValueError(f"malformed usage entry ({type(exc).__name__}: {exc})") from None
@@ -105,8 +132,6 @@ class UsageFlusher:
         self._groups: set[str] = set()  # tenants whose stream group this process ensured
         # (tenant, entry id): stream ids are unique per stream only.
         self._malformed: set[tuple[str, str]] = set()  # already logged as malformed
-        # Entries whose event this process inserted into Postgres, until they are acked.
-        self._inserters: set[tuple[str, str]] = set()
         self._error_logged: dict[str, float] = {}  # tenant -> monotonic time of last log
         self._fault_exit = os.environ.get(FAULT_ENV) == FAULT_EXIT_AFTER_COMMIT
 
@@ -161,7 +186,6 @@ class UsageFlusher:
                 raise
         # The stream and its group vanished (Redis lost its data): start afresh at once.
         self._groups.discard(tenant_id)
-        self._inserters = {i for i in self._inserters if i[0] != tenant_id}
         return await self._flush_stream(tenant_id)
 
     async def _flush_stream(self, tenant_id: str) -> int:
@@ -232,7 +256,7 @@ class UsageFlusher:
                 acks.append(entry_id)
                 continue
             try:
-                event, replay = parse_entry(tenant_id, fields)
+                event, replay = parse_entry(tenant_id, fields, entry_id=entry_id)
             except ValueError as exc:
                 # Left pending (not acknowledged): money we cannot read is not dropped.
                 if (tenant_id, entry_id) not in self._malformed:
@@ -243,10 +267,10 @@ class UsageFlusher:
             events.append(_Parsed(entry_id, event, replay))
             acks.append(entry_id)
         if events:
-            inserted = set(await self._store.record_usage([p.event for p in events]))
-            if inserted and self._fault_exit:
+            recorded = await self._store.record_usage_detailed([p.event for p in events])
+            if recorded.inserted and self._fault_exit:
                 os._exit(FAULT_EXIT_CODE)  # crash test: committed, not acknowledged
-            await self._refund_replays(tenant_id, events, inserted)
+            await self._refund_replays(tenant_id, events, recorded)
         if acks:
             # Acknowledged entries are in Postgres. Deleting them (atomically with the ack)
             # bounds the stream, and memory under noeviction, to what is not flushed yet;
@@ -255,30 +279,27 @@ class UsageFlusher:
                 pipe.xack(key, GROUP, *acks)
                 pipe.xdel(key, *acks)
                 await pipe.execute()
-            self._inserters.difference_update((tenant_id, a) for a in acks)
         return len(acks)
 
     async def _refund_replays(
-        self, tenant_id: str, events: list[_Parsed], inserted: set[str]
+        self, tenant_id: str, events: list[_Parsed], recorded: RecordedUsage
     ) -> None:
         """REFUND replayed events Postgres already had, BEFORE their entries are acked.
 
         A replayed entry needs a refund unless it is the entry that put its event into
-        Postgres. Of several entries of one event in a batch, record_usage inserted the first
-        in stream order. A batch retried after a failure (here or at XACK) conflicts on every
-        row, so the inserting entries are remembered until acknowledged; a refund failure thus
-        leaves the batch pending, and the retry refunds exactly the same events (REFUND is
-        idempotent per event id). Only a crash of this process (or a claim by another consumer)
-        between COMMIT and XACK forgets which entry inserted: see docs/billing.md, Flusher.
+        Postgres: the cache charged the event once more only if another entry (the original,
+        before Redis lost its data) had brought it there. Whether this entry did is read from
+        Postgres (the row's `source`), not from memory, so it survives a crash between COMMIT
+        and XACK, a claim by another consumer and a batch retried after a failure: such a
+        redelivery conflicts with its own row and refunds nothing. A refund failure leaves the
+        batch pending; the retry refunds the same events (REFUND is idempotent per event id).
         """
-        first: set[str] = set()
         refunds: dict[str, int] = {}
         for p in events:
-            if p.event.event_id in inserted and p.event.event_id not in first:
-                self._inserters.add((tenant_id, p.entry_id))
-            first.add(p.event.event_id)
-            if (p.replay and (tenant_id, p.entry_id) not in self._inserters
-                    and p.event.event_id not in refunds):
+            if not p.replay or p.event.event_id in refunds:
+                continue
+            row = recorded.rows[(tenant_id, p.event.event_id)]
+            if not _inserted_by(row, p.event):
                 refunds[p.event.event_id] = p.event.cost_micros
         for event_id, cost in refunds.items():
             if self._on_replay_conflict is None:
@@ -286,6 +307,16 @@ class UsageFlusher:
                             event_id, tenant_id, extra={"tenant_id": tenant_id})
                 continue
             await self._on_replay_conflict(tenant_id, event_id, cost)
+
+
+def _inserted_by(row: StoredUsage, event: UsageEvent) -> bool:
+    """Did the stream entry of `event` insert `row` (in this call or an earlier one)?"""
+    if row.source is not None:
+        return row.source == event.source
+    # A row older than migration 002 (or written without a source): its occurred_at is the `ts`
+    # of the entry that inserted it, and a replay's ts (Redis TIME at replay) follows the
+    # original's. Equal ts: most likely this very entry, committed before the upgrade.
+    return row.occurred_at == event.occurred_at
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from server.billing.auth import Principal
+
 
 @dataclass(frozen=True, slots=True)
 class UsageReport:
@@ -19,10 +21,27 @@ class UsageReport:
     dropped_ms: int
     cost_micros: int
     balance_micros: int | None
+    balance_low: bool = False
+    # The wallet cannot pay for more: the session must end (error insufficient_balance, 4002).
+    exhausted: bool = False
+    # A usage limit (audio seconds per minute) was hit: the session must end (4029).
+    rate_limited: bool = False
 
 
 class InsufficientBalance(Exception):
-    pass
+    """Not even the minimum lease can be granted: HTTP 402 before the session starts."""
+
+
+class RateLimited(Exception):
+    """HTTP 429 before the session starts (e.g. too many concurrent sessions)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BillingUnavailable(Exception):
+    """Money fails closed: no new session while the wallet cannot be reached (HTTP 503)."""
 
 
 class SessionMeter(Protocol):
@@ -30,13 +49,20 @@ class SessionMeter(Protocol):
 
     def drop(self, audio_ms: int) -> None: ...
 
+    @property
+    def exhausted(self) -> bool:
+        """True once accepted usage costs more than the lease holds (checked per batch)."""
+        ...
+
     async def report(self) -> UsageReport: ...
 
     async def settle(self) -> UsageReport: ...
 
 
 class MeterFactory(Protocol):
-    async def open(self, *, session_id: str, tenant_id: str, model: str) -> SessionMeter: ...
+    async def open(
+        self, *, session_id: str, principal: Principal, model: str
+    ) -> SessionMeter: ...
 
 
 def cost_micros(billed_ms: int, price_micros_per_minute: int) -> int:
@@ -58,6 +84,10 @@ class PricedMeter:
 
     def drop(self, audio_ms: int) -> None:
         self._dropped_ms += audio_ms
+
+    @property
+    def exhausted(self) -> bool:
+        return False
 
     def _snapshot(self) -> UsageReport:
         return UsageReport(
@@ -81,5 +111,5 @@ class PricedMeterFactory:
     def __init__(self, prices: dict[str, int]) -> None:
         self._prices = prices
 
-    async def open(self, *, session_id: str, tenant_id: str, model: str) -> SessionMeter:
+    async def open(self, *, session_id: str, principal: Principal, model: str) -> SessionMeter:
         return PricedMeter(self._prices.get(model, 0))

@@ -113,6 +113,26 @@ class UsageEvent:
     units: int  # delta
     cost_micros: int  # delta
     occurred_at: datetime  # timezone-aware (UTC)
+    # The usage stream entry this event came from (usage_events.source, migration 002); the
+    # flusher sets it, other callers may leave it None.
+    source: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUsage:
+    """The usage row of one event of a batch as Postgres has it after record_usage_detailed."""
+
+    inserted: bool  # inserted by this call (else it was there already: a conflict)
+    source: str | None  # the row's source: NULL for rows older than migration 002
+    occurred_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedUsage:
+    inserted: list[str]  # event ids inserted by this call, in (tenant_id, event_id) order
+    # Every (tenant_id, event_id) of the batch -> its row. Of two events with one key in a
+    # batch, the first was inserted (or conflicted) and the others see the first one's row.
+    rows: dict[tuple[str, str], StoredUsage]
 
 
 _TENANT_COLS = ("tenant_id, name, overdraft_micros, max_concurrent_sessions, "
@@ -121,14 +141,23 @@ _TENANT_COLS = ("tenant_id, name, overdraft_micros, max_concurrent_sessions, "
 # One round trip for the whole batch: the usage rows really inserted drive the ledger entries
 # and one UPDATE per tenant (the aggregate), so a redelivered event changes nothing. The
 # wallets are already locked (FOR UPDATE, tenant order) by the caller's first statement.
+# The result has one row per event of the batch: `inserted`, and the source and occurred_at of
+# the row Postgres keeps (for a conflict, the existing row's). The statement's snapshot does not
+# show what `ins` inserts, hence `ins` for those rows and usage_events for the others; it shows
+# every conflicting row, because every writer of a tenant's usage rows holds the tenant's wallet
+# lock, which this transaction took (after their commit) before this statement began.
 _RECORD_USAGE = """
-WITH ins AS (
-    INSERT INTO usage_events
-        (tenant_id, event_id, session_id, model, unit, units, cost_micros, occurred_at)
+WITH batch AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::bigint[], $7::bigint[], $8::timestamptz[])
+                         $6::bigint[], $7::bigint[], $8::timestamptz[], $9::text[])
+        AS b (tenant_id, event_id, session_id, model, unit, units, cost_micros, occurred_at,
+              source)
+), ins AS (
+    INSERT INTO usage_events
+        (tenant_id, event_id, session_id, model, unit, units, cost_micros, occurred_at, source)
+    SELECT * FROM batch
     ON CONFLICT (tenant_id, event_id) DO NOTHING
-    RETURNING tenant_id, event_id, cost_micros
+    RETURNING tenant_id, event_id, cost_micros, occurred_at, source
 ), led AS (
     INSERT INTO ledger_entries (tenant_id, kind, amount_micros, ref)
     SELECT tenant_id, 'usage', -cost_micros, event_id FROM ins
@@ -138,7 +167,22 @@ WITH ins AS (
     UPDATE wallets w SET balance_micros = w.balance_micros - p.total, updated_at = now()
     FROM per_tenant p WHERE w.tenant_id = p.tenant_id
 )
-SELECT tenant_id, event_id FROM ins
+SELECT b.tenant_id, b.event_id,
+       i.event_id IS NOT NULL AS inserted,
+       i.event_id IS NOT NULL OR u.event_id IS NOT NULL AS found,
+       CASE WHEN i.event_id IS NOT NULL THEN i.source ELSE u.source END AS source,
+       CASE WHEN i.event_id IS NOT NULL THEN i.occurred_at ELSE u.occurred_at END AS occurred_at
+FROM batch b
+LEFT JOIN ins i ON i.tenant_id = b.tenant_id AND i.event_id = b.event_id
+LEFT JOIN usage_events u ON u.tenant_id = b.tenant_id AND u.event_id = b.event_id
+"""
+
+# Only if a conflicting row was invisible to _RECORD_USAGE (a writer that bypassed the wallet
+# lock): a new statement, hence a new snapshot, in the same transaction.
+_USAGE_ROWS = """
+SELECT u.tenant_id, u.event_id, u.source, u.occurred_at
+FROM unnest($1::text[], $2::text[]) AS k (tenant_id, event_id)
+JOIN usage_events u USING (tenant_id, event_id)
 """
 
 
@@ -371,19 +415,27 @@ class BillingStore:
         ]
 
     async def record_usage(self, events: list[UsageEvent]) -> list[str]:
-        """Charge each event exactly once; returns the event ids inserted by THIS call.
+        """Charge each event exactly once; returns the event ids inserted by THIS call."""
+        return (await self.record_usage_detailed(events)).inserted
+
+    async def record_usage_detailed(self, events: list[UsageEvent]) -> RecordedUsage:
+        """Charge each event exactly once; returns what was inserted by THIS call and, for
+        every event of the batch, the row Postgres keeps (its `source` tells the flusher which
+        stream entry inserted it).
 
         Redelivered events hit the primary key and change nothing. Wallets are locked in
         tenant order before any insert, so overlapping batches from two flushers serialize
         instead of deadlocking.
         """
         if not events:
-            return []
+            return RecordedUsage([], {})
         for e in events:
             _check_micros("units", e.units)
             _check_micros("cost_micros", e.cost_micros)
             if e.occurred_at.tzinfo is None:
                 raise ValueError(f"occurred_at of {e.event_id!r} must be timezone-aware")
+            if e.source == "":
+                raise ValueError(f"source of {e.event_id!r} must be None or not empty")
         # Stable sort: of two entries for one event (an original and its replay) the first
         # in stream order is the one whose values are kept.
         ordered: list[UsageEvent] = []
@@ -412,6 +464,24 @@ class BillingStore:
                 [e.units for e in ordered],
                 [e.cost_micros for e in ordered],
                 [e.occurred_at for e in ordered],
+                [e.source for e in ordered],
             )
-        inserted = sorted((str(r["tenant_id"]), str(r["event_id"])) for r in rows)
-        return [event_id for _, event_id in inserted]
+            stored = {
+                (str(r["tenant_id"]), str(r["event_id"])): StoredUsage(
+                    bool(r["inserted"]), r["source"], r["occurred_at"])
+                for r in rows if r["found"]
+            }
+            unseen = sorted(seen - stored.keys())
+            if unseen:
+                for r in await conn.fetch(
+                    _USAGE_ROWS, [k[0] for k in unseen], [k[1] for k in unseen]
+                ):
+                    key = (str(r["tenant_id"]), str(r["event_id"]))
+                    stored[key] = StoredUsage(False, r["source"], r["occurred_at"])
+                if seen - stored.keys():
+                    # Cannot be: the row conflicted, so it exists. Refuse to guess (a wrong
+                    # answer would refund or not refund); the transaction rolls back.
+                    raise RuntimeError("usage rows in conflict but not found: "
+                                       f"{sorted(seen - stored.keys())[:5]}")
+        inserted = sorted(k for k, v in stored.items() if v.inserted)
+        return RecordedUsage([event_id for _, event_id in inserted], stored)

@@ -84,6 +84,9 @@ DEFAULT_URL: Final = "ws://127.0.0.1:8765/v1/asr/stream"
 API_KEY_ENV: Final = "STREAMGATE_API_KEY"
 ENCODINGS: Final = ("pcm_s16le", "mulaw", "alaw", "wav")
 
+# `streamgate serve` with embedded Redis/PostgreSQL saves its dev tenant's key here.
+DEV_KEY_FILE: Final = Path(".streamgate") / "dev-api-key"
+
 READY_TIMEOUT_S: Final = 10.0
 # While the server withholds credit the client sends nothing; a keepalive every few seconds keeps
 # the session clear of the server's idle timeout (default 10 s).
@@ -595,6 +598,18 @@ class _Printer:
 # --- command line -------------------------------------------------------------------------------
 
 
+def dev_key(url: str) -> str | None:
+    """The local dev key, only for a server on this machine (never sent anywhere else)."""
+    host = urlsplit(url).hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        path = base / DEV_KEY_FILE
+        if path.is_file():
+            return path.read_text().strip() or None
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `streamgate asr`."""
     parser.add_argument(
@@ -606,7 +621,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--url", default=DEFAULT_URL, help=f"ASR endpoint (default {DEFAULT_URL})")
     parser.add_argument(
-        "--key", default=None, help=f"API key, sent as a Bearer token (default: ${API_KEY_ENV})"
+        "--key", default=None,
+        help=f"API key, sent as a Bearer token (default: ${API_KEY_ENV}, or for a local server "
+        f"the dev key `streamgate serve` saved in {DEV_KEY_FILE})",
     )
     parser.add_argument(
         "--realtime",
@@ -685,7 +702,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{prog}: {exc}", file=err)
         return 2
 
-    key = args.key or os.environ.get(API_KEY_ENV) or None
+    key = args.key or os.environ.get(API_KEY_ENV) or dev_key(args.url)
     printer = _Printer(sys.stdout, err, json_lines=args.json, verbose=args.verbose)
     try:
         asyncio.run(

@@ -100,6 +100,7 @@ class AsrSession:
         self.dropped_bytes = 0
         self._dropped_reported_ms = 0
         self._credit_warned = False
+        self._balance_warned = False
         self.credit = CreditWindow(self._capacity(params))
         self._configure(params)
 
@@ -351,6 +352,19 @@ class AsrSession:
                 dropped_ms=report.dropped_ms,
             )
         )
+        if report.balance_low and not self._balance_warned:
+            self._balance_warned = True
+            self._events.append(
+                m.Warning(code="balance_low", message="wallet balance is running low; top up")
+            )
+        if report.exhausted:
+            self.out_of_balance()
+        elif report.rate_limited:
+            self.fail(4029, "rate_limited", "audio seconds per minute limit reached",
+                      retryable=True, retry_after_s=60.0)
+
+    def out_of_balance(self) -> None:
+        self.fail(4002, "insufficient_balance", "wallet balance exhausted; top up to continue")
 
     @property
     def finals_pending(self) -> bool:

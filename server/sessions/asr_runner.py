@@ -13,13 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 import uuid
 from collections import deque
 
 from server.billing.auth import Principal
-from server.billing.meter import InsufficientBalance, MeterFactory, SessionMeter, UsageReport
+from server.billing.meter import (
+    BillingUnavailable,
+    InsufficientBalance,
+    MeterFactory,
+    RateLimited,
+    SessionMeter,
+    UsageReport,
+)
 from server.config import Config
 from server.models.base import EngineError, Transcriber, TranscriptionStream
 from server.sessions import messages as m
@@ -78,10 +86,16 @@ class AsrEndpoint:
         session_id = uuid.uuid4().hex
         try:
             meter = await self.meters.open(
-                session_id=session_id, tenant_id=principal.tenant_id, model=params.model
+                session_id=session_id, principal=principal, model=params.model
             )
         except InsufficientBalance as exc:
             return Rejected(402, "insufficient_balance", str(exc) or "wallet balance too low")
+        except RateLimited as exc:
+            return Rejected(429, "rate_limited", str(exc),
+                            {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
+        except BillingUnavailable as exc:
+            return Rejected(503, "billing_unavailable", str(exc) or "billing unavailable",
+                            {"Retry-After": "2"})
         engine = self.engines[params.model]
         machine = AsrSession(
             session_id=session_id,
@@ -248,6 +262,8 @@ class AsrSessionRunner:
             machine.process()
             self._ingest_seconds.observe(time.perf_counter() - t0)
             self._meter_deltas()
+            if self.meter.exhausted:
+                machine.out_of_balance()
             self._queue_requests(machine.engine_requests())
             self._send_events()
             if self._close_if_done():
@@ -396,6 +412,7 @@ class AsrSessionRunner:
             if self.machine.state != "closed":
                 self.machine.usage(report)
                 self._send_events()
+                self._wake.set()  # a usage verdict (exhausted, rate limited) may close it
             self._publish_metrics()
 
     def _meter_deltas(self) -> None:

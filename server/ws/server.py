@@ -33,10 +33,17 @@ class Endpoint(Protocol):
         ...
 
 
+class AdmissionPolicy(Protocol):
+    """Per-key checks at the upgrade, after authentication (rate limits)."""
+
+    async def check_upgrade(self, principal: Principal) -> Rejected | None: ...
+
+
 class Router:
     def __init__(self, server: WsServer, authenticator: Authenticator) -> None:
         self._server = server
         self._auth = authenticator
+        self.policy: AdmissionPolicy | None = None
         self.endpoints: dict[str, Endpoint] = {}
 
     async def admit(self, request: Request, conn: WsConnection) -> Admitted | Rejected:
@@ -65,6 +72,10 @@ class Router:
         principal = await self._auth.authenticate(upgrade.api_key)
         if principal is None:
             return Rejected(401, "unauthorized", "missing or invalid API key")
+        if self.policy is not None:
+            refused = await self.policy.check_upgrade(principal)
+            if refused is not None:
+                return refused
         return await endpoint.admit(upgrade, principal)
 
 

@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,9 +21,13 @@ from server.billing.flusher import (
     FAULT_EXIT_CODE,
     GROUP,
     UsageFlusher,
+    as_str,
+    entry_source,
+    parse_entry,
 )
 from server.billing.reconcile import reconcile
-from server.billing.store import BillingStore, UsageEvent
+from server.billing.store import BillingStore, RecordedUsage, UsageEvent
+from server.billing.wallet_cache import ReplayEvent, WalletCache
 
 ROOT = Path(__file__).resolve().parents[2]
 TS = 1_740_830_400_000  # 2025-03-01T12:00:00Z in ms
@@ -36,14 +41,15 @@ async def add_tenant(store: BillingStore, r: aioredis.Redis, tenants_key: str, t
 
 
 async def xadd(r: aioredis.Redis, tenant: str, session: str, seq: int, cost: int, *,
-               units: int = 1000, replay: bool = False) -> str:
+               units: int = 1000, replay: bool = False, ts: int | None = None,
+               entry_id: str = "*") -> str:
     """One entry exactly as the REPORT script writes it (docs/billing.md, `sg:{t}:usage`)."""
-    entry_id = await r.xadd(keys.usage_stream(tenant), {
+    added = await r.xadd(keys.usage_stream(tenant), {
         "event_id": f"{session}:{seq}", "session_id": session, "model": "asr-1",
         "unit": "audio_ms", "units": str(units), "cost": str(cost),
-        "replay": "1" if replay else "0", "ts": str(TS + seq),
-    })
-    return str(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+        "replay": "1" if replay else "0", "ts": str(TS + seq if ts is None else ts),
+    }, id=entry_id)
+    return str(added.decode() if isinstance(added, bytes) else added)
 
 
 async def pending(r: aioredis.Redis, tenant: str) -> int:
@@ -136,7 +142,8 @@ async def test_crash_after_commit_before_ack(
     t = new_tenant_id()
     await add_tenant(billing_store, redis_client, tenants_key, t)
     for seq in range(1, 6):
-        await xadd(redis_client, t, "s", seq, 25)
+        # The replayed ones were never in Postgres: the doomed flusher inserts them itself.
+        await xadd(redis_client, t, "s", seq, 25, replay=seq >= 4)
     code = (
         "import asyncio, sys\n"
         "from server.billing.flusher import flusher_main\n"
@@ -152,11 +159,17 @@ async def test_crash_after_commit_before_ack(
     assert await billing_store.balance(t) == 1_000_000 - 125  # committed ...
     assert await pending(redis_client, t) == 5  # ... but not acknowledged
 
+    calls: list[tuple[str, str, int]] = []
+
+    async def refund(tenant: str, event_id: str, cost: int) -> None:
+        calls.append((tenant, event_id, cost))
+
     second = UsageFlusher(redis_client, billing_store, consumer="next", claim_idle_ms=1,
-                          tenants_key=tenants_key)
+                          tenants_key=tenants_key, on_replay_conflict=refund)
     await asyncio.sleep(0.01)
     assert await second.flush_once() == 5
     assert await billing_store.balance(t) == 1_000_000 - 125  # nothing charged twice
+    assert calls == []  # the replayed entries conflicted with their own rows: no refund
     assert await pending(redis_client, t) == 0
     report = await reconcile(billing_store, None)
     assert report.ok, report.render()
@@ -257,3 +270,246 @@ async def test_run_flushes_until_stopped(
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+# --- replays: REFUND exactly when Postgres got the event from ANOTHER stream entry -------------
+
+
+class CrashAfterCommit(BillingStore):
+    """A store whose flusher "dies" right after COMMIT: before REFUND and before XACK."""
+
+    async def record_usage_detailed(self, events: list[UsageEvent]) -> RecordedUsage:
+        await super().record_usage_detailed(events)
+        raise ConnectionError("flusher crashed after COMMIT")
+
+
+class Replayed:
+    """A tenant whose Redis lost everything after one of its session's two reports was flushed.
+
+    s:1 reached Postgres from its original entry; s:2 died with the old Redis. The session then
+    reserved again and replayed both (replay=1), and reported s:3 (replay=0) in the new Redis:
+    the new wallet took s:1 a second time (its seed already had it), so only s:1 needs a REFUND.
+    """
+
+    def __init__(self, store: BillingStore, r: aioredis.Redis, tenants_key: str,
+                 tenant: str) -> None:
+        self.store, self.r, self.tenants_key, self.t = store, r, tenants_key, tenant
+        self.cache = WalletCache(r)
+        self.credited: list[str] = []  # event ids whose REFUND really credited the wallet
+        self.calls: list[str] = []  # every call of the refund hook
+
+    async def refund(self, tenant: str, event_id: str, cost: int) -> None:
+        self.calls.append(event_id)
+        if await self.cache.refund(tenant, event_id, cost):
+            self.credited.append(event_id)
+
+    def flusher(self, consumer: str, **kw: Any) -> UsageFlusher:
+        return UsageFlusher(self.r, kw.pop("store", self.store), consumer=consumer,
+                            tenants_key=self.tenants_key, on_replay_conflict=self.refund, **kw)
+
+    async def seed(self) -> None:
+        snap = await self.store.seed_snapshot(self.t)
+        await self.cache.seed(self.t, snap.balance_micros, snap.overdraft_micros,
+                              [str(i) for i in snap.topup_ids])
+        await self.r.srem(keys.TENANTS_SET, self.t)  # keep the shared set clean
+
+    async def reserve(self) -> None:
+        granted = await self.cache.reserve(self.t, "s", min_micros=1_000, want_micros=5_000,
+                                           ttl_ms=60_000, session_id="s", model="asr-1",
+                                           unit="audio_ms")
+        assert granted is not None
+
+    async def report(self, seq: int, cum_cost: int) -> str:
+        answer = await self.cache.report(self.t, "s", seq=seq, cum_units=10 * cum_cost,
+                                         cum_cost=cum_cost, topup_want=0, low_water=0,
+                                         ttl_ms=60_000)
+        return answer.status
+
+    async def setup(self) -> None:
+        await self.store.create_tenant(self.t, "T")
+        await self.store.topup(self.t, 100_000, "k")
+        await self.r.sadd(self.tenants_key, self.t)
+        await self.seed()
+        await self.reserve()
+        assert await self.report(1, 300) == "ok"
+        assert await self.flusher("first").flush_once() == 1  # s:1 in Postgres
+        assert await self.report(2, 500) == "ok"  # s:2: lost with Redis
+        doomed = [k async for k in self.r.scan_iter(match=keys.tenant_pattern(self.t))]
+        await self.r.delete(*doomed)
+        await self.seed()
+        assert await self.report(3, 600) == "unknown"
+        await self.reserve()
+        replayed = await self.cache.replay(
+            self.t, "s", [ReplayEvent(1, 3_000, 300), ReplayEvent(2, 2_000, 200)],
+            ttl_ms=60_000)
+        assert replayed.applied == 2
+        assert await self.report(3, 600) == "ok"
+        assert await self.r.xlen(keys.usage_stream(self.t)) == 3
+
+    async def entries(self) -> list[tuple[str, dict[str, str]]]:
+        raw = await self.r.xrange(keys.usage_stream(self.t))
+        return [(as_str(i), {as_str(k): as_str(v) for k, v in f.items()}) for i, f in raw]
+
+    async def check_books(self) -> None:
+        """Everything flushed and acknowledged, the session settled: the cache must equal
+        Postgres to the micro, and s:1 must have been credited exactly once."""
+        assert await pending(self.r, self.t) == 0
+        assert await self.r.xlen(keys.usage_stream(self.t)) == 0
+        settled = await self.cache.settle(self.t, "s", seq=3, cum_units=6_000, cum_cost=600)
+        assert settled.status == "ok"
+        assert await self.store.balance(self.t) == 100_000 - 600
+        assert await self.cache.spendable(self.t) == 100_000 - 600
+        assert self.credited == ["s:1"]
+        report = await reconcile(self.store, self.r, retry_delay_s=0.01,
+                                 tenants_key=self.tenants_key)
+        assert report.ok, report.render()
+
+
+async def test_replay_of_an_event_postgres_had_from_its_original_is_refunded_once(
+    billing_store: BillingStore, redis_client: aioredis.Redis, tenants_key: str,
+    new_tenant_id: Callable[[], str],
+) -> None:
+    books = Replayed(billing_store, redis_client, tenants_key, new_tenant_id())
+    await books.setup()
+    # The first flusher REFUNDs, then dies before XACK; the next one (a restarted process, no
+    # memory of the first) sees the same conflict and calls REFUND again: credited once.
+    real_refund = books.refund
+
+    async def refund_then_crash(tenant: str, event_id: str, cost: int) -> None:
+        await real_refund(tenant, event_id, cost)
+        raise ConnectionError("crashed after REFUND")
+
+    books.refund = refund_then_crash  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await books.flusher("c1").flush_once()
+    assert await pending(redis_client, books.t) == 3
+    books.refund = real_refund  # type: ignore[method-assign]
+    assert await books.flusher("c1").flush_once() == 3
+    assert await books.flusher("c1").flush_once() == 0
+    assert books.calls == ["s:1", "s:1"]  # s:2 came into Postgres from its own replay
+    await books.check_books()
+
+
+async def test_replayed_entry_committed_then_crashed_before_xack_is_not_refunded(
+    billing_store: BillingStore, redis_client: aioredis.Redis, tenants_key: str,
+    new_tenant_id: Callable[[], str],
+) -> None:
+    books = Replayed(billing_store, redis_client, tenants_key, new_tenant_id())
+    await books.setup()
+    t, stream = books.t, keys.usage_stream(books.t)
+    # A flusher reads the batch and commits it, then crashes: no REFUND, no XACK.
+    await redis_client.xgroup_create(stream, GROUP, id="0")
+    await redis_client.xreadgroup(GROUP, "c1", {stream: ">"}, count=10)
+    events = [parse_entry(t, f, entry_id=i)[0] for i, f in await books.entries()]
+    recorded = await billing_store.record_usage_detailed(events)
+    assert recorded.inserted == ["s:2", "s:3"]  # s:1 conflicted with its original
+    # Restarted under the same name, it finds the batch in its pending list.
+    assert await books.flusher("c1").flush_once() == 3
+    assert books.calls == ["s:1"]  # not s:2: Postgres has it from this very entry
+    await books.check_books()
+
+
+async def test_replayed_entry_claimed_from_a_dead_consumer_is_not_refunded(
+    billing_store: BillingStore, redis_client: aioredis.Redis, tenants_key: str,
+    new_tenant_id: Callable[[], str],
+) -> None:
+    books = Replayed(billing_store, redis_client, tenants_key, new_tenant_id())
+    await books.setup()
+    dead = books.flusher("dead", store=CrashAfterCommit(billing_store.pool))
+    with pytest.raises(ConnectionError):
+        await dead.flush_once()
+    assert books.calls == []
+    assert await billing_store.balance(books.t) == 100_000 - 600  # committed
+    survivor = books.flusher("alive", claim_idle_ms=200)
+    assert await survivor.flush_once() == 0  # not idle long enough yet
+    await asyncio.sleep(0.25)
+    assert await survivor.flush_once() == 3  # claimed
+    assert books.calls == ["s:1"]  # s:2 (and s:3, not a replay) conflicted with their own rows
+    await books.check_books()
+
+
+async def test_non_replayed_redelivery_after_a_crash_is_not_refunded(
+    billing_store: BillingStore, redis_client: aioredis.Redis, tenants_key: str,
+    new_tenant_id: Callable[[], str],
+) -> None:
+    t = new_tenant_id()
+    await add_tenant(billing_store, redis_client, tenants_key, t)
+    for seq in (1, 2):
+        await xadd(redis_client, t, "s", seq, 100)
+    calls: list[str] = []
+
+    async def refund(tenant: str, event_id: str, cost: int) -> None:
+        calls.append(event_id)
+
+    with pytest.raises(ConnectionError):
+        await UsageFlusher(redis_client, CrashAfterCommit(billing_store.pool), consumer="c1",
+                           tenants_key=tenants_key, on_replay_conflict=refund).flush_once()
+    flusher = UsageFlusher(redis_client, billing_store, consumer="c1", tenants_key=tenants_key,
+                           on_replay_conflict=refund)
+    assert await flusher.flush_once() == 2
+    assert calls == []
+    assert await billing_store.balance(t) == 1_000_000 - 200
+
+
+async def test_replay_in_a_new_redis_reusing_the_originals_entry_id_is_refunded(
+    billing_store: BillingStore, redis_client: aioredis.Redis, tenants_key: str,
+    new_tenant_id: Callable[[], str],
+) -> None:
+    """A Redis that lost its data and runs on a clock behind the old one's can give the replay
+    the very stream id of the original: the source still tells them apart (replay, ts)."""
+    t = new_tenant_id()
+    await add_tenant(billing_store, redis_client, tenants_key, t)
+    calls: list[str] = []
+
+    async def refund(tenant: str, event_id: str, cost: int) -> None:
+        calls.append(event_id)
+
+    flusher = UsageFlusher(redis_client, billing_store, consumer="c1", tenants_key=tenants_key,
+                           on_replay_conflict=refund)
+    await xadd(redis_client, t, "s", 1, 100, entry_id="1000-0")
+    assert await flusher.flush_once() == 1
+    await redis_client.delete(keys.usage_stream(t))  # Redis lost everything
+    await xadd(redis_client, t, "s", 1, 100, entry_id="1000-0", replay=True, ts=TS + 5)
+    assert await flusher.flush_once() == 1  # NOGROUP: the group is created again
+    assert calls == ["s:1"]
+    assert await billing_store.balance(t) == 1_000_000 - 100
+
+
+async def test_rows_without_a_source_fall_back_to_occurred_at(
+    billing_store: BillingStore, redis_client: aioredis.Redis, tenants_key: str,
+    new_tenant_id: Callable[[], str],
+) -> None:
+    """Rows written before migration 002 have no source; their occurred_at is the ts of the
+    entry that inserted them, and a replay's ts is later than its original's."""
+    t = new_tenant_id()
+    await add_tenant(billing_store, redis_client, tenants_key, t)
+    at = datetime.fromtimestamp((TS + 1) // 1000, UTC) + timedelta(milliseconds=(TS + 1) % 1000)
+    await billing_store.record_usage([  # as an old flusher wrote them
+        UsageEvent(t, "s:1", "s", "asr-1", "audio_ms", 1000, 10, at),
+        UsageEvent(t, "s:2", "s", "asr-1", "audio_ms", 1000, 20, at),
+    ])
+    await xadd(redis_client, t, "s", 1, 10, replay=True, ts=TS + 1)  # the inserting entry
+    await xadd(redis_client, t, "s", 2, 20, replay=True, ts=TS + 9)  # a later replay
+    calls: list[str] = []
+
+    async def refund(tenant: str, event_id: str, cost: int) -> None:
+        calls.append(event_id)
+
+    flusher = UsageFlusher(redis_client, billing_store, consumer="c1", tenants_key=tenants_key,
+                           on_replay_conflict=refund)
+    assert await flusher.flush_once() == 2
+    assert calls == ["s:2"]
+    assert await billing_store.balance(t) == 1_000_000 - 30
+
+
+def test_entry_source_names_the_entry() -> None:
+    fields = {"event_id": "s:1", "replay": "1", "ts": "1740830400001"}
+    assert entry_source("1740830400001-0", fields) == "1740830400001-0 ts=1740830400001 replay=1"
+    assert entry_source("1740830400001-0", {**fields, "replay": "0"}) != \
+        entry_source("1740830400001-0", fields)
+    assert entry_source("1740830400001-0", {**fields, "ts": "1740830400002"}) != \
+        entry_source("1740830400001-0", fields)
+    event, replay = parse_entry("t", {**fields, "session_id": "s", "model": "m",
+                                      "unit": "audio_ms", "units": "1", "cost": "1"},
+                                entry_id="1740830400001-0")
+    assert replay and event.source == entry_source("1740830400001-0", fields)

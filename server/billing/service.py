@@ -1,0 +1,270 @@
+"""The billing layer as the gateway sees it: authentication, admission limits, session meters,
+top-ups, and the background flusher and sweeper (docs/billing.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server.billing import keys
+from server.billing.auth import Principal, TenantLimits, key_digest
+from server.billing.flusher import UsageFlusher, default_consumer
+from server.billing.meter import BillingUnavailable, InsufficientBalance, RateLimited
+from server.billing.ratelimit import RateLimiter
+from server.billing.store import BillingStore, KeyRecord, Price, TopupResult
+from server.billing.wallet_cache import WalletCache
+from server.billing.wallet_meter import AudioLimit, LeasePolicy, WalletMeter
+from server.config import BillingConfig
+from server.ws.handshake import Rejected
+
+log = logging.getLogger("streamgate.billing")
+AUDIO_UNIT = "audio_ms"
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """Few, short retries (every script is idempotent) and a pool that waits instead of failing:
+    a Redis outage must turn into a quick, clear decision, not seconds of backoff per call."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=256, timeout=2.0, socket_timeout=2.0, socket_connect_timeout=1.0,
+    )
+    return aioredis.Redis(
+        connection_pool=pool,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+
+
+class _SettlingMeter(WalletMeter):
+    """Releases the tenant's concurrency slot once the lease is settled."""
+
+    def __init__(self, service: BillingService, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._service = service
+
+    async def settle(self) -> Any:
+        try:
+            return await super().settle()
+        finally:
+            await self._service.limits.release_session(self.tenant_id, self.session_id)
+
+
+class BillingService:
+    def __init__(self, cfg: BillingConfig, *, report_interval_s: float) -> None:
+        self.cfg = cfg
+        self.report_interval_s = report_interval_s
+        self.store: BillingStore | None = None
+        self.redis: aioredis.Redis | None = None
+        self.cache: WalletCache | None = None
+        self.limits: RateLimiter
+        self.prices: dict[tuple[str, str], Price] = {}
+        self._keys: dict[str, tuple[float, KeyRecord | None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, redis_url: str, database_url: str) -> None:
+        self.store = await BillingStore.connect(database_url)
+        self.redis = redis_client(redis_url)
+        self.cache = WalletCache(self.redis)
+        self.limits = RateLimiter(self.redis, fallback_fraction=self.cfg.fallback_fraction)
+        await self.refresh_prices()
+        loop = asyncio.get_running_loop()
+        if self.cfg.run_flusher:
+            flusher = UsageFlusher(self.redis, self.store, consumer=default_consumer(),
+                                   on_replay_conflict=self._refund)
+            self._tasks.append(loop.create_task(flusher.run(self._stop)))
+        self._tasks.append(loop.create_task(self._sweeper()))
+        self._tasks.append(loop.create_task(self._price_refresher()))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.store is not None:
+            await self.store.close()
+
+    async def _refund(self, tenant_id: str, event_id: str, cost: int) -> None:
+        assert self.cache is not None
+        await self.cache.refund(tenant_id, event_id, cost)
+
+    async def _sweeper(self) -> None:
+        assert self.cache is not None and self.redis is not None
+        while True:
+            await asyncio.sleep(self.cfg.sweep_interval_s)
+            try:
+                for raw in await self.redis.smembers(keys.TENANTS_SET):
+                    tenant = raw.decode() if isinstance(raw, bytes) else str(raw)
+                    swept = await self.cache.sweep(tenant)
+                    if swept:
+                        log.warning("swept expired leases", extra={"tenant_id": tenant,
+                                                                   "leases": swept})
+            except RedisError as exc:
+                log.warning("sweep skipped: %s", exc)
+
+    async def _price_refresher(self) -> None:
+        while True:
+            await asyncio.sleep(30)
+            with contextlib.suppress(Exception):
+                await self.refresh_prices()
+
+    async def refresh_prices(self) -> None:
+        assert self.store is not None
+        self.prices = await self.store.prices()
+
+    # --- authentication and admission -------------------------------------------------------------
+
+    async def authenticate(self, api_key: str | None) -> Principal | None:
+        if not api_key:
+            return None
+        digest = key_digest(api_key)
+        now = time.monotonic()
+        cached = self._keys.get(digest)
+        if cached is not None and cached[0] > now:
+            record = cached[1]
+        else:
+            assert self.store is not None
+            try:
+                record = await self.store.lookup_key(digest)
+            except Exception:
+                if cached is None:
+                    raise
+                record = cached[1]  # Postgres blip: a key known moments ago stays known
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+            self._keys[digest] = (now + self.cfg.key_cache_ttl_s, record)
+        if record is None or record.revoked:
+            return None
+        return Principal(
+            tenant_id=record.tenant_id,
+            key_id=record.key_id,
+            limits=TenantLimits(
+                max_concurrent_sessions=record.max_concurrent_sessions,
+                audio_seconds_per_minute=record.audio_seconds_per_minute,
+                requests_per_second=record.requests_per_second,
+                burst=record.burst,
+            ),
+        )
+
+    async def check_upgrade(self, principal: Principal) -> Rejected | None:
+        limits = principal.limits
+        if limits is None:
+            return None
+        decision = await self.limits.allow(principal.key_id, limits.requests_per_second,
+                                           limits.burst)
+        if decision.allowed:
+            return None
+        retry = max(1, math.ceil(decision.retry_after_s))
+        return Rejected(429, "rate_limited", "too many requests for this key",
+                        {"Retry-After": str(retry)})
+
+    # --- sessions -------------------------------------------------------------------------------
+
+    def price_for(self, model: str, unit: str = AUDIO_UNIT) -> Price:
+        price = self.prices.get((model, unit))
+        if price is None:
+            raise BillingUnavailable(f"no price plan for model {model!r} ({unit})")
+        return price
+
+    async def open(self, *, session_id: str, principal: Principal, model: str) -> WalletMeter:
+        assert self.cache is not None
+        price = self.price_for(model)
+        limits = principal.limits
+        if limits is not None:
+            decision = await self.limits.acquire_session(
+                principal.tenant_id, session_id, limits.max_concurrent_sessions,
+                ttl_s=self.report_interval_s * 3,
+            )
+            if not decision.allowed:
+                raise RateLimited("too many concurrent sessions for this tenant",
+                                  decision.retry_after_s or 1.0)
+        policy = LeasePolicy(
+            lease_units=self.cfg.lease_s * 1000,
+            min_units=self.cfg.min_lease_s * 1000,
+            low_units=self.cfg.low_balance_s * 1000,
+            ttl_ms=int(self.report_interval_s * 3000),
+        )
+        meter = _SettlingMeter(
+            self, cache=self.cache, tenant_id=principal.tenant_id, session_id=session_id,
+            model=model, price=price, policy=policy, seed=self.ensure_wallet,
+            on_audio=self._audio_limit(principal),
+        )
+        try:
+            granted = await meter.open()
+        except RedisError as exc:
+            await self.limits.release_session(principal.tenant_id, session_id)
+            raise BillingUnavailable("wallet service unreachable; retry shortly") from exc
+        except BaseException:
+            await self.limits.release_session(principal.tenant_id, session_id)
+            raise
+        if not granted:
+            await self.limits.release_session(principal.tenant_id, session_id)
+            raise InsufficientBalance("wallet balance below the minimum lease; top up")
+        return meter
+
+    def _audio_limit(self, principal: Principal) -> AudioLimit | None:
+        limits = principal.limits
+        if limits is None:
+            return None
+
+        async def check(tenant_id: str, session_id: str, audio_ms: int) -> bool:
+            # Each report keeps the session's concurrency slot alive (it ages out otherwise).
+            await self.limits.refresh_session(tenant_id, session_id, self.report_interval_s * 3)
+            decision = await self.limits.add_audio(tenant_id, audio_ms,
+                                                   limits.audio_seconds_per_minute)
+            return decision.allowed
+
+        return check
+
+    # --- wallets --------------------------------------------------------------------------------
+
+    async def ensure_wallet(self, tenant_id: str) -> None:
+        """Seed the cache from Postgres (never increments an existing wallet), then re-apply
+        recent top-ups by id: one committed while the seed was in flight must not be lost."""
+        assert self.store is not None and self.cache is not None
+        snap = await self.store.seed_snapshot(tenant_id)
+        await self.cache.seed(tenant_id, snap.balance_micros, snap.overdraft_micros,
+                              [str(i) for i in snap.topup_ids])
+        for topup_id, amount in await self._recent_topups(tenant_id):
+            await self.cache.topup(tenant_id, str(topup_id), amount)
+
+    async def _recent_topups(self, tenant_id: str) -> list[tuple[int, int]]:
+        assert self.store is not None
+        rows = await self.store.pool.fetch(
+            "SELECT topup_id, amount_micros FROM topups WHERE tenant_id = $1"
+            " AND created_at > now() - interval '48 hours' ORDER BY topup_id",
+            tenant_id,
+        )
+        return [(int(r["topup_id"]), int(r["amount_micros"])) for r in rows]
+
+    async def topup(self, tenant_id: str, amount_micros: int, idempotency_key: str) -> TopupResult:
+        """Postgres first (the money), then the cache, by top-up id (idempotent)."""
+        assert self.store is not None and self.cache is not None
+        result = await self.store.topup(tenant_id, amount_micros, idempotency_key)
+        for attempt in range(5):
+            try:
+                await self.cache.topup(tenant_id, str(result.topup_id), result.amount_micros)
+                break
+            except RedisError as exc:
+                if attempt == 4:
+                    # Fails closed: the cache is short until the next seed or reconcile fixes it.
+                    log.error("top-up %s not applied to the cache: %s", result.topup_id, exc)
+                await asyncio.sleep(0.1 * (attempt + 1))
+        return result
