@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     asr = sub.add_parser("asr", help="stream an audio file to /v1/asr/stream, print transcripts")
     add_arguments(asr)
     asr.set_defaults(func=_asr)
+
+    from server.billing.cli import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 

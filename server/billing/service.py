@@ -74,12 +74,15 @@ class BillingService:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self, redis_url: str, database_url: str) -> None:
+    async def start(self, redis_url: str, database_url: str, *, background: bool = True) -> None:
+        """Connect; with `background`, also run the flusher (if configured) and the sweeper."""
         self.store = await BillingStore.connect(database_url)
         self.redis = redis_client(redis_url)
         self.cache = WalletCache(self.redis)
         self.limits = RateLimiter(self.redis, fallback_fraction=self.cfg.fallback_fraction)
         await self.refresh_prices()
+        if not background:
+            return
         loop = asyncio.get_running_loop()
         if self.cfg.run_flusher:
             flusher = UsageFlusher(self.redis, self.store, consumer=default_consumer(),

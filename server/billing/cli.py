@@ -1,0 +1,140 @@
+"""`streamgate` billing subcommands: migrate, flusher, reconcile, tenant, key, topup, balance,
+usage. They talk to Postgres (and Redis, for top-ups and reconcile) directly, at the URLs the
+server would use: config, then REDIS_URL/DATABASE_URL, then the embedded servers."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from server.billing.bootstrap import prepare_database, resolve_urls
+from server.billing.flusher import flusher_main
+from server.billing.reconcile import reconcile_main
+from server.billing.service import BillingService
+from server.billing.store import BillingError
+from server.billing.wallet_cache import WalletCache
+from server.config import Config, ConfigError, load_config
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+async def _with_service(cfg: Config, fn: Callable[[BillingService], Awaitable[int]]) -> int:
+    urls = await resolve_urls(cfg)
+    await prepare_database(cfg, urls.database_url)
+    service = BillingService(cfg.billing, report_interval_s=cfg.asr.session.usage_interval_s)
+    await service.start(urls.redis_url, urls.database_url, background=False)
+    try:
+        return await fn(service)
+    finally:
+        await service.stop()
+
+
+async def _run(args: argparse.Namespace, cfg: Config) -> int:
+    cmd = args.billing_command
+    if cmd == "migrate":
+        urls = await resolve_urls(cfg)
+        await prepare_database(cfg, urls.database_url)
+        print("database migrated")
+        return 0
+    if cmd == "flusher":
+        urls = await resolve_urls(cfg)
+        def make_refund(redis: Any) -> Callable[[str, str, int], Awaitable[None]]:
+            cache = WalletCache(redis)
+
+            async def refund(tenant_id: str, event_id: str, cost: int) -> None:
+                await cache.refund(tenant_id, event_id, cost)
+
+            return refund
+
+        return await flusher_main(urls.redis_url, urls.database_url, make_refund=make_refund)
+    if cmd == "reconcile":
+        urls = await resolve_urls(cfg)
+        return await reconcile_main(urls.redis_url, urls.database_url)
+
+    async def act(svc: BillingService) -> int:
+        store = svc.store
+        assert store is not None
+        if cmd == "tenant-create":
+            tenant = await store.create_tenant(args.tenant_id, args.name,
+                                               overdraft_micros=args.overdraft_micros)
+            _print({"tenant_id": tenant.tenant_id, "name": tenant.name})
+        elif cmd == "key-issue":
+            issued = await store.issue_key(args.tenant_id)
+            _print({"key_id": issued.key_id, "prefix": issued.prefix, "api_key": issued.key,
+                    "note": "shown once; only its SHA-256 is stored"})
+        elif cmd == "key-revoke":
+            if not await store.revoke_key(args.key_id):
+                print(f"no such key: {args.key_id}", file=sys.stderr)
+                return 1
+            _print({"key_id": args.key_id, "revoked": True})
+        elif cmd == "topup":
+            res = await svc.topup(args.tenant_id, args.amount_micros, args.idempotency_key)
+            _print({"topup_id": res.topup_id, "amount_micros": res.amount_micros,
+                    "created": res.created})
+        elif cmd == "balance":
+            assert svc.cache is not None
+            _print({"tenant_id": args.tenant_id,
+                    "balance_micros": await store.balance(args.tenant_id),
+                    "spendable_micros": await svc.cache.spendable(args.tenant_id)})
+        elif cmd == "usage":
+            since = dt.date.fromisoformat(args.since) if args.since else None
+            until = dt.date.fromisoformat(args.until) if args.until else None
+            rows = await store.usage_summary(args.tenant_id, since, until)
+            _print([{"day": r.day, "model": r.model, "unit": r.unit, "units": r.units,
+                     "cost_micros": r.cost_micros} for r in rows])
+        return 0
+
+    try:
+        return await _with_service(cfg, act)
+    except BillingError as exc:
+        print(f"streamgate: {exc}", file=sys.stderr)
+        return 1
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"streamgate: {exc}", file=sys.stderr)
+        return 2
+    return uvloop.run(_run(args, cfg))
+
+
+def add_subcommands(sub: Any) -> None:
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_)
+        p.add_argument("--config", type=Path, help="TOML file layered over config/default.toml")
+        p.set_defaults(func=main, billing_command=name)
+        return p
+
+    command("migrate", "apply database migrations and default price plans")
+    command("flusher", "run the usage flusher alone (Redis stream -> Postgres)")
+    command("reconcile", "check the billing invariants; exit 1 if any is broken")
+    p = command("tenant-create", "create a tenant (and its empty wallet)")
+    p.add_argument("name")
+    p.add_argument("--tenant-id")
+    p.add_argument("--overdraft-micros", type=int, default=0)
+    p = command("key-issue", "issue an API key for a tenant (printed once)")
+    p.add_argument("tenant_id")
+    p = command("key-revoke", "revoke an API key")
+    p.add_argument("key_id")
+    p = command("topup", "add money to a tenant's wallet (idempotent by key)")
+    p.add_argument("tenant_id")
+    p.add_argument("amount_micros", type=int)
+    p.add_argument("--idempotency-key", required=True)
+    p = command("balance", "a tenant's balance (Postgres) and spendable (Redis cache)")
+    p.add_argument("tenant_id")
+    p = command("usage", "a tenant's usage by day and model")
+    p.add_argument("tenant_id")
+    p.add_argument("--since")
+    p.add_argument("--until")
+
