@@ -237,7 +237,7 @@ async def _check_cache(store: BillingStore, tenant_id: str, snap: _CacheSnapshot
     entries: list[tuple[UsageEvent, bool]] = []
     for entry_id, fields in snap.stream:
         try:
-            entries.append(parse_entry(tenant_id, fields))
+            entries.append(parse_entry(tenant_id, fields, entry_id=entry_id))
         except ValueError as exc:
             problems.append(f"usage stream entry {entry_id}: {exc}")
     async with store.pool.acquire() as conn, conn.transaction(
@@ -247,7 +247,7 @@ async def _check_cache(store: BillingStore, tenant_id: str, snap: _CacheSnapshot
             "SELECT balance_micros FROM wallets WHERE tenant_id = $1", tenant_id
         )
         rows = await conn.fetch(
-            "SELECT event_id FROM usage_events WHERE tenant_id = $1"
+            "SELECT event_id, source FROM usage_events WHERE tenant_id = $1"
             " AND event_id = ANY($2::text[])",
             tenant_id, sorted({e.event_id for e, _ in entries}),
         )
@@ -267,13 +267,17 @@ async def _check_cache(store: BillingStore, tenant_id: str, snap: _CacheSnapshot
         )
     if balance is None:
         return [*problems, "no wallet row"]
-    in_pg = {str(r["event_id"]) for r in rows}
+    in_pg = {str(r["event_id"]): r["source"] for r in rows}
     # The cache charged every stream entry once. Not in Postgres yet: the cache is ahead by
-    # its cost. A replay of an event Postgres has and not refunded yet: the cache took it twice
-    # and the flusher's REFUND will give it back.
+    # its cost. A replay of an event Postgres got from ANOTHER entry (the original), not
+    # refunded yet: the cache took it twice and the flusher's REFUND will give it back. A replay
+    # whose own row is in Postgres (committed, not yet acked) was charged once: nothing owed.
     unflushed = sum(e.cost_micros for e, _ in entries if e.event_id not in in_pg)
-    unrefunded = sum(e.cost_micros for e, replay in entries
-                     if replay and e.event_id in in_pg and e.event_id not in snap.refunded)
+    unrefunded = sum(
+        e.cost_micros for e, replay in entries
+        if replay and e.event_id in in_pg and in_pg[e.event_id] != e.source
+        and e.event_id not in snap.refunded
+    )
     expected = int(balance) - unflushed - unrefunded - remainders
     if spendable != expected:
         problems.append(

@@ -347,7 +347,7 @@ class Replayed:
         assert await self.r.xlen(keys.usage_stream(self.t)) == 3
 
     async def entries(self) -> list[tuple[str, dict[str, str]]]:
-        raw = await self.r.xrange(keys.usage_stream(self.t))
+        raw: Any = await self.r.xrange(keys.usage_stream(self.t))
         return [(as_str(i), {as_str(k): as_str(v) for k, v in f.items()}) for i, f in raw]
 
     async def check_books(self) -> None:
@@ -420,9 +420,9 @@ async def test_replayed_entry_claimed_from_a_dead_consumer_is_not_refunded(
         await dead.flush_once()
     assert books.calls == []
     assert await billing_store.balance(books.t) == 100_000 - 600  # committed
-    survivor = books.flusher("alive", claim_idle_ms=200)
+    survivor = books.flusher("alive", claim_idle_ms=500)
     assert await survivor.flush_once() == 0  # not idle long enough yet
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.55)
     assert await survivor.flush_once() == 3  # claimed
     assert books.calls == ["s:1"]  # s:2 (and s:3, not a replay) conflicted with their own rows
     await books.check_books()

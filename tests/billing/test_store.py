@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
@@ -16,6 +17,7 @@ from server.billing.store import (
     BillingStore,
     IdempotencyConflict,
     Price,
+    StoredUsage,
     TenantExists,
     UnknownTenant,
     UsageEvent,
@@ -160,6 +162,52 @@ async def test_record_usage_charges_exactly_once(billing_store: BillingStore) ->
     assert report.ok, report.render()
 
 
+async def test_record_usage_detailed_reports_the_source_of_every_row(
+    billing_store: BillingStore,
+) -> None:
+    await billing_store.create_tenant("a", "A")
+    await billing_store.create_tenant("b", "B")
+    legacy = event("a", "s", 1, 5)  # no source, as rows written before migration 002
+    assert await billing_store.record_usage([legacy]) == ["s:1"]
+    first = await billing_store.record_usage_detailed([
+        replace(event("a", "s", 2, 7), source="e2"),
+        replace(event("b", "s", 2, 1), source="b2"),
+        replace(event("a", "s", 1, 5), source="r1"),  # conflicts with the legacy row
+    ])
+    assert first.inserted == ["s:2", "s:2"]
+    assert first.rows == {
+        ("a", "s:1"): StoredUsage(False, None, T0),
+        ("a", "s:2"): StoredUsage(True, "e2", T0),
+        ("b", "s:2"): StoredUsage(True, "b2", T0),
+    }
+    # Redelivery of e2 and its replay r2 in one batch: both see the row e2 inserted; a new
+    # event whose first entry in the batch wins, the later one sees the first one's row.
+    later = T0 + timedelta(minutes=1)
+    again = await billing_store.record_usage_detailed([
+        replace(event("a", "s", 2, 7), source="e2"),
+        replace(event("a", "s", 2, 7, at=later), source="r2"),
+        replace(event("a", "s", 3, 9), source="e3"),
+        replace(event("a", "s", 3, 9, at=later), source="r3"),
+    ])
+    assert again.inserted == ["s:3"]
+    assert again.rows == {
+        ("a", "s:2"): StoredUsage(False, "e2", T0),
+        ("a", "s:3"): StoredUsage(True, "e3", T0),
+    }
+    assert await billing_store.balance("a") == -21
+    with pytest.raises(ValueError):
+        await billing_store.record_usage([replace(event("a", "s", 4, 1), source="")])
+    async with billing_store.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT event_id, source FROM usage_events"
+                                " WHERE tenant_id = 'a' ORDER BY event_id")
+        assert [(r["event_id"], r["source"]) for r in rows] == [
+            ("s:1", None), ("s:2", "e2"), ("s:3", "e3")]
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("UPDATE usage_events SET source = '' WHERE event_id = 's:1'")
+    report = await reconcile(billing_store, None)
+    assert report.ok, report.render()
+
+
 async def test_record_usage_refuses_unknown_tenant_and_bad_events(
     billing_store: BillingStore,
 ) -> None:
@@ -262,3 +310,33 @@ async def test_schema_constraints(billing_store: BillingStore) -> None:
         with pytest.raises(asyncpg.ForeignKeyViolationError):
             await conn.execute("INSERT INTO wallets (tenant_id) VALUES ('nobody')")
 
+
+
+async def test_record_usage_detailed_sees_a_row_committed_during_its_insert(
+    billing_store: BillingStore,
+) -> None:
+    """A writer that bypasses the wallet lock commits a conflicting row after the statement's
+    snapshot was taken: the row is read again instead of being reported without a source."""
+    await billing_store.create_tenant("a", "A")
+    async with billing_store.pool.acquire() as side:
+        tx = side.transaction()
+        await tx.start()
+        await side.execute("INSERT INTO usage_events VALUES"
+                           " ('a', 's:1', 's', 'asr-1', 'audio_ms', 1, 0, $1, 'side')", T0)
+        task = asyncio.create_task(billing_store.record_usage_detailed(
+            [replace(event("a", "s", 1, 0), source="mine")]))
+        for _ in range(200):  # until the INSERT waits for the side transaction
+            # Not on `side`: pg_stat_activity is a snapshot per transaction.
+            waiting = await billing_store.pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()")
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            task.cancel()
+            pytest.fail("record_usage never waited for the side transaction")
+        await tx.commit()
+        recorded = await asyncio.wait_for(task, 10)
+    assert recorded.inserted == []
+    assert recorded.rows == {("a", "s:1"): StoredUsage(False, "side", T0)}
