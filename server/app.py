@@ -71,7 +71,8 @@ class Gateway:
             billing = self.billing = await self._start_billing()
             auth, meters = billing, billing
         else:
-            prices = {name: m.price_micros_per_minute for name, m in cfg.asr.models.items()}
+            prices = {(name, "audio_ms"): (m.price_micros_per_minute, 60000)
+                      for name, m in cfg.asr.models.items()}
             auth = StaticKeyAuthenticator(cfg.auth.key_sha256,
                                           allow_anonymous=cfg.auth.allow_anonymous)
             meters = PricedMeterFactory(prices)

@@ -377,3 +377,28 @@ def wav_header(
             struct.pack("<I", data_size),
         )
     )
+
+
+class StreamEncoder:
+    """Mono PCM16 samples -> a session's output encoding. For `wav` the first bytes carry a
+    streaming header (data size 0xFFFFFFFF: the length is unknown while audio is produced)."""
+
+    def __init__(self, encoding: str, sample_rate: int) -> None:
+        if encoding not in ENCODINGS:
+            raise AudioFormatError(f"unsupported encoding {encoding!r}")
+        _check_rate(sample_rate)
+        self.encoding = encoding
+        self.sample_rate = sample_rate
+        self.bytes_per_sample = 1 if encoding in ("mulaw", "alaw") else 2
+        self._header_pending = encoding == "wav"
+
+    def encode(self, pcm: npt.NDArray[np.int16]) -> bytes:
+        if self.encoding == "mulaw":
+            return pcm16_to_ulaw(pcm)
+        if self.encoding == "alaw":
+            return pcm16_to_alaw(pcm)
+        data = pcm.astype("<i2", copy=False).tobytes()
+        if self._header_pending:
+            self._header_pending = False
+            return wav_header(self.sample_rate, 1, None) + data
+        return data

@@ -61,20 +61,22 @@ class SessionMeter(Protocol):
 
 class MeterFactory(Protocol):
     async def open(
-        self, *, session_id: str, principal: Principal, model: str
+        self, *, session_id: str, principal: Principal, model: str, unit: str = "audio_ms"
     ) -> SessionMeter: ...
 
 
-def cost_micros(billed_ms: int, price_micros_per_minute: int) -> int:
-    """Integer money: round the cost of billed_ms up to the next micro (never give audio away)."""
-    return -(-billed_ms * price_micros_per_minute // 60000)
+def cost_micros(units: int, micros_per_block: int, block_units: int = 60000) -> int:
+    """Integer money: round the cost of `units` up to the next micro (never give usage away)."""
+    return -(-units * micros_per_block // block_units)
 
 
 class PricedMeter:
-    """Counts and prices usage; no wallet behind it (balance_micros is None)."""
+    """Counts and prices usage; no wallet behind it (balance_micros is None). Units are the
+    model's billing unit (audio ms, characters); `audio_ms` in reports carries them."""
 
-    def __init__(self, price_micros_per_minute: int) -> None:
-        self._price = price_micros_per_minute
+    def __init__(self, micros_per_block: int, block_units: int = 60000) -> None:
+        self._price = micros_per_block
+        self._block = block_units
         self._audio_ms = 0
         self._dropped_ms = 0
         self._settled: UsageReport | None = None
@@ -94,7 +96,7 @@ class PricedMeter:
             audio_ms=self._audio_ms,
             billed_ms=self._audio_ms,
             dropped_ms=self._dropped_ms,
-            cost_micros=cost_micros(self._audio_ms, self._price),
+            cost_micros=cost_micros(self._audio_ms, self._price, self._block),
             balance_micros=None,
         )
 
@@ -108,8 +110,11 @@ class PricedMeter:
 
 
 class PricedMeterFactory:
-    def __init__(self, prices: dict[str, int]) -> None:
+    def __init__(self, prices: dict[tuple[str, str], tuple[int, int]]) -> None:
+        """prices: (model, unit) -> (micros_per_block, block_units)."""
         self._prices = prices
 
-    async def open(self, *, session_id: str, principal: Principal, model: str) -> SessionMeter:
-        return PricedMeter(self._prices.get(model, 0))
+    async def open(
+        self, *, session_id: str, principal: Principal, model: str, unit: str = "audio_ms"
+    ) -> SessionMeter:
+        return PricedMeter(*self._prices.get((model, unit), (0, 1)))

@@ -186,9 +186,11 @@ class BillingService:
             raise BillingUnavailable(f"no price plan for model {model!r} ({unit})")
         return price
 
-    async def open(self, *, session_id: str, principal: Principal, model: str) -> WalletMeter:
+    async def open(
+        self, *, session_id: str, principal: Principal, model: str, unit: str = AUDIO_UNIT
+    ) -> WalletMeter:
         assert self.cache is not None
-        price = self.price_for(model)
+        price = self.price_for(model, unit)
         limits = principal.limits
         if limits is not None:
             decision = await self.limits.acquire_session(
@@ -198,16 +200,17 @@ class BillingService:
             if not decision.allowed:
                 raise RateLimited("too many concurrent sessions for this tenant",
                                   decision.retry_after_s or 1.0)
-        policy = LeasePolicy(
-            lease_units=self.cfg.lease_s * 1000,
-            min_units=self.cfg.min_lease_s * 1000,
-            low_units=self.cfg.low_balance_s * 1000,
-            ttl_ms=int(self.report_interval_s * 3000),
-        )
+        ttl_ms = int(self.report_interval_s * 3000)
+        if unit == AUDIO_UNIT:
+            policy = LeasePolicy(self.cfg.lease_s * 1000, self.cfg.min_lease_s * 1000,
+                                 self.cfg.low_balance_s * 1000, ttl_ms)
+        else:
+            policy = LeasePolicy(self.cfg.lease_chars, self.cfg.min_lease_chars,
+                                 self.cfg.low_balance_chars, ttl_ms)
         meter = _SettlingMeter(
             self, cache=self.cache, tenant_id=principal.tenant_id, session_id=session_id,
             model=model, price=price, policy=policy, seed=self.ensure_wallet,
-            on_audio=self._audio_limit(principal),
+            on_audio=self._audio_limit(principal) if unit == AUDIO_UNIT else None,
         )
         try:
             granted = await meter.open()

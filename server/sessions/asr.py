@@ -173,7 +173,7 @@ class AsrSession:
 
     def receive_text(self, data: bytes) -> None:
         try:
-            msg = m.decode_client_message(data)
+            msg = m.decode_client_message(data, m.asr_client_decoder)
         except m.BadMessage as exc:
             self._error("bad_message", str(exc))
             return

@@ -161,6 +161,10 @@ class AsrSessionRunner:
         self._bytes_out = 0
         self._closing_since: float | None = None
         self._pending_finish: tuple[int, str, str] | None = None
+        self._input = False  # frames arrived since the last step
+        self._parked = False  # the stage task waits for input (so a step may run inline)
+        self._finished = False
+        self._steps = 0
         self._log_extra = {"session_id": machine.session_id, "tenant_id": principal.tenant_id}
 
     # --- SessionHandler (called from the connection, synchronously) ----------------------------
@@ -180,13 +184,13 @@ class AsrSessionRunner:
         self._bytes_in += len(data)
         if self.machine.receive_audio(data):
             self.conn.pause_reading()
-        self._wake.set()
+        self._input = True
 
     def on_text(self, data: bytes) -> None:
         self._frames_in += 1
         self._bytes_in += len(data)
         self.machine.receive_text(data)
-        self._wake.set()
+        self._input = True
 
     def on_writable(self) -> None:
         self._writable.set()
@@ -244,40 +248,69 @@ class AsrSessionRunner:
 
     async def _ingest_loop(self) -> None:
         machine, conn = self.machine, self.conn
-        session_cfg = self.endpoint.config.asr.session
-        invoke_capacity = self._invoke_capacity
-        while not self._gone:
+        while not self._gone and not self._finished:
             if machine.state == "closing":
                 await self._wait_closing()
             else:
-                await self._wake.wait()
+                self._parked = True
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._parked = False
             self._wake.clear()
-            if self._gone:
+            if self._gone or self._finished:
                 return
             while conn.write_paused and not self._gone:
                 # The client is not reading: stop producing until its socket drains.
                 self._writable.clear()
                 await self._writable.wait()
-            t0 = time.perf_counter()
-            machine.process()
-            self._ingest_seconds.observe(time.perf_counter() - t0)
-            self._meter_deltas()
-            if self.meter.exhausted:
-                machine.out_of_balance()
-            self._queue_requests(machine.engine_requests())
-            self._send_events()
-            if self._close_if_done():
+            if self._step():
                 return
-            if len(self._outbox) > session_cfg.max_outbound_messages:
-                machine.fail(1008, "client_not_reading", "client stopped reading results")
-                self._send_events()
-                self._close_if_done()
-                return
-            while self._invoke_bytes > invoke_capacity and not self._gone:
+            while self._invoke_bytes > self._invoke_capacity and not self._gone:
                 self._room.clear()
                 await self._room.wait()
             if conn.reading_paused and machine.queue.resumable:
                 conn.resume_reading()
+
+    def _step(self) -> bool:
+        """One ingest stage step over everything queued; True once the session is finished.
+
+        Runs inline from the socket's read callback when the stage is idle (no task hop per
+        frame: that hop costs more than the audio work), else from the stage task."""
+        machine = self.machine
+        self._steps += 1
+        if self._steps & 15 == 0:  # a sample is enough for the latency histogram
+            t0 = time.perf_counter()
+            machine.process()
+            self._ingest_seconds.observe(time.perf_counter() - t0)
+        else:
+            machine.process()
+        self._meter_deltas()
+        if self.meter.exhausted:
+            machine.out_of_balance()
+        self._queue_requests(machine.engine_requests())
+        self._send_events()
+        if not self._close_if_done():
+            if len(self._outbox) <= self.endpoint.config.asr.session.max_outbound_messages:
+                return False
+            machine.fail(1008, "client_not_reading", "client stopped reading results")
+            self._send_events()
+            self._close_if_done()
+        self._finished = True
+        self._wake.set()  # the stage task exits (it may be parked)
+        return True
+
+    def on_read_done(self) -> None:
+        """The connection delivered every frame of one socket read."""
+        if not self._input:
+            return
+        self._input = False
+        if (self._parked and not self.conn.write_paused and self.machine.state == "open"
+                and self._invoke_bytes <= self._invoke_capacity):
+            if not self._step() and self.conn.reading_paused and self.machine.queue.resumable:
+                self.conn.resume_reading()
+        else:
+            self._wake.set()
 
     async def _wait_closing(self) -> None:
         """While closing, wake for results but give up on finals after FINALS_TIMEOUT_S."""

@@ -6,7 +6,7 @@ and reused: constructing them per message costs more than the encoding itself.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
 
@@ -17,6 +17,9 @@ Overflow = Literal["block", "drop"]
 
 class Msg(msgspec.Struct, tag_field="type", kw_only=True):
     pass
+
+
+T = TypeVar("T")
 
 
 # --- client -> server (ASR) -------------------------------------------------------------------
@@ -154,9 +157,7 @@ class BadMessage(Exception):
 _any_decoder = msgspec.json.Decoder()
 
 
-def decode_client_message(
-    data: bytes, decoder: msgspec.json.Decoder[AsrClientMessage] = asr_client_decoder
-) -> AsrClientMessage:
+def decode_client_message(data: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     try:
         return decoder.decode(data)
     except msgspec.DecodeError as exc:
@@ -168,3 +169,67 @@ def decode_client_message(
         if not isinstance(obj, dict) or "type" not in obj:
             raise BadMessage("a message must be a JSON object with a 'type' field") from None
         raise BadMessage(f"invalid message: {exc}") from None
+
+
+# --- TTS ----------------------------------------------------------------------------------------
+
+
+class TtsConfigMsg(Msg, tag="config", forbid_unknown_fields=True):
+    model: str | None = None
+    voice: str | None = None
+    language: str | None = None
+    encoding: Encoding | None = None
+    sample_rate: int | None = None
+
+
+class Text(Msg, tag="text"):
+    text: str
+
+
+class Flush(Msg, tag="flush"):
+    pass
+
+
+class Clear(Msg, tag="clear"):
+    pass
+
+
+class CreditGrant(Msg, tag="credit"):
+    bytes: int
+
+
+TtsClientMessage = TtsConfigMsg | Text | Flush | Clear | CreditGrant | KeepAlive | Close
+
+
+class AudioDone(Msg, tag="audio_done"):
+    chunk_id: int
+    text: str
+    duration_ms: int
+
+
+class Flushed(Msg, tag="flushed"):
+    pass
+
+
+class Cleared(Msg, tag="cleared"):
+    played_ms: int | None = None
+
+
+class TtsUsage(Msg, tag="usage"):
+    characters: int
+    audio_ms: int
+    cost_micros: int
+    balance_micros: int | None = None
+
+
+class TtsSummary(Msg, tag="summary"):
+    characters: int
+    audio_ms: int
+    cost_micros: int
+    chunks: int
+
+
+TtsServerMessage = Ready | AudioDone | Flushed | Cleared | TtsUsage | Warning | Error | TtsSummary
+
+tts_client_decoder = msgspec.json.Decoder(TtsClientMessage)
+tts_server_decoder = msgspec.json.Decoder(TtsServerMessage)  # for clients and tests

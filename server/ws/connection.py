@@ -44,6 +44,10 @@ class SessionHandler(Protocol):
 
     def on_binary(self, data: bytes) -> None: ...
 
+    def on_read_done(self) -> None:
+        """All frames of one socket read were delivered: a good moment to process them."""
+        ...
+
     def on_writable(self) -> None: ...
 
     def on_idle(self) -> None: ...
@@ -59,6 +63,7 @@ class WsConnection(asyncio.Protocol):
         "_frag_parts",
         "_frag_size",
         "_parser_error_sent",
+        "_reading",
         "activity",
         "close_code",
         "close_deadline",
@@ -104,6 +109,7 @@ class WsConnection(asyncio.Protocol):
         self._frag_parts: list[bytes] = []
         self._frag_size = 0
         self._parser_error_sent = False
+        self._reading = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -120,11 +126,17 @@ class WsConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         p = self.protocol
         p.receive_data(data)
-        for event in p.events_received():
-            if isinstance(event, Frame):
-                self._frame(event)
-            elif isinstance(event, Request):
-                self._request(event)
+        self._reading = True
+        try:
+            for event in p.events_received():
+                if isinstance(event, Frame):
+                    self._frame(event)
+                elif isinstance(event, Request):
+                    self._request(event)
+            if self.session is not None:
+                self.session.on_read_done()
+        finally:
+            self._reading = False
         self.flush()
 
     def eof_received(self) -> bool | None:
@@ -135,8 +147,9 @@ class WsConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         code = self.close_code
-        if code is None:
-            code = self.protocol.close_code if self.protocol.close_rcvd else None
+        if code is None and self.protocol.close_rcvd is not None:
+            # websockets reports close_code only once CLOSED; the received frame says it now.
+            code = self.protocol.close_rcvd.code
         if code is None:
             code = 1006
         if self.session is not None:
@@ -172,7 +185,8 @@ class WsConnection(asyncio.Protocol):
             self.last_pong = self.server.now
         elif op is Opcode.CLOSE:
             # websockets has answered the close; the transport closes on its EOF.
-            self.close_code = self.protocol.close_code
+            if self.close_code is None and self.protocol.close_rcvd is not None:
+                self.close_code = self.protocol.close_rcvd.code
 
     def _deliver(self, op: Opcode, data: bytes) -> None:
         self.activity = True
@@ -257,7 +271,11 @@ class WsConnection(asyncio.Protocol):
             self.transport.abort()
 
     def flush(self) -> None:
-        """Write what the protocol produced; an empty chunk means "close the TCP connection"."""
+        """Write what the protocol produced; an empty chunk means "close the TCP connection".
+
+        Inside data_received this waits for the end of the read: one write per read."""
+        if self._reading:
+            return
         p = self.protocol
         if p.parser_exc is not None and not self._parser_error_sent:
             self._parser_failed(p.parser_exc)
