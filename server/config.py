@@ -108,6 +108,63 @@ class AsrConfig(Base):
     models: dict[str, AsrModelConfig] = msgspec.field(default_factory=dict)
 
 
+class TtsSessionConfig(Base):
+    default_model: str = "espeak-en"
+    chunk_ms: int = 100  # fixed duration of every outbound audio chunk
+    credit_ms: int = 2000  # ready.credit_bytes: this much audio at the session's encoding/rate
+    max_text_chars: int = 20000  # text buffered ahead of synthesis; beyond it -> error
+    usage_interval_s: float = 5.0
+
+
+class EspeakModelConfig(Base, tag="espeak", tag_field="engine"):
+    voice: str = ""  # empty: derived from the session's language tag
+    rate_wpm: int = 175
+    max_chars: int = 400
+    max_tokens: int | None = None
+    max_concurrency: int = 4
+    sample_rate: int = 22050
+    price_micros_per_1k_chars: int = 15000
+
+
+class SyntheticTtsConfig(Base, tag="synthetic", tag_field="engine"):
+    ms_per_char: int = 60
+    first_audio_ms: float = 20.0
+    rtf: float = 0.05
+    chunk_ms: int = 40
+    sample_rate: int = 16000
+    max_chars: int = 300
+    max_tokens: int | None = None
+    failure_rate: float = 0.0
+    seed: int = 0
+    price_micros_per_1k_chars: int = 1000
+
+
+class UpstreamTtsConfig(Base, tag="upstream", tag_field="engine"):
+    url: str
+    upstream_model: str = "tts-1"
+    voice: str = "alloy"
+    api_key_env: str = ""
+    response_format: str = "pcm"  # "pcm" (raw s16le at sample_rate) or "wav"
+    sample_rate: int = 24000
+    timeout_s: float = 30.0
+    retries: int = 2
+    breaker_failures: int = 5
+    breaker_reset_s: float = 30.0
+    max_concurrency: int = 8
+    max_chars: int = 4096
+    max_tokens: int | None = None
+    price_micros_per_1k_chars: int = 15000
+
+
+# Tags only need to be distinct within one union, so "synthetic"/"upstream" repeat the ASR ones.
+TtsModelConfig = EspeakModelConfig | SyntheticTtsConfig | UpstreamTtsConfig
+
+
+class TtsConfig(Base):
+    session: TtsSessionConfig = msgspec.field(default_factory=TtsSessionConfig)
+    models: dict[str, TtsModelConfig] = msgspec.field(default_factory=dict)
+
+
 class BillingConfig(Base):
     # Off: no wallets, sessions are priced but not charged, keys come from auth.key_sha256.
     enabled: bool = True
@@ -122,6 +179,9 @@ class BillingConfig(Base):
     lease_s: int = 30
     min_lease_s: int = 2
     low_balance_s: int = 60
+    lease_chars: int = 2000
+    min_lease_chars: int = 20
+    low_balance_chars: int = 500
     run_flusher: bool = True
     sweep_interval_s: float = 2.0
     key_cache_ttl_s: float = 10.0
@@ -136,6 +196,7 @@ class Config(Base):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     asr: AsrConfig = msgspec.field(default_factory=AsrConfig)
     billing: BillingConfig = msgspec.field(default_factory=BillingConfig)
+    tts: TtsConfig = msgspec.field(default_factory=TtsConfig)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
