@@ -1,0 +1,231 @@
+"""The ``ProviderCodec`` protocol and the machinery shared by every provider codec.
+
+Sans-I/O in the style of websockets' protocol objects: a codec never touches a socket or a
+clock. The transport hands it each text frame (``decode``) and sends whatever text frames
+``encode`` returns. Per-call state is only what the wire format needs: the ``start`` data
+(stream id for outbound messages, audio format) and, for Telnyx, a reorder buffer.
+
+Inbound JSON is parsed once by a module-level msgspec decoder per provider into a tagged
+union of Structs (``tag_field="event"``), so a media message costs one C-level parse with
+base64 decoded straight into ``bytes``. ``strict=False`` lets the same Struct accept
+``"1"`` and ``1`` for numeric fields: providers disagree (Twilio and Telnyx send numbers
+as strings, Plivo as JSON numbers, Exotel has done both across doc revisions). Unknown
+fields are ignored so providers can add fields without breaking calls.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Mapping
+from typing import Final, Generic, Protocol, TypeAlias, TypeVar
+
+import msgspec
+
+from server.telephony.events import (
+    CallStarted,
+    ClearAudio,
+    Command,
+    Event,
+    PlayAudio,
+    ProviderError,
+    SendMark,
+)
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "CodecBase",
+    "ProviderCodec",
+    "Scalar",
+    "encode_json",
+    "string_params",
+    "swap16",
+]
+
+# Inbound frames are small: 20 ms of mu-law is ~300 bytes of JSON and Exotel's ~100 ms of
+# 24 kHz PCM16 is ~7 KB. 64 KiB leaves a wide margin while capping what a misbehaving peer
+# can make us parse per frame.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
+
+# JSON scalars a provider may use as a custom-parameter value.
+Scalar: TypeAlias = str | int | float | bool | None
+
+M = TypeVar("M")
+
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+class _Envelope(msgspec.Struct):
+    """Only parsed on the error path, to say *which* event was wrong."""
+
+    event: str | None = None
+
+
+_ENVELOPE: Final = msgspec.json.Decoder(_Envelope)
+
+
+class ProviderCodec(Protocol):
+    """What the telephony session needs from a provider dialect."""
+
+    @property
+    def name(self) -> str:
+        """Provider name as accepted by ``codec_for`` ("twilio", "exotel", ...)."""
+        ...
+
+    @property
+    def call(self) -> CallStarted | None:
+        """The ``start`` data once seen; ``None`` before."""
+        ...
+
+    def decode(self, text: str | bytes) -> list[Event]:
+        """Parse one inbound text frame; may return zero events (e.g. held for reordering).
+
+        Raises ProviderError for anything malformed, unknown or oversized.
+        """
+        ...
+
+    def encode(self, command: Command) -> list[str]:
+        """The outbound text frame(s) for ``command``; ProviderError before ``start``."""
+        ...
+
+
+def encode_json(message: Mapping[str, object]) -> str:
+    """Compact JSON text; ``bytes`` values become base64 (msgspec's encoding for bytes)."""
+    return _ENCODER.encode(message).decode()
+
+
+def string_params(params: Mapping[str, Scalar]) -> dict[str, str]:
+    """Normalise custom parameters to ``str -> str`` (Twilio's own type) for every provider.
+
+    JSON ``null`` values are dropped rather than turned into the string "None".
+    """
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):  # before int: bool is an int subclass
+            out[key] = "true" if value else "false"
+        else:
+            out[key] = str(value)
+    return out
+
+
+def swap16(data: bytes, provider: str) -> bytes:
+    """Swap the bytes of each 16-bit sample (network order <-> pcm_s16le)."""
+    if len(data) % 2:
+        raise ProviderError(f"{provider}: odd-length 16-bit PCM payload ({len(data)} bytes)")
+    samples = array("h", data)
+    samples.byteswap()
+    return samples.tobytes()
+
+
+class CodecBase(Generic[M]):
+    """Size limit, JSON decoding with readable errors, ``start`` state, command dispatch.
+
+    Subclasses pass their decoder and event names, then implement ``_on_message`` (one
+    parsed message -> events) and the three ``_encode_*`` hooks.
+    """
+
+    name: str = ""
+
+    def __init__(
+        self,
+        decoder: msgspec.json.Decoder[M],
+        events: Iterable[str],
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if max_message_bytes <= 0:
+            raise ValueError("max_message_bytes must be positive")
+        self._decoder = decoder
+        self._events = tuple(events)
+        self._max = max_message_bytes
+        self._call: CallStarted | None = None
+
+    @property
+    def call(self) -> CallStarted | None:
+        return self._call
+
+    # ------------------------------------------------------------------------ inbound
+    def decode(self, text: str | bytes) -> list[Event]:
+        return self._on_message(self._parse(text))
+
+    def _parse(self, text: str | bytes) -> M:
+        if isinstance(text, str):
+            # Checked on characters first so a huge str is refused without encoding it;
+            # characters <= bytes, so this never rejects a frame the byte check would pass.
+            if len(text) > self._max:
+                raise self._too_large(len(text))
+            data = text.encode()
+        else:
+            data = text
+        if len(data) > self._max:
+            raise self._too_large(len(data))
+        try:
+            return self._decoder.decode(data)
+        except msgspec.ValidationError as exc:
+            raise ProviderError(self._explain(data, exc)) from exc
+        except msgspec.DecodeError as exc:
+            raise ProviderError(f"{self.name}: message is not valid JSON ({exc})") from exc
+
+    def _too_large(self, size: int) -> ProviderError:
+        return ProviderError(
+            f"{self.name}: message of {size} bytes exceeds the {self._max}-byte limit"
+        )
+
+    def _explain(self, data: bytes, exc: msgspec.ValidationError) -> str:
+        try:
+            event = _ENVELOPE.decode(data).event
+        except msgspec.DecodeError:
+            return f"{self.name}: expected a JSON object with an 'event' field ({exc})"
+        if event is None:
+            return f"{self.name}: message has no 'event' field"
+        if event not in self._events:
+            known = ", ".join(self._events)
+            return f"{self.name}: unknown event {event!r} (expected one of: {known})"
+        return f"{self.name}: malformed {event!r} message: {exc}"
+
+    def _on_message(self, message: M) -> list[Event]:
+        raise NotImplementedError
+
+    def _set_call(self, call: CallStarted) -> CallStarted:
+        # One stream per socket for every provider here; a second start would silently
+        # retarget outbound audio, so it is refused instead.
+        if self._call is not None:
+            raise ProviderError(f"{self.name}: second 'start' on stream {self._call.stream_id}")
+        self._call = call
+        return call
+
+    def _require_call_for(self, what: str) -> CallStarted:
+        if self._call is None:
+            raise ProviderError(f"{self.name}: {what} before the 'start' message")
+        return self._call
+
+    # ----------------------------------------------------------------------- outbound
+    def encode(self, command: Command) -> list[str]:
+        call = self._require_call_for(f"cannot encode {type(command).__name__}")
+        if isinstance(command, PlayAudio):
+            if call.encoding == "pcm_s16le" and len(command.payload) % 2:
+                raise ProviderError(
+                    f"{self.name}: PlayAudio payload of {len(command.payload)} bytes is not "
+                    "whole 16-bit samples"
+                )
+            # An empty media frame is legal JSON but pointless on the wire; the mark (if
+            # any) still goes out so the caller's ack accounting stays intact.
+            frames = self._encode_play(call, command.payload) if command.payload else []
+            if command.mark is not None:
+                frames.append(self._encode_mark(call, command.mark))
+            return frames
+        if isinstance(command, SendMark):
+            return [self._encode_mark(call, command.name)]
+        if isinstance(command, ClearAudio):
+            return [self._encode_clear(call)]
+        raise TypeError(f"not a telephony command: {command!r}")
+
+    def _encode_play(self, call: CallStarted, payload: bytes) -> list[str]:
+        raise NotImplementedError
+
+    def _encode_mark(self, call: CallStarted, name: str) -> str:
+        raise NotImplementedError
+
+    def _encode_clear(self, call: CallStarted) -> str:
+        raise NotImplementedError
