@@ -26,9 +26,13 @@ from server.billing.service import BillingService
 from server.config import Config
 from server.http.admin import add_admin_routes
 from server.http.app import build_http_app
-from server.models.base import Transcriber
+from server.models.base import Synthesizer, Transcriber
 from server.models.registry import aclose_all, build_transcribers, start_all
+from server.models.tts_registry import aclose_all as close_synthesizers
+from server.models.tts_registry import build_synthesizers
+from server.models.tts_registry import start_all as start_synthesizers
 from server.sessions.asr_runner import AsrEndpoint
+from server.sessions.tts_runner import TtsEndpoint
 from server.telemetry.logging import setup_logging
 from server.telemetry.metrics import Metrics
 from server.ws.server import WsServer
@@ -41,6 +45,7 @@ class Gateway:
         self.config = config
         self.metrics = Metrics()
         self.engines: dict[str, Transcriber] = {}
+        self.synthesizers: dict[str, Synthesizer] = {}
         self.ws: WsServer | None = None
         self._http: web.AppRunner | None = None
         self.http_port = config.server.http_port
@@ -65,6 +70,8 @@ class Gateway:
         cfg = self.config
         self.engines = build_transcribers(cfg.asr.models, self.metrics)
         await start_all(self.engines)
+        self.synthesizers = build_synthesizers(cfg.tts.models)
+        await start_synthesizers(self.synthesizers)
         auth: Authenticator
         meters: MeterFactory
         if cfg.billing.enabled:
@@ -73,6 +80,8 @@ class Gateway:
         else:
             prices = {(name, "audio_ms"): (m.price_micros_per_minute, 60000)
                       for name, m in cfg.asr.models.items()}
+            prices.update({(name, "characters"): (t.price_micros_per_1k_chars, 1000)
+                           for name, t in cfg.tts.models.items()})
             auth = StaticKeyAuthenticator(cfg.auth.key_sha256,
                                           allow_anonymous=cfg.auth.allow_anonymous)
             meters = PricedMeterFactory(prices)
@@ -80,6 +89,9 @@ class Gateway:
         ws.router.policy = self.billing
         ws.router.endpoints["/v1/asr/stream"] = AsrEndpoint(
             config=cfg, engines=self.engines, meters=meters, server=ws, metrics=self.metrics,
+        )
+        ws.router.endpoints["/v1/tts/stream"] = TtsEndpoint(
+            config=cfg, engines=self.synthesizers, meters=meters, server=ws, metrics=self.metrics,
         )
         await ws.start()
         app = build_http_app(self.metrics, self._readiness)
@@ -120,6 +132,7 @@ class Gateway:
             await self._http.cleanup()
             self._http = None
         await aclose_all(self.engines)
+        await close_synthesizers(self.synthesizers)
         if self.billing is not None:
             await self.billing.stop()  # after the sessions settled: the flusher goes last
         if self.billing_urls is not None and self.billing_urls.services is not None:

@@ -190,6 +190,52 @@ class BillingConfig(Base):
     dev_topup_micros: int = 10_000_000
 
 
+class TelephonyAgentConfig(Base):
+    """Who answers the caller (server/telephony/agents.py)."""
+
+    kind: Literal["echo", "webhook", "chat"] = "echo"
+    url: str = ""  # webhook: the POST target; chat: base URL of an OpenAI-compatible API
+    model: str = ""  # chat: the upstream model name
+    api_key_env: str = ""  # env var holding a bearer token for the webhook / chat API
+    system_prompt: str = (
+        "You are a helpful voice assistant on a phone call. Answer briefly, in plain sentences."
+    )
+    max_tokens: int = 200
+    temperature: float = 0.7
+    connect_timeout_s: float = 5.0
+    first_text_timeout_s: float = 10.0  # from the request to the first piece of text
+    read_timeout_s: float = 10.0  # longest gap between two pieces of a streamed reply
+    total_timeout_s: float = 60.0  # a whole reply
+    max_history: int = 20  # turns passed to the agent (oldest dropped first)
+
+    def __post_init__(self) -> None:
+        if self.kind in ("webhook", "chat") and not self.url:
+            raise ValueError(f"telephony.agent.url is required for kind {self.kind!r}")
+
+
+class TelephonyConfig(Base):
+    asr_model: str = ""  # empty: asr.session.default_model
+    tts_model: str = ""  # empty: tts.session.default_model
+    voice: str = ""  # empty: the TTS model's default voice
+    language: str = "en-US"
+    vad: Literal["low", "medium", "high"] = "medium"
+    endpointing_ms: int = 500
+    start_timeout_s: float = 5.0  # no valid `start` (with a valid key) in time -> close 4001
+    credit_ms: int = 1000  # outbound audio the provider may hold unacknowledged (mark echoes)
+    chunk_ms: int = 100  # outbound audio per media message; a mark follows each
+    dtmf_timeout_s: float = 1.5  # digits go to the agent after `#` or this much quiet
+    pending_audio_ms: int = 2000  # inbound audio kept while the start's key is checked
+    agent: TelephonyAgentConfig = msgspec.field(default_factory=TelephonyAgentConfig)
+
+    def __post_init__(self) -> None:
+        if not 10 <= self.endpointing_ms <= 10000:
+            raise ValueError("telephony.endpointing_ms must be 10-10000")
+        if self.chunk_ms < 20 or self.credit_ms < self.chunk_ms:
+            raise ValueError("telephony: need chunk_ms >= 20 and credit_ms >= chunk_ms")
+        if self.start_timeout_s <= 0 or self.dtmf_timeout_s <= 0:
+            raise ValueError("telephony: start_timeout_s and dtmf_timeout_s must be positive")
+
+
 class Config(Base):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
@@ -197,6 +243,7 @@ class Config(Base):
     asr: AsrConfig = msgspec.field(default_factory=AsrConfig)
     billing: BillingConfig = msgspec.field(default_factory=BillingConfig)
     tts: TtsConfig = msgspec.field(default_factory=TtsConfig)
+    telephony: TelephonyConfig = msgspec.field(default_factory=TelephonyConfig)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,9 @@ async def prepare_database(cfg: Config, database_url: str) -> None:
         for name, model in cfg.asr.models.items():
             if (name, AUDIO_UNIT) not in prices:
                 await store.set_price(name, AUDIO_UNIT, model.price_micros_per_minute, 60_000)
+        for name, tts in cfg.tts.models.items():
+            if (name, "characters") not in prices:
+                await store.set_price(name, "characters", tts.price_micros_per_1k_chars, 1000)
     finally:
         await store.close()
 

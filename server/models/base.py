@@ -6,6 +6,7 @@ session machine turns them into session time.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -67,3 +68,29 @@ class Transcriber(Protocol):
     def open_stream(
         self, *, language: str, session_id: str, utterance_id: int
     ) -> TranscriptionStream: ...
+
+
+# --- text to speech ---------------------------------------------------------------------------
+
+
+class Synthesizer(Protocol):
+    """Text in, 16-bit little-endian mono PCM out at `sample_rate`, streamed as produced.
+
+    `synthesize` is an async generator: the consumer iterates it and cancelling the consumer
+    (barge-in) must stop the synthesis and free what it held (process, connection, slot).
+    A text is at most `max_chars` characters / `max_tokens` tokens (the model's context
+    limit); the session's chunker guarantees it.
+    """
+
+    name: str
+    sample_rate: int
+    max_chars: int
+    max_tokens: int | None
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def synthesize(
+        self, text: str, *, voice: str | None, language: str
+    ) -> AsyncIterator[bytes]: ...

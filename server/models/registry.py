@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Protocol
 
 from server.config import (
     AsrModelConfig,
@@ -18,6 +19,14 @@ from server.models.upstream import UpstreamTranscriber
 from server.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """What start_all/aclose_all need: Transcriber, Synthesizer, ... all qualify."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 def build_transcriber(
@@ -57,27 +66,27 @@ def _publish_breakers(engines: Mapping[str, Transcriber], metrics: Metrics) -> N
             metrics.breaker_open.labels(name).set(1 if engine.breaker_state == "open" else 0)
 
 
-async def start_all(transcribers: Mapping[str, Transcriber]) -> None:
+async def start_all(transcribers: Mapping[str, Engine], *, kind: str = "asr") -> None:
     """Start engines in order; if one fails, close those already started and re-raise.
 
     Sequential on purpose: start-up cost is a few hundred ms at most, and a failure leaves a
-    clear picture of which engine broke.
+    clear picture of which engine broke. `kind` only labels the log lines ("asr", "tts").
     """
-    started: dict[str, Transcriber] = {}
+    started: dict[str, Engine] = {}
     for name, engine in transcribers.items():
         try:
             await engine.start()
         except BaseException:
-            log.exception("asr engine %s failed to start", name)
-            await aclose_all(started)
+            log.exception("%s engine %s failed to start", kind, name)
+            await aclose_all(started, kind=kind)
             raise
         started[name] = engine
 
 
-async def aclose_all(transcribers: Mapping[str, Transcriber]) -> None:
+async def aclose_all(transcribers: Mapping[str, Engine], *, kind: str = "asr") -> None:
     """Close every engine, even if some fail to close (each failure is logged)."""
     for name, engine in transcribers.items():
         try:
             await engine.aclose()
         except Exception:
-            log.exception("asr engine %s failed to close", name)
+            log.exception("%s engine %s failed to close", kind, name)

@@ -1,12 +1,16 @@
-"""A fake OpenAI-compatible transcription upstream: a real aiohttp app on 127.0.0.1.
+"""A fake OpenAI-compatible upstream (transcription and speech): a real aiohttp app on 127.0.0.1.
 
-Behaviour is scripted per test: queue replies with `script(...)` (consumed in order), and
-`default` answers once the script is empty. Every request is recorded, with its multipart
-fields parsed, so tests can assert what the engine sent.
+Behaviour is scripted per test: queue replies with `script(...)` (consumed in order, whichever
+route they answer), and `default` (transcriptions) or `speech_default` (speech) answers once
+the script is empty. Every request is recorded, with its multipart fields or JSON body parsed,
+so tests can assert what the engine sent.
 
     async with FakeUpstream() as fake:
         fake.script(FakeReply(status=500), FakeReply.transcription("hi", [("hi", 0.0, 0.4)]))
         ... UpstreamModelConfig(url=fake.url) ...
+
+A speech reply can stream its body in pieces (`chunks`, `chunk_delay_s`) and drop the
+connection part-way (`abort_after`), to test engines that consume audio as it arrives.
 """
 
 from __future__ import annotations
@@ -28,6 +32,23 @@ class FakeReply:
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
+    # Streamed body (speech): these pieces in order with chunk_delay_s between them; with
+    # abort_after=n the connection is dropped after n pieces (a mid-stream failure).
+    chunks: list[bytes] | None = None
+    chunk_delay_s: float = 0.0
+    abort_after: int | None = None
+
+    @classmethod
+    def speech(
+        cls,
+        audio: bytes,
+        *,
+        chunk_bytes: int = 4800,
+        content_type: str = "audio/pcm",
+        **extra: Any,
+    ) -> FakeReply:
+        pieces = [audio[i : i + chunk_bytes] for i in range(0, len(audio), chunk_bytes)]
+        return cls(chunks=pieces, content_type=content_type, **extra)
 
     @classmethod
     def transcription(
@@ -53,11 +74,14 @@ class RecordedRequest:
     headers: dict[str, str]
     fields: dict[str, str]
     files: dict[str, tuple[str | None, str | None, bytes]]  # name -> (filename, type, data)
+    json: dict[str, Any] | None = None  # the decoded body of a JSON request (speech)
 
 
 class FakeUpstream:
     def __init__(self, default: FakeReply | None = None) -> None:
         self.default = default or FakeReply.transcription("")
+        # One second of 24 kHz silence in 100 ms pieces, the shape of OpenAI's "pcm" format.
+        self.speech_default = FakeReply.speech(bytes(48000))
         self.requests: list[RecordedRequest] = []
         self._script: deque[FakeReply] = deque()
         self._runner: web.AppRunner | None = None
@@ -70,6 +94,7 @@ class FakeUpstream:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/v1/audio/transcriptions", self._handle)
+        app.router.add_post("/v1/audio/speech", self._handle_speech)
         # handler_cancellation: a client that timed out and hung up must not leave a handler
         # sleeping in the server (it would also hold up cleanup()).
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -113,14 +138,48 @@ class FakeUpstream:
                 fields[part.name] = bytes(data).decode()
         self.requests.append(RecordedRequest(request.path, dict(request.headers), fields, files))
         reply = self._script.popleft() if self._script else self.default
-        if reply.delay_s:
-            try:
-                await asyncio.wait_for(self._release.wait(), reply.delay_s)
-            except TimeoutError:
-                pass
+        await self._delay(reply.delay_s)
         return web.Response(
             status=reply.status,
             body=reply.body,
             headers=reply.headers,
             content_type=reply.content_type,
         )
+
+    async def _delay(self, seconds: float) -> None:
+        if seconds:
+            try:
+                await asyncio.wait_for(self._release.wait(), seconds)
+            except TimeoutError:
+                pass
+
+    async def _handle_speech(self, request: web.Request) -> web.StreamResponse:
+        payload = json.loads(await request.read())
+        self.requests.append(
+            RecordedRequest(request.path, dict(request.headers), {}, {}, json=payload)
+        )
+        reply = self._script.popleft() if self._script else self.speech_default
+        await self._delay(reply.delay_s)
+        if reply.chunks is None:
+            return web.Response(
+                status=reply.status,
+                body=reply.body,
+                headers=reply.headers,
+                content_type=reply.content_type,
+            )
+        resp = web.StreamResponse(status=reply.status, headers=reply.headers)
+        resp.content_type = reply.content_type
+        resp.enable_chunked_encoding()  # no Content-Length: the body streams as produced
+        await resp.prepare(request)
+        for i, piece in enumerate(reply.chunks):
+            if reply.abort_after is not None and i >= reply.abort_after:
+                # Drop the connection without the terminating chunk: the client sees an
+                # incomplete payload, as when an upstream dies mid-answer.
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp
+            if i:
+                await self._delay(reply.chunk_delay_s)
+            await resp.write(piece)
+        await resp.write_eof()
+        return resp
