@@ -309,6 +309,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("billing.fallback_fraction must be in (0, 1]")
     if not cfg.asr.models:
         raise ConfigError("asr.models: at least one model must be configured")
+    if cfg.tts.models and cfg.tts.session.default_model not in cfg.tts.models:
+        raise ConfigError(
+            f"tts.session.default_model {cfg.tts.session.default_model!r} is not in tts.models"
+        )
     if a.default_model not in cfg.asr.models:
         raise ConfigError(f"asr.session.default_model {a.default_model!r} is not in asr.models")
 

@@ -249,16 +249,23 @@ class TtsSessionRunner:
                 await self._wake.wait()
 
     async def _synthesize(self, req: SynthRequest) -> None:
+        """One chunk, read from the engine as fast as it comes. Back pressure applies between
+        chunks: a listener slow to grant credit must not hold an engine slot (a few of them
+        would stall every session on the model), and one chunk's audio is bounded by the
+        model's context limit."""
         machine = self.machine
         params = machine.params
+        while machine.backlog_bytes > self._backlog_limit and not self._gone:
+            self._room.clear()
+            await self._room.wait()
+        if self._gone or req.generation != machine.generation:
+            return
         try:
-            async for pcm in self.engine.synthesize(req.text, voice=params.voice,
-                                                    language=params.language):
-                machine.receive_audio(req, pcm)
-                self._pump()
-                while machine.backlog_bytes > self._backlog_limit and not self._gone:
-                    self._room.clear()  # a slow listener: stop pulling from the engine
-                    await self._room.wait()
+            stream = self.engine.synthesize(req.text, voice=params.voice, language=params.language)
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                async for pcm in stream:
+                    machine.receive_audio(req, pcm)
+                    self._pump()
             machine.synthesis_done(req)
         except EngineError as exc:
             machine.synthesis_failed(req, str(exc), exc.retryable)
