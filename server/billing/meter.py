@@ -54,6 +54,10 @@ class SessionMeter(Protocol):
         """True once accepted usage costs more than the lease holds (checked per batch)."""
         ...
 
+    async def top_up(self) -> bool:
+        """`exhausted` turned true: try to extend the lease now; False if nothing more."""
+        ...
+
     async def report(self) -> UsageReport: ...
 
     async def settle(self) -> UsageReport: ...
@@ -90,6 +94,9 @@ class PricedMeter:
     @property
     def exhausted(self) -> bool:
         return False
+
+    async def top_up(self) -> bool:
+        return True
 
     def _snapshot(self) -> UsageReport:
         return UsageReport(

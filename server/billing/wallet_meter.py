@@ -71,6 +71,7 @@ class WalletMeter:
         self._base_units = 0
         self._base_cost = 0
         self.units = 0
+        self._billed_high = 0
         self.dropped = 0
         self.granted = 0  # this lease's grant as last known
         self._spendable = 0
@@ -92,8 +93,21 @@ class WalletMeter:
 
     @property
     def exhausted(self) -> bool:
-        """Usage beyond what the lease holds is never given away, whatever Redis is doing."""
-        return self._price.cost(self.units) - self._base_cost > self.granted
+        """Accepted usage reached what the lease holds: the session must top up (an immediate
+        report) or stop. Checked per ingest batch, whatever Redis is doing."""
+        return self._price.cost(self.units) - self._base_cost >= self.granted
+
+    @property
+    def billable(self) -> int:
+        """Units charged: never more than the leases granted cover, so a wallet run dry is
+        never charged past its grant. What a session accepted beyond that (at most the batch in
+        which its lease ran out) is given away rather than charged as debt."""
+        p = self._price
+        if p.micros_per_block == 0:
+            return self.units
+        covered = (self.granted + self._base_cost) * p.block_units // p.micros_per_block
+        # Never below what was already reported: cumulative reports only move forward.
+        return min(self.units, max(covered, self._base_units, self._billed_high))
 
     # --- lease lifecycle ------------------------------------------------------------------------
 
@@ -125,6 +139,12 @@ class WalletMeter:
         self._spendable = res.spendable
         return True
 
+    async def top_up(self) -> bool:
+        """The lease ran out between reports (a client faster than real time): report now,
+        which tops the lease up if the wallet can; False if it could not."""
+        await self.report()
+        return not self.exhausted
+
     async def report(self) -> UsageReport:
         async with self._lock:
             if self._settled is not None:
@@ -139,8 +159,9 @@ class WalletMeter:
     async def _report_once(self) -> None:
         if self._pending is None:
             self._seq += 1
-            cum = self.units - self._base_units
-            self._pending = _Ack(self._seq, cum, self._cost(self.units) - self._base_cost)
+            units = self._billed_high = self.billable
+            self._pending = _Ack(self._seq, units - self._base_units,
+                                 self._cost(units) - self._base_cost)
         p = self._pending
         res = await self._cache.report(
             self.tenant_id, self.lease_id, seq=p.seq, cum_units=p.cum_units,
@@ -224,8 +245,9 @@ class WalletMeter:
             # An unanswered report may have been applied: resolve it first, same seq.
             await self._report_once()
         self._seq += 1
-        cum_units = self.units - self._base_units
-        cum_cost = self._cost(self.units) - self._base_cost
+        units = self._billed_high = self.billable
+        cum_units = units - self._base_units
+        cum_cost = self._cost(units) - self._base_cost
         res = await self._cache.settle(self.tenant_id, self.lease_id, seq=self._seq,
                                        cum_units=cum_units, cum_cost=cum_cost)
         if res.status == "unknown":
@@ -237,13 +259,14 @@ class WalletMeter:
                                      cum_units=cum_units, cum_cost=cum_cost)
 
     async def _snapshot(self, final: bool = False) -> UsageReport:
-        cost = self._cost(self.units)
+        billed = self.billable
+        cost = self._cost(billed)
         remaining = max(0, self.granted - (cost - self._base_cost))
         balance = self._spendable + remaining
         low_water = self._cost(self._policy.low_units)
         return UsageReport(
             audio_ms=self.units,
-            billed_ms=self.units,
+            billed_ms=billed,
             dropped_ms=self.dropped,
             cost_micros=cost,
             balance_micros=balance,

@@ -18,6 +18,7 @@ import secrets
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 
 from server.billing.auth import Principal
 from server.billing.meter import (
@@ -129,10 +130,15 @@ class AsrSessionRunner:
         engine: Transcriber,
         meter: SessionMeter,
         principal: Principal,
+        *,
+        on_events: Callable[[list[m.AsrServerMessage]], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.conn = conn
         self.machine = machine
+        # A composite session (telephony) takes the machine's events itself; then nothing is
+        # written to the socket by this runner, only the close (code and reason).
+        self.on_events = on_events
         self.engine = engine
         self.meter = meter
         self.principal = principal
@@ -165,6 +171,7 @@ class AsrSessionRunner:
         self._parked = False  # the stage task waits for input (so a step may run inline)
         self._finished = False
         self._steps = 0
+        self._top_up: asyncio.Task[None] | None = None  # an immediate report extending the lease
         self._log_extra = {"session_id": machine.session_id, "tenant_id": principal.tenant_id}
 
     # --- SessionHandler (called from the connection, synchronously) ----------------------------
@@ -260,6 +267,8 @@ class AsrSessionRunner:
             self._wake.clear()
             if self._gone or self._finished:
                 return
+            if self._top_up is not None:
+                continue  # the lease top-up wakes us when it is answered
             while conn.write_paused and not self._gone:
                 # The client is not reading: stop producing until its socket drains.
                 self._writable.clear()
@@ -286,8 +295,10 @@ class AsrSessionRunner:
         else:
             machine.process()
         self._meter_deltas()
-        if self.meter.exhausted:
-            machine.out_of_balance()
+        if self.meter.exhausted and self._top_up is None and machine.state != "closed":
+            # Hold the audio until the lease is extended (or the wallet says no).
+            self.conn.pause_reading()
+            self._top_up = self.endpoint.server.spawn(self._extend_lease())
         self._queue_requests(machine.engine_requests())
         self._send_events()
         if not self._close_if_done():
@@ -300,13 +311,26 @@ class AsrSessionRunner:
         self._wake.set()  # the stage task exits (it may be parked)
         return True
 
+    async def _extend_lease(self) -> None:
+        try:
+            extended = await self.meter.top_up()
+        except Exception:
+            log.exception("lease top-up failed", extra=self._log_extra)
+            extended = False
+        self._top_up = None
+        if not extended and self.machine.state != "closed":
+            self.machine.out_of_balance()
+        elif self.conn.reading_paused and self.machine.queue.resumable:
+            self.conn.resume_reading()
+        self._wake.set()
+
     def on_read_done(self) -> None:
         """The connection delivered every frame of one socket read."""
         if not self._input:
             return
         self._input = False
         if (self._parked and not self.conn.write_paused and self.machine.state == "open"
-                and self._invoke_bytes <= self._invoke_capacity):
+                and self._invoke_bytes <= self._invoke_capacity and self._top_up is None):
             if not self._step() and self.conn.reading_paused and self.machine.queue.resumable:
                 self.conn.resume_reading()
         else:
@@ -478,6 +502,9 @@ class AsrSessionRunner:
     def _send_events(self) -> None:
         events = self.machine.events_to_send()
         if not events:
+            return
+        if self.on_events is not None:
+            self.on_events(events)
             return
         if self.conn.write_paused:
             self._coalesce(events)

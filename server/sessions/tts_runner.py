@@ -103,6 +103,7 @@ class TtsSessionRunner:
         self._close_code: int | None = None
         self._draining = False
         self._metered = 0
+        self._top_up: asyncio.Task[None] | None = None
         # Synthesis pauses when this much encoded audio waits for credit or the socket.
         self._backlog_limit = int(
             (endpoint.config.tts.session.credit_ms + 1000) * machine.params.bytes_per_ms
@@ -175,8 +176,19 @@ class TtsSessionRunner:
         if delta > 0:
             self.meter.accept(delta)
             self._metered += delta
-            if self.meter.exhausted:
-                self.machine.fail(4002, "insufficient_balance", "wallet balance exhausted")
+            if self.meter.exhausted and self._top_up is None:
+                self._top_up = self.endpoint.server.spawn(self._extend_lease())
+
+    async def _extend_lease(self) -> None:
+        try:
+            extended = await self.meter.top_up()
+        except Exception:
+            log.exception("lease top-up failed", extra=self._log)
+            extended = False
+        self._top_up = None
+        if not extended:
+            self.machine.fail(4002, "insufficient_balance", "wallet balance exhausted")
+            self._pump()
 
     def _pump(self) -> None:
         """Send what credit and the socket allow; close when the machine says so."""

@@ -69,7 +69,12 @@ class Router:
         if server.session_count >= server.config.max_connections:
             return Rejected(503, "overloaded", "too many sessions on this node",
                             {"Retry-After": "1"})
-        principal = await self._auth.authenticate(upgrade.api_key)
+        try:
+            principal = await self._auth.authenticate(upgrade.api_key)
+        except Exception:
+            log.exception("authentication backend failed")
+            return Rejected(503, "auth_unavailable", "cannot check API keys right now; retry",
+                            {"Retry-After": "2"})
         if principal is None:
             return Rejected(401, "unauthorized", "missing or invalid API key")
         if self.policy is not None:
