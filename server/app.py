@@ -22,7 +22,9 @@ from server.billing.bootstrap import (
     resolve_urls,
 )
 from server.billing.meter import MeterFactory, PricedMeterFactory
-from server.billing.service import BillingService
+from server.billing.service import BillingService, UnmeteredRequests
+from server.http.auth import install_api_auth
+from server.http.openapi import add_openapi_route
 from server.config import Config
 from server.http.admin import add_admin_routes
 from server.http.app import build_http_app
@@ -52,6 +54,7 @@ class Gateway:
         self._stop = asyncio.Event()
         self._started = False
         self.billing: BillingService | None = None
+        self.requests: BillingService | UnmeteredRequests = UnmeteredRequests()
         self.billing_urls: BillingUrls | None = None
         self.admin_token = ""
         self.dev_key: str | None = None
@@ -95,6 +98,9 @@ class Gateway:
         )
         await ws.start()
         app = build_http_app(self.metrics, self._readiness)
+        install_api_auth(app, auth, self.billing)
+        add_openapi_route(app)
+        self.requests = self.billing if self.billing is not None else UnmeteredRequests()
         if self.billing is not None:
             self.admin_token = cfg.billing.admin_token or secrets.token_urlsafe(24)
             add_admin_routes(app, self.billing, self.admin_token)

@@ -20,7 +20,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from server.billing import keys
 from server.billing.auth import Principal, TenantLimits, key_digest
 from server.billing.flusher import UsageFlusher, default_consumer
-from server.billing.meter import BillingUnavailable, InsufficientBalance, RateLimited
+from server.billing.meter import (
+    BillingUnavailable,
+    InsufficientBalance,
+    PricedMeter,
+    RateLimited,
+    SessionMeter,
+)
 from server.billing.ratelimit import RateLimiter
 from server.billing.store import BillingStore, KeyRecord, Price, TopupResult
 from server.billing.wallet_cache import WalletCache
@@ -57,6 +63,35 @@ class _SettlingMeter(WalletMeter):
             return await super().settle()
         finally:
             await self._service.limits.release_session(self.tenant_id, self.session_id)
+
+
+REQUEST_LEASE_TTL_MS = 10 * 60 * 1000  # a request's work (a long PDF, a slow LLM) fits in it
+
+
+class RequestCharge:
+    """One request's reservation; `settle` charges what was really used (at most the estimate:
+    the reservation is what the tenant agreed to pay up front)."""
+
+    def __init__(self, meter: SessionMeter) -> None:
+        self._meter = meter
+        self._settled: int | None = None
+
+    async def settle(self, actual_units: int) -> int:
+        """Charge `actual_units` (0 when the request failed); returns the cost in micros."""
+        if self._settled is None:
+            self._meter.accept(max(0, actual_units))
+            self._settled = (await self._meter.settle()).cost_micros
+        return self._settled
+
+
+class UnmeteredRequests:
+    """Billing off: requests are priced by config but nothing is reserved or charged."""
+
+    async def reserve_request(
+        self, *, principal: Principal, request_id: str, model: str, unit: str,
+        estimate_units: int,
+    ) -> RequestCharge:
+        return RequestCharge(PricedMeter(0, 1))
 
 
 class BillingService:
@@ -224,6 +259,28 @@ class BillingService:
             await self.limits.release_session(principal.tenant_id, session_id)
             raise InsufficientBalance("wallet balance below the minimum lease; top up")
         return meter
+
+    async def reserve_request(
+        self, *, principal: Principal, request_id: str, model: str, unit: str,
+        estimate_units: int,
+    ) -> RequestCharge:
+        """HTTP requests pay like sessions: reserve the estimate before the work (402 if the
+        wallet cannot cover it), settle the actual usage after, release the rest."""
+        assert self.cache is not None
+        price = self.price_for(model, unit)
+        units = max(1, estimate_units)
+        policy = LeasePolicy(lease_units=units, min_units=units, low_units=0,
+                             ttl_ms=REQUEST_LEASE_TTL_MS)
+        meter = WalletMeter(cache=self.cache, tenant_id=principal.tenant_id,
+                            session_id=request_id, model=model, price=price, policy=policy,
+                            seed=self.ensure_wallet)
+        try:
+            granted = await meter.open()
+        except RedisError as exc:
+            raise BillingUnavailable("wallet service unreachable; retry shortly") from exc
+        if not granted:
+            raise InsufficientBalance(f"the wallet cannot cover this request ({units} {unit})")
+        return RequestCharge(meter)
 
     def _audio_limit(self, principal: Principal) -> AudioLimit | None:
         limits = principal.limits

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.http.openapi import register
 from server.telemetry.metrics import Metrics
 
 
@@ -33,4 +34,11 @@ def build_http_app(metrics: Metrics, is_ready: Callable[[], tuple[bool, str]]) -
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    status = {"type": "object", "properties": {"status": {"type": "string"}}}
+    register(app, "/healthz", "get", {"summary": "liveness", "responses": {
+        "200": {"description": "alive", "content": {"application/json": {"schema": status}}}}})
+    register(app, "/readyz", "get", {"summary": "readiness (503 while draining)", "responses": {
+        "200": {"description": "ready", "content": {"application/json": {"schema": status}}},
+        "503": {"description": "not ready",
+                "content": {"application/json": {"schema": status}}}}})
     return app

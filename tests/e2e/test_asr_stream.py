@@ -312,6 +312,10 @@ async def test_flood_with_drop_accounts_for_every_ms(server: ServerProcess) -> N
 
 
 def test_health_ready_and_metrics(server: ServerProcess) -> None:
+    from websockets.sync.client import connect as sync_connect
+
+    with pytest.raises(InvalidStatus):  # one rejected upgrade, so the counter has a sample
+        sync_connect(url(server), open_timeout=5)
     with urllib.request.urlopen(f"{server.http}/healthz", timeout=5) as resp:
         assert json.load(resp) == {"status": "ok"}
     with urllib.request.urlopen(f"{server.http}/readyz", timeout=5) as resp:

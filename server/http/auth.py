@@ -1,0 +1,59 @@
+"""API keys and per-key rate limits for the HTTP model APIs (`/v1/...`), as at the WebSocket
+upgrade: the same Authenticator, the same admission policy (GCRA per key)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from server.billing.auth import Authenticator, Principal
+from server.http.errors import ApiError, error_response
+from server.ws.handshake import Rejected
+from server.ws.server import AdmissionPolicy
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PrincipalFor = Callable[[web.Request], Awaitable[Principal]]
+PRINCIPAL_KEY: web.AppKey[PrincipalFor] = web.AppKey("principal_for")
+
+
+def api_key_of(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.headers.get("X-API-Key") or None
+
+
+def install_api_auth(app: web.Application, authenticator: Authenticator,
+                     policy: AdmissionPolicy | None) -> None:
+    """Routes call `await principal(request)`; errors become JSON with the right status."""
+
+    async def principal_for(request: web.Request) -> Principal:
+        try:
+            principal = await authenticator.authenticate(api_key_of(request))
+        except Exception:
+            raise ApiError(503, "auth_unavailable", "cannot check API keys right now; retry",
+                           {"Retry-After": "2"}) from None
+        if principal is None:
+            raise ApiError(401, "unauthorized", "missing or invalid API key")
+        if policy is not None:
+            refused: Rejected | None = await policy.check_upgrade(principal)
+            if refused is not None:
+                raise ApiError(refused.status, refused.code, refused.message, refused.headers)
+        return principal
+
+    @web.middleware
+    async def api_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    app[PRINCIPAL_KEY] = principal_for
+    app.middlewares.append(api_errors)
+
+
+async def principal(request: web.Request) -> Principal:
+    principal_for: PrincipalFor = request.app[PRINCIPAL_KEY]
+    return await principal_for(request)
