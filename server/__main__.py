@@ -45,6 +45,12 @@ def _asr(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _call_sim(args: argparse.Namespace) -> int:
+    from server.client.call_sim import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     asr = sub.add_parser("asr", help="stream an audio file to /v1/asr/stream, print transcripts")
     add_arguments(asr)
     asr.set_defaults(func=_asr)
+
+    from server.client.call_sim import add_arguments as add_call_sim_arguments
+
+    call_sim = sub.add_parser(
+        "call-sim", help="place a simulated Twilio call: play a WAV into /v1/telephony/twilio")
+    add_call_sim_arguments(call_sim)
+    call_sim.set_defaults(func=_call_sim)
 
     from server.billing.cli import add_subcommands
 

@@ -23,11 +23,11 @@ from server.billing.bootstrap import (
 )
 from server.billing.meter import MeterFactory, PricedMeterFactory
 from server.billing.service import BillingService, UnmeteredRequests
-from server.http.auth import install_api_auth
-from server.http.openapi import add_openapi_route
 from server.config import Config
 from server.http.admin import add_admin_routes
 from server.http.app import build_http_app
+from server.http.auth import install_api_auth
+from server.http.openapi import add_openapi_route
 from server.models.base import Synthesizer, Transcriber
 from server.models.registry import aclose_all, build_transcribers, start_all
 from server.models.tts_registry import aclose_all as close_synthesizers
@@ -37,6 +37,7 @@ from server.sessions.asr_runner import AsrEndpoint
 from server.sessions.tts_runner import TtsEndpoint
 from server.telemetry.logging import setup_logging
 from server.telemetry.metrics import Metrics
+from server.telephony.endpoint import TelephonyEndpoint
 from server.ws.server import WsServer
 
 log = logging.getLogger("streamgate")
@@ -54,6 +55,7 @@ class Gateway:
         self._stop = asyncio.Event()
         self._started = False
         self.billing: BillingService | None = None
+        self.telephony: TelephonyEndpoint | None = None
         self.requests: BillingService | UnmeteredRequests = UnmeteredRequests()
         self.billing_urls: BillingUrls | None = None
         self.admin_token = ""
@@ -90,9 +92,15 @@ class Gateway:
             meters = PricedMeterFactory(prices)
         ws = self.ws = WsServer(cfg.server, self.metrics, auth)
         ws.router.policy = self.billing
-        ws.router.endpoints["/v1/asr/stream"] = AsrEndpoint(
+        asr_endpoint = AsrEndpoint(
             config=cfg, engines=self.engines, meters=meters, server=ws, metrics=self.metrics,
         )
+        ws.router.endpoints["/v1/asr/stream"] = asr_endpoint
+        self.telephony = TelephonyEndpoint(
+            config=cfg, asr=asr_endpoint, tts_engines=self.synthesizers, meters=meters,
+            authenticator=auth, server=ws, metrics=self.metrics,
+        )
+        ws.router.endpoints["/v1/telephony/twilio"] = self.telephony
         ws.router.endpoints["/v1/tts/stream"] = TtsEndpoint(
             config=cfg, engines=self.synthesizers, meters=meters, server=ws, metrics=self.metrics,
         )
@@ -134,6 +142,8 @@ class Gateway:
     async def stop(self) -> None:
         if self.ws is not None:
             await self.ws.drain(self.config.server.drain_timeout_s)
+        if self.telephony is not None:
+            await self.telephony.aclose()  # the agent's HTTP client, after the calls ended
         if self._http is not None:
             await self._http.cleanup()
             self._http = None

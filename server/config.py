@@ -236,6 +236,64 @@ class TelephonyConfig(Base):
             raise ValueError("telephony: start_timeout_s and dtmf_timeout_s must be positive")
 
 
+class LlmProviderConfig(Base):
+    """One OpenAI-compatible chat upstream (vLLM, llama.cpp server, a hosted API)."""
+
+    name: str
+    url: str  # base URL; requests go to {url}/v1/chat/completions
+    api_key_env: str = ""  # env var with a bearer token; unset at start-up -> config error
+    priority: int = 0  # lower is tried first; ties keep config order
+    models: dict[str, str] = msgspec.field(default_factory=dict)  # public -> upstream name
+    connect_timeout_s: float = 3.0
+    # Request sent -> response headers (and, for streams, the first event); also the longest
+    # gap allowed between two streamed events.
+    first_byte_timeout_s: float = 10.0
+    timeout_s: float = 60.0  # one whole attempt, streamed answers included
+    retries: int = 1  # extra attempts on this provider for connection errors, timeouts, 429, 5xx
+    backoff_s: float = 0.1
+    breaker_failures: int = 3
+    breaker_reset_s: float = 30.0
+    max_concurrency: int = 64  # requests in flight to this provider; more wait (back pressure)
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.url:
+            raise ValueError("llm.providers: name and url are required")
+        if min(self.connect_timeout_s, self.first_byte_timeout_s, self.timeout_s) <= 0:
+            raise ValueError(f"llm.providers.{self.name}: timeouts must be positive")
+        if self.retries < 0 or self.breaker_failures < 1 or self.max_concurrency < 1:
+            raise ValueError(
+                f"llm.providers.{self.name}: need retries >= 0, breaker_failures >= 1,"
+                " max_concurrency >= 1"
+            )
+
+
+class LlmConfig(Base):
+    """/v1/chat/completions and /v1/translate: a proxy over `providers` (none by default: the
+    endpoints then answer 503 no_upstream)."""
+
+    providers: list[LlmProviderConfig] = msgspec.field(default_factory=list)
+    price_micros_per_1k_tokens: dict[str, int] = msgspec.field(default_factory=dict)
+    request_deadline_s: float = 60.0  # a whole request: every attempt, backoff and stream
+    default_max_tokens: int = 1024  # reserved (and sent upstream) when a request sets none
+    max_tokens_limit: int = 16384  # larger max_tokens -> 400
+    chars_per_token: float = 3.0  # prompt estimate: ceil(chars / this)
+    max_request_bytes: int = 1024 * 1024  # larger bodies -> 413
+    translate_model: str = ""  # empty: the first configured public model
+    idempotency_ttl_s: float = 600.0
+    idempotency_max_entries: int = 10000
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError("llm.providers: provider names must be unique")
+        if self.request_deadline_s <= 0 or self.chars_per_token <= 0:
+            raise ValueError("llm: request_deadline_s and chars_per_token must be positive")
+        if not 0 < self.default_max_tokens <= self.max_tokens_limit:
+            raise ValueError("llm: need 0 < default_max_tokens <= max_tokens_limit")
+        if self.max_request_bytes < 1024:
+            raise ValueError("llm.max_request_bytes must be at least 1024")
+
+
 class Config(Base):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
@@ -244,6 +302,7 @@ class Config(Base):
     billing: BillingConfig = msgspec.field(default_factory=BillingConfig)
     tts: TtsConfig = msgspec.field(default_factory=TtsConfig)
     telephony: TelephonyConfig = msgspec.field(default_factory=TelephonyConfig)
+    llm: LlmConfig = msgspec.field(default_factory=LlmConfig)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -285,6 +285,8 @@ class TextChunker:
                 if self._chunk_len(buf, end) >= self.min_chars:
                     return self._take(end)
                 self._short_ends.append(end)
+        else:
+            self._scan_from = n  # no terminator left to look at in what is buffered
         # Waiting for two characters past the limit means every boundary before the limit is
         # decided, so the cut does not depend on how the text was split into pushes.
         if n > limit + 1 or (final and n > limit):

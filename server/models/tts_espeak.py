@@ -21,7 +21,12 @@ import shutil
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
-from server.audio.codecs import AudioFormatError, StreamDecoder
+from server.audio.codecs import (
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    AudioFormatError,
+    StreamDecoder,
+)
 from server.audio.text_chunker import count_tokens
 from server.config import EspeakModelConfig
 from server.models.base import EngineError, EngineUnavailable
@@ -96,6 +101,8 @@ class EspeakSynthesizer:
     def __init__(self, name: str, cfg: EspeakModelConfig, *, binary: str = "espeak-ng") -> None:
         if cfg.max_concurrency < 1 or cfg.rate_wpm < 1 or cfg.max_chars < 1:
             raise ValueError("max_concurrency, rate_wpm and max_chars must be >= 1")
+        if not MIN_SAMPLE_RATE <= cfg.sample_rate <= MAX_SAMPLE_RATE:
+            raise ValueError(f"sample_rate must be within {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE}")
         self.name = name
         self.cfg = cfg
         self.sample_rate = cfg.sample_rate

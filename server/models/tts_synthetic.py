@@ -64,10 +64,14 @@ class SyntheticSynthesizer:
         # the consumers later iterate in.
         draw_fail, draw_where = self._rng.random(), self._rng.random()
         text = text.strip()
-        if len(text) > self.max_chars or (
+        too_long = len(text) > self.max_chars or (
             self.max_tokens is not None and count_tokens(text) > self.max_tokens
-        ):
-            raise EngineError(f"{self.name}: text exceeds the model limit", retryable=False)
+        )
+        if too_long:
+            # Raised on iteration, like the other engines, not from this call.
+            return self._refuse(
+                EngineError(f"{self.name}: text exceeds the model limit", retryable=False)
+            )
         total = self.duration_ms(text) * self.sample_rate // 1000
         step = max(1, self.cfg.chunk_ms * self.sample_rate // 1000)
         n_chunks = math.ceil(total / step)
@@ -75,6 +79,11 @@ class SyntheticSynthesizer:
         if n_chunks and draw_fail < self.cfg.failure_rate:
             fail_at = min(n_chunks - 1, int(draw_where * n_chunks))
         return self._generate(total, step, fail_at)
+
+    @staticmethod
+    async def _refuse(error: EngineError) -> AsyncIterator[bytes]:
+        raise error
+        yield b""  # pragma: no cover - makes this an async generator
 
     async def _generate(self, total: int, step: int, fail_at: int | None) -> AsyncIterator[bytes]:
         if not self._running:

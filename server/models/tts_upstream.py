@@ -26,7 +26,12 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import aiohttp
 import msgspec
 
-from server.audio.codecs import AudioFormatError, StreamDecoder
+from server.audio.codecs import (
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    AudioFormatError,
+    StreamDecoder,
+)
 from server.audio.text_chunker import count_tokens
 from server.config import UpstreamTtsConfig
 from server.models.base import EngineError, EngineUnavailable
@@ -82,6 +87,8 @@ class UpstreamSynthesizer:
             raise ValueError("max_concurrency and max_chars must be >= 1 and retries >= 0")
         if cfg.response_format not in RESPONSE_FORMATS:
             raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}")
+        if not MIN_SAMPLE_RATE <= cfg.sample_rate <= MAX_SAMPLE_RATE:
+            raise ValueError(f"sample_rate must be within {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE}")
         self.name = name
         self.cfg = cfg
         self.sample_rate = cfg.sample_rate

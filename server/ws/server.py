@@ -69,6 +69,13 @@ class Router:
         if server.session_count >= server.config.max_connections:
             return Rejected(503, "overloaded", "too many sessions on this node",
                             {"Retry-After": "1"})
+        if upgrade.api_key is None:
+            admit_without_key = getattr(endpoint, "admit_without_key", None)
+            if admit_without_key is not None:
+                # Telephony providers cannot set headers: the key arrives in-band (the start
+                # event) and the endpoint authenticates it there (PROTOCOL.md, Authentication).
+                deferred: Admitted | Rejected = await admit_without_key(upgrade)
+                return deferred
         try:
             principal = await self._auth.authenticate(upgrade.api_key)
         except Exception:

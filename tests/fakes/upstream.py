@@ -69,6 +69,15 @@ class FakeReply:
 
 
 @dataclass
+class FakeChat:
+    """One chat completion: the reply's tokens, sent one SSE event each (`delay_s` apart)."""
+
+    tokens: list[str] = field(default_factory=lambda: ["Hello", " there", "."])
+    status: int = 200
+    delay_s: float = 0.0
+
+
+@dataclass
 class RecordedRequest:
     path: str
     headers: dict[str, str]
@@ -87,13 +96,20 @@ class FakeUpstream:
         self._runner: web.AppRunner | None = None
         self._release = asyncio.Event()
         self.url = ""
+        self.chat_default = FakeChat()
+        self.chat_requests: list[dict[str, Any]] = []
+        self._chat_script: deque[FakeChat] = deque()
 
     def script(self, *replies: FakeReply) -> None:
         self._script.extend(replies)
 
+    def script_chat(self, *replies: FakeChat) -> None:
+        self._chat_script.extend(replies)
+
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/v1/audio/transcriptions", self._handle)
+        app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/audio/speech", self._handle_speech)
         # handler_cancellation: a client that timed out and hung up must not leave a handler
         # sleeping in the server (it would also hold up cleanup()).
@@ -181,5 +197,36 @@ class FakeUpstream:
             if i:
                 await self._delay(reply.chunk_delay_s)
             await resp.write(piece)
+        await resp.write_eof()
+        return resp
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.chat_requests.append(body)
+        reply = self._chat_script.popleft() if self._chat_script else self.chat_default
+        if reply.status != 200:
+            error = {"error": {"message": "fake chat error", "type": "fake"}}
+            return web.json_response(error, status=reply.status)
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "".join(reply.tokens)}
+            return web.json_response({"object": "chat.completion",
+                                      "choices": [{"index": 0, "message": message}]})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        # Like OpenAI: a role-only first delta, one delta per token, a finish chunk, [DONE].
+        deltas: list[dict[str, Any]] = [{"role": "assistant"}]
+        deltas += [{"content": token} for token in reply.tokens]
+        for i, delta in enumerate(deltas):
+            chunk = {"object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if reply.delay_s and i:
+                try:
+                    await asyncio.wait_for(self._release.wait(), reply.delay_s)
+                except TimeoutError:
+                    pass
+        done = {"object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        await resp.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
         await resp.write_eof()
         return resp

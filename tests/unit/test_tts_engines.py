@@ -272,8 +272,10 @@ async def test_synthetic_is_deterministic_and_injects_failures() -> None:
 
 async def test_synthetic_limits_and_lifecycle() -> None:
     engine = synthetic(max_chars=5)
+    await engine.start()
     with pytest.raises(EngineError, match="limit"):
-        engine.synthesize("x" * 6, voice=None, language="")
+        await collect(engine.synthesize("x" * 6, voice=None, language=""))
+    await engine.aclose()
     with pytest.raises(EngineUnavailable):  # not started
         await collect(engine.synthesize("x", voice=None, language=""))
 
