@@ -28,6 +28,7 @@ from server.http.admin import add_admin_routes
 from server.http.app import build_http_app
 from server.http.auth import install_api_auth
 from server.http.openapi import add_openapi_route
+from server.http.speech import add_speech_routes
 from server.models.base import Synthesizer, Transcriber
 from server.models.registry import aclose_all, build_transcribers, start_all
 from server.models.tts_registry import aclose_all as close_synthesizers
@@ -101,13 +102,15 @@ class Gateway:
             authenticator=auth, server=ws, metrics=self.metrics,
         )
         ws.router.endpoints["/v1/telephony/twilio"] = self.telephony
-        ws.router.endpoints["/v1/tts/stream"] = TtsEndpoint(
+        tts_endpoint = TtsEndpoint(
             config=cfg, engines=self.synthesizers, meters=meters, server=ws, metrics=self.metrics,
         )
+        ws.router.endpoints["/v1/tts/stream"] = tts_endpoint
         await ws.start()
         app = build_http_app(self.metrics, self._readiness)
         install_api_auth(app, auth, self.billing)
         add_openapi_route(app)
+        add_speech_routes(app, asr=asr_endpoint, tts=tts_endpoint)
         self.requests = self.billing if self.billing is not None else UnmeteredRequests()
         if self.billing is not None:
             self.admin_token = cfg.billing.admin_token or secrets.token_urlsafe(24)

@@ -1,0 +1,113 @@
+"""Speech over HTTP against a real server process: batch transcription and streamed synthesis."""
+
+from __future__ import annotations
+
+import audioop
+import io
+import json
+import urllib.error
+import urllib.request
+import uuid
+import wave
+from typing import Any
+
+import pytest
+
+from server.audio.codecs import wav_header
+from tests.e2e.conftest import TEST_KEY, ServerProcess
+from tests.speech import espeak_pcm16, silence
+
+pytestmark = pytest.mark.e2e
+AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def speech_wav() -> bytes:
+    pcm = silence(300) + espeak_pcm16("one two three four five") + silence(800)
+    return wav_header(16000, 1, len(pcm) // 2) + pcm
+
+
+def test_transcribe_a_wav_body(server: ServerProcess) -> None:
+    status, _, body = post(f"{server.http}/v1/asr/transcribe?model=synthetic", speech_wav(),
+                           {**AUTH, "Content-Type": "audio/wav"})
+    assert status == 200, body
+    result: dict[str, Any] = json.loads(body)
+    assert result["text"] and len(result["utterances"]) == 1
+    utt = result["utterances"][0]
+    assert utt["start_ms"] < utt["end_ms"] <= result["audio_ms"]
+    assert result["audio_ms"] == (len(speech_wav()) - 44) // 32
+
+
+def test_transcribe_multipart_and_mulaw(server: ServerProcess) -> None:
+    pcm8k = silence(300, 8000) + espeak_pcm16("telephone call", 8000) + silence(800, 8000)
+    ulaw = audioop.lin2ulaw(pcm8k, 2)
+    boundary = uuid.uuid4().hex
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nsynthetic\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"encoding\"\r\n\r\nmulaw\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"sample_rate\"\r\n\r\n8000\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.ulaw\""
+            f"\r\nContent-Type: application/octet-stream\r\n\r\n").encode() + ulaw + \
+        f"\r\n--{boundary}--\r\n".encode()
+    status, _, body = post(f"{server.http}/v1/asr/transcribe", form,
+                           {**AUTH, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200, body
+    result = json.loads(body)
+    assert result["audio_ms"] == len(ulaw) // 8 and result["text"]
+
+
+def test_transcribe_errors(server: ServerProcess) -> None:
+    status, _, body = post(f"{server.http}/v1/asr/transcribe", speech_wav(),
+                           {"Content-Type": "audio/wav"})
+    assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized"
+    status, _, body = post(f"{server.http}/v1/asr/transcribe?model=nope", speech_wav(),
+                           {**AUTH, "Content-Type": "audio/wav"})
+    assert status == 400 and json.loads(body)["error"]["code"] == "bad_request"
+    status, _, body = post(f"{server.http}/v1/asr/transcribe", b"",
+                           {**AUTH, "Content-Type": "audio/wav"})
+    assert status == 400
+    status, _, body = post(f"{server.http}/v1/asr/transcribe?model=synthetic",
+                           b"RIFX" + b"\x00" * 200, {**AUTH, "Content-Type": "audio/wav"})
+    assert status == 400 and json.loads(body)["error"]["code"] == "bad_audio"
+
+
+def test_synthesize_streams_a_wav(server: ServerProcess) -> None:
+    text = "Hello from the gateway. This audio was streamed."
+    status, headers, body = post(
+        f"{server.http}/v1/tts/synthesize",
+        json.dumps({"text": text, "model": "espeak-en", "sample_rate": 16000}).encode(),
+        {**AUTH, "Content-Type": "application/json"},
+    )
+    assert status == 200 and headers["Content-Type"] == "audio/wav"
+    with _wav(body) as wav:
+        assert wav.getframerate() == 16000 and wav.getnchannels() == 1
+    duration_ms = (len(body) - 44) * 1000 // 32000
+    assert 40 <= duration_ms / len(text) <= 120
+
+
+def _wav(body: bytes) -> wave.Wave_read:
+    fixed = bytearray(body)
+    # A streaming header says "unknown length"; give the stdlib reader the real one.
+    fixed[4:8] = (len(body) - 8).to_bytes(4, "little")
+    fixed[40:44] = (len(body) - 44).to_bytes(4, "little")
+    return wave.open(io.BytesIO(bytes(fixed)))
+
+
+def test_synthesize_errors(server: ServerProcess) -> None:
+    status, _, body = post(f"{server.http}/v1/tts/synthesize", b"{}",
+                           {**AUTH, "Content-Type": "application/json"})
+    assert status == 400 and json.loads(body)["error"]["code"] == "bad_request"
+    status, _, body = post(f"{server.http}/v1/tts/synthesize", b"not json",
+                           {**AUTH, "Content-Type": "application/json"})
+    assert status == 400
+    status, _, body = post(f"{server.http}/v1/tts/synthesize",
+                           json.dumps({"text": "hi", "model": "nope"}).encode(),
+                           {**AUTH, "Content-Type": "application/json"})
+    assert status == 400
