@@ -45,6 +45,12 @@ def _asr(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _tts(args: argparse.Namespace) -> int:
+    from server.client.tts_client import main
+
+    return main(args)
+
+
 def _call_sim(args: argparse.Namespace) -> int:
     from server.client.call_sim import main
 
@@ -71,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     asr = sub.add_parser("asr", help="stream an audio file to /v1/asr/stream, print transcripts")
     add_arguments(asr)
     asr.set_defaults(func=_asr)
+
+    from server.client.tts_client import add_arguments as add_tts_arguments
+
+    tts = sub.add_parser("tts", help="speak text through /v1/tts/stream into a WAV file")
+    add_tts_arguments(tts)
+    tts.set_defaults(func=_tts)
 
     from server.client.call_sim import add_arguments as add_call_sim_arguments
 

@@ -161,3 +161,20 @@ async def test_espeak_audio_back_through_asr_yields_a_transcript(server: ServerP
             pass
     finals = [m for m in seen if m["type"] == "transcript" and m["is_final"]]
     assert finals and any(f["text"].strip() for f in finals)
+
+
+def test_tts_cli_writes_a_wav(server: ServerProcess, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    import wave
+
+    out = tmp_path / "hello.wav"
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "tts", "Hello there. General greetings.", "--out",
+         str(out), "--url", f"{server.ws}/v1/tts/stream", "--key", TEST_KEY,
+         "--model", "espeak-en"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with wave.open(str(out)) as wav:
+        assert wav.getframerate() == 16000
+        assert wav.getnframes() > 16000  # more than a second of speech
+    assert "wrote" in done.stdout

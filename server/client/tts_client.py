@@ -1,0 +1,93 @@
+"""`streamgate tts "text" --out file.wav`: stream text to /v1/tts/stream, write the audio.
+
+Example code for users: the text goes in pieces as an LLM would send it, audio comes back in
+frames, and the client grants credit for what it has "played" (here: written to the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import wave
+from pathlib import Path
+from urllib.parse import urlencode
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from server.client.asr_client import API_KEY_ENV, dev_key
+
+DEFAULT_URL = "ws://127.0.0.1:8765/v1/tts/stream"
+
+
+async def synthesize(url: str, text: str, *, key: str | None, sample_rate: int,
+                     model: str | None, voice: str | None, piece_chars: int = 12
+                     ) -> tuple[bytes, list[dict[str, object]]]:
+    """PCM16 audio for `text` and every JSON message the server sent."""
+    params = {"encoding": "pcm_s16le", "sample_rate": str(sample_rate)}
+    if model:
+        params["model"] = model
+    if voice:
+        params["voice"] = voice
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    audio = bytearray()
+    messages: list[dict[str, object]] = []
+    async with connect(f"{url}?{urlencode(params)}", additional_headers=headers) as ws:
+        for i in range(0, len(text), piece_chars):  # token by token, as an LLM streams
+            await ws.send(json.dumps({"type": "text", "text": text[i:i + piece_chars]}))
+        await ws.send(json.dumps({"type": "close"}))
+        try:
+            async for msg in ws:
+                if isinstance(msg, bytes):
+                    audio += msg
+                    await ws.send(json.dumps({"type": "credit", "bytes": len(msg)}))
+                    continue
+                event = json.loads(msg)
+                messages.append(event)
+                if event.get("type") in ("error", "warning"):
+                    print(f"{event['type']}: {event.get('code')}: {event.get('message')}",
+                          file=sys.stderr)
+        except ConnectionClosed:
+            pass
+        if ws.close_code not in (1000, None):
+            raise RuntimeError(f"server closed {ws.close_code}: {ws.close_reason}")
+    return bytes(audio), messages
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", help="text to speak")
+    parser.add_argument("--out", type=Path, required=True, help="WAV file to write")
+    parser.add_argument("--url", default=DEFAULT_URL)
+    parser.add_argument("--key", help=f"API key (default ${API_KEY_ENV} or the local dev key)")
+    parser.add_argument("--model")
+    parser.add_argument("--voice")
+    parser.add_argument("--sample-rate", type=int, default=16000)
+
+
+def main(args: argparse.Namespace) -> int:
+    key = args.key or os.environ.get(API_KEY_ENV) or dev_key(args.url)
+    try:
+        audio, messages = asyncio.run(synthesize(
+            args.url, args.text, key=key, sample_rate=args.sample_rate, model=args.model,
+            voice=args.voice))
+    except InvalidStatus as exc:
+        body = exc.response.body.decode(errors="replace") if exc.response.body else ""
+        print(f"streamgate tts: rejected: HTTP {exc.response.status_code} {body}",
+              file=sys.stderr)
+        return 3
+    except (OSError, RuntimeError) as exc:
+        print(f"streamgate tts: {exc}", file=sys.stderr)
+        return 4
+    with wave.open(str(args.out), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(args.sample_rate)
+        wav.writeframes(audio)
+    summary = next((m for m in messages if m.get("type") == "summary"), {})
+    print(f"wrote {args.out}: {len(audio) * 1000 // (2 * args.sample_rate)} ms of audio, "
+          f"{summary.get('characters', '?')} characters, cost {summary.get('cost_micros', '?')} "
+          "micros")
+    return 0
