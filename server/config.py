@@ -294,6 +294,65 @@ class LlmConfig(Base):
             raise ValueError("llm.max_request_bytes must be at least 1024")
 
 
+class VisionUpstreamConfig(Base):
+    """An OpenAI-compatible chat/completions endpoint used for structured extraction."""
+
+    enabled: bool = False
+    url: str = ""  # base URL; the client posts to {url}/v1/chat/completions
+    model: str = ""  # the upstream's model name
+    api_key_env: str = ""  # env var holding a bearer token
+    connect_timeout_s: float = 5.0
+    timeout_s: float = 60.0  # one answer; vision models take seconds per page
+    retries: int = 1  # per answer, for failures that may pass (connect, timeout, 429, 5xx)
+    backoff_s: float = 0.5
+    breaker_failures: int = 5
+    breaker_reset_s: float = 30.0
+    max_concurrency: int = 4
+    max_tokens: int = 2048
+    temperature: float = 0.0
+    # response_format {"type": "json_schema"}: off for servers that reject the field.
+    json_schema_format: bool = True
+
+    def __post_init__(self) -> None:
+        if self.enabled and (not self.url or not self.model):
+            raise ValueError("vision upstream: url and model are required when enabled")
+        if self.retries < 0 or self.max_concurrency < 1 or self.timeout_s <= 0:
+            raise ValueError("vision upstream: need retries >= 0, max_concurrency >= 1, "
+                             "timeout_s > 0")
+
+
+class VisionConfig(Base):
+    """POST /v1/vision/extract: OCR (tesseract), layout, optional schema-driven extraction."""
+
+    model: str = "vision-ocr"  # price plan name for billing (unit "pages")
+    languages: str = "eng+hin"  # tesseract language packs used when a request names none
+    dpi: int = 200  # PDF rendering resolution (lowered for huge pages, see max_page_pixels)
+    max_pages: int = 20
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_page_pixels: int = 40_000_000
+    ocr_concurrency: int = 2  # pages rendered + OCRed at once in this process
+    ocr_timeout_s: float = 60.0  # one tesseract run
+    render_timeout_s: float = 60.0  # one pdfinfo / pdftoppm run
+    psm: int = 11  # tesseract page segmentation mode (11: sparse text, see server/vision/ocr.py)
+    price_micros_per_page: int = 2000
+    max_schema_bytes: int = 65536
+    extraction_attempts: int = 3  # answers asked of one model: the first plus repairs
+    max_vlm_pages: int = 4  # page images sent to the vision model
+    max_text_chars: int = 30000  # OCR text sent to the text model
+    vlm: VisionUpstreamConfig = msgspec.field(default_factory=VisionUpstreamConfig)
+    text_model: VisionUpstreamConfig = msgspec.field(default_factory=VisionUpstreamConfig)
+
+    def __post_init__(self) -> None:
+        if not 50 <= self.dpi <= 600:
+            raise ValueError("vision.dpi must be 50-600")
+        if self.max_pages < 1 or self.max_upload_bytes < 1024 or self.ocr_concurrency < 1:
+            raise ValueError("vision: need max_pages >= 1, max_upload_bytes >= 1024 and "
+                             "ocr_concurrency >= 1")
+        if not 0 <= self.psm <= 13 or self.extraction_attempts < 1 or self.max_vlm_pages < 1:
+            raise ValueError("vision: need psm 0-13, extraction_attempts >= 1, "
+                             "max_vlm_pages >= 1")
+
+
 class Config(Base):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
@@ -302,6 +361,7 @@ class Config(Base):
     billing: BillingConfig = msgspec.field(default_factory=BillingConfig)
     tts: TtsConfig = msgspec.field(default_factory=TtsConfig)
     telephony: TelephonyConfig = msgspec.field(default_factory=TelephonyConfig)
+    vision: VisionConfig = msgspec.field(default_factory=VisionConfig)
     llm: LlmConfig = msgspec.field(default_factory=LlmConfig)
 
 

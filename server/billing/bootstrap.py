@@ -59,6 +59,9 @@ async def prepare_database(cfg: Config, database_url: str) -> None:
         for name, tts in cfg.tts.models.items():
             if (name, "characters") not in prices:
                 await store.set_price(name, "characters", tts.price_micros_per_1k_chars, 1000)
+        for name, micros in cfg.llm.price_micros_per_1k_tokens.items():
+            if (name, "tokens") not in prices:
+                await store.set_price(name, "tokens", micros, 1000)
     finally:
         await store.close()
 

@@ -75,6 +75,22 @@ class Metrics:
             registry=r,
         )
 
+        # LLM proxy (server/llm): per-upstream health and where requests went.
+        self.llm_breaker_state = Gauge(
+            "streamgate_llm_upstream_breaker_state",
+            "LLM upstream circuit breaker: 0 closed, 1 half-open, 2 open", ["provider"],
+            registry=r,
+        )
+        self.llm_attempts = Counter(
+            "streamgate_llm_upstream_attempts_total",
+            "Calls to LLM upstreams by outcome (ok, retryable, malformed, rejected)",
+            ["provider", "outcome"], registry=r,
+        )
+        self.llm_tokens = Counter(
+            "streamgate_llm_tokens_total", "Tokens settled for LLM requests", ["model"],
+            registry=r,
+        )
+
     def before_scrape(self) -> None:
         for hook in self.scrape_hooks:
             hook()

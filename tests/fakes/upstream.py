@@ -16,8 +16,10 @@ connection part-way (`abort_after`), to test engines that consume audio as it ar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -230,3 +232,227 @@ class FakeUpstream:
         await resp.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
         await resp.write_eof()
         return resp
+
+
+# --- LLM proxy tests: a chat upstream with scripted failures -----------------------------------
+
+
+def closed_port_url() -> str:
+    """A URL nothing listens on (connection refused), for an upstream that is down."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class LlmReply:
+    """One scripted answer of FakeLlmUpstream's /v1/chat/completions.
+
+    JSON or SSE follows the request's `stream`. `delay_s` is latency before the response
+    headers (a slow upstream); `chunk_delay_s` is between streamed events. `drop="headers"`
+    closes the connection without answering; `drop_after=n` drops a stream after n events.
+    `body` (JSON) or `events` (SSE data lines) replace the generated answer: garbage, wrong
+    shapes. `usage="auto"` computes one; None leaves it out (streams: no usage chunk).
+    """
+
+    content: str = "Hello there."
+    status: int = 200
+    delay_s: float = 0.0
+    chunk_delay_s: float = 0.0
+    pieces: list[str] | None = None  # streamed content pieces; default: content word by word
+    usage: dict[str, int] | str | None = "auto"
+    finish_reason: str = "stop"
+    body: bytes | None = None
+    events: list[bytes] | None = None
+    drop: str = ""  # "headers": close the connection before any response
+    drop_after: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def error(cls, status: int, retry_after: float | None = None) -> LlmReply:
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+        body = json.dumps({"error": {"message": f"fake {status}", "type": "fake"}}).encode()
+        return cls(status=status, body=body, headers=headers)
+
+    @classmethod
+    def garbage(cls, body: bytes = b"<html>502 Bad Gateway (not JSON)</html>") -> LlmReply:
+        return cls(body=body, events=[body])
+
+    @classmethod
+    def wrong_shape(cls) -> LlmReply:
+        # Valid JSON, but not a completion: no choices.
+        body = json.dumps({"object": "chat.completion", "result": "hi"}).encode()
+        return cls(body=body, events=[body])
+
+    @classmethod
+    def dropped(cls) -> LlmReply:
+        return cls(drop="headers")
+
+
+class FakeLlmUpstream(FakeUpstream):
+    """FakeUpstream whose /v1/chat/completions answers from `script_llm(...)` replies (in
+    order), then `llm_responder(body)` if set, then `llm_default`. Request bodies are kept in
+    `llm_requests`, their headers in `llm_headers`."""
+
+    def __init__(self, name: str = "fake") -> None:
+        super().__init__()
+        self.name = name
+        self.llm_default = LlmReply()
+        self.llm_responder: Callable[[dict[str, Any]], LlmReply] | None = None
+        self.llm_requests: list[dict[str, Any]] = []
+        self.llm_headers: list[dict[str, str]] = []
+        self._llm_script: deque[LlmReply] = deque()
+        self._llm_release = asyncio.Event()
+
+    def script_llm(self, *replies: LlmReply) -> None:
+        self._llm_script.extend(replies)
+
+    async def aclose(self) -> None:
+        self._llm_release.set()
+        await super().aclose()
+
+    async def _llm_sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._llm_release.wait(), seconds)
+
+    def _next_llm(self, body: dict[str, Any]) -> LlmReply:
+        if self._llm_script:
+            return self._llm_script.popleft()
+        if self.llm_responder is not None:
+            return self.llm_responder(body)
+        return self.llm_default
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = {}
+        self.llm_requests.append(body)
+        self.llm_headers.append(dict(request.headers))
+        reply = self._next_llm(body)
+        await self._llm_sleep(reply.delay_s)
+        if reply.drop == "headers":
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response()
+        if reply.status != 200 or (reply.body is not None and not body.get("stream")):
+            return web.Response(status=reply.status, body=reply.body or b"{}",
+                                headers=reply.headers, content_type="application/json")
+        pieces = reply.pieces if reply.pieces is not None else _words(reply.content)
+        usage = _fake_usage(body, pieces) if reply.usage == "auto" else (
+            reply.usage if isinstance(reply.usage, dict) else None)
+        model = str(body.get("model", ""))
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "".join(pieces)}
+            answer: dict[str, Any] = {
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000,
+                "model": model, "choices": [{"index": 0, "message": message,
+                                             "finish_reason": reply.finish_reason}]}
+            if usage is not None:
+                answer["usage"] = usage
+            return web.json_response(answer, headers=reply.headers)
+        events = reply.events if reply.events is not None else _sse_events(
+            model, pieces, reply.finish_reason,
+            usage if (body.get("stream_options") or {}).get("include_usage") else None)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **reply.headers})
+        await resp.prepare(request)
+        for i, data in enumerate(events):
+            if reply.drop_after is not None and i >= reply.drop_after:
+                if request.transport is not None:
+                    request.transport.abort()  # mid-answer death: no [DONE], no last chunk
+                return resp
+            if i:
+                await self._llm_sleep(reply.chunk_delay_s)
+            await resp.write(b"data: " + data + b"\n\n")
+        if reply.events is None:
+            await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def _words(text: str) -> list[str]:
+    words = text.split(" ")
+    return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+
+def _fake_usage(body: dict[str, Any], pieces: list[str]) -> dict[str, int]:
+    prompt = sum(len(str(m.get("content", ""))) for m in body.get("messages", [])) // 4 + 1
+    return {"prompt_tokens": prompt, "completion_tokens": len(pieces),
+            "total_tokens": prompt + len(pieces)}
+
+
+def _sse_events(model: str, pieces: list[str], finish: str,
+                usage: dict[str, int] | None) -> list[bytes]:
+    def chunk(delta: dict[str, Any], reason: str | None) -> bytes:
+        return json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                           "created": 1700000000, "model": model,
+                           "choices": [{"index": 0, "delta": delta,
+                                        "finish_reason": reason}]}).encode()
+
+    out = [chunk({"role": "assistant", "content": ""}, None)]
+    out += [chunk({"content": p}, None) for p in pieces]
+    out.append(chunk({}, finish))
+    if usage is not None:
+        out.append(json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                               "created": 1700000000, "model": model, "choices": [],
+                               "usage": usage}).encode())
+    return out
+
+
+# --- vision extraction tests: a vision-capable chat upstream ------------------------------------
+
+
+def image_urls(body: dict[str, Any]) -> list[str]:
+    """The image_url parts (data URLs) of a recorded chat request."""
+    urls: list[str] = []
+    for message in body.get("messages", []):
+        content = message.get("content")
+        if isinstance(content, list):
+            urls += [part["image_url"]["url"] for part in content
+                     if isinstance(part, dict) and part.get("type") == "image_url"]
+    return urls
+
+
+class FakeVisionUpstream(FakeLlmUpstream):
+    """A vision model: /v1/chat/completions answers scripted contents, and (like a real VLM
+    endpoint) refuses a request without an image with 400 when `require_image` is set.
+
+        fake.script_answers({"total": 12}, "not json", LlmReply.error(503))
+
+    A dict is sent as its JSON text (a valid answer), a str as it is (invalid JSON, garbage,
+    JSON of the wrong shape), an LlmReply as scripted (HTTP errors, drops, delays)."""
+
+    def __init__(self, name: str = "fake-vlm", *, require_image: bool = True) -> None:
+        super().__init__(name)
+        self.require_image = require_image
+        self.refused: list[dict[str, Any]] = []
+
+    async def __aenter__(self) -> FakeVisionUpstream:
+        await self.start()
+        return self
+
+    def script_answers(self, *answers: dict[str, Any] | str | LlmReply) -> None:
+        for answer in answers:
+            if isinstance(answer, LlmReply):
+                self.script_llm(answer)
+            elif isinstance(answer, dict):
+                self.script_llm(LlmReply(content=json.dumps(answer), pieces=[json.dumps(answer)]))
+            else:
+                self.script_llm(LlmReply(content=answer, pieces=[answer]))
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        if self.require_image:
+            try:
+                body = json.loads(await request.read())
+            except ValueError:
+                body = {}
+            if not image_urls(body):
+                self.refused.append(body)
+                error = {"error": {"message": "this model needs an image", "type": "fake"}}
+                return web.json_response(error, status=400)
+        return await super()._chat(request)

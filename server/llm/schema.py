@@ -1,0 +1,172 @@
+"""Wire types of the LLM proxy, validated with msgspec, and the OpenAPI schemas made from them
+(one definition, so the documented contract and the validation cannot drift apart).
+
+Client requests keep fields they do not name (temperature, tools, response_format, ...): they
+are passed to the upstream as sent. Upstream answers are checked for the shape clients rely on;
+anything else is garbage, which counts against the provider and fails over.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+NonNegative = Annotated[int, Meta(ge=0)]
+
+# --- client requests -------------------------------------------------------------------------
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    # A string, or content parts ({"type": "text", "text": ...}, {"type": "image_url", ...}).
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatStreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(msgspec.Struct):
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=4096)]
+    stream: bool = False
+    stream_options: ChatStreamOptions | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    # Several choices multiply the completion tokens the reservation must cover.
+    n: Annotated[int, Meta(ge=1, le=8)] = 1
+
+
+class TranslateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    # Even escaped at 12 bytes a character (astral \uXXXX pairs), a text this long stays
+    # under the default 1 MiB body limit: a valid body is never refused as too large.
+    text: Annotated[str, Meta(min_length=1, max_length=50_000)]
+    target_language: Annotated[str, Meta(min_length=1, max_length=64)]
+    source_language: Annotated[str, Meta(max_length=64)] | None = None
+    model: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+
+
+# --- responses to clients (documentation; the handlers build them as dicts) ------------------
+
+
+class TokenUsage(msgspec.Struct):
+    prompt_tokens: NonNegative
+    completion_tokens: NonNegative
+    total_tokens: NonNegative
+
+
+class ChatChoiceMessage(msgspec.Struct):
+    role: str = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(msgspec.Struct):
+    message: ChatChoiceMessage
+    index: int = 0
+    finish_reason: str | None = None
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: TokenUsage
+
+
+class TranslateResponse(msgspec.Struct):
+    translation: str
+    model: str
+    usage: TokenUsage
+
+
+# --- upstream answers (validation only) ------------------------------------------------------
+
+
+class UpstreamUsage(msgspec.Struct):
+    prompt_tokens: NonNegative = 0
+    completion_tokens: NonNegative = 0
+    total_tokens: NonNegative | None = None
+
+    @property
+    def total(self) -> int:
+        if self.total_tokens is not None:
+            return self.total_tokens
+        return self.prompt_tokens + self.completion_tokens
+
+
+class UpstreamCompletion(msgspec.Struct):
+    choices: Annotated[list[ChatChoice], Meta(min_length=1)]
+    usage: UpstreamUsage | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(c.message.content or "" for c in self.choices)
+
+
+class ChunkDelta(msgspec.Struct):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct):
+    delta: ChunkDelta
+    index: int = 0
+    finish_reason: str | None = None
+
+
+class UpstreamChunk(msgspec.Struct):
+    choices: list[ChunkChoice]  # empty in the final usage-only chunk
+    usage: UpstreamUsage | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(c.delta.content or "" for c in self.choices)
+
+
+# --- OpenAPI ---------------------------------------------------------------------------------
+
+REF_TEMPLATE = "#/components/schemas/{name}"
+
+
+def openapi_components(*types: type[msgspec.Struct]) -> dict[str, Any]:
+    """Component schemas for `types` in OpenAPI 3.0 dialect (msgspec emits JSON Schema 2020-12:
+    `{"type": "null"}` alternatives become `nullable`, empty `required` lists go)."""
+    _, components = msgspec.json.schema_components(types, ref_template=REF_TEMPLATE)
+    converted: dict[str, Any] = _to_openapi30(components)
+    return converted
+
+
+def ref(struct: type[msgspec.Struct]) -> dict[str, str]:
+    return {"$ref": REF_TEMPLATE.format(name=struct.__name__)}
+
+
+def _to_openapi30(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_to_openapi30(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _to_openapi30(value) for key, value in node.items()}
+    if out.get("required") == []:
+        del out["required"]
+    enum = out.get("enum")
+    if "type" not in out and isinstance(enum, list) and all(isinstance(e, str) for e in enum):
+        out["type"] = "string"
+    alternatives = out.get("anyOf")
+    if isinstance(alternatives, list) and {"type": "null"} in alternatives:
+        rest = [a for a in alternatives if a != {"type": "null"}]
+        del out["anyOf"]
+        if len(rest) == 1 and "$ref" in rest[0]:
+            out["allOf"] = rest  # siblings of a bare $ref are ignored in OpenAPI 3.0
+        elif len(rest) == 1:
+            out.update(rest[0])
+        else:
+            out["anyOf"] = rest
+        out["nullable"] = True
+    return out

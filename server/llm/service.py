@@ -1,0 +1,227 @@
+"""Chat completions and translation as the gateway serves them: check the model, reserve the
+estimate, route, normalise the answer, settle the usage. Framework-free: errors are RouteError,
+answers are dicts or SSE event bytes; server/http/llm.py puts them on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+from server.billing.auth import Principal
+from server.billing.service import RequestCharge
+from server.config import LlmConfig
+from server.llm.metering import (
+    Estimate,
+    RequestMeter,
+    estimate_chat,
+    estimate_prompt,
+    reserve,
+    settle,
+    tokens_for_chars,
+)
+from server.llm.provider import AttemptFailed
+from server.llm.router import LlmRouter, RouteError, UpstreamStream
+from server.llm.schema import (
+    ChatCompletionRequest,
+    ChatMessage,
+    TranslateRequest,
+    UpstreamCompletion,
+    UpstreamUsage,
+)
+from server.telemetry.metrics import Metrics
+
+TRANSLATE_PROMPT = (
+    "You are a translation engine. Translate the user's message {source}into {target}. "
+    "Reply with the translation only: no notes, no quotes, no explanations."
+)
+
+
+def _usage(usage: UpstreamUsage | None, prompt_estimate: int, text: str,
+           cfg: LlmConfig) -> dict[str, int]:
+    """The upstream's usage; estimated from the text when it reported none."""
+    if usage is not None:
+        return {"prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens, "total_tokens": usage.total}
+    completion = tokens_for_chars(len(text), cfg.chars_per_token)
+    return {"prompt_tokens": prompt_estimate, "completion_tokens": completion,
+            "total_tokens": prompt_estimate + completion}
+
+
+class LlmService:
+    def __init__(self, cfg: LlmConfig, *, requests: RequestMeter,
+                 metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.requests = requests
+        self.metrics = metrics
+        self.router = LlmRouter(cfg, metrics)
+
+    async def start(self) -> None:
+        await self.router.start()
+
+    async def aclose(self) -> None:
+        await self.router.aclose()
+
+    def deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.cfg.request_deadline_s
+
+    def count_tokens(self, model: str, tokens: int) -> None:
+        if self.metrics is not None and tokens > 0:
+            self.metrics.llm_tokens.labels(model).inc(tokens)
+
+    def chat_payload(self, req: ChatCompletionRequest, data: dict[str, Any],
+                     est: Estimate) -> dict[str, Any]:
+        """What the upstream gets: the client's body as sent (fields we do not model pass
+        through), with the completion bounded so usage cannot outgrow the reservation."""
+        payload = dict(data)
+        if req.max_completion_tokens is None:
+            payload["max_tokens"] = est.max_tokens
+        payload["stream"] = req.stream
+        if req.stream:
+            # Usage is what the stream is settled to; the client sees the usage chunk only
+            # if it asked for it.
+            options = data.get("stream_options")
+            payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                         "include_usage": True}
+        else:
+            payload.pop("stream_options", None)
+        return payload
+
+    async def complete(self, who: Principal, req: ChatCompletionRequest,
+                       data: dict[str, Any], request_id: str) -> dict[str, Any]:
+        self.router.check_model(req.model)
+        est = estimate_chat(req, self.cfg)
+        payload = self.chat_payload(req, data, est)
+        answer, _, usage = await self._metered(who, req.model, payload, est, request_id)
+        out = dict(answer)
+        if not isinstance(out.get("id"), str):
+            out["id"] = f"chatcmpl-{request_id}"
+        if not isinstance(out.get("created"), int) or isinstance(out.get("created"), bool):
+            out["created"] = int(time.time())
+        out.update(object="chat.completion", model=req.model, usage=usage)
+        return out
+
+    async def translate(self, who: Principal, req: TranslateRequest,
+                        request_id: str) -> dict[str, Any]:
+        model = req.model or self.router.default_model()
+        self.router.check_model(model)
+        source = f"from {req.source_language} " if req.source_language else ""
+        system = TRANSLATE_PROMPT.format(source=source, target=req.target_language)
+        messages = [ChatMessage(role="system", content=system),
+                    ChatMessage(role="user", content=req.text)]
+        prompt = estimate_prompt(messages, self.cfg)
+        # A translation is about as long as its source; the margin covers scripts that
+        # tokenise less densely than the source.
+        max_tokens = min(self.cfg.max_tokens_limit,
+                         2 * tokens_for_chars(len(req.text), self.cfg.chars_per_token) + 64)
+        est = Estimate(prompt, max_tokens, prompt + max_tokens)
+        payload = {"messages": msgspec.to_builtins(messages), "max_tokens": max_tokens,
+                   "temperature": 0, "stream": False}
+        _, parsed, usage = await self._metered(who, model, payload, est, request_id)
+        translation = (parsed.choices[0].message.content or "").strip()
+        return {"translation": translation, "model": model, "usage": usage}
+
+    async def _metered(self, who: Principal, model: str, payload: dict[str, Any],
+                       est: Estimate, request_id: str
+                       ) -> tuple[dict[str, Any], UpstreamCompletion, dict[str, int]]:
+        deadline = self.deadline()
+        charge = await reserve(self.requests, principal=who, request_id=request_id,
+                               model=model, tokens=est.reserve_tokens)
+        used = 0  # a request that fails costs nothing
+        try:
+            _, answer, parsed = await self.router.complete(model, payload, deadline)
+            usage = _usage(parsed.usage, est.prompt_tokens, parsed.text, self.cfg)
+            used = usage["total_tokens"]
+            return answer, parsed, usage
+        finally:
+            await settle(charge, used, est.reserve_tokens)
+            self.count_tokens(model, min(used, est.reserve_tokens))
+
+    async def open_stream(self, who: Principal, req: ChatCompletionRequest,
+                          data: dict[str, Any], request_id: str) -> ChatStream:
+        """Reserved and connected to a provider that sent a first valid chunk; errors before
+        that are RouteError (and nothing is charged)."""
+        self.router.check_model(req.model)
+        est = estimate_chat(req, self.cfg)
+        payload = self.chat_payload(req, data, est)
+        deadline = self.deadline()
+        charge = await reserve(self.requests, principal=who, request_id=request_id,
+                               model=req.model, tokens=est.reserve_tokens)
+        try:
+            upstream = await self.router.open_stream(req.model, payload, deadline)
+        except BaseException:
+            await settle(charge, 0, est.reserve_tokens)
+            raise
+        wants_usage = req.stream_options is not None and req.stream_options.include_usage
+        return ChatStream(self, upstream, charge, est, req.model, wants_usage)
+
+
+class ChatStream:
+    """The client side of one streamed completion: `next_event()` gives SSE event bytes until
+    None; `finish()` (always called) closes the upstream and settles."""
+
+    def __init__(self, service: LlmService, upstream: UpstreamStream, charge: RequestCharge,
+                 est: Estimate, model: str, wants_usage: bool) -> None:
+        self._service = service
+        self._upstream = upstream
+        self._charge = charge
+        self._est = est
+        self._model = model
+        self._wants_usage = wants_usage
+        self._chars = 0
+        self._usage: UpstreamUsage | None = None
+        self._ended = False
+        self.failed = False
+
+    async def next_event(self) -> bytes | None:
+        while not self._ended:
+            try:
+                item = await self._upstream.next()
+            except AttemptFailed as exc:
+                # Bytes already reached the client: no retry, no failover (the answer would
+                # start over). The stream ends with an error event in the API's error shape.
+                self._ended = self.failed = True
+                self._upstream.provider.breaker.record_failure()
+                code = "upstream_timeout" if exc.timeout else "upstream_error"
+                error = {"error": {"code": code, "message": exc.message}}
+                return b"data: " + msgspec.json.encode(error) + b"\n\n"
+            if item is None:
+                self._ended = True
+                return b"data: [DONE]\n\n"
+            chunk, data = item.chunk, item.data
+            self._chars += len(chunk.text)
+            if chunk.usage is not None:
+                self._usage = chunk.usage
+            if not self._wants_usage:
+                if not chunk.choices:
+                    continue  # the usage chunk the gateway asked for, not the client
+                data.pop("usage", None)
+            data["model"] = self._model
+            return b"data: " + msgspec.json.encode(data) + b"\n\n"
+        return None
+
+    def used_tokens(self) -> int:
+        if self._usage is not None:
+            return self._usage.total
+        # No usage chunk (the upstream ignores stream_options, or the stream broke): what
+        # was streamed, estimated like the prompt.
+        return self._est.prompt_tokens + tokens_for_chars(self._chars,
+                                                          self._service.cfg.chars_per_token)
+
+    async def finish(self) -> int:
+        self._upstream.close()
+        used = self.used_tokens()
+        await settle(self._charge, used, self._est.reserve_tokens)
+        self._service.count_tokens(self._model, min(used, self._est.reserve_tokens))
+        return used
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+__all__ = ["ChatStream", "LlmService", "RouteError", "new_request_id"]
