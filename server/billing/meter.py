@@ -8,10 +8,12 @@ supplies a wallet-backed implementation; `PricedMeter` prices usage without a wa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from server.billing.auth import Principal
+from server.ws.handshake import Rejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,21 @@ class RateLimited(Exception):
 
 class BillingUnavailable(Exception):
     """Money fails closed: no new session while the wallet cannot be reached (HTTP 503)."""
+
+
+# What `MeterFactory.open` raises when it refuses a session: `except METER_ERRORS as exc`.
+METER_ERRORS: Final = (InsufficientBalance, RateLimited, BillingUnavailable)
+
+
+def meter_rejection(exc: InsufficientBalance | RateLimited | BillingUnavailable) -> Rejected:
+    """The answer at the upgrade when the meter of a new session cannot be opened."""
+    if isinstance(exc, InsufficientBalance):
+        return Rejected(402, "insufficient_balance", str(exc) or "wallet balance too low")
+    if isinstance(exc, RateLimited):
+        return Rejected(429, "rate_limited", str(exc),
+                        {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
+    return Rejected(503, "billing_unavailable", str(exc) or "billing unavailable",
+                    {"Retry-After": "2"})
 
 
 class SessionMeter(Protocol):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import time
 import uuid
@@ -22,12 +21,11 @@ from collections.abc import Callable
 
 from server.billing.auth import Principal
 from server.billing.meter import (
-    BillingUnavailable,
-    InsufficientBalance,
+    METER_ERRORS,
     MeterFactory,
-    RateLimited,
     SessionMeter,
     UsageReport,
+    meter_rejection,
 )
 from server.config import Config
 from server.models.base import EngineError, Transcriber, TranscriptionStream
@@ -89,14 +87,8 @@ class AsrEndpoint:
             meter = await self.meters.open(
                 session_id=session_id, principal=principal, model=params.model
             )
-        except InsufficientBalance as exc:
-            return Rejected(402, "insufficient_balance", str(exc) or "wallet balance too low")
-        except RateLimited as exc:
-            return Rejected(429, "rate_limited", str(exc),
-                            {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
-        except BillingUnavailable as exc:
-            return Rejected(503, "billing_unavailable", str(exc) or "billing unavailable",
-                            {"Retry-After": "2"})
+        except METER_ERRORS as exc:
+            return meter_rejection(exc)
         engine = self.engines[params.model]
         machine = AsrSession(
             session_id=session_id,

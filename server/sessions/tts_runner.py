@@ -7,19 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import uuid
 from collections import deque
 
 from server.billing.auth import Principal
 from server.billing.meter import (
-    BillingUnavailable,
-    InsufficientBalance,
+    METER_ERRORS,
     MeterFactory,
-    RateLimited,
     SessionMeter,
     UsageReport,
+    meter_rejection,
 )
 from server.config import Config
 from server.models.base import EngineError, Synthesizer
@@ -57,13 +55,8 @@ class TtsEndpoint:
         try:
             meter = await self.meters.open(session_id=session_id, principal=principal,
                                            model=params.model, unit=CHARACTERS)
-        except InsufficientBalance as exc:
-            return Rejected(402, "insufficient_balance", str(exc))
-        except RateLimited as exc:
-            return Rejected(429, "rate_limited", str(exc),
-                            {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
-        except BillingUnavailable as exc:
-            return Rejected(503, "billing_unavailable", str(exc), {"Retry-After": "2"})
+        except METER_ERRORS as exc:
+            return meter_rejection(exc)
         engine = self.engines[params.model]
         srv = self.config.server
         machine = TtsSession(

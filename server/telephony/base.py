@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable, Mapping
-from typing import Final, Generic, Protocol, TypeAlias, TypeVar
+from typing import ClassVar, Final, Generic, Protocol, TypeAlias, TypeVar
 
 import msgspec
 
@@ -34,8 +34,12 @@ from server.telephony.events import (
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "CodecBase",
+    "DigitBody",
+    "MediaBody",
+    "NameBody",
     "ProviderCodec",
     "Scalar",
+    "TwilioStyleCodec",
     "encode_json",
     "string_params",
     "swap16",
@@ -61,6 +65,27 @@ class _Envelope(msgspec.Struct):
 
 
 _ENVELOPE: Final = msgspec.json.Decoder(_Envelope)
+
+
+# Message bodies that Twilio's dialect and those modelled on it spell the same way.
+class MediaBody(msgspec.Struct, kw_only=True):
+    """``media {track, chunk, timestamp, payload}``: ``chunk`` is not read."""
+
+    payload: bytes
+    track: str = "inbound"
+    timestamp: int | None = None
+
+
+class NameBody(msgspec.Struct):
+    """``mark {name}``."""
+
+    name: str
+
+
+class DigitBody(msgspec.Struct):
+    """``dtmf {digit}``."""
+
+    digit: str
 
 
 class ProviderCodec(Protocol):
@@ -229,3 +254,33 @@ class CodecBase(Generic[M]):
 
     def _encode_clear(self, call: CallStarted) -> str:
         raise NotImplementedError
+
+
+class TwilioStyleCodec(CodecBase[M]):
+    """Outbound frames in Twilio's shape, shared by the dialects modelled on it:
+
+        media {<id>, media {payload}} / mark {<id>, mark {name}} / clear {<id>}
+
+    where ``<id>`` is the stream id under ``stream_id_field``, or nothing when that is ``None``
+    (the socket identifies the stream).
+    """
+
+    stream_id_field: ClassVar[str | None] = None
+
+    def _frame(self, call: CallStarted, event: str,
+               body: Mapping[str, object] | None = None) -> str:
+        message: dict[str, object] = {"event": event}
+        if self.stream_id_field is not None:
+            message[self.stream_id_field] = call.stream_id
+        if body is not None:
+            message[event] = body
+        return encode_json(message)
+
+    def _encode_play(self, call: CallStarted, payload: bytes) -> list[str]:
+        return [self._frame(call, "media", {"payload": payload})]
+
+    def _encode_mark(self, call: CallStarted, name: str) -> str:
+        return self._frame(call, "mark", {"name": name})
+
+    def _encode_clear(self, call: CallStarted) -> str:
+        return self._frame(call, "clear")

@@ -18,17 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import uuid
+from typing import Final
 
 from server.billing.auth import Authenticator, Principal
-from server.billing.meter import (
-    BillingUnavailable,
-    InsufficientBalance,
-    MeterFactory,
-    RateLimited,
-    SessionMeter,
-)
+from server.billing.meter import METER_ERRORS, MeterFactory, SessionMeter, meter_rejection
 from server.config import Config, ConfigError
 from server.models.base import Synthesizer
 from server.sessions.asr_runner import AsrEndpoint
@@ -45,6 +39,8 @@ log = logging.getLogger("streamgate.telephony")
 KIND = "telephony"
 AUDIO_MS = "audio_ms"
 CHARACTERS = "characters"
+# A refused meter after the upgrade (key in the start event): the close code per HTTP status.
+_CLOSE_CODES: Final = {402: 4002, 429: 4029, 503: 1011}
 
 
 class TelephonyEndpoint:
@@ -140,13 +136,7 @@ class TelephonyEndpoint:
         try:
             return await self.meters.open(session_id=session_id, principal=principal,
                                           model=model, unit=unit)
-        except InsufficientBalance as exc:
-            raise MeterRefused(402, "insufficient_balance",
-                               str(exc) or "wallet balance too low", 4002) from exc
-        except RateLimited as exc:
-            retry = str(max(1, math.ceil(exc.retry_after_s)))
-            raise MeterRefused(429, "rate_limited", str(exc), 4029,
-                               {"Retry-After": retry}) from exc
-        except BillingUnavailable as exc:
-            raise MeterRefused(503, "billing_unavailable", str(exc) or "billing unavailable",
-                               1011, {"Retry-After": "2"}) from exc
+        except METER_ERRORS as exc:
+            refused = meter_rejection(exc)
+            raise MeterRefused(refused.status, refused.code, refused.message,
+                               _CLOSE_CODES[refused.status], refused.headers) from exc

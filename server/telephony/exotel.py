@@ -27,7 +27,13 @@ from typing import Final, TypeAlias
 
 import msgspec
 
-from server.telephony.base import DEFAULT_MAX_MESSAGE_BYTES, CodecBase, Scalar, encode_json
+from server.telephony.base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DigitBody,
+    NameBody,
+    Scalar,
+    TwilioStyleCodec,
+)
 from server.telephony.base import string_params as _params
 from server.telephony.events import (
     CallStarted,
@@ -94,20 +100,12 @@ class _Media(_Inbound, tag="media"):
     media: _MediaBody
 
 
-class _Name(msgspec.Struct):
-    name: str
-
-
 class _Mark(_Inbound, tag="mark"):
-    mark: _Name
-
-
-class _Digit(msgspec.Struct):
-    digit: str
+    mark: NameBody
 
 
 class _Dtmf(_Inbound, tag="dtmf"):
-    dtmf: _Digit
+    dtmf: DigitBody
 
 
 class _StopBody(msgspec.Struct):
@@ -123,8 +121,9 @@ _EVENTS: Final = ("connected", "start", "media", "mark", "dtmf", "stop")
 _DECODER: Final[msgspec.json.Decoder[_Message]] = msgspec.json.Decoder(_Message, strict=False)
 
 
-class ExotelCodec(CodecBase[_Message]):
+class ExotelCodec(TwilioStyleCodec[_Message]):
     name = "exotel"
+    stream_id_field = "stream_sid"
 
     def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         super().__init__(_DECODER, _EVENTS, max_message_bytes=max_message_bytes)
@@ -172,13 +171,3 @@ class ExotelCodec(CodecBase[_Message]):
             sample_rate=fmt.sample_rate,
             channels=1,
         )
-
-    def _encode_play(self, call: CallStarted, payload: bytes) -> list[str]:
-        media = {"event": "media", "stream_sid": call.stream_id, "media": {"payload": payload}}
-        return [encode_json(media)]
-
-    def _encode_mark(self, call: CallStarted, name: str) -> str:
-        return encode_json({"event": "mark", "stream_sid": call.stream_id, "mark": {"name": name}})
-
-    def _encode_clear(self, call: CallStarted) -> str:
-        return encode_json({"event": "clear", "stream_sid": call.stream_id})

@@ -27,7 +27,13 @@ from typing import Final, TypeAlias
 
 import msgspec
 
-from server.telephony.base import DEFAULT_MAX_MESSAGE_BYTES, CodecBase, encode_json
+from server.telephony.base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    CodecBase,
+    DigitBody,
+    MediaBody,
+    encode_json,
+)
 from server.telephony.events import (
     CallStarted,
     Dtmf,
@@ -75,22 +81,12 @@ class _Start(_Inbound, tag="start"):
     extra_headers: str | None = msgspec.field(default=None, name="extra_headers")
 
 
-class _MediaBody(msgspec.Struct, kw_only=True):
-    payload: bytes
-    track: str = "inbound"
-    timestamp: int | None = None
-
-
 class _Media(_Inbound, tag="media"):
-    media: _MediaBody
-
-
-class _Digit(msgspec.Struct):
-    digit: str
+    media: MediaBody
 
 
 class _Dtmf(_Inbound, tag="dtmf"):
-    dtmf: _Digit
+    dtmf: DigitBody
 
 
 class _PlayedStream(_Inbound, tag="playedStream"):

@@ -41,9 +41,11 @@ import msgspec
 
 from server.telephony.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    CodecBase,
+    DigitBody,
+    MediaBody,
+    NameBody,
     Scalar,
-    encode_json,
+    TwilioStyleCodec,
     string_params,
     swap16,
 )
@@ -102,30 +104,16 @@ class _Start(_Inbound, tag="start"):
     start: _StartBody
 
 
-class _MediaBody(msgspec.Struct, kw_only=True):
-    payload: bytes
-    track: str = "inbound"
-    timestamp: int | None = None
-
-
 class _Media(_Inbound, tag="media"):
-    media: _MediaBody
-
-
-class _Name(msgspec.Struct):
-    name: str
+    media: MediaBody
 
 
 class _Mark(_Inbound, tag="mark"):
-    mark: _Name
-
-
-class _Digit(msgspec.Struct):
-    digit: str
+    mark: NameBody
 
 
 class _Dtmf(_Inbound, tag="dtmf"):
-    dtmf: _Digit
+    dtmf: DigitBody
 
 
 class _Stop(_Inbound, tag="stop"):
@@ -236,8 +224,8 @@ class _Reorderer:
         return out
 
 
-class TelnyxCodec(CodecBase[_Message]):
-    name = "telnyx"
+class TelnyxCodec(TwilioStyleCodec[_Message]):
+    name = "telnyx"  # outbound frames carry no stream id (stream_id_field stays None)
 
     def __init__(
         self,
@@ -332,10 +320,4 @@ class TelnyxCodec(CodecBase[_Message]):
 
     def _encode_play(self, call: CallStarted, payload: bytes) -> list[str]:
         wire = swap16(payload, self.name) if self._swap else payload
-        return [encode_json({"event": "media", "media": {"payload": wire}})]
-
-    def _encode_mark(self, call: CallStarted, name: str) -> str:
-        return encode_json({"event": "mark", "mark": {"name": name}})
-
-    def _encode_clear(self, call: CallStarted) -> str:
-        return encode_json({"event": "clear"})
+        return super()._encode_play(call, wire)

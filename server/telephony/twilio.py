@@ -23,7 +23,14 @@ from typing import Final, TypeAlias
 
 import msgspec
 
-from server.telephony.base import DEFAULT_MAX_MESSAGE_BYTES, CodecBase, Scalar, encode_json
+from server.telephony.base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DigitBody,
+    MediaBody,
+    NameBody,
+    Scalar,
+    TwilioStyleCodec,
+)
 from server.telephony.base import string_params as _params
 from server.telephony.events import (
     CallStarted,
@@ -70,30 +77,16 @@ class _Start(_Inbound, tag="start"):
     start: _StartBody
 
 
-class _MediaBody(msgspec.Struct, kw_only=True):
-    payload: bytes
-    track: str = "inbound"
-    timestamp: int | None = None
-
-
 class _Media(_Inbound, tag="media"):
-    media: _MediaBody
-
-
-class _Name(msgspec.Struct):
-    name: str
+    media: MediaBody
 
 
 class _Mark(_Inbound, tag="mark"):
-    mark: _Name
-
-
-class _Digit(msgspec.Struct):
-    digit: str
+    mark: NameBody
 
 
 class _Dtmf(_Inbound, tag="dtmf"):
-    dtmf: _Digit
+    dtmf: DigitBody
 
 
 class _Stop(_Inbound, tag="stop"):
@@ -105,8 +98,9 @@ _EVENTS: Final = ("connected", "start", "media", "mark", "dtmf", "stop")
 _DECODER: Final[msgspec.json.Decoder[_Message]] = msgspec.json.Decoder(_Message, strict=False)
 
 
-class TwilioCodec(CodecBase[_Message]):
+class TwilioCodec(TwilioStyleCodec[_Message]):
     name = "twilio"
+    stream_id_field = "streamSid"
 
     def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         super().__init__(_DECODER, _EVENTS, max_message_bytes=max_message_bytes)
@@ -144,13 +138,3 @@ class TwilioCodec(CodecBase[_Message]):
         if isinstance(message, _Stop):
             return [CallStopped()]
         return [Connected()]
-
-    def _encode_play(self, call: CallStarted, payload: bytes) -> list[str]:
-        media = {"event": "media", "streamSid": call.stream_id, "media": {"payload": payload}}
-        return [encode_json(media)]
-
-    def _encode_mark(self, call: CallStarted, name: str) -> str:
-        return encode_json({"event": "mark", "streamSid": call.stream_id, "mark": {"name": name}})
-
-    def _encode_clear(self, call: CallStarted) -> str:
-        return encode_json({"event": "clear", "streamSid": call.stream_id})

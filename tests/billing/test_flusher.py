@@ -20,6 +20,7 @@ from server.billing.flusher import (
     FAULT_EXIT_AFTER_COMMIT,
     FAULT_EXIT_CODE,
     GROUP,
+    ReplayConflict,
     UsageFlusher,
     as_str,
     entry_source,
@@ -55,6 +56,16 @@ async def xadd(r: aioredis.Redis, tenant: str, session: str, seq: int, cost: int
 async def pending(r: aioredis.Redis, tenant: str) -> int:
     info = await r.xpending(keys.usage_stream(tenant), GROUP)
     return int(info["pending"])
+
+
+def refund_recorder() -> tuple[list[str], ReplayConflict]:
+    """A refund hook that records the event ids it is called with, and that record."""
+    calls: list[str] = []
+
+    async def refund(tenant: str, event_id: str, cost: int) -> None:
+        calls.append(event_id)
+
+    return calls, refund
 
 
 async def test_flushes_every_tenant_stream(
@@ -436,11 +447,7 @@ async def test_non_replayed_redelivery_after_a_crash_is_not_refunded(
     await add_tenant(billing_store, redis_client, tenants_key, t)
     for seq in (1, 2):
         await xadd(redis_client, t, "s", seq, 100)
-    calls: list[str] = []
-
-    async def refund(tenant: str, event_id: str, cost: int) -> None:
-        calls.append(event_id)
-
+    calls, refund = refund_recorder()
     with pytest.raises(ConnectionError):
         await UsageFlusher(redis_client, CrashAfterCommit(billing_store.pool), consumer="c1",
                            tenants_key=tenants_key, on_replay_conflict=refund).flush_once()
@@ -459,11 +466,7 @@ async def test_replay_in_a_new_redis_reusing_the_originals_entry_id_is_refunded(
     the very stream id of the original: the source still tells them apart (replay, ts)."""
     t = new_tenant_id()
     await add_tenant(billing_store, redis_client, tenants_key, t)
-    calls: list[str] = []
-
-    async def refund(tenant: str, event_id: str, cost: int) -> None:
-        calls.append(event_id)
-
+    calls, refund = refund_recorder()
     flusher = UsageFlusher(redis_client, billing_store, consumer="c1", tenants_key=tenants_key,
                            on_replay_conflict=refund)
     await xadd(redis_client, t, "s", 1, 100, entry_id="1000-0")
@@ -490,11 +493,7 @@ async def test_rows_without_a_source_fall_back_to_occurred_at(
     ])
     await xadd(redis_client, t, "s", 1, 10, replay=True, ts=TS + 1)  # the inserting entry
     await xadd(redis_client, t, "s", 2, 20, replay=True, ts=TS + 9)  # a later replay
-    calls: list[str] = []
-
-    async def refund(tenant: str, event_id: str, cost: int) -> None:
-        calls.append(event_id)
-
+    calls, refund = refund_recorder()
     flusher = UsageFlusher(redis_client, billing_store, consumer="c1", tenants_key=tenants_key,
                            on_replay_conflict=refund)
     assert await flusher.flush_once() == 2

@@ -104,6 +104,33 @@ async def stop_streaming(stop: asyncio.Event, senders: list[asyncio.Task[int]]) 
     await asyncio.wait_for(asyncio.gather(*senders, return_exceptions=True), 15)
 
 
+@dataclass
+class Streams:
+    lives: list[Live]
+    stop: asyncio.Event
+    senders: list[asyncio.Task[int]]
+
+    async def halt(self) -> None:
+        await stop_streaming(self.stop, self.senders)
+
+
+@contextlib.asynccontextmanager
+async def streaming(srv: ServerProcess, tenant: Tenant, count: int) -> AsyncIterator[Streams]:
+    """`count` sessions streaming real-time audio until halted, each with two usage reports in
+    on entry; on exit the senders are halted and every session's socket closed."""
+    lives = [await Live.open(srv, tenant) for _ in range(count)]
+    stop = asyncio.Event()
+    streams = Streams(lives, stop, await stream_all(lives, stop))
+    try:
+        for live in lives:
+            await live.wait_for(lambda s: len(s.of("usage")) >= 2, 15)
+        yield streams
+    finally:
+        await streams.halt()
+        for live in lives:
+            await live.aclose()
+
+
 def errors_of(live: Live) -> list[dict[str, Any]]:
     return [m for m in live.msgs if m["type"] == "error"]
 
@@ -117,18 +144,12 @@ async def test_server_killed_mid_session_is_settled_by_another_server(
     async with billing_servers(redis_url, fresh_database, 10) as env:
         srv1, admin = env.start()
         tenant = admin.tenant(funded=FUNDED)
-        live = await Live.open(srv1, tenant)
-        stop = asyncio.Event()
-        senders = await stream_all([live], stop)
-        try:
-            await live.wait_for(lambda s: len(s.of("usage")) >= 2, 15)
+        async with streaming(srv1, tenant, 1) as streams:
+            [live] = streams.lives
             srv1.proc.send_signal(signal.SIGKILL)
             assert await asyncio.to_thread(srv1.proc.wait, 10) == -signal.SIGKILL
-            await stop_streaming(stop, senders)
+            await streams.halt()
             await live.wait_closed()
-        finally:
-            await stop_streaming(stop, senders)
-            await live.aclose()
         # Nobody can touch the lease now: its charge is the last usage the dead server reported.
         r = aioredis.from_url(env.redis_url)
         try:
@@ -249,12 +270,8 @@ async def test_postgres_down_30s_sessions_go_on_and_nothing_is_lost(
     async with billing_servers(redis_url, fresh_database, 12) as env:
         srv, admin = env.start()
         tenant = admin.tenant(funded=FUNDED)
-        lives = [await Live.open(srv, tenant) for _ in range(3)]
-        stop = asyncio.Event()
-        senders = await stream_all(lives, stop)
-        try:
-            for live in lives:
-                await live.wait_for(lambda s: len(s.of("usage")) >= 2, 15)
+        async with streaming(srv, tenant, 3) as streams:
+            lives = streams.lives
             before = [len(live.of("usage")) for live in lives]
             await asyncio.to_thread(pg_server.stop)
             try:
@@ -264,12 +281,8 @@ async def test_postgres_down_30s_sessions_go_on_and_nothing_is_lost(
             finally:
                 await asyncio.to_thread(pg_server.start)
             await asyncio.sleep(2)
-            await stop_streaming(stop, senders)
+            await streams.halt()
             summaries = [await live.close() for live in lives]
-        finally:
-            await stop_streaming(stop, senders)
-            for live in lives:
-                await live.aclose()
         for live, b, d in zip(lives, before, during, strict=True):
             assert errors_of(live) == []
             assert d - b >= 40, (b, d)  # every 0.5 s, from the lease, while Postgres was down
@@ -294,12 +307,8 @@ async def test_redis_restart_sessions_go_on_and_reports_are_replayed(
     async with billing_servers(redis_url, fresh_database, 13) as env:
         srv, admin = env.start()
         tenant = admin.tenant(funded=FUNDED)
-        lives = [await Live.open(srv, tenant) for _ in range(3)]
-        stop = asyncio.Event()
-        senders = await stream_all(lives, stop)
-        try:
-            for live in lives:
-                await live.wait_for(lambda s: len(s.of("usage")) >= 2, 15)
+        async with streaming(srv, tenant, 3) as streams:
+            lives = streams.lives
             # Some events already in Postgres: their replays must conflict and be refunded.
             deadline = time.monotonic() + 10
             while (await pg_state(env.dsn, tenant.tenant_id)).events < 3:
@@ -309,12 +318,8 @@ async def test_redis_restart_sessions_go_on_and_reports_are_replayed(
             await asyncio.to_thread(redis_server.restart)
             await asyncio.sleep(4)
             after = [len(live.of("usage")) for live in lives]
-            await stop_streaming(stop, senders)
+            await streams.halt()
             summaries = [await live.close() for live in lives]
-        finally:
-            await stop_streaming(stop, senders)
-            for live in lives:
-                await live.aclose()
         for live, b, a in zip(lives, before, after, strict=True):
             assert errors_of(live) == []
             assert a - b >= 4, (b, a)

@@ -90,3 +90,44 @@ local function close_lease(wallet_key, lease_key, leases_key, settled_key, lease
   redis.call('SET', settled_key, fmt(released) .. ' ' .. fmt(lease.charged), 'PX', '86400000')
   return released
 end
+
+-- REPORT, SETTLE: charge cumulative usage as the delta since the lease's last report. Cumulative
+-- values only grow; a smaller one is a client bug that would credit the tenant.
+local function charge_cumulative(wallet_key, stream_key, wallet, lease, seq, cum_units, cum_cost,
+                                 now)
+  if cum_cost < lease.charged or cum_units < lease.units then
+    error('ERR billing: cumulative usage went backwards')
+  end
+  return charge(wallet_key, stream_key, wallet, lease, seq, cum_units - lease.units,
+    cum_cost - lease.charged, '0', now)
+end
+
+-- REPORT, REPLAY: the wallet and the lease to charge. Returns wallet, lease, spendable, status:
+-- status is nil when the lease is live, else 'settled' (tombstoned) or 'unknown' (Redis lost the
+-- lease, or it was stale and is dropped here); spendable is the wallet's, 0 without a wallet.
+local function open_lease(wallet_key, lease_key, leases_key, settled_key, lease_id)
+  local wallet = load_wallet(wallet_key)
+  local spendable = 0
+  if wallet ~= nil then
+    spendable = wallet.spendable
+  end
+  if redis.call('EXISTS', settled_key) == 1 then
+    return wallet, nil, spendable, 'settled'
+  end
+  local lease = load_lease(lease_key)
+  if lease == nil then
+    return wallet, nil, spendable, 'unknown'
+  end
+  if lease_is_stale(wallet, lease) then
+    drop_lease(lease_key, leases_key, lease_id)
+    return wallet, nil, spendable, 'unknown'
+  end
+  return wallet, lease, spendable, nil
+end
+
+-- REPORT, REPLAY: save the charged lease with its new ttl and push its expiry to now + ttl_ms.
+local function refresh_lease(lease_key, leases_key, lease_id, lease, ttl_ms, now)
+  lease.ttl_ms = ttl_ms
+  save_lease(lease_key, lease)
+  redis.call('ZADD', leases_key, fmt(now + ttl_ms), lease_id)
+end

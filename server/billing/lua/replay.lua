@@ -24,21 +24,9 @@ for i = 1, n do
   events[i] = ev
 end
 
-local wallet = load_wallet(KEYS[1])
-local spendable = 0
-if wallet ~= nil then
-  spendable = wallet.spendable
-end
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  return { 'settled', 0, spendable, 0, 0 }
-end
-local lease = load_lease(KEYS[2])
-if lease == nil then
-  return { 'unknown', 0, spendable, 0, 0 }
-end
-if lease_is_stale(wallet, lease) then
-  drop_lease(KEYS[2], KEYS[3], lease_id)
-  return { 'unknown', 0, spendable, 0, 0 }
+local wallet, lease, spendable, status = open_lease(KEYS[1], KEYS[2], KEYS[3], KEYS[4], lease_id)
+if status ~= nil then
+  return { status, 0, spendable, 0, 0 }
 end
 
 local now = now_ms()
@@ -53,7 +41,5 @@ end
 if applied == 0 then
   return { 'duplicate', lease.granted - lease.charged, spendable, lease.granted, 0 }
 end
-lease.ttl_ms = ttl_ms
-save_lease(KEYS[2], lease)
-redis.call('ZADD', KEYS[3], fmt(now + ttl_ms), lease_id)
+refresh_lease(KEYS[2], KEYS[3], lease_id, lease, ttl_ms, now)
 return { 'ok', lease.granted - lease.charged, spendable, lease.granted, applied }

@@ -12,33 +12,16 @@ local topup_want = int(ARGV[5], 'topup_want')
 local low_water = int(ARGV[6], 'low_water')
 local ttl_ms = int(ARGV[7], 'ttl_ms')
 
-local wallet = load_wallet(KEYS[1])
-local spendable = 0
-if wallet ~= nil then
-  spendable = wallet.spendable
-end
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  return { 'settled', 0, spendable, 0, 0 }
-end
-local lease = load_lease(KEYS[2])
-if lease == nil then
-  return { 'unknown', 0, spendable, 0, 0 }
-end
-if lease_is_stale(wallet, lease) then
-  drop_lease(KEYS[2], KEYS[3], lease_id)
-  return { 'unknown', 0, spendable, 0, 0 }
+local wallet, lease, spendable, status = open_lease(KEYS[1], KEYS[2], KEYS[3], KEYS[4], lease_id)
+if status ~= nil then
+  return { status, 0, spendable, 0, 0 }
 end
 if seq <= lease.seq then
   return { 'duplicate', lease.granted - lease.charged, spendable, lease.granted, 0 }
 end
--- Cumulative values only grow; a smaller one is a client bug that would credit the tenant.
-if cum_cost < lease.charged or cum_units < lease.units then
-  error('ERR billing: cumulative usage went backwards')
-end
 
 local now = now_ms()
-spendable = charge(KEYS[1], KEYS[5], wallet, lease, seq, cum_units - lease.units,
-  cum_cost - lease.charged, '0', now)
+spendable = charge_cumulative(KEYS[1], KEYS[5], wallet, lease, seq, cum_units, cum_cost, now)
 local topped_up = 0
 if lease.granted - lease.charged < low_water then
   topped_up = math.min(topup_want, spendable + wallet.overdraft)
@@ -49,7 +32,5 @@ if lease.granted - lease.charged < low_water then
     topped_up = 0
   end
 end
-lease.ttl_ms = ttl_ms
-save_lease(KEYS[2], lease)
-redis.call('ZADD', KEYS[3], fmt(now + ttl_ms), lease_id)
+refresh_lease(KEYS[2], KEYS[3], lease_id, lease, ttl_ms, now)
 return { 'ok', lease.granted - lease.charged, spendable, lease.granted, topped_up }

@@ -24,11 +24,7 @@ if lease_is_stale(wallet, lease) then
   return { 'unknown', 0, 0 }
 end
 if seq > lease.seq then
-  if cum_cost < lease.charged or cum_units < lease.units then
-    error('ERR billing: cumulative usage went backwards')
-  end
-  charge(KEYS[1], KEYS[5], wallet, lease, seq, cum_units - lease.units,
-    cum_cost - lease.charged, '0', now_ms())
+  charge_cumulative(KEYS[1], KEYS[5], wallet, lease, seq, cum_units, cum_cost, now_ms())
 end
 local released = close_lease(KEYS[1], KEYS[2], KEYS[3], KEYS[4], lease_id, wallet, lease)
 return { 'ok', released, lease.charged }
