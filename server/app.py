@@ -30,6 +30,7 @@ from server.http.auth import install_api_auth
 from server.http.llm import add_llm_routes
 from server.http.openapi import add_openapi_route
 from server.http.speech import add_speech_routes
+from server.http.vision import add_vision_routes
 from server.models.base import Synthesizer, Transcriber
 from server.models.registry import aclose_all, build_transcribers, start_all
 from server.models.tts_registry import aclose_all as close_synthesizers
@@ -114,6 +115,7 @@ class Gateway:
         add_speech_routes(app, asr=asr_endpoint, tts=tts_endpoint)
         self.requests = self.billing if self.billing is not None else UnmeteredRequests()
         add_llm_routes(app, config=cfg.llm, metrics=self.metrics, requests=self.requests)
+        add_vision_routes(app, config=cfg.vision, metrics=self.metrics, requests=self.requests)
         if self.billing is not None:
             self.admin_token = cfg.billing.admin_token or secrets.token_urlsafe(24)
             add_admin_routes(app, self.billing, self.admin_token)

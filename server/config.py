@@ -339,6 +339,8 @@ class VisionConfig(Base):
     extraction_attempts: int = 3  # answers asked of one model: the first plus repairs
     max_vlm_pages: int = 4  # page images sent to the vision model
     max_text_chars: int = 30000  # OCR text sent to the text model
+    idempotency_ttl_s: float = 3600.0  # answers kept for Idempotency-Key replays...
+    idempotency_max_entries: int = 256  # ...at most this many (a long PDF's answer is MBs)
     vlm: VisionUpstreamConfig = msgspec.field(default_factory=VisionUpstreamConfig)
     text_model: VisionUpstreamConfig = msgspec.field(default_factory=VisionUpstreamConfig)
 
