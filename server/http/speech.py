@@ -86,18 +86,30 @@ def _final_error(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 async def _body_chunks(request: web.Request, query: dict[str, str]) -> AsyncIterator[bytes]:
     if request.content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        async for part in reader:
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "file":
-                while chunk := await part.read_chunk(FRAME):
-                    yield chunk
-                return
-            query[part.name or ""] = (await part.text())[:100]
-        raise ApiError(400, "bad_request", "multipart body without a `file` part")
+        try:
+            async for chunk in _multipart_chunks(request, query):
+                yield chunk
+        except ApiError:
+            raise
+        except Exception as exc:  # aiohttp's parser raises assorted errors on bad input
+            raise ApiError(400, "bad_request", f"malformed multipart body: {exc}"[:200]) from None
+        return
     async for chunk in request.content.iter_chunked(FRAME):
         yield chunk
+
+
+async def _multipart_chunks(request: web.Request, query: dict[str, str]
+                            ) -> AsyncIterator[bytes]:
+    reader = await request.multipart()
+    async for part in reader:
+        if not isinstance(part, BodyPartReader):
+            continue
+        if part.name == "file":
+            while chunk := await part.read_chunk(FRAME):
+                yield chunk
+            return
+        query[part.name or ""] = (await part.text())[:100]
+    raise ApiError(400, "bad_request", "multipart body without a `file` part")
 
 
 def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoint) -> None:
@@ -161,7 +173,18 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
                 or not body["text"].strip():
             raise ApiError(400, "bad_request", "`text` (a non-empty string) is required")
         if len(body["text"]) > TEXT_LIMIT:
-            raise ApiError(413, "too_large", f"text longer than {TEXT_LIMIT} characters")
+            raise ApiError(400, "bad_request", f"text longer than {TEXT_LIMIT} characters")
+        try:
+            body["text"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "bad_request", "text is not valid Unicode") from None
+        for name in ("model", "voice", "language", "encoding"):
+            value = body.get(name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ApiError(400, "bad_request", f"`{name}` must be a non-empty string")
+        rate = body.get("sample_rate")
+        if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool)):
+            raise ApiError(400, "bad_request", "`sample_rate` must be an integer")
         query = {k: str(body[k]) for k in ("model", "voice", "language", "encoding",
                                            "sample_rate") if body.get(k) is not None}
         query.setdefault("encoding", "wav")
@@ -190,8 +213,11 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
         error = _final_error(wire.messages)
         if not started:
             if error is not None:
-                raise ApiError(402 if wire.close_code == 4002 else 502, error["code"],
-                               error["message"])
+                # An engine refusing the input for good (unknown voice, text it cannot speak)
+                # is the request's fault; a retryable failure is the upstream's.
+                status = 402 if wire.close_code == 4002 else (
+                    502 if error.get("retryable") else 400)
+                raise ApiError(status, error["code"], error["message"])
             await response.prepare(request)
         await response.write_eof()
         return response
@@ -223,14 +249,17 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
         "security": [{"bearer": []}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["text"],
-            "properties": {"text": {"type": "string", "minLength": 1},
-                           "model": {"type": "string"}, "voice": {"type": "string"},
-                           "language": {"type": "string"},
+            "properties": {"text": {"type": "string", "minLength": 1, "maxLength": TEXT_LIMIT},
+                           "model": {"type": "string", "minLength": 1, "nullable": True},
+                           "voice": {"type": "string", "minLength": 1, "nullable": True},
+                           "language": {"type": "string", "minLength": 1, "nullable": True},
                            "encoding": {"type": "string",
-                                        "enum": ["wav", "pcm_s16le", "mulaw", "alaw"]},
+                                        "enum": ["wav", "pcm_s16le", "mulaw", "alaw", None],
+                                        "nullable": True},
                            "sample_rate": {"type": "integer", "minimum": 8000,
-                                           "maximum": 48000}}}}}},
+                                           "maximum": 48000, "nullable": True}}}}}},
         "responses": {"200": {"description": "audio", "content": {
-            "audio/wav": {"schema": {"type": "string", "format": "binary"}}}},
+            ctype: {"schema": {"type": "string", "format": "binary"}}
+            for ctype in ("audio/wav", "audio/l16", "audio/basic", "audio/x-alaw")}},
                       **error_responses(400, 401, 402, 413, 429, 502, 503)},
     })
