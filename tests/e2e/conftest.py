@@ -78,11 +78,13 @@ def start_server(extra_env: dict[str, str] | None = None) -> ServerProcess:
         for line in proc.stderr:
             stderr_lines.append(line.rstrip("\n"))
 
-    threading.Thread(target=pump, daemon=True).start()
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
     line = proc.stdout.readline()
     if not line:
-        proc.wait(10)
-        raise RuntimeError("server did not start:\n" + "\n".join(stderr_lines[-30:]))
+        code = proc.wait(10)
+        pumper.join(5)  # the process is gone: collect what it said before failing
+        raise RuntimeError(f"server did not start (exit {code}):\n" + "\n".join(stderr_lines[-30:]))
     info = json.loads(line)
     return ServerProcess(proc, info["ws_port"], info["http_port"], stderr_lines)
 
