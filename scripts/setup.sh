@@ -104,6 +104,6 @@ fi
 # --- project install ------------------------------------------------------------------------------
 if [[ ! -f "$STAMP" || "$ROOT/pyproject.toml" -nt "$STAMP" ]]; then
     log "installing streamgate and its dev dependencies into $VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev,load]"
     touch "$STAMP"
 fi

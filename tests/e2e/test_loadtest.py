@@ -1,0 +1,125 @@
+"""Smoke tests of the load tools against a real server: the swarm (ASR and TTS scenarios, a few
+seconds each) and a short headless locust run (skipped when locust, the `load` extra, is not
+installed). They check that the tools measure what they claim, not how fast the server is."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import ROOT, TEST_KEY, ServerProcess, start_server
+
+pytestmark = pytest.mark.e2e
+
+# Telephony (once wired) answers with the synthetic TTS model, as in test_telephony_e2e.py.
+ENV = {"STREAMGATE_TELEPHONY__TTS_MODEL": "synthetic",
+       "STREAMGATE_TELEPHONY__AGENT__KIND": "echo",
+       "STREAMGATE_TTS__SESSION__DEFAULT_MODEL": "synthetic"}
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[ServerProcess]:
+    server = start_server(ENV)
+    yield server
+    code = server.stop()
+    tail = "\n".join(server.stderr_lines[-40:])
+    assert code == 0, f"server exited with {code}:\n{tail}"
+
+
+def run_swarm(srv: ServerProcess, tmp_path: Path, scenario: str) -> dict[str, Any]:
+    path = tmp_path / "scenario.toml"
+    path.write_text(scenario)
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest.swarm", "--scenario", str(path), "--url", srv.ws,
+         "--key", TEST_KEY, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=40)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "report.png").stat().st_size > 10_000
+    return report
+
+
+def test_swarm_asr_telephony(srv: ServerProcess, tmp_path: Path) -> None:
+    r = run_swarm(srv, tmp_path, """
+name = "smoke_asr"
+kind = "asr"
+sessions = 20
+ramp_per_s = 100
+duration_s = 5
+encoding = "mulaw"
+sample_rate = 8000
+chunk_ms = 20
+[params]
+vad = "medium"
+interim_results = "false"
+""")
+    s = r["sessions"]
+    assert (s["started"], s["completed"], s["errors"]) == (20, 20, 0), s
+    assert r["server_errors"] == {}
+    # 20 sessions x 50 frames/s for ~5 s, every frame eventually credited.
+    assert r["frames"]["sent"] > 20 * 50 * 4
+    assert r["frames"]["credited"] > 0.9 * r["frames"]["sent"]
+    lat = r["latency_ms"]
+    # tests/e2e/server.toml: a 500 ms credit window, credit per quarter of it (125 ms).
+    assert 0 < lat["frame_to_credit"]["p50"] < lat["frame_to_credit"]["p99"] < 1000
+    assert lat["credit_lag"]["p99"] < 500
+    # Finals come after endpointing_ms (500) of silence, and not long after it.
+    assert 400 < lat["final_after_end_of_speech"]["p50"] < 3000
+    assert lat["final_after_end_of_speech"]["count"] >= 20
+    assert r["summary_audio_ms"] > 20 * 4000 and r["summary_dropped_ms"] == 0
+    rows = r["timeline"]
+    assert len(rows) >= 4 and max(row["active"] for row in rows) == 20
+
+
+def test_swarm_tts(srv: ServerProcess, tmp_path: Path) -> None:
+    r = run_swarm(srv, tmp_path, """
+name = "smoke_tts"
+kind = "tts"
+sessions = 10
+ramp_per_s = 100
+duration_s = 3
+pause_s = 0.3
+texts = ["Hello there. How are you today?"]
+""")
+    s = r["sessions"]
+    assert (s["completed"], s["errors"]) == (10, 0), s
+    assert r["tts_turns"] >= 10 and r["frames"]["audio_bytes_in"] > 0
+    ttfa = r["latency_ms"]["tts_time_to_first_audio"]
+    assert ttfa["count"] >= 10 and 0 < ttfa["p50"] < 1000
+
+
+def test_locust_headless(srv: ServerProcess, tmp_path: Path) -> None:
+    if importlib.util.find_spec("locust") is None:
+        pytest.skip("locust is not installed (optional extra: pip install -e '.[load]')")
+    prefix = tmp_path / "locust"
+    env = {**os.environ, "STREAMGATE_API_KEY": TEST_KEY, "LOADTEST_UTTERANCES": "1",
+           "LOADTEST_TURNS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless",
+         "-u", "10", "-r", "10", "-t", "8s", "--host", srv.ws, "--csv", str(prefix),
+         "--only-summary"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    with open(f"{prefix}_stats.csv", newline="") as fh:
+        stats = {row["Name"]: row for row in csv.DictReader(fh) if row["Type"] == "WS"}
+    expected = ["asr session", "asr time to first transcript",
+                "asr final latency after end of speech", "tts session", "tts time to first audio"]
+    if "answers 404" not in output:  # the Twilio endpoint is wired: its user ran too
+        expected += ["twilio call", "twilio time to first agent audio"]
+    for name in expected:
+        assert name in stats, (name, sorted(stats), output)
+        assert int(stats[name]["Request Count"]) > 0, stats[name]
+        assert int(stats[name]["Failure Count"]) == 0, stats[name]
+    assert 400 < float(stats["asr final latency after end of speech"]["Median Response Time"])
