@@ -9,8 +9,9 @@ synthesized audio streams back as it is produced, paced by what the HTTP respons
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -19,6 +20,7 @@ from websockets.datastructures import Headers
 from server.http.auth import principal
 from server.http.errors import ApiError
 from server.http.openapi import error_responses, register
+from server.llm.idempotency import IdempotencyCache, IdempotencyConflict
 from server.sessions.asr_runner import AsrEndpoint
 from server.sessions.tts_runner import TtsEndpoint
 from server.ws.connection import SessionHandler
@@ -29,6 +31,9 @@ RAW_TYPES = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav",
              "audio/basic": "mulaw", "audio/x-mulaw": "mulaw", "audio/pcmu": "mulaw",
              "audio/x-alaw": "alaw", "audio/pcma": "alaw", "audio/l16": "pcm_s16le"}
 TEXT_LIMIT = 100_000
+REPLAY_LIMIT = 8 * 1024 * 1024  # synthesized audio kept for an Idempotency-Key replay
+# A response, and what an Idempotency-Key replay answers ("<content type>\n<body>"), if kept.
+Answer = tuple[web.StreamResponse, bytes | None]
 
 
 class HttpWire:
@@ -112,8 +117,59 @@ async def _multipart_chunks(request: web.Request, query: dict[str, str]
     raise ApiError(400, "bad_request", "multipart body without a `file` part")
 
 
-def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoint) -> None:
-    async def transcribe(request: web.Request) -> web.Response:
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 0 < len(key) <= 255:
+        raise ApiError(400, "bad_request", "Idempotency-Key must be 1-255 characters")
+    return key
+
+
+def _fingerprint(request: web.Request, extra: bytes = b"") -> str:
+    """What identifies a retry of a streamed upload without reading it first: the route, its
+    parameters, the declared type and length (a client reusing a key promises the same body)."""
+    digest = hashlib.sha256(request.path_qs.encode())
+    for header in ("Content-Type", "Content-Length"):
+        digest.update(b"\x00" + request.headers.get(header, "").encode())
+    digest.update(b"\x00" + extra)
+    return digest.hexdigest()
+
+
+def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoint,
+                      replies: IdempotencyCache | None = None) -> None:
+    cache = replies or IdempotencyCache(ttl_s=3600.0, max_entries=1024)
+
+    async def idempotent(request: web.Request, run: Callable[[], Awaitable[Answer]],
+                         extra: bytes = b"") -> web.StreamResponse:
+        """Idempotency-Key: a retry gets the first answer back and is not charged again; a
+        concurrent duplicate waits for it. Only charged successes are kept."""
+        key = _idempotency_key(request)
+        if key is None:
+            return (await run())[0]
+        caller = await principal(request)
+        try:
+            async with cache.claim((caller.tenant_id, request.path, key),
+                                   _fingerprint(request, extra)) as claim:
+                if claim.replay is not None:
+                    ctype, _, body = claim.replay.body.partition(b"\n")
+                    return web.Response(status=claim.replay.status, body=body,
+                                        content_type=ctype.decode(),
+                                        headers={"Idempotent-Replayed": "true"})
+                response, kept = await run()
+                if response.status == 200 and kept is not None:
+                    claim.store(200, kept)
+                return response
+        except IdempotencyConflict:
+            raise ApiError(409, "idempotency_conflict",
+                           "this Idempotency-Key was used with a different request") from None
+
+    async def transcribe_route(request: web.Request) -> web.StreamResponse:
+        return await idempotent(request, lambda: transcribe(request))
+
+    async def synthesize_route(request: web.Request) -> web.StreamResponse:
+        body = await request.read()  # small JSON: part of the fingerprint
+        return await idempotent(request, lambda: synthesize(request, body), body)
+
+    async def transcribe(request: web.Request) -> Answer:
         caller = await principal(request)
         query = dict(request.query)
         kind = RAW_TYPES.get(request.content_type.lower())
@@ -155,18 +211,20 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
             raise ApiError(status, error["code"], error["message"])
         finals = [m for m in wire.messages if m["type"] == "transcript" and m["is_final"]]
         summary = next((m for m in wire.messages if m["type"] == "summary"), {})
-        return web.json_response({
+        response = web.json_response({
             "text": " ".join(f["text"] for f in finals if f["text"]).strip(),
             "utterances": [{k: f[k] for k in ("utterance_id", "text", "start_ms", "end_ms",
                                               "words")} for f in finals],
             "audio_ms": summary.get("audio_ms", 0),
             "cost_micros": summary.get("cost_micros", 0),
         })
+        assert isinstance(response.body, bytes)
+        return response, b"application/json\n" + response.body
 
-    async def synthesize(request: web.Request) -> web.StreamResponse:
+    async def synthesize(request: web.Request, raw: bytes) -> Answer:
         caller = await principal(request)
         try:
-            body = json.loads(await request.read())
+            body = json.loads(raw)
         except ValueError:
             raise ApiError(400, "bad_request", "body must be JSON") from None
         if not isinstance(body, dict) or not isinstance(body.get("text"), str) \
@@ -199,12 +257,19 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
                         "pcm_s16le": "audio/l16"}[query["encoding"]]
         response = web.StreamResponse(headers={"Content-Type": content_type})
         started = False
+        kept: list[bytes] | None = []  # for Idempotency-Key replays, up to REPLAY_LIMIT
+        size = 0
         try:
             while (chunk := await wire.audio.get()) is not None:
                 if not started:
                     await response.prepare(request)
                     started = True
                 await response.write(chunk)
+                size += len(chunk)
+                if kept is not None and size <= REPLAY_LIMIT:
+                    kept.append(chunk)
+                else:
+                    kept = None
                 # Written: the client took it, so the session may produce that much more.
                 handler.on_text(json.dumps({"type": "credit", "bytes": len(chunk)}).encode())
         finally:
@@ -220,10 +285,12 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
                 raise ApiError(status, error["code"], error["message"])
             await response.prepare(request)
         await response.write_eof()
-        return response
+        if kept is None or error is not None:
+            return response, None
+        return response, content_type.encode() + b"\n" + b"".join(kept)
 
-    app.router.add_post("/v1/asr/transcribe", transcribe)
-    app.router.add_post("/v1/tts/synthesize", synthesize)
+    app.router.add_post("/v1/asr/transcribe", transcribe_route)
+    app.router.add_post("/v1/tts/synthesize", synthesize_route)
     register(app, "/v1/asr/transcribe", "post", {
         "summary": "transcribe a recording (WAV, PCM16, mu-law, A-law), streamed through VAD",
         "security": [{"bearer": []}],

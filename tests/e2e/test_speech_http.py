@@ -111,3 +111,21 @@ def test_synthesize_errors(server: ServerProcess) -> None:
                            json.dumps({"text": "hi", "model": "nope"}).encode(),
                            {**AUTH, "Content-Type": "application/json"})
     assert status == 400
+
+
+def test_idempotency_key_replays_without_charging_again(server: ServerProcess) -> None:
+    headers = {**AUTH, "Content-Type": "audio/wav", "Idempotency-Key": uuid.uuid4().hex}
+    url = f"{server.http}/v1/asr/transcribe?model=synthetic"
+    first = post(url, speech_wav(), headers)
+    again = post(url, speech_wav(), headers)
+    assert first[0] == again[0] == 200
+    assert again[2] == first[2] and again[1].get("Idempotent-Replayed") == "true"
+    assert "Idempotent-Replayed" not in first[1]
+    other = post(f"{url}&language=en-GB", speech_wav(), headers)  # same key, other request
+    assert other[0] == 409 and json.loads(other[2])["error"]["code"] == "idempotency_conflict"
+    tts_headers = {**AUTH, "Content-Type": "application/json", "Idempotency-Key": "tts-1"}
+    body = json.dumps({"text": "Say it once.", "model": "synthetic"}).encode()
+    one = post(f"{server.http}/v1/tts/synthesize", body, tts_headers)
+    two = post(f"{server.http}/v1/tts/synthesize", body, tts_headers)
+    assert one[0] == two[0] == 200 and one[2] == two[2] and len(one[2]) > 44
+    assert two[1].get("Idempotent-Replayed") == "true"
