@@ -21,6 +21,7 @@ from server.config import LlmProviderConfig
 from server.llm.schema import UpstreamChunk, UpstreamCompletion
 from server.llm.sse import SseError, SseParser
 from server.models.breaker import CircuitBreaker
+from server.models.retry import retry_after_seconds
 
 # A chat completion is kilobytes; an upstream sending this much is not answering the question.
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
@@ -49,13 +50,6 @@ class AttemptFailed(Exception):
 class StreamChunk:
     data: dict[str, Any]  # the event as sent (re-encoded for the client after edits)
     chunk: UpstreamChunk  # its validated view
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return None if value is None else max(0.0, float(value))
-    except ValueError:
-        return None  # HTTP-date form: plain backoff applies
 
 
 def parse_completion(body: bytes) -> tuple[dict[str, Any], UpstreamCompletion]:
@@ -147,7 +141,7 @@ class Provider:
             detail = ""
         finally:
             resp.close()
-        status, retry_after = resp.status, _retry_after(resp.headers.get("Retry-After"))
+        status, retry_after = resp.status, retry_after_seconds(resp.headers.get("Retry-After"))
         message = f"{self.name}: HTTP {status}: {detail[:300]}"
         if status == 429 or status >= 500:
             raise AttemptFailed("retryable", message, retry_after=retry_after, status=status)

@@ -36,6 +36,7 @@ from server.audio.text_chunker import count_tokens
 from server.config import UpstreamTtsConfig
 from server.models.base import EngineError, EngineUnavailable
 from server.models.breaker import BreakerState, CircuitBreaker
+from server.models.retry import Retryable, retry_after_seconds
 from server.models.upstream import MalformedResponse
 
 log = logging.getLogger(__name__)
@@ -45,23 +46,6 @@ READ_BYTES = 8192
 RESPONSE_FORMATS = ("pcm", "wav")
 # Failures of the transport (not of the request): another attempt may pass.
 _TRANSIENT = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
-
-
-class _Retryable(Exception):
-    """An attempt failed before any audio went out, in a way another attempt may not."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # HTTP-date form: plain backoff applies
 
 
 class _PcmDecoder:
@@ -167,7 +151,7 @@ class UpstreamSynthesizer:
                         async for pcm in audio:
                             sent = True
                             yield pcm
-                except _Retryable as exc:
+                except Retryable as exc:
                     self.breaker.record_failure()
                     last = exc
                     log.warning("%s: attempt %d failed: %s", self.name, attempt + 1, exc)
@@ -207,7 +191,7 @@ class UpstreamSynthesizer:
     def _backoff(self, attempt: int, last: Exception | None) -> float:
         delay = self._backoff_s * 2.0 ** (attempt - 1)
         delay *= 0.5 + self._jitter.random() / 2  # spreads retries of sessions failing together
-        if isinstance(last, _Retryable) and last.retry_after is not None:
+        if isinstance(last, Retryable) and last.retry_after is not None:
             delay = max(delay, last.retry_after)
         return min(delay, self.cfg.timeout_s)
 
@@ -217,8 +201,8 @@ class UpstreamSynthesizer:
         headers = {"Content-Type": "application/json"}
         async with session.post(self.endpoint, data=body, headers=headers) as resp:
             if resp.status == 429 or resp.status >= 500:
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
-                raise _Retryable(f"HTTP {resp.status}", retry_after)
+                retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+                raise Retryable(f"HTTP {resp.status}", retry_after)
             if resp.status != 200:
                 snippet = (await resp.content.read(200)).decode("utf-8", "replace")
                 raise EngineError(

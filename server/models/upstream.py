@@ -27,6 +27,7 @@ from server.models.base import (
     WordTiming,
 )
 from server.models.breaker import BreakerState, CircuitBreaker
+from server.models.retry import Retryable, retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -105,23 +106,6 @@ def parse_transcription(body: bytes) -> Hypothesis:
     return Hypothesis(text=data.text.strip(), words=words)
 
 
-class _Retryable(Exception):
-    """An attempt failed in a way another attempt may not (internal to the retry loop)."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # HTTP-date form: not worth parsing, plain backoff applies
-
-
 class UpstreamTranscriber:
     def __init__(self, name: str, cfg: UpstreamModelConfig) -> None:
         if cfg.max_concurrency < 1 or cfg.retries < 0:
@@ -187,7 +171,7 @@ class UpstreamTranscriber:
                     raise EngineUnavailable(f"{self.name}: circuit open") from last
                 try:
                     hyp = await self._attempt(wav, language)
-                except _Retryable as exc:
+                except Retryable as exc:
                     self.breaker.record_failure()
                     last = exc
                     log.warning("%s: attempt %d failed: %s", self.name, attempt + 1, exc)
@@ -211,7 +195,7 @@ class UpstreamTranscriber:
         delay = self.cfg.backoff_s * 2.0 ** (attempt - 1)
         # Jitter spreads the retries of many sessions that failed together.
         delay *= 0.5 + self._jitter.random() / 2
-        if isinstance(last, _Retryable) and last.retry_after is not None:
+        if isinstance(last, Retryable) and last.retry_after is not None:
             delay = max(delay, last.retry_after)
         return min(delay, self.cfg.timeout_s)
 
@@ -231,15 +215,15 @@ class UpstreamTranscriber:
             async with session.post(self.endpoint, data=form) as resp:
                 body = await resp.content.read(MAX_RESPONSE_BYTES + 1)
                 status = resp.status
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
         except TimeoutError as exc:
-            raise _Retryable(f"timed out after {self.cfg.timeout_s} s") from exc
+            raise Retryable(f"timed out after {self.cfg.timeout_s} s") from exc
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise _Retryable(f"connection error: {exc!r}") from exc
+            raise Retryable(f"connection error: {exc!r}") from exc
         except aiohttp.ClientError as exc:
             raise EngineError(f"{self.name}: request failed: {exc!r}", retryable=False) from exc
         if status == 429 or status >= 500:
-            raise _Retryable(f"HTTP {status}", retry_after)
+            raise Retryable(f"HTTP {status}", retry_after)
         if status != 200:
             snippet = body[:200].decode("utf-8", "replace")
             raise EngineError(f"{self.name}: upstream HTTP {status}: {snippet}", retryable=False)

@@ -20,6 +20,7 @@ import msgspec
 
 from server.config import VisionUpstreamConfig
 from server.models.breaker import CircuitBreaker
+from server.models.retry import Retryable, retry_after_seconds
 from server.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,6 @@ class UpstreamError(Exception):
         super().__init__(message)
         self.unavailable = unavailable
         self.healthy = healthy
-
-
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class _Message(msgspec.Struct):
@@ -117,7 +112,7 @@ class ChatUpstream:
                 started = time.perf_counter()
                 try:
                     content = await self._attempt(payload)
-                except _Retryable as exc:
+                except Retryable as exc:
                     self._failed()
                     last = exc
                     log.warning("%s: attempt %d failed: %s", self.name, attempt + 1, exc)
@@ -144,7 +139,7 @@ class ChatUpstream:
     def _backoff(self, attempt: int, last: Exception | None) -> float:
         delay = self.cfg.backoff_s * 2.0 ** (attempt - 1)
         delay *= 0.5 + self._jitter.random() / 2  # spread the retries of many requests
-        if isinstance(last, _Retryable) and last.retry_after is not None:
+        if isinstance(last, Retryable) and last.retry_after is not None:
             delay = max(delay, last.retry_after)
         return min(delay, self.cfg.timeout_s)
 
@@ -159,14 +154,14 @@ class ChatUpstream:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except TimeoutError as exc:
-            raise _Retryable(f"timed out after {self.cfg.timeout_s:g} s") from exc
+            raise Retryable(f"timed out after {self.cfg.timeout_s:g} s") from exc
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise _Retryable(f"connection error: {exc!r}") from exc
+            raise Retryable(f"connection error: {exc!r}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"{self.name}: request failed: {exc!r}",
                                 unavailable=False) from exc
         if status == 429 or status >= 500:
-            raise _Retryable(f"HTTP {status}", _seconds(retry_after))
+            raise Retryable(f"HTTP {status}", retry_after_seconds(retry_after))
         if status != 200:
             snippet = body[:200].decode("utf-8", "replace")
             raise UpstreamError(f"{self.name}: HTTP {status}: {snippet}", unavailable=False,
@@ -183,8 +178,3 @@ class ChatUpstream:
         return completion.choices[0].message.content or ""
 
 
-def _seconds(value: str | None) -> float | None:
-    try:
-        return None if value is None else max(0.0, float(value))
-    except ValueError:
-        return None  # HTTP-date form: plain backoff applies
