@@ -159,6 +159,11 @@ class Endpointer:
     def sample_rate(self) -> int:
         return self._rate
 
+    @property
+    def last_voiced_ms(self) -> int:
+        """End of the latest voiced frame: an open utterance's end can be no earlier."""
+        return self._last_voiced_end * 1000 // self._rate
+
     def process(self, pcm: BytesLike) -> list[VadEvent]:
         """Feed PCM16 LE mono bytes of any length; returns the events they complete."""
         buf: BytesLike

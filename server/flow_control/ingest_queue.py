@@ -8,7 +8,7 @@ refuses or loses a control message.
 from __future__ import annotations
 
 from collections import deque
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, TypeVar, cast
 
 C = TypeVar("C")
 
@@ -66,6 +66,13 @@ class IngestQueue(Generic[C]):
         self._items.clear()
         self.audio_bytes = 0
         self.control_count = 0
+        return items
+
+    def drain_audio(self) -> list[bytes]:
+        """drain() when control_count is 0: every item is audio."""
+        items = cast(list[bytes], list(self._items))
+        self._items.clear()
+        self.audio_bytes = 0
         return items
 
     def __len__(self) -> int:

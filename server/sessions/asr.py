@@ -14,9 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from server.audio.codecs import AudioFormatError, StreamDecoder
-from server.audio.resample import Resampler
-from server.audio.vad import Endpointer, SpeechAudio, SpeechEnd, SpeechStart
+from server.audio.resample import Resampler, UtteranceResampler
+from server.audio.vad import (
+    SAMPLE_RATES,
+    Endpointer,
+    SpeechAudio,
+    SpeechEnd,
+    SpeechStart,
+)
 from server.billing.meter import UsageReport
 from server.config import AsrSessionConfig
 from server.flow_control.credit import CreditWindow
@@ -51,6 +59,10 @@ class CloseAction:
 
 
 _Control = m.Finalize | m.Close
+
+# Speech goes to the engine in chunks of this much audio (the last one of an utterance may be
+# shorter): one resampler call and one invoke-stage hop per chunk instead of per 20 ms frame.
+ENGINE_CHUNK_MS = 100
 State = Literal["open", "closing", "closed"]
 
 
@@ -58,6 +70,7 @@ State = Literal["open", "closing", "closed"]
 class _Utterance:
     utterance_id: int
     start_ms: int
+    audio: UtteranceResampler
     end_ms: int = -1  # set when the VAD (or finalize) ends it
     last_interim: str = ""
 
@@ -124,14 +137,30 @@ class AsrSession:
             params.channels,
             max_header_bytes=self.settings.max_wav_header_bytes,
         )
-        self.resampler: Resampler | None = None  # built once the input rate is certain (WAV)
+        # Built once the input rate is certain (a WAV stream's header says it).
+        self.endpointer: Endpointer | None = None
+        # Only for input rates webrtcvad cannot take (e.g. 22.05 or 44.1 kHz): everything is
+        # resampled to the engine's rate before the VAD. Otherwise the VAD runs at the input
+        # rate and only speech is resampled, per utterance (UtteranceResampler).
+        self.resampler: Resampler | None = None
+        if self.decoder.header_complete:
+            self._build_pipeline()
+
+    def _build_pipeline(self) -> None:
+        rate = self.decoder.sample_rate
+        s = self.settings
+        if rate in SAMPLE_RATES:
+            vad_rate = rate
+        else:
+            vad_rate = self.engine_rate
+            self.resampler = Resampler(rate, vad_rate, s.resample_quality)
         self.endpointer = Endpointer(
-            self.engine_rate,
-            params.vad,
-            frame_ms=self.settings.vad_frame_ms,
-            endpointing_ms=params.endpointing_ms,
-            preroll_ms=self.settings.preroll_ms,
-            max_utterance_ms=self.settings.max_utterance_ms,
+            vad_rate,
+            self.params.vad,
+            frame_ms=s.vad_frame_ms,
+            endpointing_ms=self.params.endpointing_ms,
+            preroll_ms=s.preroll_ms,
+            max_utterance_ms=s.max_utterance_ms,
         )
 
     def start(self) -> None:
@@ -207,7 +236,19 @@ class AsrSession:
 
     def process(self) -> int:
         """Drain the ingest queue: decode, resample, VAD, in one go. Return bytes consumed."""
-        items = self.queue.drain()
+        queue = self.queue
+        if not queue.control_count:
+            # Only audio waiting (the usual case): one decode over all of it.
+            audio = queue.drain_audio()
+            consumed = self._ingest(audio) if audio else 0
+            if consumed:
+                grant = self.credit.consumed(consumed)
+                if grant:
+                    self._events.append(m.Credit(bytes=grant))
+            if self.dropped_bytes:
+                self._report_drops()
+            return consumed
+        items = queue.drain()
         consumed = 0
         run: list[bytes] = []
         for item in items:
@@ -232,39 +273,55 @@ class AsrSession:
         if self.state == "closed":
             return len(data)
         try:
-            samples = self.decoder.decode(data)
+            pcm = self.decoder.decode_pcm(data)
         except AudioFormatError as exc:
             self.fail(4400, "bad_audio", str(exc))
             return len(data)
-        if self.resampler is None:
+        endpointer = self.endpointer
+        if endpointer is None:
             if not self.decoder.header_complete:
                 return len(data)
-            self.resampler = Resampler(
-                self.decoder.sample_rate, self.engine_rate, self.settings.resample_quality
-            )
-        if len(samples):
-            pcm = self.resampler.process(samples).tobytes()
-            self._vad_events(self.endpointer.process(pcm))
+            self._build_pipeline()
+            endpointer = self.endpointer
+            assert endpointer is not None
+        if pcm:
+            resampler = self.resampler
+            if resampler is not None:
+                pcm = resampler.process(np.frombuffer(pcm, dtype=np.int16)).tobytes()
+            self._vad_events(endpointer.process(pcm))
         return len(data)
 
     def _control(self, msg: _Control) -> None:
-        self._vad_events(self.endpointer.force_end())
+        self._force_end()
         if isinstance(msg, m.Close):
             self.state = "closing"
+
+    def _force_end(self) -> None:
+        if self.endpointer is not None:
+            self._vad_events(self.endpointer.force_end())
 
     def _vad_events(self, events: list[SpeechStart | SpeechAudio | SpeechEnd]) -> None:
         for ev in events:
             if isinstance(ev, SpeechAudio):
-                if self._open is not None:
-                    self._requests.append(EngineFeed(self._open.utterance_id, ev.pcm))
+                utt = self._open
+                if utt is not None:
+                    pcm = utt.audio.feed(ev.pcm)
+                    if pcm:
+                        self._requests.append(EngineFeed(utt.utterance_id, pcm))
             elif isinstance(ev, SpeechStart):
                 self.utterance_count += 1
-                self._open = _Utterance(self.utterance_count, ev.at_ms)
+                assert self.endpointer is not None
+                audio = UtteranceResampler(self.endpointer.sample_rate, self.engine_rate,
+                                           self.settings.resample_quality, ENGINE_CHUNK_MS)
+                self._open = _Utterance(self.utterance_count, ev.at_ms, audio)
                 self._events.append(m.SpeechStarted(at_ms=ev.at_ms))
             elif self._open is not None:
                 utt, self._open = self._open, None
                 utt.end_ms = ev.end_ms
                 self._awaiting_final[utt.utterance_id] = utt
+                pcm = utt.audio.finish()
+                if pcm:
+                    self._requests.append(EngineFeed(utt.utterance_id, pcm))
                 self._requests.append(EngineFinish(utt.utterance_id))
 
     # --- results from the invoke stage ----------------------------------------------------------
@@ -281,7 +338,10 @@ class AsrSession:
         if utt is None or not self.params.interim_results or hyp.text == utt.last_interim:
             return
         utt.last_interim = hyp.text
-        end_ms = max(utt.start_ms, self.endpointer.position_ms)
+        # The latest voiced frame, not the read position: a final ends at its last voiced
+        # frame, and an interim must never claim to reach past the final that follows it.
+        voiced = self.endpointer.last_voiced_ms if self.endpointer is not None else 0
+        end_ms = max(utt.start_ms, voiced)
         self._events.append(self._transcript(utt, hyp, final=False, end_ms=end_ms))
 
     def receive_engine_error(self, utterance_id: int, exc: EngineError) -> None:
@@ -376,7 +436,7 @@ class AsrSession:
 
     def end_of_input(self) -> None:
         """The client closed or the server drains: end the open utterance so it gets a final."""
-        self._vad_events(self.endpointer.force_end())
+        self._force_end()
         if self.state == "open":
             self.state = "closing"
 

@@ -165,6 +165,7 @@ class AsrSessionRunner:
         self._steps = 0
         self._top_up: asyncio.Task[None] | None = None  # an immediate report extending the lease
         self._log_extra = {"session_id": machine.session_id, "tenant_id": principal.tenant_id}
+        self._max_outbox = endpoint.config.asr.session.max_outbound_messages
 
     # --- SessionHandler (called from the connection, synchronously) ----------------------------
 
@@ -291,10 +292,15 @@ class AsrSessionRunner:
             # Hold the audio until the lease is extended (or the wallet says no).
             self.conn.pause_reading()
             self._top_up = self.endpoint.server.spawn(self._extend_lease())
-        self._queue_requests(machine.engine_requests())
+        reqs = machine.engine_requests()
+        if reqs:
+            self._queue_requests(reqs)
         self._send_events()
-        if not self._close_if_done():
-            if len(self._outbox) <= self.endpoint.config.asr.session.max_outbound_messages:
+        # An open session with no close pending is never done: skip _close_if_done's questions.
+        done = not (machine.close_action is None and machine.state == "open") \
+            and self._close_if_done()
+        if not done:
+            if len(self._outbox) <= self._max_outbox:
                 return False
             machine.fail(1008, "client_not_reading", "client stopped reading results")
             self._send_events()
@@ -382,8 +388,6 @@ class AsrSessionRunner:
     # --- invoke stage ---------------------------------------------------------------------------
 
     def _queue_requests(self, reqs: list[EngineRequest]) -> None:
-        if not reqs:
-            return
         for req in reqs:
             if isinstance(req, EngineFeed):
                 self._invoke_bytes += len(req.pcm)
@@ -465,13 +469,16 @@ class AsrSessionRunner:
             self._publish_metrics()
 
     def _meter_deltas(self) -> None:
-        accepted, dropped = self.machine.accepted_ms, self.machine.dropped_ms
+        machine = self.machine
+        accepted = machine.accepted_ms
         if accepted > self._metered_ms:
             self.meter.accept(accepted - self._metered_ms)
             self._metered_ms = accepted
-        if dropped > self._metered_dropped_ms:
-            self.meter.drop(dropped - self._metered_dropped_ms)
-            self._metered_dropped_ms = dropped
+        if machine.dropped_bytes:
+            dropped = machine.dropped_ms
+            if dropped > self._metered_dropped_ms:
+                self.meter.drop(dropped - self._metered_dropped_ms)
+                self._metered_dropped_ms = dropped
 
     @property
     def invoke_queue_ms(self) -> int:

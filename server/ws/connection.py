@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -27,6 +28,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamgate.ws")
 
 CLOSE_HANDSHAKE_TIMEOUT_S = 3.0
+_BINARY = Opcode.BINARY
+_OPEN = State.OPEN
+
+
+def frame_header(opcode: int, length: int) -> bytes:
+    """RFC 6455 header of an unmasked, unfragmented server frame (no extensions negotiated).
+
+    Built here rather than by websockets' Frame.serialize: that costs more per credit message
+    than the rest of the ingest path's bookkeeping together, and servers never mask."""
+    if length < 126:
+        return bytes((0x80 | opcode, length))
+    if length < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, length)
+    return struct.pack("!BBQ", 0x80 | opcode, 127, length)
 
 
 def _select_subprotocol(
@@ -62,6 +77,7 @@ class WsConnection(asyncio.Protocol):
         "_frag_op",
         "_frag_parts",
         "_frag_size",
+        "_out",
         "_parser_error_sent",
         "_reading",
         "activity",
@@ -110,6 +126,9 @@ class WsConnection(asyncio.Protocol):
         self._frag_size = 0
         self._parser_error_sent = False
         self._reading = False
+        # Data frames we framed ourselves, written before websockets' own output (a close
+        # frame must follow the data sent before it).
+        self._out: list[bytes] = []
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -126,15 +145,21 @@ class WsConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         p = self.protocol
         p.receive_data(data)
+        session = self.session
         self._reading = True
         try:
             for event in p.events_received():
                 if isinstance(event, Frame):
-                    self._frame(event)
+                    # Audio first: whole binary frames go straight to the session.
+                    if event.opcode is _BINARY and event.fin and session is not None:
+                        self.activity = True
+                        session.on_binary(bytes(event.data))
+                    else:
+                        self._frame(event)
                 elif isinstance(event, Request):
                     self._request(event)
-            if self.session is not None:
-                self.session.on_read_done()
+            if session is not None:
+                session.on_read_done()
         finally:
             self._reading = False
         self.flush()
@@ -241,12 +266,14 @@ class WsConnection(asyncio.Protocol):
     # --- outbound -----------------------------------------------------------------------------
 
     def send_text(self, data: bytes) -> None:
-        if self.protocol.state is State.OPEN:
-            self.protocol.send_text(data)
+        if self.protocol.state is _OPEN:
+            self._out.append(frame_header(0x1, len(data)) + data)
 
     def send_binary(self, data: bytes) -> None:
-        if self.protocol.state is State.OPEN:
-            self.protocol.send_binary(data)
+        if self.protocol.state is _OPEN:
+            out = self._out
+            out.append(frame_header(0x2, len(data)))
+            out.append(data)
 
     def send_ping(self, now: float) -> None:
         if self.protocol.state is State.OPEN:
@@ -271,7 +298,8 @@ class WsConnection(asyncio.Protocol):
             self.transport.abort()
 
     def flush(self) -> None:
-        """Write what the protocol produced; an empty chunk means "close the TCP connection".
+        """Write what we framed and what the protocol produced; an empty chunk from the protocol
+        means "close the TCP connection".
 
         Inside data_received this waits for the end of the read: one write per read."""
         if self._reading:
@@ -280,14 +308,24 @@ class WsConnection(asyncio.Protocol):
         if p.parser_exc is not None and not self._parser_error_sent:
             self._parser_failed(p.parser_exc)
         chunks = p.data_to_send()
-        if not chunks or self.transport is None:
+        out = self._out
+        if not out and not chunks:
             return
-        eof = not chunks[-1]
-        payload = b"".join(chunks)
+        transport = self.transport
+        if transport is None:
+            out.clear()
+            return
+        eof = bool(chunks) and not chunks[-1]
+        if out:
+            out.extend(chunks)
+            payload = b"".join(out)
+            out.clear()
+        else:
+            payload = b"".join(chunks)
         if payload:
-            self.transport.write(payload)
+            transport.write(payload)
         if eof:
-            self.transport.close()
+            transport.close()
 
     def _parser_failed(self, exc: Exception) -> None:
         """websockets already queued its close frame; put our `error` frame ahead of it."""
@@ -299,10 +337,10 @@ class WsConnection(asyncio.Protocol):
         else:
             return  # EOF and the like: nobody to tell
         self.close_code = code
-        if self.protocol.close_sent is None or self.transport is None:
+        if self.protocol.close_sent is None:
             return
-        frame = Frame(Opcode.TEXT, error_frame_payload(err, str(exc)))
-        self.transport.write(frame.serialize(mask=False, extensions=[]))
+        payload = error_frame_payload(err, str(exc))
+        self._out.append(frame_header(0x1, len(payload)) + payload)
 
     # --- flow control -------------------------------------------------------------------------
 
