@@ -13,9 +13,12 @@ where the previous one ended. Utterances never overlap, and no sample is emitted
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Final, TypeAlias
 
+import _webrtcvad
 import webrtcvad
 
 from server.audio.codecs import BytesLike
@@ -74,6 +77,7 @@ class Endpointer:
         "_frame_ms",
         "_fs",
         "_in_speech",
+        "_is_speech",
         "_last_voiced_end",
         "_max_samples",
         "_onset_frames",
@@ -113,6 +117,12 @@ class Endpointer:
             raise ValueError("endpointing_ms must be > 0; preroll_ms and onset_ms must be >= 0")
         level = MODES[mode]
         self._vad = None if level is None else webrtcvad.Vad(level)
+        # webrtcvad's C entry point bound to this instance and rate: Vad.is_speech is a Python
+        # wrapper that re-derives and re-checks the frame length on every 20 ms frame.
+        self._is_speech: Callable[[BytesLike, int], bool] | None = (
+            None if self._vad is None
+            else partial(_webrtcvad.process, self._vad._vad, sample_rate)
+        )
         self._rate = sample_rate
         self._frame_ms = frame_ms
         self._fs = sample_rate * frame_ms // 1000
@@ -186,8 +196,7 @@ class Endpointer:
         fs = self._fs
         frame_ms = self._frame_ms
         endp = self._endpointing_ms
-        vad = self._vad
-        is_speech = None if vad is None else vad.is_speech
+        is_speech = self._is_speech
         window = self._window
         wlen = self._window_len
         onset_frames = self._onset_frames
@@ -207,7 +216,7 @@ class Endpointer:
         for off in range(0, usable, fb):
             end = off + fb
             pos_end = pos + fs
-            voiced = True if is_speech is None else is_speech(view[off:end], rate, fs)
+            voiced = True if is_speech is None else is_speech(view[off:end], fs)
             if not in_speech:
                 if len(window) == wlen:
                     count -= window.popleft()
