@@ -63,6 +63,13 @@ class AsrEndpoint:
         self.models = frozenset(engines)
         self.runners: set[AsrSessionRunner] = set()
         metrics.scrape_hooks.append(self._publish_gauges)
+        # labels() takes a lock and a dict lookup: resolve each child once, not per report.
+        self.audio_ms = metrics.audio_ms.labels(KIND)
+        self.dropped_ms = metrics.dropped_ms.labels(KIND)
+        self.frames_in = metrics.frames_in.labels(KIND)
+        self.bytes_in = metrics.bytes_in.labels(KIND)
+        self.frames_out = metrics.frames_out.labels(KIND)
+        self.bytes_out = metrics.bytes_out.labels(KIND)
 
     def _publish_gauges(self) -> None:
         ingest_ms = invoke_ms = credit = 0
@@ -485,15 +492,17 @@ class AsrSessionRunner:
         return self._invoke_bytes * 1000 // (self.engine.sample_rate * 2)
 
     def _publish_metrics(self) -> None:
-        mx = self.metrics
+        ep = self.endpoint
         accepted, dropped = self.machine.accepted_ms, self.machine.dropped_ms
-        mx.audio_ms.labels(KIND).inc(accepted - self._published_ms)
-        mx.dropped_ms.labels(KIND).inc(dropped - self._published_dropped_ms)
+        if accepted > self._published_ms:
+            ep.audio_ms.inc(accepted - self._published_ms)
+        if dropped > self._published_dropped_ms:
+            ep.dropped_ms.inc(dropped - self._published_dropped_ms)
         self._published_ms, self._published_dropped_ms = accepted, dropped
-        mx.frames_in.labels(KIND).inc(self._frames_in)
-        mx.bytes_in.labels(KIND).inc(self._bytes_in)
-        mx.frames_out.labels(KIND).inc(self._frames_out)
-        mx.bytes_out.labels(KIND).inc(self._bytes_out)
+        ep.frames_in.inc(self._frames_in)
+        ep.bytes_in.inc(self._bytes_in)
+        ep.frames_out.inc(self._frames_out)
+        ep.bytes_out.inc(self._bytes_out)
         self._frames_in = self._bytes_in = self._frames_out = self._bytes_out = 0
 
     # --- outbound -------------------------------------------------------------------------------
