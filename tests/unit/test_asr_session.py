@@ -282,3 +282,34 @@ def test_vad_modes_all_produce_one_utterance_for_one_phrase(vad: str) -> None:
     s.events_to_send()
     events = run_test(s, [*frames(SPEECH), '{"type":"finalize"}'])
     assert types(events).count("UtteranceEnd") == 1
+
+
+def test_interim_end_never_passes_the_final_end() -> None:
+    s = make(interim_results=True)
+    s.events_to_send()
+    events = run_test(s, frames(SPEECH))
+    final = next(e for e in events if isinstance(e, m.Transcript) and e.is_final)
+    interims = [e for e in events if isinstance(e, m.Transcript) and not e.is_final]
+    assert interims and all(i.end_ms <= final.end_ms for i in interims)
+    assert all(i.start_ms == final.start_ms for i in interims)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050])
+def test_engine_gets_speech_at_its_rate_in_chunks(rate: int) -> None:
+    """VAD at the client's rate when webrtcvad takes it, else after resampling; either way the
+    engine receives 16 kHz speech in chunks of >= 100 ms (the last of an utterance aside)."""
+    s = make(sample_rate=rate, encoding="pcm_s16le")
+    s.events_to_send()
+    speech = audioop.ratecv(SPEECH, 2, 1, 16000, rate, None)[0]
+    frame = rate * 2 // 50
+    for i in range(0, len(speech), frame):
+        s.receive_audio(speech[i : i + frame])
+        s.process()
+    s.end_of_input()
+    reqs = s.engine_requests()
+    feeds = [r for r in reqs if isinstance(r, EngineFeed)]
+    assert isinstance(reqs[-1], EngineFinish) and len(feeds) >= 3
+    assert all(len(f.pcm) >= 100 * 32 - 64 for f in feeds[:-1])
+    fed_ms = sum(len(f.pcm) for f in feeds) // 32
+    speech_ms = len(espeak_pcm16("hello there, how are you")) // 32
+    assert speech_ms - 200 <= fed_ms <= len(SPEECH) // 32 + 50

@@ -332,3 +332,41 @@ def test_wav_header_too_long_detected_while_trickling() -> None:
     with pytest.raises(AudioFormatError, match="not complete within 64 bytes"):
         for _ in range(100):
             dec.decode(b"fmt ")
+
+
+# --- StreamDecoder.decode_pcm: the ingest path's form -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("encoding", "channels"),
+    [("pcm_s16le", 1), ("pcm_s16le", 2), ("mulaw", 1), ("alaw", 1), ("alaw", 2)],
+)
+@pytest.mark.parametrize("numpy_tables", [False, True])
+def test_decode_pcm_equals_decode_in_any_pieces(
+    encoding: str, channels: int, numpy_tables: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.audio.codecs as codecs
+
+    if numpy_tables:  # Python 3.13+ without audioop-lts
+        monkeypatch.setattr(codecs, "_g711_decode", None)
+    rng = np.random.default_rng(7)
+    data = bytes(rng.integers(0, 256, 2 * 3 * 97 * channels, dtype=np.uint8))
+    expected = StreamDecoder(encoding, 8000, channels).decode(data).tobytes()
+    for pieces in ([len(data)], [1, 2, 3, 5, 7, 11, 13, 17], [len(data) // 2 + 1]):
+        dec = StreamDecoder(encoding, 8000, channels)
+        out, i = [], 0
+        for n in itertools.cycle(pieces):
+            if i >= len(data):
+                break
+            out.append(dec.decode_pcm(data[i : i + n]))
+            i += n
+        assert b"".join(out) == expected
+        assert dec.samples_decoded == len(expected) // 2
+
+
+def test_decode_pcm_of_wav_skips_header_and_trailing_chunks() -> None:
+    pcm = _pcm(400).astype("<i2").tobytes()
+    stream = wav_header(16000, 1, 400) + pcm + b"LIST\x04\x00\x00\x00junk"
+    dec = StreamDecoder("wav", 8000)
+    out = b"".join(dec.decode_pcm(stream[i : i + 33]) for i in range(0, len(stream), 33))
+    assert out == pcm and dec.sample_rate == 16000
