@@ -29,7 +29,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
-from loadtest.loadgen import FRAME_BYTES, audio_frames, client_frame
+from loadtest.loadgen import FRAME_BYTES, Signal, audio_frames, client_frame
 from server.billing.auth import StaticKeyAuthenticator
 from server.billing.meter import PricedMeterFactory
 from server.config import Config, load_config
@@ -128,13 +128,13 @@ def _wire(frames: list[bytes], batch: int) -> list[bytes]:
     return [b"".join(masked[i:i + batch]) for i in range(0, len(masked) - batch + 1, batch)]
 
 
-def run_echo(sessions: int, frames: int, batch: int) -> float:
+def run_echo(sessions: int, frames: int, batch: int, signal: Signal = "speech") -> float:
     conns = []
     for _ in range(sessions):
         echo = RawEcho(MemoryTransport())
         echo.data_received(upgrade_bytes("/"))
         conns.append(echo)
-    wire = _wire(audio_frames(), batch)
+    wire = _wire(audio_frames(signal), batch)
     rounds = max(1, frames // (sessions * batch))
     t0 = time.process_time()
     for r in range(rounds):
@@ -146,7 +146,8 @@ def run_echo(sessions: int, frames: int, batch: int) -> float:
 
 
 async def run_streamgate(config: Config, sessions: int, frames: int, batch: int,
-                         profile: bool) -> tuple[float, dict[str, float]]:
+                         profile: bool, signal: Signal = "speech",
+                         ) -> tuple[float, dict[str, float]]:
     metrics = Metrics()
     engines = build_transcribers({"synthetic": config.asr.models["synthetic"]}, metrics)
     await start_all(engines)
@@ -168,7 +169,7 @@ async def run_streamgate(config: Config, sessions: int, frames: int, batch: int,
     # Admission runs as tasks (auth, meter); poll rather than reach into the router.
     while any(c.session is None for c, _ in conns):  # noqa: ASYNC110
         await asyncio.sleep(0.01)
-    wire = _wire(audio_frames(), batch)
+    wire = _wire(audio_frames(signal), batch)
     rounds = max(1, frames // (sessions * batch))
     writes0 = sum(t.writes for _, t in conns)
     prof = cProfile.Profile() if profile else None
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=50000)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--signal", choices=("speech", "tone"), default="speech",
+                        help="tone: webrtcvad calls it noise, so no utterance, no resampling")
     parser.add_argument("--only", choices=("echo", "streamgate"))
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each; the fastest counts (noise only ever adds time)")
@@ -217,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float] = {}
     for _ in range(max(1, args.repeat)):
         if args.only in (None, "echo"):
-            t = run_echo(args.sessions, args.frames, args.batch)
+            t = run_echo(args.sessions, args.frames, args.batch, args.signal)
             results["raw-echo"] = min(t, results.get("raw-echo", t))
         if args.only in (None, "streamgate"):
             t, extra = uvloop.run(
-                run_streamgate(config, args.sessions, args.frames, args.batch, args.profile))
+                run_streamgate(config, args.sessions, args.frames, args.batch, args.profile,
+                               args.signal))
             results["streamgate"] = min(t, results.get("streamgate", t))
     print(f"streamgate writes per frame: {extra['writes_per_frame']:.2f}")
     for name, seconds in results.items():
