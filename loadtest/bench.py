@@ -1,24 +1,35 @@
-"""Frames/s through three servers on one core: `python -m loadtest.bench` (`make bench`).
+"""The one-command benchmark: `python -m loadtest.bench` (`make bench`).
 
-One command, one process tree, one run. Each server runs alone, pinned to one CPU (0 by
-default); the load generator runs in this process, pinned to another CPU (1):
+One command, one process tree, one run. Each server runs alone, started fresh, pinned to one
+CPU (0 by default); the load generator runs in this process, pinned to another CPU (1):
 
   ws-echo     websockets' asyncio server (uvloop), a text ack per binary frame
   raw-echo    asyncio.Protocol + websockets' sans-I/O ServerProtocol (uvloop), ack inline in
               data_received: the ceiling for this design on one core
-  streamgate  `python -m server serve` with a temporary config: the full ASR ingest path
-              (mu-law decode, soxr 8k->16k, webrtcvad, utterances, synthetic engine), acked by
-              `credit` (the credit window is set to 4 frames, so every 20 ms frame is credited)
+  streamgate  `python -m server serve`: the full ASR ingest path (mu-law decode, webrtcvad,
+              utterances, speech resampled 8k->16k, synthetic engine), with billing on:
+              embedded Redis and PostgreSQL started by the server in a temporary directory, a
+              tenant made through the admin API (loadtest/bench_tenant.py), every session
+              keyed, admitted, leased and metered. Acked by `credit` (window of 4 frames:
+              credit for every frame).
 
-Closed loop, "ack per frame": every connection has one 160-byte frame in flight. After a
-warm-up, acknowledged frames are counted for --seconds; per-frame ack latency, server CPU and
-RSS (with every connection open) are recorded. `--realtime-sessions N` adds an open-loop run:
-N streamgate sessions each sending a frame every 20 ms, reporting frame-to-credit latency.
+What runs, in order (each server process fresh):
 
-Results are printed and written to docs/benchmarks.md (unless --no-write, or a server gave no
-result); the servers' stderr is kept in loadtest/reports/last-run/ (git-ignored). Cleanup: servers
-get SIGTERM then SIGKILL on exit, error, Ctrl-C or SIGTERM, and die with the bench if it is killed
-(PR_SET_PDEATHSIG, see loadtest/pin.py).
+  1. ws-echo, raw-echo, streamgate: closed loop, --connections connections, two shapes one
+     after the other on the same server: "ack per frame" (one frame in flight) and "window"
+     (--window frames in flight, within the credit; the headline). frames/s, latency, CPU, RSS.
+  2. streamgate: --idle-sessions sessions opened to `ready`, no audio: RSS per idle session;
+     then TTS time to first audio through the gateway vs the engine alone
+     (loadtest/tts_probe.py), 1 and 20 concurrent sessions.
+  3. streamgate: the real-time capacity search (loadtest/capacity.py): the most sessions, each
+     sending a frame every 20 ms, with p99 frame-to-credit < 20 ms; RSS and CPU per session.
+
+The summary (targets met or not, tables, ratios) is printed and written to docs/benchmarks.md
+(unless --no-write, --only, or a run failed); the servers' stderr is kept in
+loadtest/reports/last-run/ (git-ignored). Cleanup: servers get SIGTERM (streamgate then drains
+and stops its Redis and PostgreSQL) and SIGKILL after a timeout; any child of a server still
+running after it exited (an orphaned redis-server or postgres) is killed and reported. Servers
+die with the bench if it is killed (PR_SET_PDEATHSIG, see loadtest/pin.py).
 """
 
 from __future__ import annotations
@@ -28,8 +39,8 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import re
+import secrets
 import select
 import shlex
 import shutil
@@ -38,26 +49,35 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from loadtest.bench_report import (
+    CLOSED_LOOP_NAMES,
+    P99_LIMIT_MS,
+    ServerRun,
+    analyse_stderr,
+    observation_lines,
+    render_markdown,
+    result_sections,
+)
+from loadtest.bench_tenant import Admin
+from loadtest.capacity import CapacitySearch
 from loadtest.loadgen import (
-    FRAME_BYTES,
-    FRAME_MS,
     SIGNALS,
     AckMode,
     ProbeSample,
-    RunResult,
     Target,
     format_result,
     run_closed_loop,
-    run_realtime,
+    run_idle,
 )
 from loadtest.pin import raise_nofile_limit
+from loadtest.tts_probe import measure_ttfa
+from server.config import SyntheticTtsConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_PATH = ROOT / "docs" / "benchmarks.md"
@@ -67,9 +87,18 @@ ASR_PATH = (
     "/v1/asr/stream?model=synthetic&encoding=mulaw&sample_rate=8000&vad=medium"
     "&interim_results=false"
 )
-SERVER_NAMES = ("ws-echo", "raw-echo", "streamgate")
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 15.0
+TTS_PATH = "/v1/tts/stream?model=synthetic&encoding=pcm_s16le&sample_rate=16000"
+PHASES = ("ws-echo", "raw-echo", "streamgate", "idle", "tts", "realtime")
+ECHO_START_TIMEOUT_S = 30.0
+STREAMGATE_START_TIMEOUT_S = 150.0  # initdb of a fresh PostgreSQL cluster, migrations
+STOP_TIMEOUT_S = 30.0  # streamgate drains (5 s), flushes billing, stops Redis and PostgreSQL
+IDLE_SETTLE_S = 2.0
+TTS_LEVELS = ((1, 100), (20, 10))  # (concurrent sessions, measured requests per session)
+# --quick: every part for a few seconds (the smoke test); the numbers mean nothing.
+QUICK = {"connections": 40, "seconds": 1.0, "warmup": 0.5, "idle_sessions": 40, "rt_step": 20,
+         "rt_resolution": 20, "rt_max": 40, "rt_ramp": 0.5, "rt_warmup": 0.5, "rt_seconds": 1.0,
+         "rt_budget": 15.0, "tts_levels": ((1, 4), (4, 2)), "quiet_wait": 0.0}
+TTS_FIRST_AUDIO_MS = 50.0
 
 # ingest_queue_ms = 80 -> a credit window of 640 bytes of 8 kHz mu-law = 4 frames; credit is
 # returned once a quarter window (160 bytes, one 20 ms frame) has drained: one credit per frame.
@@ -87,11 +116,16 @@ max_connections = {max_connections}
 level = "WARNING"
 
 [auth]
-allow_anonymous = true
+allow_anonymous = false
 
 [billing]
-# Off: anonymous keys from [auth], sessions priced but not charged; no Redis/PostgreSQL needed.
-enabled = false
+# On, with embedded Redis + PostgreSQL in this run's temporary directory (never .streamgate/).
+enabled = true
+data_dir = "{data_dir}"
+embedded_redis_port = 0
+embedded_postgres_port = 0
+admin_token = "{admin_token}"
+dev_tenant = false  # its default limits (100 sessions...) would cap the bench: see bench_tenant
 
 [asr.session]
 default_model = "synthetic"
@@ -103,10 +137,57 @@ latency_base_ms = 5.0
 latency_per_item_ms = 0.5
 max_batch = 32
 max_wait_ms = 5.0
+
+[tts.session]
+default_model = "synthetic"
+
+[tts.models.synthetic]
+engine = "synthetic"
+first_audio_ms = {first_audio_ms}
+rtf = 0.05
+chunk_ms = 40
+sample_rate = 16000
 """
 
 
 # --- server processes ----------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat fields after "pid (comm)": [state, ppid, ...]; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every descendant of `root`: pid -> its start time (to tell a reused pid)."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                fields = _proc_stat(int(entry.name))
+                if fields is not None:
+                    children.setdefault(int(fields[1]), []).append(int(entry.name))
+                    starts[int(entry.name)] = fields[19]
+    found: dict[int, str] = {}
+    todo = [root]
+    while todo:
+        for kid in children.get(todo.pop(), []):
+            found[kid] = starts[kid]
+            todo.append(kid)
+    return found
+
+
+def cpu_seconds(pid: int, clk_tck: int) -> tuple[float, float]:
+    """(user, system) seconds of one process."""
+    fields = _proc_stat(pid)
+    if fields is None:
+        return 0.0, 0.0
+    return int(fields[11]) / clk_tck, int(fields[12]) / clk_tck
 
 
 class ServerProcess:
@@ -126,18 +207,21 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self.returncode: int | None = None
+        self.strays: list[str] = []  # children still running after the server exited (killed)
         self._clk_tck = os.sysconf("SC_CLK_TCK")
+        self._helpers: dict[int, str] = {}  # children seen (pid -> start time)
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self, timeout_s: float) -> dict[str, Any]:
         """Spawn and wait for the `{"event":"listening",...}` line on stdout."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMGATE_")}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("STREAMGATE_") and k not in ("REDIS_URL", "DATABASE_URL")}
         env["PYTHONUNBUFFERED"] = "1"
-        if self.name == "streamgate":
+        if self.name.startswith("streamgate"):
             env["STREAMGATE_STRICT_TASKS"] = "1"  # exit code 3 if tasks leak at shutdown
         self._spawn(env)
         assert self.proc is not None and self.proc.stdout is not None
         out = self.proc.stdout
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             ready, _, _ = select.select([out], [], [], 0)
             if not ready:
@@ -153,9 +237,12 @@ class ServerProcess:
                 if isinstance(info, dict) and info.get("event") == "listening":
                     self.info = info
                     return info
+        exited = self.proc.poll() is not None
         await self.stop()
+        last = (self.stderr_tail(1) or "no stderr").strip()
         raise RuntimeError(
-            f"{self.name} did not start (exit {self.returncode}):\n{self.stderr_tail()}"
+            f"{self.name} exited with code {self.returncode} while starting: {last}" if exited
+            else f"{self.name} did not start within {timeout_s:g} s (stopped); stderr: {last}"
         )
 
     def _spawn(self, env: dict[str, str]) -> None:
@@ -186,13 +273,17 @@ class ServerProcess:
             pass
         return 0
 
+    def helpers_cpu_s(self) -> float:
+        """CPU seconds of the server's children (embedded Redis, PostgreSQL and its backends,
+        pocketsphinx workers); remembers them for the stray check at stop()."""
+        kids = descendants(self.pid)
+        self._helpers.update(kids)
+        return sum(sum(cpu_seconds(pid, self._clk_tck)) for pid in kids)
+
     def sample(self) -> ProbeSample:
-        user = system = 0.0
+        user, system = cpu_seconds(self.pid, self._clk_tck)
         reads = writes = sleeps = 0
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            with open(f"/proc/{self.pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            user, system = int(fields[11]) / self._clk_tck, int(fields[12]) / self._clk_tck
+        with contextlib.suppress(OSError, KeyError, ValueError):
             with open(f"/proc/{self.pid}/io") as fh:
                 io = dict(line.split(":", 1) for line in fh if ":" in line)
             reads, writes = int(io["syscr"]), int(io["syscw"])
@@ -205,7 +296,8 @@ class ServerProcess:
             stat = cpu_stat()
             busy, steal = stat.get(self.cpu, (0.0, 0.0))
             gen_busy = stat.get(self.gen_cpu, (0.0, 0.0))[0]
-        return ProbeSample(user, system, reads, writes, sleeps, busy, steal, gen_busy)
+        return ProbeSample(user, system, reads, writes, sleeps, busy, steal, gen_busy,
+                           self.helpers_cpu_s())
 
     def stderr_tail(self, lines: int = 30) -> str:
         try:
@@ -215,11 +307,12 @@ class ServerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM, wait up to timeout_s, then SIGKILL."""
+        """SIGTERM, wait up to timeout_s, then SIGKILL; then kill any orphaned child."""
         proc = self.proc
         if proc is None:
             return None
         if proc.poll() is None:
+            self.helpers_cpu_s()  # note the children before they are reparented
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             for _ in range(int(timeout_s / 0.05)):
@@ -235,6 +328,8 @@ class ServerProcess:
         if proc is None:
             return
         if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.helpers_cpu_s()
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
@@ -246,7 +341,26 @@ class ServerProcess:
         if proc.stdout is not None:
             proc.stdout.close()
         self.returncode = proc.returncode
+        self._kill_strays()
         ServerProcess.live.discard(self)
+
+    def _kill_strays(self, grace_s: float = 3.0) -> None:
+        """Children that outlived the server (it was killed, or its shutdown failed) would
+        keep running with no one to stop them: kill them and say so."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            left = {pid: start for pid, start in self._helpers.items()
+                    if (f := _proc_stat(pid)) is not None and f[19] == start and f[0] != "Z"}
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for pid in left:
+            with contextlib.suppress(OSError):
+                self.strays.append(Path(f"/proc/{pid}/cmdline").read_bytes()
+                                   .replace(b"\0", b" ").decode(errors="replace").strip()[:80])
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self._helpers.clear()
 
 
 def cpu_stat() -> dict[int, tuple[float, float]]:
@@ -289,89 +403,6 @@ def stop_all_servers() -> None:
         server.stop_now()
 
 
-# --- what a run reports --------------------------------------------------------------------------
-
-
-@dataclass
-class Health:
-    """Streamgate (or echo server) behaviour seen from outside: logs, exit code, metrics."""
-
-    alive_after_close: bool = True
-    exit_code: int | None = None
-    log_levels: dict[str, int] = field(default_factory=dict)
-    log_messages: list[tuple[str, int]] = field(default_factory=list)  # most common first
-    raw_lines: list[str] = field(default_factory=list)  # non-JSON stderr (tracebacks...)
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def problems(self) -> list[str]:
-        out = []
-        if not self.alive_after_close:
-            out.append("server died during the run")
-        if self.exit_code not in (0, None):
-            out.append(f"exit code {self.exit_code}")
-        bad = {k: v for k, v in self.log_levels.items() if k in ("error", "critical")}
-        if bad:
-            out.append("log: " + ", ".join(f"{v} {k}" for k, v in bad.items()))
-        if self.raw_lines:
-            out.append(f"{len(self.raw_lines)} non-JSON stderr lines")
-        return out
-
-
-@dataclass
-class ServerRun:
-    name: str
-    result: RunResult | None
-    health: Health
-    error: str = ""
-
-    def failures(self) -> list[str]:
-        """What makes this run's numbers untrustworthy (empty if none)."""
-        out = [self.error] if self.error else []
-        r = self.result
-        if r is not None:
-            if r.connect_failures:
-                out.append(f"{sum(r.connect_failures.values())} connections failed to open")
-            if r.dropped:
-                out.append(f"{r.dropped} connections dropped")
-            if r.server_closes:
-                out.append(f"{sum(r.server_closes.values())} connections closed by the server")
-        if r is None:
-            pass  # it never ran: the error says why
-        elif not self.health.alive_after_close:
-            out.append("server died")
-        elif self.health.exit_code not in (0, None):
-            out.append(f"server exit code {self.health.exit_code}")
-        return out
-
-
-def analyse_stderr(path: Path, json_logs: bool) -> Health:
-    health = Health()
-    levels: Counter[str] = Counter()
-    messages: Counter[str] = Counter()
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return health
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        rec: object = None
-        if json_logs:
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-        if isinstance(rec, dict):
-            level = str(rec.get("level", "?"))
-            levels[level] += 1
-            exc = str(rec.get("exc", "")).strip().splitlines()
-            tail = f" [{exc[-1]}]" if exc else ""
-            messages[f"{level} {rec.get('logger', '')}: {rec.get('msg', '')}{tail}"[:240]] += 1
-        elif len(health.raw_lines) < 40:
-            health.raw_lines.append(line[:240])
-    health.log_levels = dict(levels)
-    health.log_messages = messages.most_common(8)
-    return health
-
-
 async def http_get(port: int, path: str, timeout_s: float = 5.0) -> str:
     async with asyncio.timeout(timeout_s):
         reader, writer = await asyncio.open_connection(HOST, port)
@@ -396,10 +427,6 @@ _WANTED = (
 )
 
 
-def _labels(key: str) -> dict[str, str]:
-    return dict(re.findall(r'(\w+)="([^"]*)"', key))
-
-
 def parse_metrics(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
@@ -412,343 +439,186 @@ def parse_metrics(text: str) -> dict[str, float]:
 # --- one server, one run -------------------------------------------------------------------------
 
 
-def server_argv(name: str, config_path: Path) -> list[str]:
-    if name == "streamgate":
+@dataclass
+class LiveServer:
+    """A started server and how to reach it."""
+
+    process: ServerProcess
+    ws_port: int
+    config_path: Path | None = None  # streamgate
+    admin: Admin | None = None  # streamgate: its admin API
+    api_key: str | None = None  # streamgate: the bench tenant's key
+
+    def target(self, path: str, ack: AckMode) -> Target:
+        return Target(HOST, self.ws_port, path, ack, self.api_key)
+
+
+Measure = Callable[[LiveServer, ServerRun], Awaitable[None]]
+T = TypeVar("T")
+
+
+def write_config(workdir: Path, name: str, args: argparse.Namespace) -> tuple[Path, str]:
+    """This server's config (its own billing data directory) and admin token."""
+    token = secrets.token_urlsafe(24)
+    path = workdir / f"{name}.toml"
+    path.write_text(STREAMGATE_TOML.format(
+        max_connections=max(10000, args.connections + 100, args.idle_sessions + 100,
+                            args.rt_max + 100),
+        data_dir=workdir / f"{name}-data", admin_token=token,
+        first_audio_ms=TTS_FIRST_AUDIO_MS))
+    path.chmod(0o600)  # holds the admin token
+    return path, token
+
+
+def server_argv(name: str, config_path: Path | None) -> list[str]:
+    if config_path is not None:
         return [sys.executable, "-m", "server", "serve", "--config", str(config_path),
                 "--host", HOST, "--ws-port", "0", "--http-port", "0"]
     return [sys.executable, "-m", "loadtest.echo_servers", name, "--host", HOST, "--port", "0"]
 
 
-def write_config(workdir: Path, connections: int) -> Path:
-    path = workdir / "streamgate-bench.toml"
-    path.write_text(STREAMGATE_TOML.format(max_connections=max(10000, connections + 100)))
-    return path
-
-
-async def bench_server(
-    name: str, args: argparse.Namespace, workdir: Path, *, realtime: bool = False
-) -> ServerRun:
-    config = write_config(workdir, max(args.connections, args.realtime_sessions))
-    server = ServerProcess(name if not realtime else "streamgate-realtime",
-                           server_argv(name, config),
+async def with_server(name: str, args: argparse.Namespace, workdir: Path,
+                      measure: Measure) -> ServerRun:
+    """Start one server (streamgate: with its bench tenant), measure, stop, check its health."""
+    run = ServerRun(name)
+    streamgate = name.startswith("streamgate")
+    config, token = write_config(workdir, name, args) if streamgate else (None, "")
+    server = ServerProcess(name, server_argv("streamgate" if streamgate else name, config),
                            args.server_cpu if args.pinned else None, workdir,
                            args.client_cpu if args.pinned else None)
-    ack: AckMode = "credit" if name == "streamgate" else "echo"
-    path = ASR_PATH if name == "streamgate" else "/"
-    result: RunResult | None = None
-    error = ""
     if args.pinned and args.quiet_wait > 0:
         warning = await wait_for_quiet([args.server_cpu, args.client_cpu], args.quiet_wait)
         if warning:
             print(f"bench: {warning}", flush=True)
+    http_port: int | None = None
     try:
-        info = await server.start()
-        print(f"bench: {server.name} pid {server.pid}"
-              + (f" on CPU {args.server_cpu}" if args.pinned else "") + f", {info}", flush=True)
-        await asyncio.sleep(0.5)  # let start-up settle (imports, engine start) before RSS idle
-        target = Target(HOST, int(info["ws_port"]), path, ack)
-        budget = args.warmup + args.seconds + 60.0 + 20.0 * (
-            max(args.connections, args.realtime_sessions) / max(1, args.batch))
-        async with asyncio.timeout(budget):
-            if realtime:
-                result = await run_realtime(
-                    target, sessions=args.realtime_sessions, warmup_s=args.warmup,
-                    seconds=args.seconds, batch=args.batch, probe=server,
-                    signal=args.signal)
-            else:
-                result = await run_closed_loop(
-                    target, connections=args.connections, warmup_s=args.warmup,
-                    seconds=args.seconds, batch=args.batch, probe=server,
-                    signal=args.signal)
+        live = await start_server(server, config, token, args)
+        http_port = live.admin.http_port if live.admin else None
+        before = await live.admin.balance() if live.admin else None
+        await measure(live, run)
+        if live.admin and before is not None:
+            await asyncio.sleep(1.0)  # the usage of the last sessions reaches the wallet
+            run.balances = (before, await live.admin.balance())
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        run.errors.append(f"{type(exc).__name__}: {exc}")
+    await stop_server(server, run, http_port)
+    return run
+
+
+async def start_server(server: ServerProcess, config: Path | None, token: str,
+                       args: argparse.Namespace) -> LiveServer:
+    """Start it; streamgate (a config) also gets its bench tenant and key."""
+    started = time.monotonic()
+    info = await server.start(ECHO_START_TIMEOUT_S if config is None
+                              else STREAMGATE_START_TIMEOUT_S)
+    live = LiveServer(server, int(info["ws_port"]), config)
+    if config is not None:
+        live.admin = Admin(int(info["http_port"]), token, HOST)
+        live.api_key = await live.admin.create_bench_tenant()
+    print(f"bench: {server.name} pid {server.pid}"
+          + (f" on CPU {args.server_cpu}" if args.pinned else "")
+          + f", ready in {time.monotonic() - started:.1f} s"
+          + (" (billing on: embedded Redis + PostgreSQL, bench tenant funded)"
+             if live.admin else ""), flush=True)
+    await asyncio.sleep(1.0 if live.admin else 0.5)  # start-up settles before RSS idle
+    return live
+
+
+async def stop_server(server: ServerProcess, run: ServerRun, http_port: int | None) -> None:
+    """Metrics while it runs, then stop it; its exit code, logs and leftovers into run."""
     await asyncio.sleep(0.5)  # sessions settle after the close handshakes
     alive = server.alive()
     metrics: dict[str, float] = {}
-    http_port = server.info.get("http_port")
-    if name == "streamgate" and alive and http_port:
+    if http_port and alive:
         try:
-            metrics = parse_metrics(await http_get(int(http_port), "/metrics"))
+            metrics = parse_metrics(await http_get(http_port, "/metrics"))
         except (OSError, TimeoutError) as exc:
-            error = error or f"/metrics failed: {exc}"
+            run.errors.append(f"/metrics failed: {exc}")
     exit_code = await server.stop()
-    health = analyse_stderr(server.stderr_path, json_logs=name == "streamgate")
-    health.alive_after_close = alive
-    health.exit_code = exit_code
-    health.metrics = metrics
-    return ServerRun(name, result, health, error)
+    if server.strays:
+        run.errors.append(f"still running after the server exited (killed): {server.strays}")
+    run.health = analyse_stderr(server.stderr_path, json_logs=run.name.startswith("streamgate"))
+    run.health.alive_after_close, run.health.exit_code = alive, exit_code
+    run.health.metrics = metrics
 
 
-# --- reporting -----------------------------------------------------------------------------------
+async def phase(run: ServerRun, what: str, work: Awaitable[T], timeout_s: float) -> T | None:
+    """One measurement; an error is recorded in the run, and the run goes on."""
+    print(f"bench: {run.name}: {what} ...", flush=True)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await work
+    except Exception as exc:
+        run.errors.append(f"{what}: {type(exc).__name__}: {exc}")
+        print(f"bench: {run.name}: {what} FAILED: {type(exc).__name__}: {exc}", flush=True)
+        return None
 
 
-def _mb(kb: int | None) -> str:
-    return "-" if not kb else f"{kb / 1024:.0f}"
+def connect_budget(args: argparse.Namespace, sessions: int) -> float:
+    """Generous: at most 20 s per batch of handshakes, plus closing."""
+    return 60.0 + 20.0 * sessions / max(1, int(args.batch))
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v:.0f}%"
+async def measure_closed_loops(live: LiveServer, run: ServerRun,
+                               args: argparse.Namespace) -> None:
+    streamgate = live.api_key is not None
+    target = live.target(ASR_PATH if streamgate else "/", "credit" if streamgate else "echo")
+    budget = args.warmup + args.seconds + connect_budget(args, args.connections)
+    for inflight in (1, args.window):
+        label = "ack per frame" if inflight == 1 else f"window of {inflight} frames"
+        result = await phase(run, f"{label}, {args.connections} connections", run_closed_loop(
+            target, connections=args.connections, warmup_s=args.warmup, seconds=args.seconds,
+            batch=args.batch, probe=live.process, signal=args.signal, inflight=inflight),
+            budget)
+        if result is not None:
+            print(f"bench: {run.name}: {format_result(result)}", flush=True)
+        if inflight == 1:
+            run.ack = result
+        else:
+            run.window = result
+        await asyncio.sleep(1.0)  # the closed sessions settle (streamgate: usage, leases)
 
 
-def _cpu(r: RunResult) -> str:
-    if r.server_cpu_pct is None:
-        return "-"
-    return f"{r.server_cpu_pct:.0f}% ({r.server_sys_pct or 0:.0f}% sys)"
+async def measure_idle_and_tts(live: LiveServer, run: ServerRun,
+                               args: argparse.Namespace) -> None:
+    if "idle" in args.phases:
+        run.idle = await phase(run, f"{args.idle_sessions} idle sessions", run_idle(
+            live.target(ASR_PATH, "credit"), sessions=args.idle_sessions,
+            settle_s=IDLE_SETTLE_S, probe=live.process, batch=args.batch),
+            connect_budget(args, args.idle_sessions))
+        if run.idle is not None:
+            print(f"bench: {run.name}: {run.idle.kib_per_session:.1f} KiB per idle session",
+                  flush=True)
+        await asyncio.sleep(1.0)
+    if "tts" not in args.phases:
+        return
+    assert live.config_path is not None
+    cfg = load_config(live.config_path, environ={})
+    engine = cfg.tts.models["synthetic"]
+    assert isinstance(engine, SyntheticTtsConfig)
+    for concurrency, per_session in args.tts_levels:
+        t = await phase(run, f"TTS time to first audio, {concurrency} session(s)", measure_ttfa(
+            live.target(TTS_PATH, "credit"), engine, concurrency=concurrency,
+            per_session=per_session, frame_ms=cfg.tts.session.chunk_ms), 120.0)
+        if t is not None:
+            run.tts.append(t)
+            print(f"bench: {run.name}: TTS x{concurrency}: gateway p50/p99 "
+                  f"{t.gateway.p50_ms:.1f}/{t.gateway.p99_ms:.1f} ms, engine "
+                  f"{t.engine.p50_ms:.1f}/{t.engine.p99_ms:.1f} ms", flush=True)
 
 
-def machine_info() -> dict[str, str]:
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    versions = []
-    for pkg in ("websockets", "uvloop", "numpy", "soxr", "webrtcvad-wheels", "msgspec"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions.append(f"{pkg} {metadata.version(pkg)}")
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "packages": ", ".join(versions),
-    }
-
-
-def results_table(runs: list[ServerRun]) -> list[str]:
-    head = ("| server | conns | frames/s | p50 ms | p99 ms | max ms | server CPU | gen CPU "
-            "| RSS idle MB | RSS open MB | KB/conn |")
-    lines = [head, "|---" * 11 + "|"]
-    for run in runs:
-        r = run.result
-        if r is None:
-            lines.append(f"| {run.name} | failed: {run.error} |" + " |" * 9)
-            continue
-        per_conn = "-"
-        if r.rss_idle_kb and r.rss_open_kb and r.opened:
-            per_conn = f"{(r.rss_open_kb - r.rss_idle_kb) / r.opened:.1f}"
-        lat = r.latency
-        lines.append(
-            f"| {run.name} | {r.opened}/{r.requested} | {r.fps:,.0f} | {lat.p50_ms:.2f} "
-            f"| {lat.p99_ms:.2f} | {lat.max_ms:.1f} | {_cpu(r)} "
-            f"| {_pct(r.gen_cpu_pct)} | {_mb(r.rss_idle_kb)} | {_mb(r.rss_open_kb)} "
-            f"| {per_conn} |"
-        )
-    return lines
-
-
-def ratio_lines(runs: list[ServerRun]) -> list[str]:
-    fps = {run.name: run.result.fps for run in runs if run.result and run.result.fps > 0}
-    out = []
-    if "streamgate" in fps:
-        for ref in ("raw-echo", "ws-echo"):
-            if ref in fps:
-                out.append(f"streamgate / {ref} = {fps['streamgate'] / fps[ref]:.2f}")
-    if "raw-echo" in fps and "ws-echo" in fps:
-        out.append(f"raw-echo / ws-echo = {fps['raw-echo'] / fps['ws-echo']:.2f}")
-    return out
-
-
-def notes_for(run: ServerRun) -> list[str]:
-    out: list[str] = []
-    r, h = run.result, run.health
-    if run.error:
-        out.append(f"error: {run.error}")
-    if r is not None:
-        if r.mode == "closed-loop" and r.server_cpu_pct is not None and r.server_cpu_pct < 90:
-            out.append(
-                f"NOT SERVER-BOUND: the server was only {r.server_cpu_pct:.0f}% busy (generator "
-                f"{r.gen_cpu_pct:.0f}%, other processes on the generator's CPU "
-                f"{r.others_on_gen_cpu_pct or 0:.0f}%): frames/s is a lower bound")
-        if r.server_reads_per_frame is not None and r.server_writes_per_frame is not None:
-            out.append(f"server syscalls per acked frame: {r.server_reads_per_frame:.2f} reads, "
-                       f"{r.server_writes_per_frame:.2f} writes; event loop slept "
-                       f"{r.server_sleeps_per_s or 0:,.0f} times/s")
-        if r.others_on_server_cpu_pct is not None:
-            # Others on the server's CPU always cost throughput (on the generator's CPU only
-            # when the server ends up waiting for the generator: see NOT SERVER-BOUND).
-            shared = r.others_on_server_cpu_pct > 5 or (r.steal_pct or 0) > 2
-            out.append(
-                f"other processes used {r.others_on_server_cpu_pct:.0f}% of the server's CPU "
-                f"and {r.others_on_gen_cpu_pct or 0:.0f}% of the generator's; steal "
-                f"{r.steal_pct or 0:.0f}%" + (" - SHARED CPU, numbers depressed" if shared
-                                                 else ""))
-        if r.connect_failures:
-            out.append(f"connect failures: {r.connect_failures}")
-        if r.server_closes:
-            out.append(f"server-initiated closes: {r.server_closes}")
-        if r.dropped:
-            out.append(f"connections dropped without a close handshake: {r.dropped}")
-        if r.aborted_at_close:
-            out.append(f"connections not closed within 5 s of our close frame: "
-                       f"{r.aborted_at_close}")
-        if r.text_types:
-            out.append(f"other server messages: {dict(sorted(r.text_types.items()))}")
-        if r.pings:
-            out.append(f"pings answered: {r.pings}")
-        for sample in r.samples[:5]:
-            out.append(f"server said: {sample}")
-    out.extend(f"problem: {p}" for p in h.problems())
-    for msg, count in h.log_messages:
-        out.append(f"log x{count}: {msg}")
-    out.extend(f"stderr: {line}" for line in h.raw_lines[:10])
-    if h.metrics:
-        sessions = {_labels(k).get("code", "?"): int(v) for k, v in h.metrics.items()
-                    if k.startswith("streamgate_sessions_total")}
-        if sessions:
-            out.append(f"sessions ended by close code (server metric; the bench closes every "
-                       f"connection with a 1000 close frame): {sessions}")
-        batches = h.metrics.get('streamgate_engine_batch_size_count{model="synthetic"}')
-        items = h.metrics.get('streamgate_engine_batch_size_sum{model="synthetic"}')
-        if batches:
-            out.append(f"engine batches: {batches:.0f}, mean size {(items or 0) / batches:.1f}")
-        for key, value in h.metrics.items():
-            if key.startswith(("streamgate_upgrades_rejected", "streamgate_engine_errors",
-                               "streamgate_audio_dropped")) and value:
-                out.append(f"{key} = {value:g}")
-    return out
-
-
-def realtime_lines(run: ServerRun, sessions: int) -> list[str]:
-    r = run.result
-    if r is None:
-        return [f"real-time run failed: {run.error}"]
-    lat = r.latency
-    keeps_up = (r.fps >= 0.99 * (r.target_fps or 0) and lat.p99_ms < 100.0
-                and r.opened == sessions)
-    fin = r.final_latency
-    finals = "-" if fin is None or not fin.samples else (
-        f"{fin.p50_ms / 1000:.2f} / {fin.p99_ms / 1000:.2f} s (n={fin.samples})")
-    return [
-        "| sessions | target frames/s | acked frames/s | p50 ms | p99 ms | max ms | deferred "
-        "| final p50 / p99 | server CPU | gen CPU | RSS open MB | keeps up |",
-        "|---" * 12 + "|",
-        f"| {r.opened}/{sessions} | {r.target_fps or 0:,.0f} | {r.fps:,.0f} | {lat.p50_ms:.2f} "
-        f"| {lat.p99_ms:.2f} | {lat.max_ms:.1f} | {r.deferred} | {finals} | {_cpu(r)} "
-        f"| {_pct(r.gen_cpu_pct)} | {_mb(r.rss_open_kb)} | {'yes' if keeps_up else 'NO'} |",
-    ]
-
-
-def render_markdown(
-    args: argparse.Namespace, command: str, started: datetime, runs: list[ServerRun],
-    realtime: ServerRun | None,
-) -> str:
-    mi = machine_info()
-    lines = [
-        "# Benchmarks",
-        "",
-        "Generated by `python -m loadtest.bench` (`make bench`); every run overwrites this file.",
-        "",
-        "**What is measured.** Frames per second through one server process pinned to one CPU,",
-        "with the load generator (raw asyncio Protocols, uvloop, hand-built masked frames) pinned",
-        "to another CPU, over 127.0.0.1. Closed loop, \"ack per frame\": each connection keeps",
-        f"exactly one {FRAME_BYTES}-byte frame ({FRAME_MS} ms of 8 kHz mu-law) in flight and sends",
-        "the next one when it is acknowledged. The audio (`--signal speech`, the default) is a",
-        "2.4 s loop: 1.6 s of synthetic voiced syllables (gliding pitch, harmonics, formants),",
-        "0.8 s of low noise. webrtcvad calls it speech, so streamgate runs onset, engine feeds,",
-        "endpointing and one final transcript per loop. (`--signal tone`, a stationary 300 Hz",
-        "tone plus noise, is classified as noise after its first frames: VAD runs, the engine",
-        "path does not.) Three servers, each started fresh:",
-        "",
-        "- **ws-echo**: websockets' asyncio server (`websockets.asyncio.server.serve`, uvloop),",
-        "  a handler task per connection answering each binary frame with a small text frame.",
-        "- **raw-echo**: asyncio.Protocol + websockets' sans-I/O `ServerProtocol` (uvloop), the",
-        "  ack written inline in `data_received`: the ceiling for streamgate's design.",
-        "- **streamgate**: `python -m server serve` with the full ASR ingest path on",
-        f"  `{ASR_PATH}`",
-        "  (mu-law decode, soxr 8k->16k, webrtcvad, utterance tracking, synthetic engine through",
-        "  the micro-batcher); the ack is a `credit` message. The bench config sets",
-        "  `asr.session.ingest_queue_ms = 80` (credit window 4 frames, one `credit` per 20 ms",
-        "  frame), `auth.allow_anonymous = true`, `logging.level = \"WARNING\"`,",
-        "  `server.idle_timeout_s = 60`, `billing.enabled = false` (anonymous sessions, priced",
-        "  but not charged: no Redis/PostgreSQL in the path) and the default synthetic model",
-        "  (5 ms + 0.5 ms/item, batches of up to 32).",
-        "",
-        "Latency is per frame, from send to its ack. Server CPU is the server process's",
-        "user+system time over the measurement window (100% = one core, the most it can use);",
-        "generator CPU likewise for the load generator (near 100% with the server well below",
-        "would mean the generator, not the server, is the limit). RSS is the server's VmRSS",
-        "before any connection and with all connections open; KB/conn is the difference per",
-        "connection. It is the server process only: the two pocketsphinx worker processes",
-        "streamgate also starts (config/default.toml configures `sphinx-en`, and a layered",
-        "config cannot remove a model) are idle here and not counted.",
-        "",
-        "**Reading the numbers.** This runs on a small shared machine: absolute frames/s move",
-        "between runs by 10-20%. The ratios between servers measured in the same run (same",
-        "machine, same minute) are what count; compare ratios, not absolute numbers, across",
-        "runs. The observations below say how much of the two pinned CPUs other processes took",
-        "during the window (\"SHARED CPU\" when it was more than a few percent of the server's",
-        "CPU, \"NOT SERVER-BOUND\" when the server was not saturated in the closed loop). The",
-        "DESIGN.md yardsticks (640-byte frames) were ~45k frames/s for ws-echo and",
-        "~89k for raw-echo on one core of such a machine; this bench sends 160-byte frames.",
-        "",
-        "## Latest run",
-        "",
-        f"- Command: `{command}`",
-        f"- Date: {started.strftime('%Y-%m-%d %H:%M:%S UTC')}",
-        f"- Machine: {mi['nproc']} CPUs, {mi['cpu']}, Linux {mi['kernel']}",
-        f"- Python {mi['python']}; {mi['packages']}",
-        f"- Parameters: {args.connections} connections (opened {args.batch} at a time), "
-        f"warm-up {args.warmup:g} s, measured {args.seconds:g} s; "
-        + (f"server on CPU {args.server_cpu}, generator on CPU {args.client_cpu}"
-           if args.pinned else "unpinned (fewer than 2 CPUs available)"),
-        f"- Audio signal: `{args.signal}`",
-        "",
-    ]
-    if runs:
-        lines += ["### Closed loop, ack per frame", "", *results_table(runs), ""]
-    ratios = ratio_lines(runs)
-    if ratios:
-        lines += ["Ratios (same run): " + "; ".join(f"**{r}**" for r in ratios), ""]
-    if realtime is not None:
-        lines += [
-            "### Real-time sessions (streamgate, open loop)",
-            "",
-            f"Each session sends one {FRAME_MS} ms frame every {FRAME_MS} ms (phases spread "
-            "over 20 ms) and never exceeds its credit; latency is frame-to-credit from the "
-            "frame's scheduled time; \"deferred\" counts frames that had to wait for credit. "
-            "\"Final\" is the time from the end of an utterance's audio (its `end_ms`) to its "
-            "final transcript; it includes the 500 ms of silence the VAD needs to end an "
-            "utterance and the engine's batching. \"Keeps up\" means acked >= 99% of target "
-            "and frame-to-credit p99 < 100 ms.",
-            "",
-            *realtime_lines(realtime, args.realtime_sessions),
-            "",
-        ]
-    notes = [(run.name, notes_for(run)) for run in [*runs, *([realtime] if realtime else [])]]
-    if any(n for _, n in notes):
-        lines += ["### Observations", ""]
-        for name, items in notes:
-            for item in items:
-                lines.append(f"- {name}: {item}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def keep_logs(workdir: Path) -> None:
-    """Copy the servers' stderr out of the temporary directory for a look after the run."""
-    with contextlib.suppress(OSError):
-        LOGS_DIR.mkdir(parents=True, exist_ok=True)
-        for old in LOGS_DIR.glob("*.stderr.log"):
-            old.unlink()
-        for log in workdir.glob("*.stderr.log"):
-            shutil.copyfile(log, LOGS_DIR / log.name)
-
-
-def print_report(runs: list[ServerRun], realtime: ServerRun | None, sessions: int) -> None:
-    print()
-    if runs:
-        print("\n".join(results_table(runs)))
-    ratios = ratio_lines(runs)
-    if ratios:
-        print("ratios: " + "; ".join(ratios))
-    if realtime is not None:
-        print()
-        print("\n".join(realtime_lines(realtime, sessions)))
-    for run in [*runs, *([realtime] if realtime else [])]:
-        for note in notes_for(run):
-            print(f"  {run.name}: {note}")
+async def measure_capacity(live: LiveServer, run: ServerRun, args: argparse.Namespace) -> None:
+    search = CapacitySearch(
+        live.target(ASR_PATH, "credit"), live.process, signal=args.signal, batch=args.batch,
+        warmup_s=args.rt_warmup, seconds=args.rt_seconds, ramp_s=args.rt_ramp,
+        p99_limit_ms=P99_LIMIT_MS)
+    fixed = args.realtime_sessions
+    run.capacity = await phase(
+        run, "real-time capacity search" if not fixed else f"{fixed} real-time sessions",
+        search.run(step=args.rt_step, resolution=fixed or args.rt_resolution,
+                   max_sessions=fixed or args.rt_max, budget_s=args.rt_budget,
+                   first=fixed or None),
+        args.rt_budget + connect_budget(args, fixed or args.rt_max))
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -757,16 +627,33 @@ def print_report(runs: list[ServerRun], realtime: ServerRun | None, sessions: in
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--connections", type=int, default=1000)
-    p.add_argument("--seconds", type=float, default=10.0, help="measurement window")
-    p.add_argument("--warmup", type=float, default=3.0)
-    p.add_argument("--only", action="append", choices=SERVER_NAMES,
-                   help="run only this server (repeatable)")
-    p.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
+    p.add_argument("--connections", type=int, default=1000, help="closed loops")
+    p.add_argument("--seconds", type=float, default=10.0, help="closed loops: measured window")
+    p.add_argument("--warmup", type=float, default=3.0, help="closed loops")
+    p.add_argument("--window", type=int, default=4, choices=(2, 3, 4),
+                   help="frames in flight in the window shape (streamgate's credit window is "
+                        "4 frames)")
+    p.add_argument("--idle-sessions", type=int, default=1000)
+    p.add_argument("--rt-step", type=int, default=200, help="real time: sessions per step")
+    p.add_argument("--rt-resolution", type=int, default=50,
+                   help="real time: bisection stops at this many sessions")
+    p.add_argument("--rt-max", type=int, default=3000, help="real time: most sessions tried")
+    p.add_argument("--rt-ramp", type=float, default=5.0,
+                   help="real time: a step's new sessions connect evenly over this long")
+    p.add_argument("--rt-warmup", type=float, default=2.0, help="real time: per step")
+    p.add_argument("--rt-seconds", type=float, default=5.0, help="real time: per step")
+    p.add_argument("--rt-budget", type=float, default=120.0,
+                   help="real time: the search stops before a step would end after this")
     p.add_argument("--realtime-sessions", type=int, default=0, metavar="N",
-                   help="also run N real-time streamgate sessions (1 frame / 20 ms), default off")
-    p.add_argument("--realtime-only", action="store_true",
-                   help="with --realtime-sessions: skip the closed-loop runs")
+                   help="real time: measure N sessions only, no search")
+    p.add_argument("--only", action="append", choices=PHASES,
+                   help="run only this part (repeatable); docs/benchmarks.md is not written")
+    p.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
+    p.add_argument("--quick", action="store_true",
+                   help="every part for a few seconds with a few sessions (a smoke test: the "
+                        "numbers mean nothing; docs/benchmarks.md is not written)")
+    p.add_argument("--logs-dir", type=Path, default=LOGS_DIR,
+                   help="where the servers' stderr is kept (default: %(default)s)")
     p.add_argument("--batch", type=int, default=100, help="connections opened at a time")
     p.add_argument("--signal", choices=SIGNALS, default="speech",
                    help="audio sent: speech-like loop (default) or a stationary 300 Hz tone")
@@ -776,10 +663,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
     args = p.parse_args(argv)
-    if args.connections < 1 or args.seconds <= 0 or args.warmup < 0 or args.batch < 1:
-        p.error("--connections and --batch must be >= 1, --seconds > 0, --warmup >= 0")
-    if args.realtime_only and args.realtime_sessions < 1:
-        p.error("--realtime-only needs --realtime-sessions N")
+    if (min(args.connections, args.batch, args.idle_sessions, args.rt_step, args.rt_resolution,
+            args.rt_max) < 1 or args.seconds <= 0 or args.warmup < 0 or args.rt_seconds <= 0
+            or args.rt_warmup < 0 or args.rt_ramp < 0 or args.realtime_sessions < 0):
+        p.error("counts must be >= 1, measured windows > 0, warm-ups >= 0")
+    args.phases = set(args.only or PHASES)
+    args.tts_levels = TTS_LEVELS
+    if args.quick:
+        vars(args).update(QUICK)
     return args
 
 
@@ -795,48 +686,60 @@ def setup_cpus(args: argparse.Namespace) -> None:
           f"(allowed: {sorted(allowed)}); running unpinned", file=sys.stderr)
 
 
+def keep_logs(workdir: Path, logs_dir: Path) -> None:
+    """Copy the servers' stderr out of the temporary directory for a look after the run."""
+    with contextlib.suppress(OSError):
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        for old in logs_dir.glob("*.stderr.log"):
+            old.unlink()
+        for log in workdir.glob("*.stderr.log"):
+            shutil.copyfile(log, logs_dir / log.name)
+
+
+async def run_all(args: argparse.Namespace, workdir: Path) -> list[ServerRun]:
+    runs: list[ServerRun] = []
+    for name in CLOSED_LOOP_NAMES:
+        if name in args.phases:
+            runs.append(await with_server(
+                name, args, workdir, lambda live, run: measure_closed_loops(live, run, args)))
+    if args.phases & {"idle", "tts"}:
+        runs.append(await with_server(
+            "streamgate-idle", args, workdir,
+            lambda live, run: measure_idle_and_tts(live, run, args)))
+    if "realtime" in args.phases:
+        runs.append(await with_server(
+            "streamgate-realtime", args, workdir,
+            lambda live, run: measure_capacity(live, run, args)))
+    return runs
+
+
 async def amain(args: argparse.Namespace, command: str) -> int:
     main_task = asyncio.current_task()
     if main_task is not None:  # SIGTERM behaves like Ctrl-C: cancel, clean up, exit
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     started = datetime.now(UTC)
-    names = [n for n in SERVER_NAMES if not args.only or n in args.only]
-    if args.realtime_only:
-        names = []
-    runs: list[ServerRun] = []
-    realtime: ServerRun | None = None
     with tempfile.TemporaryDirectory(prefix="streamgate-bench-") as tmp:
         workdir = Path(tmp)
-        for name in names:
-            print(f"bench: {name}: {args.connections} connections, warm-up {args.warmup:g} s, "
-                  f"measuring {args.seconds:g} s ...", flush=True)
-            run = await bench_server(name, args, workdir)
-            runs.append(run)
-            if run.result is not None:
-                print(f"bench: {name}: {format_result(run.result)}", flush=True)
-            else:
-                print(f"bench: {name}: FAILED: {run.error}", flush=True)
-            await asyncio.sleep(1.0)
-        if args.realtime_sessions > 0:
-            print(f"bench: streamgate real time: {args.realtime_sessions} sessions ...",
-                  flush=True)
-            realtime = await bench_server("streamgate", args, workdir, realtime=True)
-            realtime.name = "streamgate-realtime"
-            if realtime.result is not None:
-                print(f"bench: real time: {format_result(realtime.result)}", flush=True)
-        keep_logs(workdir)
-    print_report(runs, realtime, args.realtime_sessions)
-    no_result = [r.name for r in [*runs, *([realtime] if realtime else [])] if r.result is None]
-    if args.no_write:
-        pass
-    elif no_result:
-        print(f"bench: not writing {DOCS_PATH.relative_to(ROOT)}: no result for "
-              f"{', '.join(no_result)}", file=sys.stderr)
-    else:
-        DOCS_PATH.write_text(render_markdown(args, command, started, runs, realtime) + "\n")
-        print(f"bench: wrote {DOCS_PATH.relative_to(ROOT)}")
-    failed = [(r.name, r.failures()) for r in [*runs, *([realtime] if realtime else [])]]
+        # Run as root, PostgreSQL runs as the `postgres` account, which must reach its data
+        # directory in here (else it would keep the cluster elsewhere, outliving the run).
+        os.chmod(tmp, 0o711)
+        try:
+            runs = await run_all(args, workdir)
+        finally:
+            keep_logs(workdir, args.logs_dir)
+    print()
+    print("\n".join(result_sections(args, runs)))
+    print("\n".join(observation_lines(runs)))
+    failed = [(run.name, run.failures()) for run in runs]
     failed = [(name, why) for name, why in failed if why]
+    if args.no_write or args.only or args.quick:
+        pass
+    elif failed or not all(run.has_results() for run in runs):
+        print(f"bench: not writing {DOCS_PATH.relative_to(ROOT)}: a run failed", file=sys.stderr)
+    else:
+        DOCS_PATH.write_text(render_markdown(args, command, started, runs, ASR_PATH, TTS_PATH,
+                                             TTS_FIRST_AUDIO_MS) + "\n")
+        print(f"bench: wrote {DOCS_PATH.relative_to(ROOT)}")
     for name, why in failed:
         print(f"bench: {name}: FAILED: {'; '.join(why)}", file=sys.stderr)
     return 1 if failed else 0
@@ -846,10 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     args = parse_args(argv)
-    command = "python -m loadtest.bench" + (
-        " " + shlex.join(sys.argv[1:] if argv is None else argv)
-        if (sys.argv[1:] if argv is None else argv) else "")
-    need = max(args.connections, args.realtime_sessions) + 256
+    given = sys.argv[1:] if argv is None else argv
+    command = "python -m loadtest.bench" + (" " + shlex.join(given) if given else "")
+    need = max(args.connections, args.idle_sessions, args.rt_max, args.realtime_sessions) + 256
     limit = raise_nofile_limit()
     if limit < need:
         print(f"bench: open-files limit {limit} < {need} needed; raise `ulimit -n`",

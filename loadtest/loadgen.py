@@ -5,20 +5,24 @@ The client side of RFC 6455 is small enough to hand-build: the 160-byte audio fr
 frames are parsed only as far as needed (opcode, length); a text payload is decoded as JSON only
 when it is not an acknowledgement, which is rare.
 
-Two ways of driving the connections:
+Ways of driving the connections:
 
-- closed loop ("ack per frame", the DESIGN.md yardstick): every connection has exactly one frame
-  in flight; it sends the next frame when the previous one is acknowledged. For the echo servers
-  any text frame is the ack; for streamgate a `credit` message is (the bench configures a credit
-  window of four frames, so credit comes back for every frame).
+- closed loop: every connection keeps up to `inflight` frames in flight (never more than its
+  credit) and sends the next ones as they are acknowledged. `inflight=1` is "ack per frame" (the
+  DESIGN.md yardstick); `inflight=4` is how a credit-based client streams through streamgate's
+  80 ms window. For the echo servers any text frame acknowledges one frame (and the client acts
+  as if it had a 4-frame credit window); for streamgate a `credit` message returns bytes.
 - real time (open loop): every session sends one 20 ms frame every 20 ms, phases spread over the
   20 ms; it never exceeds the credit it was granted (a frame without credit waits, and its wait
-  counts in its latency). Latency is frame-to-credit: from the frame's scheduled time to the
-  credit that returns its bytes (credits are matched to frames in order).
+  counts in its latency). Latency is frame-to-credit: from the frame's send (for a frame that
+  waited for credit, from its scheduled time) to the credit that returns its bytes (credits
+  are matched to frames in order); the pacer's own lateness is reported apart. The pacer takes
+  sessions added and removed while it runs (loadtest/capacity.py searches over session counts).
+- idle: sessions opened to `ready` that send nothing (memory per idle session).
 
 Standalone use against a running server (the bench drives the same code in-process):
 
-    python -m loadtest.loadgen --ack credit --connections 100 \
+    python -m loadtest.loadgen --ack credit --connections 100 --key KEY \
         --url 'ws://127.0.0.1:8765/v1/asr/stream?model=synthetic&encoding=mulaw&sample_rate=8000'
 """
 
@@ -31,6 +35,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import socket
 import sys
@@ -255,7 +260,7 @@ class WsClient(asyncio.Protocol):
             elif op == OP_CLOSE:
                 self._close_frame(data[start:end])
             elif op == OP_BINARY:
-                self.stats.binary_frames += 1
+                self.on_binary(end - start)
             pos = end
         if pos < n:
             self.buf = data[pos:]
@@ -277,6 +282,10 @@ class WsClient(asyncio.Protocol):
 
     def on_message(self, kind: str, msg: dict[str, object]) -> None:
         """A JSON text message other than `credit` (rare: ready, transcripts, usage...)."""
+
+    def on_binary(self, nbytes: int) -> None:
+        """A binary frame from the server (TTS audio; ASR sessions get none)."""
+        self.stats.binary_frames += 1
 
     # handshake
 
@@ -370,37 +379,66 @@ class WsClient(asyncio.Protocol):
 
 
 class ClosedLoopClient(WsClient):
-    """Exactly one frame in flight: send, wait for its ack, send the next."""
+    """Up to `gen.inflight` frames in flight, within the credit; each ack sends the next ones."""
 
     def __init__(self, gen: LoadGen) -> None:
         super().__init__(gen)
-        self.sent_at = 0.0
-        self.busy = False
+        self.max_inflight = gen.inflight
+        self.credit = 0  # bytes we may still send
+        self.sent_at: deque[float] = deque()  # send times of the frames in flight, oldest first
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.sent_at)
+
+    def on_ready(self) -> None:
+        self.credit = self.window
 
     def send_first(self, now: float) -> None:
         if self.state == _OPEN and self.transport is not None:
-            self.busy = True
-            self.sent_at = now
-            self.transport.write(self._next_frame())
+            self._fill(now)
+
+    def _fill(self, now: float) -> None:
+        n = min(self.credit // FRAME_BYTES, self.max_inflight - len(self.sent_at))
+        if n <= 0:
+            return
+        self.credit -= n * FRAME_BYTES
+        self.sent_at.extend(itertools.repeat(now, n))
+        # Frames that become sendable together leave in one write (one syscall), as a
+        # client streaming from a buffer would send them.
+        payload = self._next_frame() if n == 1 else b"".join(
+            [self._next_frame() for _ in range(n)])
+        self.transport.write(payload)  # type: ignore[union-attr]
 
     def acked(self, nbytes: int) -> None:
-        acc = self.acc + nbytes
-        if acc < FRAME_BYTES or not self.busy:
-            self.acc = acc if self.busy else 0
+        self.credit += nbytes
+        sent_at = self.sent_at
+        if not sent_at:
+            self.acc = 0  # nothing in flight (the run is over): nothing to match
             return
-        self.acc = acc - FRAME_BYTES
+        acc = self.acc + nbytes
+        if acc < FRAME_BYTES:
+            self.acc = acc
+            return
         now = perf_counter()
         st = self.stats
-        st.acked += 1
-        if st.recording:
-            st.latencies.append(now - self.sent_at)
+        recording = st.recording
+        while acc >= FRAME_BYTES and sent_at:
+            acc -= FRAME_BYTES
+            sent = sent_at.popleft()
+            st.acked += 1
+            if recording:
+                st.latencies.append(now - sent)
+        self.acc = acc
         if st.running and not self.closing:
-            self.sent_at = now
-            k = self.k
-            self.k = k + 1 if k + 1 < len(self.frames) else 0
-            self.transport.write(self.frames[k])  # type: ignore[union-attr]
-        else:
-            self.busy = False
+            self._fill(now)
+
+
+class IdleClient(WsClient):
+    """A session opened to `ready` that sends nothing."""
+
+    def acked(self, nbytes: int) -> None:
+        pass
 
 
 class RealtimeClient(WsClient):
@@ -409,7 +447,7 @@ class RealtimeClient(WsClient):
     def __init__(self, gen: LoadGen) -> None:
         super().__init__(gen)
         self.credit = 0  # bytes we may still send
-        self.inflight: deque[float] = deque()  # scheduled times of frames sent, not credited
+        self.inflight: deque[float] = deque()  # frames sent, not credited: see tick()
         self.backlog: deque[float] = deque()  # scheduled times of frames waiting for credit
         self.t0: float | None = None  # scheduled time of the first frame: audio time 0
 
@@ -430,7 +468,10 @@ class RealtimeClient(WsClient):
             self.t0 = scheduled
         if self.credit >= FRAME_BYTES and not self.backlog:
             self.credit -= FRAME_BYTES
-            self.inflight.append(scheduled)
+            # Sent on time but for the pacer's own lateness, which is not the server's doing:
+            # latency counts from now. A frame held back for credit counts from its
+            # scheduled time (the wait for credit is the server's).
+            self.inflight.append(perf_counter())
             self.stats.sent += 1
             self.transport.write(self._next_frame())
         else:
@@ -440,6 +481,13 @@ class RealtimeClient(WsClient):
             if len(self.backlog) > st.max_backlog:
                 st.max_backlog = len(self.backlog)
 
+    def drop_backlog(self) -> int:
+        """Forget the frames still waiting for credit (as a telephony client drops late audio):
+        a session count that was too much leaves no backlog to the next, smaller one."""
+        dropped = len(self.backlog)
+        self.backlog.clear()
+        return dropped
+
     def acked(self, nbytes: int) -> None:
         st = self.stats
         self.credit += nbytes
@@ -448,10 +496,10 @@ class RealtimeClient(WsClient):
         inflight = self.inflight
         while acc >= FRAME_BYTES and inflight:
             acc -= FRAME_BYTES
-            scheduled = inflight.popleft()
+            since = inflight.popleft()
             st.acked += 1
             if st.recording:
-                st.latencies.append(now - scheduled)
+                st.latencies.append(now - since)
         self.acc = acc
         backlog = self.backlog
         if backlog and self.transport is not None and not self.closing:
@@ -471,6 +519,7 @@ class Target:
     port: int
     path: str  # path and query string
     ack_mode: AckMode
+    api_key: str | None = None  # sent as `Authorization: Bearer`
 
 
 @dataclass(frozen=True)
@@ -486,6 +535,9 @@ class ProbeSample:
     server_cpu_busy_s: float = 0.0  # user + nice + system of every task on the server's CPU
     server_cpu_steal_s: float = 0.0  # taken by the hypervisor
     gen_cpu_busy_s: float = 0.0  # same for the generator's CPU
+    # user + system of the server's child processes (streamgate: embedded Redis and PostgreSQL,
+    # pocketsphinx workers), which run on the server's CPU too.
+    helpers_s: float = 0.0
 
     def __sub__(self, other: ProbeSample) -> ProbeSample:
         return ProbeSample(
@@ -494,6 +546,7 @@ class ProbeSample:
             self.server_cpu_busy_s - other.server_cpu_busy_s,
             self.server_cpu_steal_s - other.server_cpu_steal_s,
             self.gen_cpu_busy_s - other.gen_cpu_busy_s,
+            self.helpers_s - other.helpers_s,
         )
 
 
@@ -530,6 +583,7 @@ class RunResult:
 
     mode: Literal["closed-loop", "realtime"]
     requested: int
+    inflight: int  # closed loop: frames in flight per connection (real time: 0)
     opened: int
     connect_failures: dict[str, int]
     seconds: float  # length of the measurement window
@@ -539,6 +593,8 @@ class RunResult:
     gen_cpu_pct: float
     server_cpu_pct: float | None = None  # user + system, 100% = one core
     server_sys_pct: float | None = None  # the system (kernel) part of it
+    server_cpu_s: float | None = None  # user + system seconds in the window
+    helpers_cpu_pct: float | None = None  # the server's child processes (Redis, PostgreSQL...)
     server_reads_per_frame: float | None = None
     server_writes_per_frame: float | None = None
     server_sleeps_per_s: float | None = None
@@ -564,8 +620,9 @@ class RunResult:
 
 
 class LoadGen:
-    def __init__(self, target: Target, signal: Signal = "speech") -> None:
+    def __init__(self, target: Target, signal: Signal = "speech", inflight: int = 1) -> None:
         self.target = target
+        self.inflight = inflight  # closed loop: frames each connection keeps in flight
         self.frames = [client_frame(OP_BINARY, f) for f in audio_frames(signal)]
         self.starts = itertools.count(0, 37)  # spread clients over the signal's loop
         self.stats = Stats()
@@ -578,7 +635,9 @@ class LoadGen:
             "Connection: Upgrade\r\n"
             "Sec-WebSocket-Key: {KEY}\r\n"
             "Sec-WebSocket-Version: 13\r\n"
-            "User-Agent: streamgate-loadgen\r\n\r\n"
+            "User-Agent: streamgate-loadgen\r\n"
+            + (f"Authorization: Bearer {target.api_key}\r\n" if target.api_key else "")
+            + "\r\n"
         ).encode()
 
     async def connect(
@@ -652,6 +711,7 @@ class LoadGen:
         result = RunResult(
             mode=mode,
             requested=requested,
+            inflight=self.inflight if mode == "closed-loop" else 0,
             opened=len(self.clients),
             connect_failures=dict(self.connect_failures),
             seconds=seconds,
@@ -667,7 +727,10 @@ class LoadGen:
             binary_frames=st.binary_frames,
         )
         if server is not None and seconds > 0:
-            result.server_cpu_pct = 100.0 * (server.user_s + server.sys_s) / seconds
+            result.server_cpu_s = server.user_s + server.sys_s
+            result.server_cpu_pct = 100.0 * result.server_cpu_s / seconds
+            # A child that exited inside the window takes its CPU time with it: clamp.
+            result.helpers_cpu_pct = max(0.0, 100.0 * server.helpers_s / seconds)
             result.server_sys_pct = 100.0 * server.sys_s / seconds
             result.server_sleeps_per_s = server.sleeps / seconds
             if server.server_cpu_busy_s > 0:
@@ -700,19 +763,22 @@ async def run_closed_loop(
     batch: int = 100,
     probe: ServerProbe | None = None,
     signal: Signal = "speech",
+    inflight: int = 1,
 ) -> RunResult:
-    gen = LoadGen(target, signal)
+    """Closed loop: `inflight` frames in flight per connection (1 = ack per frame)."""
+    gen = LoadGen(target, signal, inflight)
     rss_idle = None if probe is None else probe.rss_kb()
     try:
         await gen.connect(connections, ClosedLoopClient, batch=batch)
         if not gen.clients:
             raise ConnectError(f"no connection opened: {dict(gen.connect_failures)}")
         window = min(c.window for c in gen.clients)
-        if target.ack_mode == "credit" and window // 4 > FRAME_BYTES:
-            # One frame in flight would never drain a quarter window: no credit, no progress.
+        if target.ack_mode == "credit" and window // 4 > inflight * FRAME_BYTES:
+            # The server returns credit once a quarter window drained: with fewer bytes in
+            # flight than that, no credit ever comes back.
             raise ConnectError(
-                f"credit window {window} bytes: the closed loop needs a quarter window <= one "
-                f"{FRAME_BYTES}-byte frame (asr.session.ingest_queue_ms <= 80 for 8 kHz mu-law)")
+                f"credit window {window} bytes: {inflight} frame(s) in flight never drain a "
+                f"quarter of it (asr.session.ingest_queue_ms <= {80 * inflight} for 8 kHz mu-law)")
         st = gen.stats
         clients = cast(list[ClosedLoopClient], gen.clients)
         st.running = True
@@ -747,17 +813,67 @@ async def run_closed_loop(
         gen.abort_all()
 
 
+@dataclass
+class IdleResult:
+    """Server memory with `opened` sessions open to `ready` and no audio sent."""
+
+    requested: int
+    opened: int
+    connect_failures: dict[str, int]
+    settle_s: float
+    rss_before_kb: int  # before the first session
+    rss_after_kb: int  # with every session open, after settle_s
+    server_closes: dict[str, int] = field(default_factory=dict)
+    dropped: int = 0
+
+    @property
+    def kib_per_session(self) -> float:
+        return (self.rss_after_kb - self.rss_before_kb) / self.opened if self.opened else 0.0
+
+
+async def run_idle(
+    target: Target, *, sessions: int, settle_s: float, probe: ServerProbe, batch: int = 100,
+) -> IdleResult:
+    """Open `sessions` sessions to `ready`, send nothing, wait settle_s, read the server's RSS."""
+    gen = LoadGen(target)
+    try:
+        rss_before = probe.rss_kb()
+        await gen.connect(sessions, IdleClient, batch=batch)
+        if not gen.clients:
+            raise ConnectError(f"no session opened: {dict(gen.connect_failures)}")
+        await asyncio.sleep(settle_s)  # let what a session allocates after `ready` happen
+        result = IdleResult(sessions, len(gen.clients), dict(gen.connect_failures), settle_s,
+                            rss_before, probe.rss_kb())
+        await gen.close()
+        result.server_closes = dict(gen.stats.server_closes)
+        result.dropped = gen.stats.dropped
+        return result
+    finally:
+        gen.abort_all()
+
+
 class RealtimePacer:
-    """Calls tick() on every client once per 20 ms, clients spread over 20 one-ms phases."""
+    """Calls tick() on every client once per 20 ms, clients spread over 20 one-ms phases.
+    Clients may be added and removed while it runs."""
 
     PHASES = FRAME_MS
 
     def __init__(self, clients: list[RealtimeClient]) -> None:
-        self.groups = [clients[i :: self.PHASES] for i in range(self.PHASES)]
+        self.groups: list[list[RealtimeClient]] = [[] for _ in range(self.PHASES)]
+        self.add(clients)
         self.max_lag = 0.0
         self.recording = False
 
-    async def run(self, start: float, stop: float) -> None:
+    def add(self, clients: list[RealtimeClient]) -> None:
+        for c in clients:
+            min(self.groups, key=len).append(c)  # the least busy phase
+
+    def remove(self, clients: list[RealtimeClient]) -> None:
+        gone = set(clients)
+        for group in self.groups:
+            group[:] = [c for c in group if c not in gone]  # in place: run() holds the lists
+
+    async def run(self, start: float, stop: float = math.inf) -> None:
         step = FRAME_MS / 1000.0 / self.PHASES
         n = 0  # phase slots done; slot n is due at start + n * step (no drift)
         due = start
@@ -834,18 +950,19 @@ async def run_realtime(
 # --- standalone CLI ----------------------------------------------------------------------------
 
 
-def target_from_url(url: str, ack_mode: AckMode) -> Target:
+def target_from_url(url: str, ack_mode: AckMode, api_key: str | None = None) -> Target:
     u = urlsplit(url)
     if u.scheme != "ws" or not u.hostname:
         raise ValueError("only ws://host:port/path URLs are supported")
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-    return Target(u.hostname, u.port or 80, path, ack_mode)
+    return Target(u.hostname, u.port or 80, path, ack_mode, api_key)
 
 
 def format_result(r: RunResult) -> str:
     lat = r.latency
+    shape = f"closed loop, {r.inflight} in flight" if r.mode == "closed-loop" else r.mode
     parts = [
-        f"{r.mode}: {r.opened}/{r.requested} connections, {r.fps:,.0f} frames/s acked",
+        f"{shape}: {r.opened}/{r.requested} connections, {r.fps:,.0f} frames/s acked",
         f"latency p50 {lat.p50_ms:.2f} ms, p99 {lat.p99_ms:.2f} ms, max {lat.max_ms:.1f} ms",
         f"generator CPU {r.gen_cpu_pct:.0f}%",
     ]
@@ -865,10 +982,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--inflight", type=int, default=1,
+                        help="closed loop: frames in flight per connection")
     parser.add_argument("--realtime", action="store_true", help="open loop, 1 frame / 20 ms")
     parser.add_argument("--signal", choices=SIGNALS, default="speech")
+    parser.add_argument("--key", default=os.environ.get("STREAMGATE_API_KEY"),
+                        help="API key (default: $STREAMGATE_API_KEY)")
     args = parser.parse_args(argv)
-    target = target_from_url(args.url, cast(AckMode, args.ack))
+    target = target_from_url(args.url, cast(AckMode, args.ack), args.key)
 
     async def go() -> RunResult:
         if args.realtime:
@@ -876,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
                                       seconds=args.seconds, signal=args.signal)
         return await run_closed_loop(target, connections=args.connections,
                                      warmup_s=args.warmup, seconds=args.seconds,
-                                     signal=args.signal)
+                                     signal=args.signal, inflight=args.inflight)
 
     result = uvloop.run(go())
     print(format_result(result))

@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -123,3 +124,40 @@ def test_locust_headless(srv: ServerProcess, tmp_path: Path) -> None:
         assert int(stats[name]["Request Count"]) > 0, stats[name]
         assert int(stats[name]["Failure Count"]) == 0, stats[name]
     assert 400 < float(stats["asr final latency after end of speech"]["Median Response Time"])
+
+
+def test_bench_quick(tmp_path: Path) -> None:
+    """`make bench` end to end in seconds (--quick): every part runs against its own fresh
+    servers, streamgate with billing on (embedded Redis + PostgreSQL of its own, a tenant made
+    through the admin API), and nothing is left running afterwards. The numbers mean nothing."""
+    docs = ROOT / "docs" / "benchmarks.md"
+    before = docs.read_bytes()
+    logs = tmp_path / "logs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--quick", "--logs-dir", str(logs)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out  # also 1 if a server's child outlived it
+    for heading in ("### Targets", "### Closed loop, window of 4 frames",
+                    "### Closed loop, ack per frame", "### Real-time sessions",
+                    "### Memory per idle session", "### TTS time to first audio"):
+        assert heading in proc.stdout, out
+    assert "| streamgate | 40/40 |" in proc.stdout, out
+    assert "real time 40 sessions" in proc.stdout, out
+    # Billing was on for every streamgate server, and usage reached PostgreSQL.
+    charged = re.findall(r"bench tenant's balance in PostgreSQL went down by ([\d,]+) micros",
+                         proc.stdout)
+    assert len(charged) == 3 and any(c != "0" for c in charged), out
+    assert docs.read_bytes() == before  # --quick never writes the document
+    assert {p.name for p in logs.iterdir()} >= {"streamgate.stderr.log",
+                                                 "streamgate-realtime.stderr.log"}
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+                 and b"streamgate-bench-" in _cmdline(p)]
+    assert not leftovers, [_cmdline(p) for p in leftovers]
+
+
+def _cmdline(proc_dir: Path) -> bytes:
+    try:
+        return (proc_dir / "cmdline").read_bytes()
+    except OSError:
+        return b""

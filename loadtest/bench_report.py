@@ -1,0 +1,598 @@
+"""What a bench run found, and docs/benchmarks.md: results, ratios, targets, observations."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+from loadtest.bench_tenant import Balance
+from loadtest.capacity import Capacity, Step
+from loadtest.loadgen import FRAME_BYTES, FRAME_MS, IdleResult, RunResult
+from loadtest.tts_probe import TTS_TEXT, TtfaRun
+
+ECHO_NAMES = ("ws-echo", "raw-echo")
+CLOSED_LOOP_NAMES = (*ECHO_NAMES, "streamgate")
+
+# Issue 5's targets (one run, one server core).
+MIN_VS_RAW_ECHO = 0.6
+MIN_VS_WS_ECHO = 1.5
+MIN_REALTIME_SESSIONS = 1000
+P99_LIMIT_MS = 20.0
+MAX_IDLE_KIB = 50.0
+MAX_TTFA_OVERHEAD_P99_MS = 5.0
+
+
+# --- what a server run found ---------------------------------------------------------------------
+
+
+@dataclass
+class Health:
+    """A server's behaviour seen from outside: logs, exit code, metrics."""
+
+    alive_after_close: bool = True
+    exit_code: int | None = None
+    log_levels: dict[str, int] = field(default_factory=dict)
+    log_messages: list[tuple[str, int]] = field(default_factory=list)  # most common first
+    raw_lines: list[str] = field(default_factory=list)  # non-JSON stderr (tracebacks...)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.alive_after_close:
+            out.append("server died during the run")
+        if self.exit_code not in (0, None):
+            out.append(f"exit code {self.exit_code}")
+        bad = {k: v for k, v in self.log_levels.items() if k in ("error", "critical")}
+        if bad:
+            out.append("log: " + ", ".join(f"{v} {k}" for k, v in bad.items()))
+        if self.raw_lines:
+            out.append(f"{len(self.raw_lines)} non-JSON stderr lines")
+        return out
+
+
+@dataclass
+class ServerRun:
+    """One server process, started fresh, and what was measured against it."""
+
+    name: str  # ws-echo, raw-echo, streamgate, streamgate-idle, streamgate-realtime
+    health: Health = field(default_factory=Health)
+    errors: list[str] = field(default_factory=list)
+    ack: RunResult | None = None  # closed loop, one frame in flight
+    window: RunResult | None = None  # closed loop, W frames in flight
+    idle: IdleResult | None = None
+    tts: list[TtfaRun] = field(default_factory=list)
+    capacity: Capacity | None = None
+    balances: tuple[Balance, Balance] | None = None  # the bench tenant's, before and after
+
+    def closed_loops(self) -> list[RunResult]:
+        return [r for r in (self.ack, self.window) if r is not None]
+
+    def failures(self) -> list[str]:
+        """What makes this run's numbers untrustworthy (empty if none)."""
+        out = list(self.errors)
+        for r in self.closed_loops():
+            if r.connect_failures:
+                out.append(f"{sum(r.connect_failures.values())} connections failed to open")
+            if r.dropped:
+                out.append(f"{r.dropped} connections dropped")
+            if r.server_closes:
+                out.append(f"{sum(r.server_closes.values())} connections closed by the server")
+        idle = self.idle
+        if idle is not None and idle.connect_failures:
+            out.append(f"idle sessions that did not open: {idle.connect_failures}")
+        if idle is not None and (idle.server_closes or idle.dropped):
+            out.append(f"idle sessions closed by the server: {idle.server_closes}, dropped "
+                       f"{idle.dropped}")
+        out.extend(f"TTS x{t.concurrency}: {e}" for t in self.tts for e in t.errors[:3])
+        if self.capacity is not None and self.capacity.refused:
+            out.append(f"real time: {self.capacity.stopped}")
+        if not self.health.alive_after_close:
+            out.append("server died")
+        elif self.health.exit_code not in (0, None):
+            out.append(f"server exit code {self.health.exit_code}")
+        return out
+
+    def has_results(self) -> bool:
+        return bool(self.closed_loops() or self.idle or self.tts or self.capacity)
+
+
+def analyse_stderr(path: Path, json_logs: bool) -> Health:
+    health = Health()
+    levels: Counter[str] = Counter()
+    messages: Counter[str] = Counter()
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return health
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        rec: object = None
+        if json_logs:
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+        if isinstance(rec, dict):
+            level = str(rec.get("level", "?"))
+            levels[level] += 1
+            exc = str(rec.get("exc", "")).strip().splitlines()
+            tail = f" [{exc[-1]}]" if exc else ""
+            messages[f"{level} {rec.get('logger', '')}: {rec.get('msg', '')}{tail}"[:240]] += 1
+        elif len(health.raw_lines) < 40:
+            health.raw_lines.append(line[:240])
+    health.log_levels = dict(levels)
+    health.log_messages = messages.most_common(8)
+    return health
+
+
+# --- numbers -------------------------------------------------------------------------------------
+
+
+def _mb(kb: int | None) -> str:
+    return "-" if not kb else f"{kb / 1024:.0f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}%"
+
+
+def _cpu(r: RunResult) -> str:
+    if r.server_cpu_pct is None:
+        return "-"
+    return f"{r.server_cpu_pct:.0f}% ({r.server_sys_pct or 0:.0f}% sys)"
+
+
+def _labels(key: str) -> dict[str, str]:
+    return dict(re.findall(r'(\w+)="([^"]*)"', key))
+
+
+def by_name(runs: list[ServerRun]) -> dict[str, ServerRun]:
+    return {run.name: run for run in runs}
+
+
+def shape_fps(runs: list[ServerRun], shape: str) -> dict[str, float]:
+    """frames/s by server for one closed-loop shape ("ack" or "window")."""
+    out = {}
+    for run in runs:
+        r = run.ack if shape == "ack" else run.window
+        if run.name in CLOSED_LOOP_NAMES and r is not None and r.fps > 0:
+            out[run.name] = r.fps
+    return out
+
+
+def ratios(runs: list[ServerRun], shape: str) -> dict[str, float]:
+    fps = shape_fps(runs, shape)
+    out = {}
+    for a, b in (("streamgate", "raw-echo"), ("streamgate", "ws-echo"), ("raw-echo", "ws-echo")):
+        if a in fps and b in fps:
+            out[f"{a} / {b}"] = fps[a] / fps[b]
+    return out
+
+
+def capacity_run(runs: list[ServerRun]) -> Capacity | None:
+    return next((run.capacity for run in runs if run.capacity is not None), None)
+
+
+def idle_run(runs: list[ServerRun]) -> IdleResult | None:
+    return next((run.idle for run in runs if run.idle is not None), None)
+
+
+def tts_runs(runs: list[ServerRun]) -> list[TtfaRun]:
+    return [t for run in runs for t in run.tts]
+
+
+def cpu_per_session(step: Step) -> tuple[float, float] | None:
+    """(% of one core, microseconds of CPU per session-second) for a real-time step."""
+    r = step.result
+    if r.server_cpu_pct is None or r.server_cpu_s is None or not r.opened:
+        return None
+    return r.server_cpu_pct / r.opened, 1e6 * r.server_cpu_s / (r.opened * r.seconds)
+
+
+# --- targets -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Goal:
+    what: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+
+
+def goals(runs: list[ServerRun]) -> list[Goal]:
+    window = ratios(runs, "window")
+    out = []
+    for ref, least in (("raw-echo", MIN_VS_RAW_ECHO), ("ws-echo", MIN_VS_WS_ECHO)):
+        ratio = window.get(f"streamgate / {ref}")
+        out.append(Goal(
+            f"full ASR ingest >= {least:g}x {ref} in frames/s (window shape)",
+            "-" if ratio is None else f"{ratio:.2f}x",
+            None if ratio is None else ratio >= least))
+    cap = capacity_run(runs)
+    best = None if cap is None else cap.best
+    if cap is None:
+        measured, met = "-", None
+    else:
+        sessions = 0 if best is None else best.sessions
+        open_ended = best is not None and best is cap.largest  # never saw a failure
+        measured = f"{'>= ' if open_ended else ''}{sessions} sessions"
+        met = sessions >= MIN_REALTIME_SESSIONS
+    out.append(Goal(f">= {MIN_REALTIME_SESSIONS} concurrent real-time telephony sessions per "
+                    f"core with p99 frame-to-credit < {P99_LIMIT_MS:g} ms", measured, met))
+    idle = idle_run(runs)
+    out.append(Goal(f"< {MAX_IDLE_KIB:g} KiB RSS per idle session",
+                    "-" if idle is None else f"{idle.kib_per_session:.1f} KiB",
+                    None if idle is None else idle.kib_per_session < MAX_IDLE_KIB))
+    tts = [t for t in tts_runs(runs) if t.gateway.samples and t.engine.samples]
+    worst = max(tts, key=lambda t: t.overhead_p99_ms, default=None)
+    out.append(Goal(
+        f"gateway overhead on TTS time-to-first-audio < {MAX_TTFA_OVERHEAD_P99_MS:g} ms p99",
+        "-" if worst is None else f"{worst.overhead_p99_ms:.1f} ms (x{worst.concurrency})",
+        None if worst is None else worst.overhead_p99_ms < MAX_TTFA_OVERHEAD_P99_MS))
+    return out
+
+
+def goals_table(runs: list[ServerRun]) -> list[str]:
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for g in goals(runs):
+        met = "not measured" if g.met is None else "yes" if g.met else "**NO**"
+        lines.append(f"| {g.what} | {g.measured} | {met} |")
+    return lines
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+
+def closed_loop_table(runs: list[ServerRun], shape: str) -> list[str]:
+    with_rss = shape == "ack"  # the first run on each fresh server: its RSS says something
+    head = "| server | conns | frames/s | p50 ms | p99 ms | max ms | server CPU | gen CPU |"
+    cols = 8
+    if with_rss:
+        head += " RSS idle MB | RSS open MB | KiB/conn |"
+        cols += 3
+    lines = [head, "|---" * cols + "|"]
+    for run in runs:
+        if run.name not in CLOSED_LOOP_NAMES:
+            continue
+        r = run.ack if shape == "ack" else run.window
+        if r is None:
+            lines.append(f"| {run.name} | failed: {'; '.join(run.errors) or '-'} |"
+                         + " |" * (cols - 2))
+            continue
+        lat = r.latency
+        line = (f"| {run.name} | {r.opened}/{r.requested} | {r.fps:,.0f} | {lat.p50_ms:.2f} "
+                f"| {lat.p99_ms:.2f} | {lat.max_ms:.1f} | {_cpu(r)} | {_pct(r.gen_cpu_pct)} |")
+        if with_rss:
+            per_conn = "-"
+            if r.rss_idle_kb and r.rss_open_kb and r.opened:
+                per_conn = f"{(r.rss_open_kb - r.rss_idle_kb) / r.opened:.1f}"
+            line += f" {_mb(r.rss_idle_kb)} | {_mb(r.rss_open_kb)} | {per_conn} |"
+        lines.append(line)
+    return lines
+
+
+def ratio_line(runs: list[ServerRun], shape: str) -> str:
+    found = ratios(runs, shape)
+    return "; ".join(f"**{k} = {v:.2f}**" for k, v in found.items())
+
+
+def capacity_lines(cap: Capacity) -> list[str]:
+    lines = [
+        "| step | sessions | frames/s credited / due | p50 ms | p99 ms | max ms | server CPU "
+        "| Redis+PG CPU | gen CPU / pacer lag ms | RSS MB | result |",
+        "|---" * 11 + "|",
+    ]
+    for i, s in enumerate(cap.steps, 1):  # in the order run: RSS only grows
+        r = s.result
+        lat = r.latency
+        verdict = "pass" if s.passed else f"fail: {s.why_not}"
+        lines.append(
+            f"| {i} | {s.sessions} | {r.fps:,.0f} / {r.target_fps or 0:,.0f} | {lat.p50_ms:.2f} "
+            f"| {lat.p99_ms:.2f} | {lat.max_ms:.1f} | {_cpu(r)} | {_pct(r.helpers_cpu_pct)} "
+            f"| {_pct(r.gen_cpu_pct)} / {r.max_sched_lag_ms:.1f} | {_mb(s.rss_kb)} | {verdict} |")
+    lines.append("")
+    best = cap.best
+    lines.append(f"Search: {len(cap.steps)} steps in {cap.elapsed_s:.0f} s; stopped: "
+                 f"{cap.stopped}. **Max sessions meeting p99 < {cap.p99_limit_ms:g} ms with "
+                 f">= {100 * cap.min_acked:g}% of frames credited: "
+                 f"{0 if best is None else best.sessions}.**")
+    per_active = cap.kib_per_active_session()
+    largest = cap.largest
+    if per_active is not None and largest is not None:
+        lines.append(f"RSS per active session: **{per_active:.0f} KiB** (at {largest.sessions} "
+                     f"sessions, VmRSS {largest.rss_kb / 1024:.0f} MB vs "
+                     f"{cap.rss_base_kb / 1024:.0f} MB before the first session).")
+    cpu = None if best is None else cpu_per_session(best)
+    if best is not None and cpu is not None:
+        lines.append(f"CPU per active session: **{cpu[0]:.3f}% of one core = {cpu[1]:.0f} us of "
+                     f"CPU per session-second** (server process at {best.sessions} sessions; "
+                     f"embedded Redis + PostgreSQL another "
+                     f"{_pct(best.result.helpers_cpu_pct)} of the same core).")
+    return lines
+
+
+def idle_lines(idle: IdleResult) -> list[str]:
+    return [
+        "| sessions open | settle | RSS before MB | RSS with sessions MB | KiB per idle session |",
+        "|---|---|---|---|---|",
+        f"| {idle.opened}/{idle.requested} | {idle.settle_s:g} s | "
+        f"{idle.rss_before_kb / 1024:.1f} | {idle.rss_after_kb / 1024:.1f} | "
+        f"**{idle.kib_per_session:.1f}** |",
+    ]
+
+
+def tts_lines(runs: list[TtfaRun]) -> list[str]:
+    lines = [
+        "| sessions | requests | gateway p50 / p99 ms | engine first chunk p50 / p99 ms "
+        "| overhead p50 / p99 ms | engine first frame p50 / p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in runs:
+        lines.append(
+            f"| {t.concurrency} | {t.gateway.samples} | {t.gateway.p50_ms:.2f} / "
+            f"{t.gateway.p99_ms:.2f} | {t.engine.p50_ms:.2f} / {t.engine.p99_ms:.2f} "
+            f"| **{t.overhead_p50_ms:.2f} / {t.overhead_p99_ms:.2f}** "
+            f"| {t.engine_frame.p50_ms:.2f} / {t.engine_frame.p99_ms:.2f} |")
+    return lines
+
+
+# --- observations --------------------------------------------------------------------------------
+
+
+def _result_notes(r: RunResult, label: str) -> list[str]:
+    out: list[str] = []
+    if r.mode == "closed-loop" and r.server_cpu_pct is not None and r.server_cpu_pct < 90:
+        out.append(
+            f"{label}: NOT SERVER-BOUND: the server was only {r.server_cpu_pct:.0f}% busy "
+            f"(generator {r.gen_cpu_pct:.0f}%, other processes on the generator's CPU "
+            f"{r.others_on_gen_cpu_pct or 0:.0f}%): frames/s is a lower bound")
+    if r.server_reads_per_frame is not None and r.server_writes_per_frame is not None:
+        out.append(f"{label}: server syscalls per acked frame: {r.server_reads_per_frame:.2f} "
+                   f"reads, {r.server_writes_per_frame:.2f} writes; event loop slept "
+                   f"{r.server_sleeps_per_s or 0:,.0f} times/s")
+    if r.helpers_cpu_pct:
+        out.append(f"{label}: embedded Redis + PostgreSQL (and idle pocketsphinx workers) used "
+                   f"{r.helpers_cpu_pct:.0f}% of the server's CPU on top of the server")
+    if r.others_on_server_cpu_pct is not None:
+        # Others on the server's CPU always cost throughput (on the generator's CPU only
+        # when the server ends up waiting for the generator: see NOT SERVER-BOUND).
+        others = max(0.0, r.others_on_server_cpu_pct - (r.helpers_cpu_pct or 0.0))
+        shared = others > 5 or (r.steal_pct or 0) > 2
+        out.append(f"{label}: other processes used {others:.0f}% of the server's CPU and "
+                   f"{r.others_on_gen_cpu_pct or 0:.0f}% of the generator's; steal "
+                   f"{r.steal_pct or 0:.0f}%" + (" - SHARED CPU, numbers depressed"
+                                                    if shared else ""))
+    if r.connect_failures:
+        out.append(f"{label}: connect failures: {r.connect_failures}")
+    if r.server_closes:
+        out.append(f"{label}: server-initiated closes: {r.server_closes}")
+    if r.dropped:
+        out.append(f"{label}: connections dropped without a close handshake: {r.dropped}")
+    if r.aborted_at_close:
+        out.append(f"{label}: connections not closed within 5 s of our close frame: "
+                   f"{r.aborted_at_close}")
+    if r.text_types:
+        out.append(f"{label}: other server messages: {dict(sorted(r.text_types.items()))}")
+    out.extend(f"{label}: server said: {sample}" for sample in r.samples[:3])
+    return out
+
+
+def _health_notes(h: Health) -> list[str]:
+    out = [f"problem: {p}" for p in h.problems()]
+    out.extend(f"log x{count}: {msg}" for msg, count in h.log_messages)
+    out.extend(f"stderr: {line}" for line in h.raw_lines[:10])
+    if h.metrics:
+        sessions = {f"{_labels(k).get('kind', '?')} {_labels(k).get('code', '?')}": int(v)
+                    for k, v in h.metrics.items() if k.startswith("streamgate_sessions_total")}
+        if sessions:
+            out.append(f"sessions ended, by kind and close code (server metric): {sessions}")
+        batches = h.metrics.get('streamgate_engine_batch_size_count{model="synthetic"}')
+        items = h.metrics.get('streamgate_engine_batch_size_sum{model="synthetic"}')
+        if batches:
+            out.append(f"engine batches: {batches:.0f}, mean size {(items or 0) / batches:.1f}")
+        for key, value in h.metrics.items():
+            if key.startswith(("streamgate_upgrades_rejected", "streamgate_engine_errors",
+                               "streamgate_audio_dropped")) and value:
+                out.append(f"{key} = {value:g}")
+    return out
+
+
+def notes_for(run: ServerRun) -> list[str]:
+    out = [f"error: {e}" for e in run.errors]
+    if run.ack is not None:
+        out += _result_notes(run.ack, "ack per frame")
+    if run.window is not None:
+        out += _result_notes(run.window, f"window of {run.window.inflight}")
+    if run.capacity is not None and run.capacity.best is not None:
+        out += _result_notes(run.capacity.best.result,
+                             f"real time at {run.capacity.best.sessions} sessions")
+    if run.balances is not None:
+        before, after = run.balances
+        note = (f"billing: the bench tenant's balance in PostgreSQL went down by "
+                f"{before.balance_micros - after.balance_micros:,} micros (usage flushed so far)")
+        if after.spendable_micros is not None:
+            note += f"; spendable in the Redis wallet: {after.spendable_micros:,} micros"
+        out.append(note)
+    return out + _health_notes(run.health)
+
+
+# --- the document --------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, str]:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = []
+    for pkg in ("websockets", "uvloop", "numpy", "soxr", "webrtcvad-wheels", "msgspec",
+                "redis", "asyncpg"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions.append(f"{pkg} {metadata.version(pkg)}")
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kb = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "mem": f"{mem_kb / 1024 / 1024:.1f} GiB RAM" if mem_kb else "? RAM",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": ", ".join(versions),
+    }
+
+
+def result_sections(args: argparse.Namespace, runs: list[ServerRun]) -> list[str]:
+    """Everything measured: printed at the end of a run and written into the document."""
+    lines = ["### Targets (issue 5)", "",
+             "Throughput is judged on the window shape (the headline table below); the ack per",
+             "frame table is the worst case. Every number is from this one run.", "",
+             *goals_table(runs), ""]
+    if shape_fps(runs, "window"):
+        lines += [f"### Closed loop, window of {args.window} frames (headline throughput)", "",
+                  *closed_loop_table(runs, "window"), "",
+                  "Ratios (same run): " + ratio_line(runs, "window"), ""]
+    if shape_fps(runs, "ack"):
+        lines += ["### Closed loop, ack per frame (worst case: one frame in flight)", "",
+                  *closed_loop_table(runs, "ack"), "",
+                  "Ratios (same run): " + ratio_line(runs, "ack"), ""]
+    cap = capacity_run(runs)
+    if cap is not None:
+        lines += ["### Real-time sessions: max concurrent with p99 frame-to-credit "
+                  f"< {cap.p99_limit_ms:g} ms", "", *capacity_lines(cap), ""]
+    idle = idle_run(runs)
+    if idle is not None:
+        lines += ["### Memory per idle session", "", *idle_lines(idle), ""]
+    tts = tts_runs(runs)
+    if tts:
+        lines += ["### TTS time to first audio (`flush` -> first audio frame)", "",
+                  *tts_lines(tts), "",
+                  "Gateway and engine are separate runs: the overhead is a difference of",
+                  "percentiles, and with 100-200 requests a p99 is one of the two slowest, so",
+                  "one hiccup on either side moves it. Gateway minus \"engine first frame\" is",
+                  "the overhead beyond waiting for a whole first frame of audio.", ""]
+    return lines
+
+
+def observation_lines(runs: list[ServerRun]) -> list[str]:
+    return [f"- {run.name}: {note}" for run in runs for note in notes_for(run)]
+
+
+def render_markdown(
+    args: argparse.Namespace, command: str, started: datetime, runs: list[ServerRun],
+    asr_path: str, tts_path: str, tts_first_audio_ms: float,
+) -> str:
+    mi = machine_info()
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m loadtest.bench` (`make bench`); every run overwrites this file.",
+        "One command, one process tree, one run: each server is started fresh, alone, pinned",
+        "to one CPU, and the load generator (raw asyncio Protocols on uvloop, hand-built masked",
+        "frames, this process) is pinned to the other CPU; everything goes over 127.0.0.1.",
+        "",
+        "## What is measured",
+        "",
+        "**Servers.**",
+        "",
+        "- **ws-echo**: websockets' asyncio server (`websockets.asyncio.server.serve`, uvloop),",
+        "  a handler task per connection answering each binary frame with a small text frame.",
+        "- **raw-echo**: asyncio.Protocol + websockets' sans-I/O `ServerProtocol` (uvloop), the",
+        "  ack written inline in `data_received`: the ceiling for streamgate's design.",
+        "- **streamgate**: `python -m server serve` with the full ASR ingest path on",
+        f"  `{asr_path}`",
+        "  (mu-law decode, webrtcvad at 8 kHz, utterance tracking, speech resampled to 16 kHz",
+        "  with soxr, the synthetic engine through the micro-batcher: 5 ms + 0.5 ms/item,",
+        "  batches of up to 32) **with billing on**: the server starts its own embedded Redis",
+        "  and PostgreSQL (fresh, in a temporary directory, as children of the server process",
+        "  and so on the server's CPU too), and",
+        "  the bench creates a funded tenant through the admin API with limits no run reaches",
+        "  (tenant limits live in PostgreSQL; the dev tenant's defaults would cap the bench at",
+        "  100 sessions). Every session authenticates with that tenant's API key",
+        "  (`Authorization: Bearer`), passes the per-key rate limit and the concurrent-session",
+        "  count in Redis, takes a lease from the wallet, reports usage every 5 s and settles",
+        "  at close. The config sets `asr.session.ingest_queue_ms = 80` (credit window 640",
+        "  bytes = 4 frames; `credit` comes back for every 20 ms frame drained),",
+        "  `logging.level = \"WARNING\"`, `server.idle_timeout_s = 60`. Server CPU is the",
+        "  server process; Redis + PostgreSQL CPU is reported beside it.",
+        "",
+        f"**Frames.** {FRAME_BYTES} bytes = {FRAME_MS} ms of 8 kHz mu-law. The audio"
+        f" (`--signal {args.signal}`)",
+        "is a 2.4 s loop: 1.6 s of synthetic voiced syllables, 0.8 s of low noise; webrtcvad",
+        "calls it speech, so streamgate runs onset, engine feeds, endpointing and one final",
+        "per loop.",
+        "",
+        "**Throughput (closed loop).** N connections each keep frames in flight and send more",
+        "as they are acknowledged; frames acknowledged per second over the window. Echo servers",
+        "acknowledge each frame with a text frame; streamgate returns `credit` (bytes). Two",
+        f"shapes: **window** (each connection keeps {args.window} frames in flight, within its",
+        "credit: how a credit-based client really streams) is the **headline** and the one the",
+        "throughput targets are judged on; **ack per frame** (one frame in flight, the next",
+        "sent on its ack) is kept as the worst case. Latency is per frame, send to ack.",
+        "",
+        "**Real-time capacity.** Sessions that each send one frame every 20 ms (phases spread",
+        "over the 20 ms), never beyond their credit. A bounded search on one set of sessions",
+        "that grows and shrinks: `--rt-step` sessions at a time, then bisection down to",
+        "`--rt-resolution`; a step's new sessions connect evenly over `--rt-ramp` (5 s, the",
+        "usage report interval: sessions opened together would report usage together every",
+        "5 s for as long as they live, a burst real traffic does not have), then a warm-up, then",
+        "the measured window. The answer is the largest count whose p99 frame-to-credit (a",
+        "frame's send -> the credit returning its bytes; a frame that waited for credit counts",
+        f"from its scheduled time) is under {P99_LIMIT_MS:g} ms, with >= 99% of the frames due",
+        "credited and no session lost. The generator's own lateness (\"pacer lag\", the most a",
+        "frame went out late) is not counted but shown; a failing step with the generator near",
+        "a full core is marked GENERATOR-BOUND?. RSS per active session: VmRSS growth from",
+        "before the first session to the largest count measured, per session. CPU per active",
+        "session: server CPU / sessions at the largest passing count.",
+        "",
+        "**Idle sessions.** `--idle-sessions` sessions opened to `ready` on a fresh server, no",
+        "audio; after 2 s, the VmRSS growth per session.",
+        "",
+        f"**TTS time to first audio.** `{tts_path}`, the synthetic TTS engine with a fixed",
+        f"{tts_first_audio_ms:g} ms to its first chunk (40 ms chunks, real-time factor 0.05).",
+        f"A session sends `text` (\"{TTS_TEXT}\") + `flush`; TTFA is the time to the first",
+        "binary audio frame; the client returns credit for every frame and sends the next",
+        "request after `flushed` (first request per session not counted). The engine's own",
+        "TTFA: the same synthesizer class with the same config in the bench process, the same",
+        "text and concurrency, from `synthesize()` to its first chunk. Overhead = gateway -",
+        "engine, percentile by percentile. The gateway sends audio in frames of",
+        "`tts.session.chunk_ms` (100 ms): the engine's time to its first 100 ms of audio is in",
+        "the last column, to tell framing from the rest of the overhead.",
+        "",
+        "**Reading the numbers.** A small shared machine: absolute numbers move between runs",
+        "by 10-20%; ratios measured in the same run are what count. The observations say how",
+        "much of the pinned CPUs other processes took (\"SHARED CPU\" when it was more than a",
+        "few percent) and flag a closed loop where the server was not saturated (\"NOT",
+        "SERVER-BOUND\"). RSS is the server process only (not Redis, PostgreSQL, or the two",
+        "idle pocketsphinx workers that config/default.toml's `sphinx-en` model starts).",
+        "",
+        "## Latest run",
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {started.strftime('%Y-%m-%d %H:%M:%S UTC')}",
+        f"- Machine: {mi['nproc']} CPUs, {mi['cpu']}, {mi['mem']}, Linux {mi['kernel']}",
+        f"- Python {mi['python']}; {mi['packages']}",
+        f"- Closed loops: {args.connections} connections (opened {args.batch} at a time), "
+        f"warm-up {args.warmup:g} s, measured {args.seconds:g} s; real time: steps of "
+        f"{args.rt_step} (new sessions over {args.rt_ramp:g} s), warm-up {args.rt_warmup:g} s, "
+        f"measured {args.rt_seconds:g} s, budget {args.rt_budget:g} s; "
+        + (f"server on CPU {args.server_cpu}, generator on CPU {args.client_cpu}"
+           if args.pinned else "unpinned (fewer than 2 CPUs available)"),
+        f"- Audio signal: `{args.signal}`",
+        "",
+        *result_sections(args, runs),
+    ]
+    notes = observation_lines(runs)
+    if notes:
+        lines += ["### Observations", "", *notes, ""]
+    return "\n".join(lines)
