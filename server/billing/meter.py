@@ -9,6 +9,8 @@ supplies a wallet-backed implementation; `PricedMeter` prices usage without a wa
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -142,3 +144,13 @@ class PricedMeterFactory:
         self, *, session_id: str, principal: Principal, model: str, unit: str = "audio_ms"
     ) -> SessionMeter:
         return PricedMeter(*self._prices.get((model, unit), (0, 1)))
+
+
+def report_delays(interval_s: float) -> Iterator[float]:
+    """Sleeps between a session's usage reports: the first after a random 50-100% of the
+    interval, then every interval. Sessions opened together (a campaign, a reconnect storm, a
+    load test) would otherwise report together for as long as they live: a burst of Redis
+    calls every interval that stalls every other session's audio for its duration."""
+    yield interval_s * (0.5 + random.random() / 2)
+    while True:
+        yield interval_s

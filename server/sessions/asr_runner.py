@@ -26,6 +26,7 @@ from server.billing.meter import (
     SessionMeter,
     UsageReport,
     meter_rejection,
+    report_delays,
 )
 from server.config import Config
 from server.models.base import EngineError, Transcriber, TranscriptionStream
@@ -464,9 +465,8 @@ class AsrSessionRunner:
     # --- usage ----------------------------------------------------------------------------------
 
     async def _usage_loop(self) -> None:
-        interval = self.endpoint.config.asr.session.usage_interval_s
-        while True:
-            await asyncio.sleep(interval)
+        for delay in report_delays(self.endpoint.config.asr.session.usage_interval_s):
+            await asyncio.sleep(delay)
             self._meter_deltas()
             report = await self.meter.report()
             if self.machine.state != "closed":

@@ -18,6 +18,7 @@ from server.billing.meter import (
     SessionMeter,
     UsageReport,
     meter_rejection,
+    report_delays,
 )
 from server.config import Config
 from server.models.base import EngineError, Synthesizer
@@ -277,9 +278,8 @@ class TtsSessionRunner:
         self._pump()
 
     async def _usage_loop(self) -> None:
-        interval = self.endpoint.config.tts.session.usage_interval_s
-        while True:
-            await asyncio.sleep(interval)
+        for delay in report_delays(self.endpoint.config.tts.session.usage_interval_s):
+            await asyncio.sleep(delay)
             report: UsageReport = await self.meter.report()
             if self.machine.state != "closed":
                 self.machine.usage(report)

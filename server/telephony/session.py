@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from server.billing.auth import Principal
-from server.billing.meter import UsageReport
+from server.billing.meter import UsageReport, report_delays
 from server.sessions import messages as m
 from server.sessions.asr import AsrSession
 from server.sessions.asr_params import AsrParams
@@ -321,9 +321,10 @@ class TelephonySession:
 
     async def _tts_usage(self) -> None:
         assert self._meters is not None
-        interval = self.endpoint.config.tts.session.usage_interval_s
-        while self.state == "live":
-            await asyncio.sleep(interval)
+        for delay in report_delays(self.endpoint.config.tts.session.usage_interval_s):
+            if self.state != "live":
+                break
+            await asyncio.sleep(delay)
             report = await self._meters.tts.report()  # also tops the lease up
             if report.exhausted:
                 self._end("insufficient_balance", 4002)
