@@ -57,6 +57,7 @@ class _Chunk:
     text: str
     samples: int = 0
     done: bool = False
+    started: bool = False  # its first audio frame is queued
 
 
 class TtsSession:
@@ -72,7 +73,12 @@ class TtsSession:
         max_chars: int,
         max_tokens: int | None,
         limits: m.Limits,
+        early_first_frame: bool = False,
     ) -> None:
+        """`early_first_frame`: a chunk's first frame leaves as soon as any of its audio exists
+        (time to first audio); off where the peer needs whole frames (telephony providers
+        with fixed media sizes)."""
+        self.early_first_frame = early_first_frame
         self.session_id = session_id
         self.resume_token = resume_token
         self.params = params
@@ -213,6 +219,12 @@ class TtsSession:
         chunk.samples += len(samples)
         self._partial += self.encoder.encode(samples)
         frame = self.frame_bytes
+        if not chunk.started and self.early_first_frame:
+            # Time to first audio: the chunk's first frame leaves with what the engine has
+            # produced so far (up to chunk_ms) instead of waiting for a whole chunk_ms of it.
+            chunk.started = True
+            self._out.append(bytes(self._partial[:frame]))
+            del self._partial[:frame]
         while len(self._partial) >= frame:
             self._out.append(bytes(self._partial[:frame]))
             del self._partial[:frame]

@@ -67,6 +67,7 @@ class TtsEndpoint:
             limits=m.Limits(max_frame_bytes=srv.max_frame_bytes,
                             idle_timeout_s=srv.idle_timeout_s,
                             usage_interval_s=settings.usage_interval_s, max_utterance_ms=0),
+            early_first_frame=True,
         )
 
         def start(conn: WsConnection) -> TtsSessionRunner:
