@@ -8,6 +8,7 @@ supplies a wallet-backed implementation; `PricedMeter` prices usage without a wa
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from collections.abc import Iterator
@@ -154,3 +155,12 @@ def report_delays(interval_s: float) -> Iterator[float]:
     yield interval_s * (0.5 + random.random() / 2)
     while True:
         yield interval_s
+
+
+def cancel_requested() -> bool:
+    """True once the running task was asked to stop. A cancellation that lands inside a Redis
+    call can come out as the client's own error (redis-py turns some into ConnectionError),
+    which the report path handles and goes on: a report loop checks this after every report
+    instead of trusting CancelledError to reach it, or its session would never finish."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -25,6 +25,7 @@ from server.billing.meter import (
     MeterFactory,
     SessionMeter,
     UsageReport,
+    cancel_requested,
     meter_rejection,
     report_delays,
 )
@@ -469,6 +470,8 @@ class AsrSessionRunner:
             await asyncio.sleep(delay)
             self._meter_deltas()
             report = await self.meter.report()
+            if cancel_requested():
+                return
             if self.machine.state != "closed":
                 self.machine.usage(report)
                 self._send_events()

@@ -17,6 +17,7 @@ from server.billing.meter import (
     MeterFactory,
     SessionMeter,
     UsageReport,
+    cancel_requested,
     meter_rejection,
     report_delays,
 )
@@ -282,6 +283,8 @@ class TtsSessionRunner:
         for delay in report_delays(self.endpoint.config.tts.session.usage_interval_s):
             await asyncio.sleep(delay)
             report: UsageReport = await self.meter.report()
+            if cancel_requested():
+                return
             if self.machine.state != "closed":
                 self.machine.usage(report)
                 self._pump()

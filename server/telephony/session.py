@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from server.billing.auth import Principal
-from server.billing.meter import UsageReport, report_delays
+from server.billing.meter import UsageReport, cancel_requested, report_delays
 from server.sessions import messages as m
 from server.sessions.asr import AsrSession
 from server.sessions.asr_params import AsrParams
@@ -326,6 +326,8 @@ class TelephonySession:
                 break
             await asyncio.sleep(delay)
             report = await self._meters.tts.report()  # also tops the lease up
+            if cancel_requested():
+                return
             if report.exhausted:
                 self._end("insufficient_balance", 4002)
 
