@@ -108,12 +108,12 @@ async def test_session_finishes_when_its_report_swallows_the_cancel() -> None:
         conn.connection_made(transport)  # type: ignore[arg-type]
         conn.data_received(UPGRADE)
         async with asyncio.timeout(5):
-            while conn.session is None:
+            while conn.session is None:  # noqa: ASYNC110 - admission runs as a server task
                 await asyncio.sleep(0.01)
             conn.data_received(client_frame(Opcode.BINARY, b"\x00\x00" * 1600))
             await meters.meter.in_report.wait()  # a report is in flight...
             conn.data_received(client_frame(Opcode.TEXT, b'{"type":"close"}'))  # ...close
-            while endpoint.runners:
+            while endpoint.runners:  # noqa: ASYNC110 - the session's own task removes it
                 await asyncio.sleep(0.01)
         assert meters.meter.swallowed == 1
         assert b'"type":"summary"' in transport.out
