@@ -49,9 +49,20 @@ def install_api_auth(app: web.Application, authenticator: Authenticator,
             return await handler(request)
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.message, exc.headers)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            # aiohttp's own refusals (body over client_max_size, unknown route, wrong method)
+            # come as text/plain: answer them in the one JSON error shape too.
+            headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+            return error_response(exc.status, _AIOHTTP_CODES.get(exc.status, "http_error"),
+                                  exc.text or exc.reason, headers or None)
 
     app[PRINCIPAL_KEY] = principal_for
     app.middlewares.append(api_errors)
+
+
+_AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
 async def principal(request: web.Request) -> Principal:

@@ -78,6 +78,24 @@ def test_transcribe_errors(server: ServerProcess) -> None:
     assert status == 400 and json.loads(body)["error"]["code"] == "bad_audio"
 
 
+def test_aiohttp_refusals_are_json_errors(server: ServerProcess) -> None:
+    """A body over the 1 MiB limit, an unknown route, a wrong method: the one JSON shape."""
+    big = json.dumps({"text": "x" * (1024 * 1024 + 10)}).encode()
+    status, headers, body = post(f"{server.http}/v1/tts/synthesize", big,
+                                 {**AUTH, "Content-Type": "application/json"})
+    assert status == 413 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
+    status, _, body = post(f"{server.http}/v1/nothing-here", b"{}", AUTH)
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+    req = urllib.request.Request(f"{server.http}/v1/tts/synthesize", headers=AUTH)
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise AssertionError("GET on a POST route answered 2xx")
+    except urllib.error.HTTPError as err:
+        assert err.code == 405 and "POST" in err.headers["Allow"]
+        assert json.loads(err.read())["error"]["code"] == "method_not_allowed"
+
+
 def test_synthesize_streams_a_wav(server: ServerProcess) -> None:
     text = "Hello from the gateway. This audio was streamed."
     status, headers, body = post(
