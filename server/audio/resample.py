@@ -77,6 +77,13 @@ class Resampler:
         out: Int16Array = stream.resample_chunk(arr)
         return out
 
+    def reset(self) -> None:
+        """Forget the stream (filter state, finished): ready for an unrelated one, keeping the
+        filter tables (cheaper than a new soxr stream, and no allocator churn)."""
+        if self._stream is not None:
+            self._stream.clear()
+        self._finished = False
+
     def flush(self) -> Int16Array:
         """Drain the filter tail; the resampler is finished afterwards (idempotent)."""
         if self._finished:
@@ -90,24 +97,36 @@ class Resampler:
 
 
 class UtteranceResampler:
-    """One utterance's speech audio (PCM16 bytes) -> engine-rate PCM in chunks of >= chunk_ms.
+    """Utterances' speech audio (PCM16 bytes) -> engine-rate PCM in chunks of >= chunk_ms.
 
     The VAD runs at the client's rate, so only speech is ever resampled, and in chunks: soxr
     costs ~5 us per call whatever the chunk size, which per 20 ms frame was the biggest item
-    of the ingest path. A fresh filter per utterance is flushed at its end (`finish`), so no
-    part of the last syllable is left inside a filter when the engine is asked for the final.
+    of the ingest path. Each utterance is a stream of its own, flushed at its end (`finish`),
+    so no part of its last syllable is left inside a filter when the engine is asked for the
+    final; one soxr stream serves a session's utterances in turn (they never overlap), reset
+    between them.
     """
 
-    __slots__ = ("_min_bytes", "_parts", "_resampler", "_size")
+    __slots__ = ("_dirty", "_min_bytes", "_parts", "_resampler", "_size")
 
     def __init__(self, in_rate: int, out_rate: int, quality: str, chunk_ms: int) -> None:
         self._resampler = Resampler(in_rate, out_rate, quality)
         self._min_bytes = max(2, in_rate * chunk_ms // 1000 * 2)
         self._parts: list[bytes] = []
         self._size = 0
+        self._dirty = False  # holds audio or state of an utterance
+
+    def start(self) -> None:
+        """A new utterance; whatever an abandoned one left behind is dropped."""
+        if self._dirty:
+            self._parts = []
+            self._size = 0
+            self._resampler.reset()
+            self._dirty = False
 
     def feed(self, pcm: bytes) -> bytes:
         """Add speech audio; return engine-rate PCM once a chunk is complete, else b""."""
+        self._dirty = True
         self._parts.append(pcm)
         self._size += len(pcm)
         if self._size < self._min_bytes:
@@ -118,6 +137,8 @@ class UtteranceResampler:
         """The utterance ended: everything still buffered or inside the filter."""
         head = self._convert() if self._size else b""
         tail = self._resampler.flush()
+        self._resampler.reset()
+        self._dirty = False
         return head + tail.tobytes() if len(tail) else head
 
     def _convert(self) -> bytes:

@@ -143,6 +143,8 @@ class AsrSession:
         # resampled to the engine's rate before the VAD. Otherwise the VAD runs at the input
         # rate and only speech is resampled, per utterance (UtteranceResampler).
         self.resampler: Resampler | None = None
+        # Speech to the engine's rate: built at the first utterance, reused by the next ones.
+        self._speech_audio: UtteranceResampler | None = None
         if self.decoder.header_complete:
             self._build_pipeline()
 
@@ -310,9 +312,13 @@ class AsrSession:
                         self._requests.append(EngineFeed(utt.utterance_id, pcm))
             elif isinstance(ev, SpeechStart):
                 self.utterance_count += 1
-                assert self.endpointer is not None
-                audio = UtteranceResampler(self.endpointer.sample_rate, self.engine_rate,
-                                           self.settings.resample_quality, ENGINE_CHUNK_MS)
+                audio = self._speech_audio
+                if audio is None:
+                    assert self.endpointer is not None
+                    audio = self._speech_audio = UtteranceResampler(
+                        self.endpointer.sample_rate, self.engine_rate,
+                        self.settings.resample_quality, ENGINE_CHUNK_MS)
+                audio.start()
                 self._open = _Utterance(self.utterance_count, ev.at_ms, audio)
                 self._events.append(m.SpeechStarted(at_ms=ev.at_ms))
             elif self._open is not None:

@@ -159,3 +159,20 @@ def test_utterance_resampler_same_rate_passes_audio_through_in_chunks() -> None:
     outs = [r.feed(frame) for _ in range(7)]
     assert [len(o) for o in outs] == [0, 0, 0, 0, 3200, 0, 0]
     assert r.finish() == frame * 2
+
+
+def test_utterance_resampler_serves_utterances_in_turn() -> None:
+    """One soxr stream per session: reset between utterances, an abandoned one forgotten."""
+    from server.audio.resample import UtteranceResampler
+
+    r = UtteranceResampler(8000, 16000, "HQ", chunk_ms=100)
+    first, second = _sine(8000, 0.5, freq=300.0), _sine(8000, 0.7, freq=500.0)
+    r.start()
+    r.feed(_sine(8000, 0.3, freq=900.0).tobytes())  # abandoned: no finish()
+    for x in (first, second):
+        r.start()
+        out = r.feed(x.tobytes()) + r.finish()
+        got = np.frombuffer(out, dtype=np.int16)
+        one = _one_shot(8000, 16000, x)
+        assert len(got) == len(one)
+        assert np.max(np.abs(got.astype(np.int32) - one)) <= 3
