@@ -40,9 +40,14 @@ AUDIO_UNIT = "audio_ms"
 
 def redis_client(url: str) -> aioredis.Redis:
     """Few, short retries (every script is idempotent) and a pool that waits instead of failing:
-    a Redis outage must turn into a quick, clear decision, not seconds of backoff per call."""
+    a Redis outage must turn into a quick, clear decision, not seconds of backoff per call.
+
+    The pool is sized for a process's sessions (~1000 per core), not for Redis: with the event
+    loop saturated a call holds its connection until the loop gets round to the reply, and 256
+    connections ran out under `make bench` (reports deferred, settles retried). Connections
+    are opened on demand, so an idle server holds a few."""
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=256, timeout=2.0, socket_timeout=2.0, socket_connect_timeout=1.0,
+        url, max_connections=1024, timeout=2.0, socket_timeout=2.0, socket_connect_timeout=1.0,
     )
     return aioredis.Redis(
         connection_pool=pool,
