@@ -58,12 +58,14 @@ OVERRIDES: dict[str, Any] = {
 
 
 class MemoryTransport:
-    """Enough of asyncio.Transport for a WsConnection; writes are counted, not kept."""
+    """Enough of asyncio.Transport for a WsConnection; writes are counted, and kept in `out`
+    only with keep=True (tests read what was sent; the benchmark must not grow)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = False) -> None:
         self.writes = 0
         self.bytes = 0
         self.last = b""
+        self.out: bytearray | None = bytearray() if keep else None
         self.closed = False
         self.paused = False
 
@@ -77,6 +79,8 @@ class MemoryTransport:
         self.writes += 1
         self.bytes += len(data)
         self.last = data
+        if self.out is not None:
+            self.out += data
 
     def pause_reading(self) -> None:
         self.paused = True

@@ -170,6 +170,7 @@ class StreamDecoder:
         "_data_remaining",
         "_encoding",
         "_frame_bytes",
+        "_g711",
         "_header",
         "_header_complete",
         "_lut",
@@ -202,6 +203,7 @@ class StreamDecoder:
         self._data_remaining: int | None = None
         self.samples_decoded = 0
         self._lut: Int16Array | None = None
+        self._g711: Callable[[BytesLike, int], bytes] | None = None
         self._frame_bytes = 0
         self._header_complete = encoding != "wav"
         if self._header_complete:
@@ -237,6 +239,9 @@ class StreamDecoder:
             self._lut = _ULAW_DEC if payload == "mulaw" else _ALAW_DEC
             self._frame_bytes = channels
         self._channels = channels
+        # decode_pcm's C decoder, chosen once per stream rather than per frame.
+        self._g711 = (None if _g711_decode is None or self._lut is None
+                      else _g711_decode[self._lut is _ALAW_DEC])
 
     def decode(self, data: BytesLike) -> Int16Array:
         """Decode the next piece of the stream; returns the mono samples completed so far."""
@@ -256,13 +261,13 @@ class StreamDecoder:
         payload = self._whole_frames(data)
         if not payload:
             return b""
-        if self._channels == 1 and _NATIVE_LE:
-            if self._lut is None:
-                pcm = bytes(payload)
-            elif _g711_decode is not None:
-                pcm = _g711_decode[self._lut is _ALAW_DEC](payload, 2)
-            else:
-                pcm = self._to_array(payload).tobytes()
+        g711 = self._g711
+        if self._channels != 1 or not _NATIVE_LE:
+            pcm = self._to_array(payload).tobytes()
+        elif self._lut is None:
+            pcm = bytes(payload)
+        elif g711 is not None:
+            pcm = g711(payload, 2)
         else:
             pcm = self._to_array(payload).tobytes()
         self.samples_decoded += len(pcm) // 2

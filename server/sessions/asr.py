@@ -239,18 +239,22 @@ class AsrSession:
     def process(self) -> int:
         """Drain the ingest queue: decode, resample, VAD, in one go. Return bytes consumed."""
         queue = self.queue
-        if not queue.control_count:
+        if queue.control_count:
+            consumed = self._ingest_in_order(queue.drain())
+        else:
             # Only audio waiting (the usual case): one decode over all of it.
             audio = queue.drain_audio()
             consumed = self._ingest(audio) if audio else 0
-            if consumed:
-                grant = self.credit.consumed(consumed)
-                if grant:
-                    self._events.append(m.Credit(bytes=grant))
-            if self.dropped_bytes:
-                self._report_drops()
-            return consumed
-        items = queue.drain()
+        if consumed:
+            grant = self.credit.consumed(consumed)
+            if grant:
+                self._events.append(m.Credit(bytes=grant))
+        if self.dropped_bytes:
+            self._report_drops()
+        return consumed
+
+    def _ingest_in_order(self, items: list[bytes | _Control]) -> int:
+        """Audio runs and control messages in arrival order (a finalize ends what came before)."""
         consumed = 0
         run: list[bytes] = []
         for item in items:
@@ -263,11 +267,6 @@ class AsrSession:
             self._control(item)
         if run:
             consumed += self._ingest(run)
-        if consumed:
-            grant = self.credit.consumed(consumed)
-            if grant:
-                self._events.append(m.Credit(bytes=grant))
-        self._report_drops()
         return consumed
 
     def _ingest(self, chunks: list[bytes]) -> int:

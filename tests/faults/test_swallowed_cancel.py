@@ -14,6 +14,7 @@ from typing import Any
 
 from websockets.frames import Frame, Opcode
 
+from loadtest.hotpath import MemoryTransport, upgrade_bytes
 from server.billing.auth import StaticKeyAuthenticator
 from server.billing.meter import PricedMeter, UsageReport
 from server.config import load_config
@@ -22,39 +23,6 @@ from server.sessions.asr_runner import AsrEndpoint
 from server.telemetry.metrics import Metrics
 from server.ws.connection import WsConnection
 from server.ws.server import WsServer
-
-UPGRADE = (
-    b"GET /v1/asr/stream?model=synthetic&encoding=pcm_s16le&sample_rate=16000 HTTP/1.1\r\n"
-    b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 1) if name == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
 
 
 class SwallowingMeter(PricedMeter):
@@ -103,10 +71,11 @@ async def test_session_finishes_when_its_report_swallows_the_cancel() -> None:
                            server=server, metrics=metrics)
     server.router.endpoints["/v1/asr/stream"] = endpoint
     try:
-        transport = Transport()
+        transport = MemoryTransport(keep=True)
         conn = WsConnection(server)
         conn.connection_made(transport)  # type: ignore[arg-type]
-        conn.data_received(UPGRADE)
+        conn.data_received(upgrade_bytes(
+            "/v1/asr/stream?model=synthetic&encoding=pcm_s16le&sample_rate=16000"))
         async with asyncio.timeout(5):
             while conn.session is None:  # noqa: ASYNC110 - admission runs as a server task
                 await asyncio.sleep(0.01)
@@ -116,7 +85,7 @@ async def test_session_finishes_when_its_report_swallows_the_cancel() -> None:
             while endpoint.runners:  # noqa: ASYNC110 - the session's own task removes it
                 await asyncio.sleep(0.01)
         assert meters.meter.swallowed == 1
-        assert b'"type":"summary"' in transport.out
+        assert transport.out is not None and b'"type":"summary"' in transport.out
         assert conn.close_code == 1000
     finally:
         await server.close_tasks(2.0)
