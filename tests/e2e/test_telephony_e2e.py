@@ -46,6 +46,17 @@ def log_lines(srv: ServerProcess, msg: str, **match: Any) -> list[dict[str, Any]
             if r.get("msg") == msg and all(r.get(k) == v for k, v in match.items())]
 
 
+async def log_line(srv: ServerProcess, msg: str, timeout_s: float = 5.0,
+                   **match: Any) -> dict[str, Any]:
+    """The one line a call or session writes as it ends: the server may write it just after
+    the peer saw the close, so wait for it (a second one is still an error)."""
+    deadline = time.monotonic() + timeout_s
+    while not (lines := log_lines(srv, msg, **match)) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    [line] = lines
+    return line
+
+
 class Peer:
     """A provider's side of one call (Twilio, or Exotel's snake_case PCM16 dialect)."""
 
@@ -249,7 +260,7 @@ async def test_call_speech_reply_dtmf_stop_with_key_in_custom_parameters(
     assert 0 < peer.max_unacked <= 8000
     # "You pressed 12#": 15 characters of synthetic speech, 60 ms each, at 8 kHz mu-law.
     assert abs(second - 15 * MS_PER_CHAR * 8) <= 16
-    [ended] = log_lines(srv, "call ended", call_id=peer.call_sid)
+    ended = await log_line(srv, "call ended", call_id=peer.call_sid)
     played = log_lines(srv, "reply played", call_id=peer.call_sid)
     assert [r["reply_chars"] for r in played][1] == 15
     assert abs(first - played[0]["reply_chars"] * MS_PER_CHAR * 8) <= 16
@@ -258,7 +269,7 @@ async def test_call_speech_reply_dtmf_stop_with_key_in_custom_parameters(
     # agent characters as spoken; one ASR session settled for the call.
     assert ended["tts_characters"] == sum(r["reply_chars"] for r in played)
     assert ended["asr_audio_ms"] == peer.frames_sent * 20 and ended["asr_dropped_ms"] == 0
-    [asr] = log_lines(srv, "session ended", session_id=ended["session_id"])
+    asr = await log_line(srv, "session ended", session_id=ended["session_id"])
     assert asr["audio_ms"] == ended["asr_audio_ms"]
     assert ended["tts_cost_micros"] == ended["tts_characters"]  # 1000 micros per 1k chars
 
@@ -287,7 +298,7 @@ async def test_barge_in_clears_the_reply_and_reports_what_was_played(srv: Server
     assert barge["cause"] == "speech"
     assert 0 < barge["played_ms"] < barge["sent_ms"]
     assert 0 < barge["played_chars"] < barge["reply_chars"]
-    [ended] = log_lines(srv, "call ended", call_id=peer.call_sid)
+    ended = await log_line(srv, "call ended", call_id=peer.call_sid)
     assert ended["barge_ins"] == 1 and ended["turns"] == 2
 
 
@@ -483,7 +494,7 @@ async def test_billing_charges_caller_audio_and_agent_characters_once(
             assert await peer.stop() == 1000
         finally:
             await peer.close()
-        [ended] = log_lines(server, "call ended", call_id=peer.call_sid)
+        ended = await log_line(server, "call ended", call_id=peer.call_sid)
         audio_ms = ended["asr_audio_ms"]
         assert audio_ms == peer.frames_sent * 20 and ended["tts_characters"] == 15
         expected = -(-audio_ms * 1000 // 60_000) + -(-15 * 2000 // 1000)  # ceil, per meter

@@ -1,0 +1,234 @@
+"""The binary fast path must be invisible: whatever bytes a client sends, split however the
+network splits them, a connection that parses audio frames itself delivers the same messages,
+writes the same bytes and ends in the same state as one where websockets parses everything.
+
+No event loop: admission is a coroutine that never suspends here, driven by hand.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Coroutine
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.utils import apply_mask
+
+from loadtest.hotpath import MemoryTransport, upgrade_bytes
+from server.config import load_config
+from server.ws.connection import WsConnection
+from server.ws.handshake import Admitted
+
+MAX_SIZE = 2048
+
+
+class Recorder:
+    """A session that writes down what its connection delivered, in order."""
+
+    def __init__(self, log: list[tuple[str, Any]]) -> None:
+        self.log = log
+
+    def on_text(self, data: bytes) -> None:
+        self.log.append(("text", data))
+
+    def on_binary(self, data: bytes) -> None:
+        self.log.append(("binary", data))
+
+    def on_read_done(self) -> None:
+        pass
+
+    def on_writable(self) -> None:
+        pass
+
+    def on_idle(self) -> None:
+        pass
+
+    def on_drain(self) -> None:
+        pass
+
+    def on_connection_closed(self, code: int) -> None:
+        self.log.append(("closed", code))
+
+
+class Router:
+    def __init__(self, log: list[tuple[str, Any]]) -> None:
+        self.log = log
+
+    async def admit(self, request: Request, conn: WsConnection) -> Admitted:
+        return Admitted(start=lambda _conn: Recorder(self.log))
+
+
+class LoopFreeServer:
+    """What a WsConnection asks of its server, with admission run to completion at once."""
+
+    def __init__(self) -> None:
+        self.config = load_config(overrides={"server": {"max_frame_bytes": MAX_SIZE}}).server
+        self.now = 0.0
+        self.log: list[tuple[str, Any]] = []
+        self.router = Router(self.log)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        try:
+            coro.send(None)
+        except StopIteration:
+            return
+        raise AssertionError("admission suspended")
+
+    def connection_opened(self, conn: WsConnection) -> None:
+        pass
+
+    def connection_closed(self, conn: WsConnection) -> None:
+        pass
+
+
+def open_connection(fast: bool) -> tuple[WsConnection, MemoryTransport, LoopFreeServer]:
+    server = LoopFreeServer()
+    transport = MemoryTransport(keep=True)
+    conn = WsConnection(server)  # type: ignore[arg-type]
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(upgrade_bytes("/rec"))
+    assert conn.session is not None and conn._fast
+    conn._fast = fast
+    return conn, transport, server
+
+
+def raw_frame(first: int, payload: bytes, mask: bool = True) -> bytes:
+    """Any frame, valid or not: websockets' serializer refuses to build the invalid ones."""
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head = bytes((first, bit | n))
+    elif n < 65536:
+        head = bytes((first, bit | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, bit | 127)) + n.to_bytes(8, "big")
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + apply_mask(payload, key)
+
+
+def masked(opcode: int, payload: bytes, fin: bool = True, rsv1: bool = False) -> bytes:
+    return raw_frame((0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode, payload)
+
+
+def unmasked(opcode: int, payload: bytes) -> bytes:
+    return raw_frame(0x80 | opcode, payload, mask=False)
+
+
+def test_raw_frames_are_what_websockets_would_send() -> None:
+    frame = Frame(Opcode.BINARY, b"x" * 300)
+    theirs = frame.serialize(mask=False, extensions=[])
+    assert raw_frame(0x82, bytes(frame.data), mask=False) == theirs
+
+
+def run_both(stream: bytes, cuts: list[int], server_close_at: int | None = None) -> None:
+    """Feed the same bytes, cut at the same places, to both connections and compare."""
+    outcomes = []
+    for fast in (True, False):
+        conn, transport, server = open_connection(fast)
+        bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+            if transport.closed:
+                break
+            if server_close_at is not None and i == server_close_at:
+                conn.close(4000, "server closes")
+            conn.data_received(stream[a:b])
+        if not transport.closed:
+            conn.eof_received()
+        conn.connection_lost(None)
+        sent = bytes(transport.out or b"")
+        sent = sent[sent.index(b"\r\n\r\n") + 4:]  # after the 101 (its Date may differ)
+        outcomes.append((server.log, sent, conn.close_code,
+                         conn.protocol.state, transport.closed))
+    fast_outcome, ws_outcome = outcomes
+    assert fast_outcome == ws_outcome
+
+
+def _payload(n: int) -> bytes:
+    return os.urandom(n)
+
+
+good_frame = st.one_of(
+    st.integers(0, 300).map(lambda n: masked(0x2, _payload(n))),
+    st.sampled_from([0, 125, 126, 127, 1000, MAX_SIZE]).map(lambda n: masked(0x2, _payload(n))),
+    st.text(max_size=40).map(lambda t: masked(0x1, t.encode())),
+    st.binary(max_size=20).map(lambda b: masked(0x9, b)),
+    st.binary(max_size=20).map(lambda b: masked(0xA, b)),
+    st.lists(st.binary(max_size=50), min_size=2, max_size=4).map(
+        lambda parts: b"".join(
+            masked(0x2 if i == 0 else 0x0, p, fin=i == len(parts) - 1)
+            for i, p in enumerate(parts)
+        )
+    ),
+)
+bad_frame = st.sampled_from([
+    masked(0x8, b"\x03\xe8bye"),                       # client close
+    masked(0x8, b""),                                  # close without a code
+    masked(0x2, b"x" * (MAX_SIZE + 1)),                # over max_size: 1009
+    masked(0x2, b"x" * 70000),                         # 64-bit length, over max_size
+    unmasked(0x2, b"abc"),                             # clients must mask: 1002
+    masked(0x2, b"abc", rsv1=True),                    # RSV bit without an extension
+    masked(0x0, b"abc"),                               # continuation with nothing to continue
+    masked(0x2, b"a", fin=False) + masked(0x2, b"b"),  # new message inside a fragmented one
+    masked(0x1, b"\xff\xfe"),                          # text that is not UTF-8
+    masked(0x9, b"p" * 126),                           # control frame too long
+    b"\x83\x80\x00\x00\x00\x00",                       # reserved opcode
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    frames=st.lists(good_frame, max_size=12),
+    ending=st.one_of(st.none(), bad_frame),
+    after=st.lists(good_frame, max_size=3),
+    cuts=st.lists(st.integers(0, 6000), max_size=8),
+    server_close_at=st.one_of(st.none(), st.integers(0, 8)),
+)
+def test_fast_path_matches_websockets(
+    frames: list[bytes], ending: bytes | None, after: list[bytes], cuts: list[int],
+    server_close_at: int | None,
+) -> None:
+    stream = b"".join(frames) + (ending or b"") + b"".join(after)
+    run_both(stream, cuts, server_close_at)
+
+
+def test_every_split_of_a_frame_delivers_it_once() -> None:
+    frame = masked(0x2, bytes(range(200)))
+    stream = frame + masked(0x2, b"tail")
+    for cut in range(1, len(frame) + 4):
+        run_both(stream, [cut])
+        conn, _, server = open_connection(True)
+        conn.data_received(stream[:cut])
+        conn.data_received(stream[cut:])
+        assert server.log == [("binary", bytes(range(200))), ("binary", b"tail")]
+
+
+def test_frames_sent_with_the_upgrade_are_left_to_websockets() -> None:
+    """A client that does not wait for the 101: websockets may hold part of a frame, so the
+    fast path must not start on what could be the middle of one."""
+    server = LoopFreeServer()
+    transport = MemoryTransport(keep=True)
+    conn = WsConnection(server)  # type: ignore[arg-type]
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    frame = masked(0x2, b"early audio")
+    conn.data_received(upgrade_bytes("/rec") + frame[:5])
+    assert conn.session is not None and not conn._fast
+    conn.data_received(frame[5:] + masked(0x2, b"more"))
+    assert server.log == [("binary", b"early audio"), ("binary", b"more")]
+
+
+def test_a_partial_frame_held_at_close_goes_to_websockets() -> None:
+    conn, transport, server = open_connection(True)
+    frame = masked(0x2, b"z" * 300)
+    conn.data_received(frame[:100])
+    assert conn._pending
+    conn.close(4008, "idle")
+    assert not conn._fast and not conn._pending
+    conn.data_received(frame[100:] + masked(0x8, b"\x0f\xa8"))
+    assert server.log == [("binary", b"z" * 300)]
+    assert transport.closed and conn.close_code == 4008
