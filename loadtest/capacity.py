@@ -38,6 +38,7 @@ from loadtest.loadgen import (
     ServerProbe,
     Signal,
     Target,
+    steady_generator,
 )
 
 perf_counter = time.perf_counter
@@ -169,12 +170,13 @@ class CapacitySearch:
         st.latencies, st.final_latencies = array("d"), array("d")
         srv0, gen0 = self.probe.sample(), time.process_time()
         acked0, sent0, deferred0 = st.acked, st.sent, st.deferred
-        st.recording = self.pacer.recording = True
-        self.pacer.max_lag = 0.0
-        t0 = perf_counter()
-        await asyncio.sleep(self.seconds)
-        st.recording = self.pacer.recording = False
-        elapsed = perf_counter() - t0
+        with steady_generator():
+            st.recording = self.pacer.recording = True
+            self.pacer.max_lag = 0.0
+            t0 = perf_counter()
+            await asyncio.sleep(self.seconds)
+            st.recording = self.pacer.recording = False
+            elapsed = perf_counter() - t0
         srv1, gen1 = self.probe.sample(), time.process_time()
         r = self.gen._result("realtime", n, elapsed, st.acked - acked0, gen1 - gen0, srv1 - srv0)
         r.connect_failures = dict(Counter(self.gen.connect_failures) - failures0)

@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
 import itertools
 import json
@@ -42,7 +43,7 @@ import sys
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast
 from urllib.parse import urlsplit
@@ -787,11 +788,12 @@ async def run_closed_loop(
             c.send_first(now)
         await asyncio.sleep(warmup_s)
         srv0, gen0, acked0 = _sample(probe), time.process_time(), st.acked
-        st.recording = True
-        t0 = perf_counter()
-        await asyncio.sleep(seconds)
-        st.recording = False
-        elapsed = perf_counter() - t0
+        with steady_generator():
+            st.recording = True
+            t0 = perf_counter()
+            await asyncio.sleep(seconds)
+            st.recording = False
+            elapsed = perf_counter() - t0
         srv1, gen1, acked1 = _sample(probe), time.process_time(), st.acked
         st.running = False
         rss_open = None if probe is None else probe.rss_kb()
@@ -850,6 +852,25 @@ async def run_idle(
         return result
     finally:
         gen.abort_all()
+
+
+@contextlib.contextmanager
+def steady_generator() -> Iterator[None]:
+    """No garbage-collector pauses in the generator while it measures.
+
+    A full collection over a generator's thousands of clients stalls its loop for tens of ms,
+    and every credit that arrives meanwhile is stamped late: the bench counted that as server
+    latency (350 real-time sessions: p99 28.6 ms with the collector on, 2.9 ms with it off,
+    same server). What exists now is frozen out of later collections; cycles made inside the
+    window wait for its end (a window is seconds to minutes, the garbage is small)."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 class RealtimePacer:
@@ -917,10 +938,11 @@ async def run_realtime(
             await asyncio.sleep(start - perf_counter() + warmup_s)
             srv0, gen0, acked0, sent0 = _sample(probe), time.process_time(), st.acked, st.sent
             deferred0 = st.deferred
-            st.recording = pacer.recording = True
-            st.max_backlog = 0
-            t0 = perf_counter()
-            await pacing
+            with steady_generator():
+                st.recording = pacer.recording = True
+                st.max_backlog = 0
+                t0 = perf_counter()
+                await pacing
         finally:
             pacing.cancel()
         st.recording = pacer.recording = False
