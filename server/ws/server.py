@@ -18,6 +18,7 @@ from websockets.http11 import Request
 from server.billing.auth import Authenticator, Principal
 from server.config import ServerConfig
 from server.telemetry.metrics import Metrics
+from server.ws.acceptor import BatchAcceptor, listening_sockets
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, Rejected, UpgradeRequest, parse_upgrade
 
@@ -104,7 +105,7 @@ class WsServer:
         self.session_count = 0
         self.now = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
+        self._acceptors: list[BatchAcceptor] = []
         self._tick_task: asyncio.Task[None] | None = None
         self._all_closed = asyncio.Event()
         self.port = config.ws_port
@@ -114,24 +115,19 @@ class WsServer:
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self.now = loop.time()
-        if sock is not None:
-            self._server = await loop.create_server(lambda: WsConnection(self), sock=sock,
-                                                    backlog=4096)
-        else:
-            self._server = await loop.create_server(
-                lambda: WsConnection(self), self.config.host, self.config.ws_port,
-                backlog=4096, reuse_port=True,
-            )
-        sockname = self._server.sockets[0].getsockname()
-        self.port = sockname[1]
+        socks = [sock] if sock is not None else listening_sockets(
+            self.config.host, self.config.ws_port, backlog=4096, reuse_port=True)
+        self._acceptors = [BatchAcceptor(s, lambda: WsConnection(self), self.spawn)
+                           for s in socks]
+        for acceptor in self._acceptors:
+            acceptor.start()
+        self.port = socks[0].getsockname()[1]
         self._tick_task = loop.create_task(self._housekeeping())
 
     async def stop_listening(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
+        for acceptor in self._acceptors:
+            acceptor.close()
+        self._acceptors = []
 
     async def drain(self, timeout_s: float) -> None:
         """Refuse new upgrades, ask every session to finish (finals, then 1001), wait, then cut."""
