@@ -21,8 +21,9 @@ What runs, in order (each server process fresh):
   2. streamgate: --idle-sessions sessions opened to `ready`, no audio: RSS per idle session;
      then TTS time to first audio through the gateway vs the engine alone
      (loadtest/tts_probe.py), 1 and 20 concurrent sessions.
-  3. streamgate: the real-time capacity search (loadtest/capacity.py): the most sessions, each
-     sending a frame every 20 ms, with p99 frame-to-credit < 20 ms; RSS and CPU per session.
+  3. real time (loadtest/capacity.py): the most sessions, each sending a frame every 20 ms,
+     with p99 frame-to-credit < 20 ms; first a fresh raw-echo (`echo-realtime`: the ceiling
+     of this design on this machine), then streamgate (`realtime`, RSS and CPU per session).
 
 The summary (targets met or not, tables, ratios) is printed and written to docs/benchmarks.md
 (unless --no-write, --only, or a run failed); the servers' stderr is kept in
@@ -58,6 +59,7 @@ from typing import Any, TypeVar
 from loadtest.bench_report import (
     CLOSED_LOOP_NAMES,
     P99_LIMIT_MS,
+    REALTIME_CEILING,
     ServerRun,
     analyse_stderr,
     observation_lines,
@@ -88,7 +90,7 @@ ASR_PATH = (
     "&interim_results=false"
 )
 TTS_PATH = "/v1/tts/stream?model=synthetic&encoding=pcm_s16le&sample_rate=16000"
-PHASES = ("ws-echo", "raw-echo", "streamgate", "idle", "tts", "realtime")
+PHASES = ("ws-echo", "raw-echo", "streamgate", "idle", "tts", "realtime", "echo-realtime")
 ECHO_START_TIMEOUT_S = 30.0
 STREAMGATE_START_TIMEOUT_S = 150.0  # initdb of a fresh PostgreSQL cluster, migrations
 STOP_TIMEOUT_S = 30.0  # streamgate drains (5 s), flushes billing, stops Redis and PostgreSQL
@@ -483,7 +485,8 @@ async def with_server(name: str, args: argparse.Namespace, workdir: Path,
     run = ServerRun(name)
     streamgate = name.startswith("streamgate")
     config, token = write_config(workdir, name, args) if streamgate else (None, "")
-    server = ServerProcess(name, server_argv("streamgate" if streamgate else name, config),
+    kind = "streamgate" if streamgate else "raw-echo" if name == REALTIME_CEILING else name
+    server = ServerProcess(name, server_argv(kind, config),
                            args.server_cpu if args.pinned else None, workdir,
                            args.client_cpu if args.pinned else None)
     if args.pinned and args.quiet_wait > 0:
@@ -608,8 +611,12 @@ async def measure_idle_and_tts(live: LiveServer, run: ServerRun,
 
 
 async def measure_capacity(live: LiveServer, run: ServerRun, args: argparse.Namespace) -> None:
+    # raw-echo's real-time capacity is the ceiling: the same sessions against a server that
+    # does nothing but parse frames and acknowledge each one (as if the window were 4 frames).
+    streamgate = live.api_key is not None
+    target = live.target(ASR_PATH, "credit") if streamgate else live.target("/", "echo")
     search = CapacitySearch(
-        live.target(ASR_PATH, "credit"), live.process, signal=args.signal, batch=args.batch,
+        target, live.process, signal=args.signal, batch=args.batch,
         warmup_s=args.rt_warmup, seconds=args.rt_seconds, ramp_s=args.rt_ramp,
         p99_limit_ms=P99_LIMIT_MS)
     fixed = args.realtime_sessions
@@ -706,6 +713,9 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> list[ServerRun]:
         runs.append(await with_server(
             "streamgate-idle", args, workdir,
             lambda live, run: measure_idle_and_tts(live, run, args)))
+    if "echo-realtime" in args.phases:
+        runs.append(await with_server(
+            REALTIME_CEILING, args, workdir, lambda live, run: measure_capacity(live, run, args)))
     if "realtime" in args.phases:
         runs.append(await with_server(
             "streamgate-realtime", args, workdir,
