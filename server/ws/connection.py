@@ -197,10 +197,19 @@ class WsConnection(asyncio.Protocol):
         websockets whole, so its parser always starts on a frame boundary, and it keeps every
         rule (opcodes, RSV bits, fragments, close, UTF-8). A header websockets must refuse
         (over max_size, unmasked) hands it the rest of the stream: it fails the connection."""
+        n = len(data)
+        if not self._pending and n >= 6 and data[0] == 0x82 and self._frag_op is None:
+            # The usual read: exactly one small masked audio frame (a 20 ms telephony frame).
+            b1 = data[1]
+            length = b1 & 0x7F
+            if b1 & 0x80 and length < 126 and length + 6 == n and length <= self._max_size:
+                self.activity = True
+                session.on_binary(apply_mask(data[6:], data[2:6]))
+                return
         if self._pending:
             data = self._pending + data
             self._pending = b""
-        n = len(data)
+            n = len(data)
         pos = 0
         max_size = self._max_size
         self.activity = True
@@ -349,6 +358,11 @@ class WsConnection(asyncio.Protocol):
     def send_text(self, data: bytes) -> None:
         if self.protocol.state is _OPEN:
             self._out.append(frame_header(0x1, len(data)) + data)
+
+    def send_framed(self, frame: bytes) -> None:
+        """A whole server frame, built once and sent many times (the ASR `credit`)."""
+        if self.protocol.state is _OPEN:
+            self._out.append(frame)
 
     def send_binary(self, data: bytes) -> None:
         if self.protocol.state is _OPEN:

@@ -313,3 +313,17 @@ def test_engine_gets_speech_at_its_rate_in_chunks(rate: int) -> None:
     fed_ms = sum(len(f.pcm) for f in feeds) // 32
     speech_ms = len(espeak_pcm16("hello there, how are you")) // 32
     assert speech_ms - 200 <= fed_ms <= len(SPEECH) // 32 + 50
+
+
+def test_cached_credit_frames_are_the_encoded_message_framed() -> None:
+    from websockets.frames import Frame, Opcode
+
+    from server.sessions import messages as msgs
+    from server.sessions.asr_runner import CreditFrames
+
+    frames = CreditFrames(max_entries=2)
+    for grant in (160, 160, 320, 640, 160):  # the third size clears the full cache
+        payload = msgs.encoder.encode(msgs.Credit(bytes=grant))
+        expected = Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+        assert frames.frame(grant) == expected
+    assert len(frames._frames) <= 2

@@ -232,3 +232,16 @@ def test_a_partial_frame_held_at_close_goes_to_websockets() -> None:
     conn.data_received(frame[100:] + masked(0x8, b"\x0f\xa8"))
     assert server.log == [("binary", b"z" * 300)]
     assert transport.closed and conn.close_code == 4008
+
+
+def test_one_frame_per_read_at_every_length_encoding() -> None:
+    """The single-frame shortcut (a read that is exactly one small frame) must not read a
+    16-bit or 64-bit length field as a 7-bit one: 126 + 6 == 132 bytes could be either."""
+    for n in (0, 1, 124, 125, 126, 127, 128, 1000):
+        frame = masked(0x2, bytes(i % 251 for i in range(n)))
+        run_both(frame + frame, [len(frame)])
+        conn, _, server = open_connection(True)
+        conn.data_received(frame)
+        conn.data_received(frame)
+        expected = [("binary", bytes(i % 251 for i in range(n)))] * 2
+        assert server.log == expected  # empty too: the session answers it with empty_frame
