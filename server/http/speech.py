@@ -52,11 +52,6 @@ class HttpWire:
     def send_text(self, data: bytes) -> None:
         self.messages.append(json.loads(data))
 
-    def send_framed(self, frame: bytes) -> None:
-        """A whole WebSocket text frame built by the runner (`credit`): its payload."""
-        length = frame[1] & 0x7F
-        self.send_text(frame[2 if length < 126 else 4 if length == 126 else 10:])
-
     def send_binary(self, data: bytes) -> None:
         self.audio.put_nowait(data)
 

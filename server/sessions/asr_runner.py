@@ -35,7 +35,7 @@ from server.sessions import messages as m
 from server.sessions.asr import AsrSession, EngineFeed, EngineRequest, encode_event
 from server.sessions.asr_params import BadParams, params_from_query
 from server.telemetry.metrics import Metrics
-from server.ws.connection import WsConnection, frame_header
+from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, Rejected, UpgradeRequest
 from server.ws.server import WsServer
 
@@ -45,28 +45,27 @@ FINALS_TIMEOUT_S = 10.0
 KIND = "asr"
 
 
-class CreditFrames:
-    """Whole `credit` text frames by grant. A session grants the same few sizes (one quarter
-    window per drained quarter) up to 50 times a second; encoding and framing each anew cost
-    more than the VAD's bookkeeping. Bounded: cleared when full."""
+class CreditPayloads:
+    """Encoded `credit` messages by grant. A session grants the same few sizes (one quarter
+    window per drained quarter) up to 50 times a second; encoding each anew cost more than the
+    VAD's bookkeeping. Bounded: cleared when full."""
 
-    __slots__ = ("_frames", "_max")
+    __slots__ = ("_max", "_payloads")
 
     def __init__(self, max_entries: int = 256) -> None:
-        self._frames: dict[int, bytes] = {}
+        self._payloads: dict[int, bytes] = {}
         self._max = max_entries
 
-    def frame(self, grant: int) -> bytes:
-        frame = self._frames.get(grant)
-        if frame is None:
-            if len(self._frames) >= self._max:
-                self._frames.clear()
-            payload = encode_event(m.Credit(bytes=grant))
-            frame = self._frames[grant] = frame_header(0x1, len(payload)) + payload
-        return frame
+    def payload(self, grant: int) -> bytes:
+        payload = self._payloads.get(grant)
+        if payload is None:
+            if len(self._payloads) >= self._max:
+                self._payloads.clear()
+            payload = self._payloads[grant] = encode_event(m.Credit(bytes=grant))
+        return payload
 
 
-_credit_frames = CreditFrames()
+_credit_payloads = CreditPayloads()
 
 
 class AsrEndpoint:
@@ -567,12 +566,7 @@ class AsrSessionRunner:
     def _write(self, events: list[m.AsrServerMessage]) -> None:
         conn = self.conn
         for ev in events:
-            if type(ev) is m.Credit:
-                frame = _credit_frames.frame(ev.bytes)
-                conn.send_framed(frame)
-                self._bytes_out += len(frame) - 2  # payload, as below: < 126 bytes, 2 of header
-                continue
-            data = encode_event(ev)
+            data = _credit_payloads.payload(ev.bytes) if type(ev) is m.Credit else encode_event(ev)
             conn.send_text(data)
             self._bytes_out += len(data)
         self._frames_out += len(events)

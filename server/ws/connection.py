@@ -43,10 +43,14 @@ def frame_header(opcode: int, length: int) -> bytes:
     Built here rather than by websockets' Frame.serialize: that costs more per credit message
     than the rest of the ingest path's bookkeeping together, and servers never mask."""
     if length < 126:
-        return bytes((0x80 | opcode, length))
+        return _SMALL_HEADERS[opcode][length]
     if length < 65536:
         return struct.pack("!BBH", 0x80 | opcode, 126, length)
     return struct.pack("!BBQ", 0x80 | opcode, 127, length)
+
+
+# Headers of small text and binary frames, built once: a `credit` goes out per 20 ms frame.
+_SMALL_HEADERS = {op: [bytes((0x80 | op, n)) for n in range(126)] for op in (0x1, 0x2)}
 
 
 def _select_subprotocol(
@@ -358,11 +362,6 @@ class WsConnection(asyncio.Protocol):
     def send_text(self, data: bytes) -> None:
         if self.protocol.state is _OPEN:
             self._out.append(frame_header(0x1, len(data)) + data)
-
-    def send_framed(self, frame: bytes) -> None:
-        """A whole server frame, built once and sent many times (the ASR `credit`)."""
-        if self.protocol.state is _OPEN:
-            self._out.append(frame)
 
     def send_binary(self, data: bytes) -> None:
         if self.protocol.state is _OPEN:

@@ -319,11 +319,13 @@ def test_cached_credit_frames_are_the_encoded_message_framed() -> None:
     from websockets.frames import Frame, Opcode
 
     from server.sessions import messages as msgs
-    from server.sessions.asr_runner import CreditFrames
+    from server.sessions.asr_runner import CreditPayloads
+    from server.ws.connection import frame_header
 
-    frames = CreditFrames(max_entries=2)
+    cache = CreditPayloads(max_entries=2)
     for grant in (160, 160, 320, 640, 160):  # the third size clears the full cache
         payload = msgs.encoder.encode(msgs.Credit(bytes=grant))
         expected = Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
-        assert frames.frame(grant) == expected
-    assert len(frames._frames) <= 2
+        cached = cache.payload(grant)
+        assert frame_header(0x1, len(cached)) + cached == expected
+    assert len(cache._payloads) <= 2
