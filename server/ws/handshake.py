@@ -75,6 +75,15 @@ class Admitted:
     cancel: Callable[[], None] = lambda: None
 
 
+class BadUpgrade(ValueError):
+    """The upgrade request itself is malformed (HTTP 400 `bad_request`)."""
+
+
+# Headers we read that may appear once: with two, which one is meant is ambiguous (and a proxy
+# may have added one), so the request is refused instead of guessed at.
+SINGLE_VALUED_HEADERS = ("Authorization",)
+
+
 @dataclass(frozen=True, slots=True)
 class UpgradeRequest:
     path: str
@@ -84,6 +93,10 @@ class UpgradeRequest:
 
 
 def parse_upgrade(request: Request) -> UpgradeRequest:
+    """Raises BadUpgrade for a header we read that is repeated."""
+    for name in SINGLE_VALUED_HEADERS:
+        if len(request.headers.get_all(name)) > 1:
+            raise BadUpgrade(f"duplicate {name} header")
     parts = urlsplit(request.path)
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     return UpgradeRequest(

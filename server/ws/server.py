@@ -20,7 +20,7 @@ from server.config import ServerConfig
 from server.telemetry.metrics import Metrics
 from server.ws.acceptor import BatchAcceptor, listening_sockets
 from server.ws.connection import WsConnection
-from server.ws.handshake import Admitted, Rejected, UpgradeRequest, parse_upgrade
+from server.ws.handshake import Admitted, BadUpgrade, Rejected, UpgradeRequest, parse_upgrade
 
 log = logging.getLogger("streamgate.ws")
 
@@ -63,7 +63,10 @@ class Router:
         if server.draining:
             return Rejected(503, "draining", "server is draining; reconnect elsewhere",
                             {"Retry-After": "1"})
-        upgrade = parse_upgrade(request)
+        try:
+            upgrade = parse_upgrade(request)
+        except BadUpgrade as exc:
+            return Rejected(400, "bad_request", str(exc))
         endpoint = self.endpoints.get(upgrade.path)
         if endpoint is None:
             return Rejected(404, "not_found", f"no WebSocket endpoint at {upgrade.path[:64]}")
