@@ -6,4 +6,4 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
-exec "$ROOT/.venv/bin/streamgate" serve "$@"
+exec "${STREAMGATE_VENV:-$ROOT/.venv}/bin/streamgate" serve "$@"

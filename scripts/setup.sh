@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare a checkout of streamgate: system packages, a Python 3.11 virtualenv in .venv and an
+# Prepare a checkout of streamgate: system packages, a Python 3.11-3.13 virtualenv in .venv and an
 # editable install of the project with its dev extras.
 #
 # Idempotent and quick when everything is already in place: it only installs what is missing and
@@ -7,7 +7,12 @@
 # Works from any current directory. Used by scripts/run.sh, scripts/test.sh and the Makefile.
 #
 # Environment:
-#   STREAMGATE_PYTHON   interpreter to build .venv with (default: python3.11, else python3 if 3.11)
+#   STREAMGATE_PYTHON   interpreter to build the virtualenv with (any of 3.11, 3.12, 3.13; default:
+#                       the first of python3.11, python3.12, python3.13, python3 that is one). A
+#                       value that is not a supported Python is an error, never silently skipped;
+#                       a virtualenv built by another interpreter is rebuilt.
+#   STREAMGATE_VENV     where the virtualenv lives (default: .venv in the checkout), so several
+#                       Python versions can sit side by side (CI runs the unit tests on 3.13 too)
 #   STREAMGATE_SKIP_SYSTEM_PACKAGES=1   do not check Debian packages (non-Debian machines, CI images)
 set -euo pipefail
 
@@ -18,25 +23,41 @@ SYSTEM_PACKAGES="espeak-ng redis-server postgresql tesseract-ocr tesseract-ocr-e
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-VENV="$ROOT/.venv"
+VENV="${STREAMGATE_VENV:-$ROOT/.venv}"
 STAMP="$VENV/.streamgate-installed"
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
-is_py311() {
-    "$1" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' >/dev/null 2>&1
+SUPPORTED="3.11 3.12 3.13"
+
+# Prints "3.N" for a supported interpreter, nothing (and fails) for anything else.
+supported_version() {
+    "$1" -c 'import sys; v = "%d.%d" % sys.version_info[:2]; print(v); sys.exit(0 if v in sys.argv[1].split() else 1)' "$SUPPORTED" 2>/dev/null
 }
 
 has_venv_module() {
-    # Debian splits venv/ensurepip into python3.11-venv; without it `python -m venv` fails.
+    # Debian splits venv/ensurepip into python3.N-venv; without it `python -m venv` fails.
     "$1" -c 'import venv, ensurepip' >/dev/null 2>&1
+}
+
+# A Python asked for by name must be used or refused, never silently replaced by another one.
+check_requested_python() {
+    [[ -n "${STREAMGATE_PYTHON:-}" ]] || return 0
+    command -v "$STREAMGATE_PYTHON" >/dev/null 2>&1 \
+        || die "STREAMGATE_PYTHON=$STREAMGATE_PYTHON: no such interpreter"
+    supported_version "$STREAMGATE_PYTHON" >/dev/null \
+        || die "STREAMGATE_PYTHON=$STREAMGATE_PYTHON is not Python ${SUPPORTED// /, }"
 }
 
 find_python() {
     local candidate
-    for candidate in ${STREAMGATE_PYTHON:-} python3.11 python3; do
-        if command -v "$candidate" >/dev/null 2>&1 && is_py311 "$candidate"; then
+    if [[ -n "${STREAMGATE_PYTHON:-}" ]]; then
+        command -v "$STREAMGATE_PYTHON"  # checked by check_requested_python
+        return 0
+    fi
+    for candidate in python3.11 python3.12 python3.13 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 && supported_version "$candidate" >/dev/null; then
             command -v "$candidate"
             return 0
         fi
@@ -52,11 +73,12 @@ package_present() {
 
 # --- system packages ----------------------------------------------------------------------------
 missing=()
-PYTHON="$(find_python || true)"
+check_requested_python
+PYTHON="$(find_python)" || PYTHON=""
 if [[ -z "$PYTHON" ]]; then
-    missing+=(python3.11 python3.11-venv)
+    missing+=(python3 python3-venv)
 elif ! has_venv_module "$PYTHON" && [[ ! -x "$VENV/bin/python" ]]; then
-    missing+=(python3.11-venv)
+    missing+=("python$(supported_version "$PYTHON")-venv")
 fi
 if [[ "${STREAMGATE_SKIP_SYSTEM_PACKAGES:-0}" != 1 ]]; then
     for pkg in $SYSTEM_PACKAGES; do
@@ -80,19 +102,20 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
-    PYTHON="$(find_python || true)"
+    PYTHON="$(find_python)" || PYTHON=""
 fi
 
 if [[ -z "$PYTHON" ]]; then
-    die "no Python 3.11 interpreter found (tried python3.11 and python3). On Ubuntu releases" \
-        "without python3.11, install it from the deadsnakes PPA or pyenv, or point" \
+    die "no Python $SUPPORTED interpreter found (tried python3.11, python3.12, python3.13 and" \
+        "python3). Install one (distribution package, deadsnakes PPA or pyenv) or point" \
         "STREAMGATE_PYTHON at one."
 fi
 
 # --- virtualenv -----------------------------------------------------------------------------------
-if [[ -x "$VENV/bin/python" ]] && ! is_py311 "$VENV/bin/python"; then
+WANT="$(supported_version "$PYTHON")"
+if [[ -x "$VENV/bin/python" ]] && [[ "$(supported_version "$VENV/bin/python" || true)" != "$WANT" ]]; then
     # A venv from another interpreter (or one whose interpreter has gone away): rebuild it.
-    log "$VENV does not run Python 3.11; recreating it"
+    log "$VENV does not run Python $WANT ($PYTHON); recreating it"
     rm -rf "$VENV"
 fi
 if [[ ! -x "$VENV/bin/python" ]]; then

@@ -6,4 +6,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-exec .venv/bin/pytest -q "$@"
+exec "${STREAMGATE_VENV:-$ROOT/.venv}/bin/pytest" -q "$@"
