@@ -16,9 +16,15 @@ from typing import Any, Self
 import asyncpg
 
 from server.billing.auth import key_digest
+from server.billing.wallet_cache import MAX_MICROS as CACHE_MAX_MICROS
 
 TENANT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # same rule as the CHECK in 001_init.sql
 UNITS = frozenset({"audio_ms", "characters", "pages", "tokens"})
+# The largest amount, balance, overdraft or price: what the Redis wallet cache computes exactly
+# (Lua numbers are doubles, lua/_common.lua). A wallet that Postgres could hold but SEED could
+# not load would refuse every session; and at 2^50 no balance + top-up can reach bigint's 2^63-1.
+MAX_MICROS = CACHE_MAX_MICROS
+MAX_TENANT_LIMIT = 2**31 - 1  # the tenants' limit columns are PostgreSQL `integer`
 
 
 class BillingError(Exception):
@@ -26,7 +32,9 @@ class BillingError(Exception):
 
 
 class UnknownTenant(BillingError):
-    pass
+    def __init__(self, tenant_id: str) -> None:
+        super().__init__(f"no such tenant: {tenant_id}")
+        self.tenant_id = tenant_id
 
 
 class TenantExists(BillingError):
@@ -35,6 +43,10 @@ class TenantExists(BillingError):
 
 class IdempotencyConflict(BillingError):
     """The idempotency key was used before for a different request."""
+
+
+class BalanceLimitExceeded(ValueError):
+    """A top-up would lift the balance above MAX_MICROS; nothing was written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,12 +203,14 @@ def _tenant(row: Any) -> Tenant:
     return Tenant(**dict(row))
 
 
-def _check_micros(name: str, value: int, *, positive: bool = False) -> None:
+def _check_micros(name: str, value: int, *, positive: bool = False,
+                  maximum: int = MAX_MICROS) -> None:
     # bool is an int subclass and float is not money: refuse both before they reach SQL.
     if type(value) is not int:
         raise TypeError(f"{name} must be an int (micros), got {type(value).__name__}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
+    low = 1 if positive else 0
+    if not low <= value <= maximum:
+        raise ValueError(f"{name} must be {low}..{maximum}, got {value}")
 
 
 class BillingStore:
@@ -232,6 +246,10 @@ class BillingStore:
         if not TENANT_ID.match(tid):
             raise ValueError(f"tenant id must match {TENANT_ID.pattern}: {tid!r}")
         _check_micros("overdraft_micros", overdraft_micros)
+        for name, limit in (("max_concurrent_sessions", max_concurrent_sessions),
+                            ("audio_seconds_per_minute", audio_seconds_per_minute),
+                            ("requests_per_second", requests_per_second), ("burst", burst)):
+            _check_micros(name, limit, maximum=MAX_TENANT_LIMIT)
         async with self._pool.acquire() as conn, conn.transaction():
             try:
                 row = await conn.fetchrow(
@@ -350,11 +368,16 @@ class BillingStore:
                 " VALUES ($1, 'topup', $2, $3)",
                 tenant_id, amount_micros, idempotency_key,
             )
-            await conn.execute(
+            credited = await conn.fetchval(
                 "UPDATE wallets SET balance_micros = balance_micros + $2, updated_at = now()"
-                " WHERE tenant_id = $1",
-                tenant_id, amount_micros,
+                " WHERE tenant_id = $1 AND balance_micros <= $3::bigint - $2::bigint"
+                " RETURNING balance_micros",
+                tenant_id, amount_micros, MAX_MICROS,
             )
+            if credited is None:
+                # Raised inside the transaction: the top-up row and its ledger entry roll back.
+                raise BalanceLimitExceeded(
+                    f"amount_micros: the balance would exceed the maximum {MAX_MICROS} micros")
             return TopupResult(int(topup_id), amount_micros, created=True)
 
     async def balance(self, tenant_id: str) -> int:
@@ -408,6 +431,9 @@ class BillingStore:
             f" WHERE {' AND '.join(where)} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
             *args,
         )
+        # An empty answer for a tenant that does not exist would read as "used nothing".
+        if not rows and await self.tenant(tenant_id) is None:
+            raise UnknownTenant(tenant_id)
         return [
             UsageRow(r["day"], str(r["model"]), str(r["unit"]), int(r["units"]),
                      int(r["cost_micros"]))

@@ -1,67 +1,102 @@
 """Admin API (bearer admin token): tenants, keys, top-ups, balances, usage, prices, reconcile.
 
 Keys are shown once, in the response that creates them; only their SHA-256 is stored.
+Bodies are checked against the bounds of the schema (and of the wallet cache) before anything
+reaches a database: 400 `bad_request` naming the field. A database that cannot be reached is
+503 `billing_unavailable`; every error is the one JSON shape of server/http/errors.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
+import asyncpg
 import msgspec
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from server.billing.meter import BillingUnavailable
 from server.billing.reconcile import reconcile
 from server.billing.service import BillingService
-from server.billing.store import IdempotencyConflict, TenantExists, UnknownTenant
+from server.billing.store import (
+    MAX_MICROS,
+    MAX_TENANT_LIMIT,
+    TENANT_ID,
+    IdempotencyConflict,
+    TenantExists,
+    UnknownTenant,
+)
+from server.http.errors import ApiError, error_response
 
+log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# What a PostgreSQL or Redis that is down (stopped, restarting, unreachable) raises; anything
+# else escaping a handler is a bug, answered 500 `internal_error` (still JSON) and logged.
+STORE_DOWN: tuple[type[BaseException], ...] = (
+    OSError,  # connection refused / reset (ConnectionError) while (re)connecting
+    TimeoutError,
+    asyncpg.PostgresConnectionError,  # the connection died under a query
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    asyncpg.InterfaceError,  # e.g. a pooled connection closed by the server's shutdown
+    RedisConnectionError,
+    RedisTimeoutError,
+    BillingUnavailable,
+)
+RETRY_AFTER = {"Retry-After": "2"}
+
+Micros = Annotated[int, msgspec.Meta(ge=0, le=MAX_MICROS)]
+PositiveMicros = Annotated[int, msgspec.Meta(ge=1, le=MAX_MICROS)]
+Limit = Annotated[int, msgspec.Meta(ge=0, le=MAX_TENANT_LIMIT)]
 
 
 def error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+    return error_response(status, code, message)
 
 
 class NewTenant(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
-    tenant_id: str | None = None
-    overdraft_micros: int = 0
-    max_concurrent_sessions: int = 100
-    audio_seconds_per_minute: int = 6000
-    requests_per_second: int = 50
-    burst: int = 100
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    tenant_id: Annotated[str, msgspec.Meta(pattern=TENANT_ID.pattern)] | None = None
+    overdraft_micros: Micros = 0
+    max_concurrent_sessions: Limit = 100
+    audio_seconds_per_minute: Limit = 6000
+    requests_per_second: Limit = 50
+    burst: Limit = 100
 
 
 class NewTopup(msgspec.Struct, forbid_unknown_fields=True):
-    amount_micros: int
-    idempotency_key: str | None = None
+    amount_micros: PositiveMicros
+    idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
 
 
 class NewPrice(msgspec.Struct, forbid_unknown_fields=True):
-    micros_per_block: int
-    block_units: int
+    micros_per_block: Micros
+    block_units: PositiveMicros
 
 
 async def _body(request: web.Request, typ: type[Any]) -> Any:
     try:
         return msgspec.json.decode(await request.read(), type=typ)
     except msgspec.DecodeError as exc:
-        raise web.HTTPBadRequest(
-            text=msgspec.json.encode({"error": {"code": "bad_request", "message": str(exc)}})
-            .decode(), content_type="application/json",
-        ) from None
+        # ValidationError messages carry the field path: "... - at `$.amount_micros`".
+        raise ApiError(400, "bad_request", str(exc)) from None
 
 
-def _date(value: str | None) -> dt.date | None:
+def _date(request: web.Request, name: str) -> dt.date | None:
+    value = request.query.get(name)
     if not value:
         return None
     try:
         return dt.date.fromisoformat(value)
     except ValueError:
-        raise web.HTTPBadRequest(text='{"error":{"code":"bad_request","message":"dates are '
-                                      'YYYY-MM-DD"}}', content_type="application/json") from None
+        raise ApiError(400, "bad_request",
+                       f"{name}: dates are YYYY-MM-DD, got {value[:40]!r}") from None
 
 
 def add_admin_routes(app: web.Application, billing: BillingService, token: str) -> None:
@@ -69,11 +104,26 @@ def add_admin_routes(app: web.Application, billing: BillingService, token: str) 
 
     @web.middleware
     async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/admin/"):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return error(401, "unauthorized", "admin token required")
-        return await handler(request)
+        if not request.path.startswith("/admin/"):
+            return await handler(request)
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return error(401, "unauthorized", "admin token required")
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message, exc.headers)
+        except web.HTTPException:
+            raise  # aiohttp's own (413 body too large...): the API error middleware shapes it
+        except STORE_DOWN as exc:
+            log.warning("admin %s %s: billing store unavailable: %s: %s", request.method,
+                        request.path, type(exc).__name__, exc)
+            return error_response(503, "billing_unavailable",
+                                  "the billing database is unavailable; retry shortly",
+                                  RETRY_AFTER)
+        except Exception:
+            log.exception("admin %s %s failed", request.method, request.path)
+            return error(500, "internal_error", "internal error")
 
     app.middlewares.append(admin_auth)
     store = billing.store
@@ -147,8 +197,11 @@ def add_admin_routes(app: web.Application, billing: BillingService, token: str) 
 
     async def usage(request: web.Request) -> web.Response:
         tenant = request.match_info["tenant"]
-        rows = await store.usage_summary(tenant, _date(request.query.get("since")),
-                                         _date(request.query.get("until")))
+        since, until = _date(request, "since"), _date(request, "until")
+        try:
+            rows = await store.usage_summary(tenant, since, until)
+        except UnknownTenant:
+            return error(404, "not_found", "no such tenant")
         return web.json_response(
             {"tenant_id": tenant,
              "usage": [{"day": r.day.isoformat(), "model": r.model, "unit": r.unit,
