@@ -3,7 +3,9 @@ circuit breaker, and the check that what it answered is a chat completion.
 
 An attempt either returns a validated answer or raises AttemptFailed saying what kind of
 failure it was; the router decides what to do next (retry here, fail over, give up). The
-breaker is fed by the router, not here, so one place owns the policy.
+breaker is fed by the router, not here, so one place owns the policy. A failure carries a
+`cause` from the fixed vocabulary of server/models/upstream_errors.py (what a client may be
+told) and a `detail` (host, port, exception, upstream body: for the server log only).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,6 +25,16 @@ from server.llm.schema import UpstreamChunk, UpstreamCompletion
 from server.llm.sse import SseError, SseParser
 from server.models.breaker import CircuitBreaker
 from server.models.retry import retry_after_seconds
+from server.models.upstream_errors import (
+    BAD_RESPONSE,
+    CONNECTION_LOST,
+    NOT_RUNNING,
+    PROVIDER_ERROR,
+    SATURATED,
+    TIMEOUT,
+    bad_status,
+    transport_cause,
+)
 
 # A chat completion is kilobytes; an upstream sending this much is not answering the question.
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
@@ -36,11 +49,13 @@ FailureKind = Literal["retryable", "malformed", "unusable", "busy", "client"]
 
 
 class AttemptFailed(Exception):
-    def __init__(self, kind: FailureKind, message: str, *, timeout: bool = False,
-                 retry_after: float | None = None, status: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, kind: FailureKind, cause: str, detail: str = "", *,
+                 timeout: bool = False, retry_after: float | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(f"{cause}: {detail}" if detail else cause)
         self.kind = kind
-        self.message = message
+        self.cause = cause  # for clients: a fixed phrase, never host, port or exception text
+        self.detail = detail  # for the server log
         self.timeout = timeout
         self.retry_after = retry_after
         self.status = status
@@ -56,26 +71,31 @@ def parse_completion(body: bytes) -> tuple[dict[str, Any], UpstreamCompletion]:
     try:
         data = msgspec.json.decode(body)
         if not isinstance(data, dict) or "error" in data:
-            raise AttemptFailed("malformed", "answer is not a chat completion object")
+            raise AttemptFailed("malformed", BAD_RESPONSE,
+                                "answer is not a chat completion object")
         return data, msgspec.convert(data, UpstreamCompletion)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise AttemptFailed("malformed", f"malformed chat completion: {exc}") from None
+        raise AttemptFailed("malformed", BAD_RESPONSE, f"malformed chat completion: {exc}"
+                            ) from None
 
 
 def parse_chunk(raw: bytes) -> StreamChunk:
     try:
         data = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
-        raise AttemptFailed("malformed", f"malformed stream event: {exc}") from None
+        raise AttemptFailed("malformed", BAD_RESPONSE, f"malformed stream event: {exc}"
+                            ) from None
     if isinstance(data, dict) and "error" in data:
         # Upstreams report trouble after a 200 this way (overloaded, crashed worker).
-        raise AttemptFailed("retryable", f"error event: {str(data['error'])[:200]}")
+        raise AttemptFailed("retryable", PROVIDER_ERROR,
+                            f"error event: {str(data['error'])[:200]}")
     try:
         if not isinstance(data, dict):
             raise msgspec.ValidationError("not an object")
         return StreamChunk(data, msgspec.convert(data, UpstreamChunk))
     except msgspec.ValidationError as exc:
-        raise AttemptFailed("malformed", f"malformed stream chunk: {exc}") from None
+        raise AttemptFailed("malformed", BAD_RESPONSE, f"malformed stream chunk: {exc}"
+                            ) from None
 
 
 class Provider:
@@ -117,22 +137,24 @@ class Provider:
                                               + self.cfg.first_byte_timeout_s)):
                 await self._sem.acquire()
         except TimeoutError:
-            raise AttemptFailed("busy", f"{self.name}: no free slot in time") from None
+            raise AttemptFailed("busy", SATURATED, "no free slot in time") from None
 
     async def _post(self, payload: bytes) -> aiohttp.ClientResponse:
         """Send and wait for the response headers (callers bound the wait by the first-byte
         timeout). Statuses other than 200 become AttemptFailed."""
         if self._session is None:
-            raise AttemptFailed("unusable", f"{self.name}: provider is not running")
+            raise AttemptFailed("unusable", NOT_RUNNING, "provider is not running")
         try:
             resp = await self._session.post(self.endpoint, data=payload)
-        except TimeoutError:
-            raise AttemptFailed("retryable", f"{self.name}: no response in time",
-                                timeout=True) from None
+        except TimeoutError as exc:
+            raise AttemptFailed("retryable", TIMEOUT, f"no response from {self.endpoint} in "
+                                f"time: {exc!r}", timeout=True) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise AttemptFailed("retryable", f"{self.name}: connection error: {exc!r}") from None
+            raise AttemptFailed("retryable", transport_cause(exc),
+                                f"{self.endpoint}: {exc!r}") from None
         except aiohttp.ClientError as exc:
-            raise AttemptFailed("unusable", f"{self.name}: request failed: {exc!r}") from None
+            raise AttemptFailed("unusable", transport_cause(exc),
+                                f"{self.endpoint}: {exc!r}") from None
         if resp.status == 200:
             return resp
         try:
@@ -142,12 +164,14 @@ class Provider:
         finally:
             resp.close()
         status, retry_after = resp.status, retry_after_seconds(resp.headers.get("Retry-After"))
-        message = f"{self.name}: HTTP {status}: {detail[:300]}"
+        cause, detail = bad_status(status), f"HTTP {status}: {detail[:300]}"
         if status == 429 or status >= 500:
-            raise AttemptFailed("retryable", message, retry_after=retry_after, status=status)
+            raise AttemptFailed("retryable", cause, detail, retry_after=retry_after,
+                                status=status)
         if status in (400, 413, 422):
-            raise AttemptFailed("client", message, status=status)
-        raise AttemptFailed("unusable" if status >= 400 else "malformed", message, status=status)
+            raise AttemptFailed("client", cause, detail, status=status)
+        raise AttemptFailed("unusable" if status >= 400 else "malformed", cause, detail,
+                            status=status)
 
     async def complete(self, payload: bytes, deadline: float
                        ) -> tuple[dict[str, Any], UpstreamCompletion]:
@@ -166,10 +190,11 @@ class Provider:
                     finally:
                         resp.release()  # back to the pool when read to the end, else closed
             except TimeoutError:
-                raise AttemptFailed("retryable", f"{self.name}: timed out", timeout=True) from None
+                raise AttemptFailed("retryable", TIMEOUT, "no complete answer in time",
+                                    timeout=True) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                raise AttemptFailed("retryable", f"{self.name}: connection lost: {exc!r}"
-                                    ) from None
+                raise AttemptFailed("retryable", transport_cause(exc),
+                                    f"reading the answer: {exc!r}") from None
             return parse_completion(body)
         finally:
             self._sem.release()
@@ -187,16 +212,16 @@ class Provider:
                                                   + self.cfg.first_byte_timeout_s)):
                     resp = await self._post(payload)
             except TimeoutError:
-                raise AttemptFailed("retryable", f"{self.name}: no response in time",
+                raise AttemptFailed("retryable", TIMEOUT, "no response headers in time",
                                     timeout=True) from None
             if resp.content_type != "text/event-stream":
                 resp.close()
-                raise AttemptFailed("malformed", f"{self.name}: answered a stream request "
+                raise AttemptFailed("malformed", BAD_RESPONSE, "answered a stream request "
                                     f"with {resp.content_type}")
             stream = UpstreamStream(self, resp, end)
             first = await stream.next()
             if first is None:
-                raise AttemptFailed("malformed", f"{self.name}: stream ended before any chunk")
+                raise AttemptFailed("malformed", BAD_RESPONSE, "stream ended before any chunk")
             stream.pending.appendleft(first)
             return stream
         except BaseException:
@@ -208,11 +233,17 @@ class Provider:
 
 
 class UpstreamStream:
-    """An open upstream SSE stream; `next()` gives validated chunks until [DONE] (None)."""
+    """An open upstream SSE stream; `next()` gives validated chunks until [DONE] (None).
+
+    It remembers how it ended (`failure`, `completed`) so that whoever opened it can judge the
+    attempt when it is closed (`on_close`): a stream is only a success once it reached [DONE].
+    """
 
     def __init__(self, provider: Provider, resp: aiohttp.ClientResponse, end: float) -> None:
         self.provider = provider
         self.pending: deque[StreamChunk] = deque()
+        self.failure: AttemptFailed | None = None
+        self.on_close: Callable[[UpstreamStream], None] | None = None
         self._resp = resp
         self._end = end
         self._parser = SseParser(MAX_EVENT_BYTES)
@@ -221,7 +252,21 @@ class UpstreamStream:
         self._done = False
         self._closed = False
 
+    @property
+    def completed(self) -> bool:
+        """[DONE] arrived: the upstream answered in full."""
+        return self._done
+
     async def next(self) -> StreamChunk | None:
+        if self.failure is not None:
+            raise self.failure  # a broken stream stays broken
+        try:
+            return await self._next()
+        except AttemptFailed as exc:
+            self.failure = exc
+            raise
+
+    async def _next(self) -> StreamChunk | None:
         if self.pending:
             return self.pending.popleft()
         while not self._done:
@@ -233,7 +278,8 @@ class UpstreamStream:
                 return parse_chunk(raw)
             if self._eof:
                 # Closed without [DONE]: the answer may be cut short; do not pass it as whole.
-                raise AttemptFailed("retryable", f"{self.provider.name}: stream ended early")
+                raise AttemptFailed("retryable", CONNECTION_LOST,
+                                    "stream ended without [DONE]")
             await self._read()
         return None
 
@@ -246,10 +292,9 @@ class UpstreamStream:
             async with asyncio.timeout_at(limit):
                 data = await self._resp.content.readany()
         except TimeoutError:
-            raise AttemptFailed("retryable", f"{self.provider.name}: stream stalled",
-                                timeout=True) from None
+            raise AttemptFailed("retryable", TIMEOUT, "stream stalled", timeout=True) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise AttemptFailed("retryable", f"{self.provider.name}: stream broke: {exc!r}"
+            raise AttemptFailed("retryable", transport_cause(exc), f"stream broke: {exc!r}"
                                 ) from None
         try:
             if data:
@@ -258,7 +303,7 @@ class UpstreamStream:
                 self._eof = True
                 self._raw.extend(self._parser.close())
         except SseError as exc:
-            raise AttemptFailed("malformed", f"{self.provider.name}: {exc}") from None
+            raise AttemptFailed("malformed", BAD_RESPONSE, str(exc)) from None
 
     def close(self) -> None:
         if self._closed:
@@ -267,6 +312,8 @@ class UpstreamStream:
         # A stream left before [DONE] must not go back to the pool half-read.
         self._resp.close()
         self.provider._sem.release()
+        if self.on_close is not None:
+            self.on_close(self)
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -274,5 +321,5 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     while chunk := await resp.content.readany():
         buf += chunk
         if len(buf) > limit:
-            raise AttemptFailed("malformed", f"answer larger than {limit} bytes")
+            raise AttemptFailed("malformed", BAD_RESPONSE, f"answer larger than {limit} bytes")
     return bytes(buf)

@@ -6,6 +6,12 @@ Outcomes the client sees (RouteError): 404 unknown_model, 503 no_upstream (nothi
 or every breaker open), 504 upstream_timeout (the last failure was a timeout, or the deadline
 ran out), 502 upstream_error (every provider failed otherwise), 400 bad_request (an upstream
 rejected the request itself: another provider would too, and retrying would bill twice).
+Their messages name the provider and a cause from server/models/upstream_errors.py; what went
+wrong in detail (host, port, exception, upstream body) is logged, never sent.
+
+A stream is judged when it is closed, not when it opens: only one that reached [DONE] is a
+success for the breaker and the metrics; one that broke mid-answer is a failure like any
+other attempt (it cannot be retried or failed over: the client has part of the answer).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import msgspec
 from server.config import LlmConfig
 from server.llm.provider import AttemptFailed, Provider, StreamChunk, UpstreamStream
 from server.llm.schema import UpstreamCompletion
+from server.models.upstream_errors import unavailable
 from server.telemetry.metrics import Metrics
 
 log = logging.getLogger("streamgate.llm")
@@ -110,19 +117,48 @@ class LlmRouter:
             data, parsed = await provider.complete(body, deadline)
             return provider, data, parsed
 
-        return await self._route(model, payload, deadline, attempt)
+        def answered(provider: Provider, _: object) -> None:
+            provider.breaker.record_success()
+            self._count(provider, "ok")
+
+        return await self._route(model, payload, deadline, attempt, answered)
 
     async def open_stream(self, model: str, payload: dict[str, Any], deadline: float
                           ) -> UpstreamStream:
+        """A stream that sent its first valid chunk; the caller must `close()` it, which
+        records how the attempt ended."""
         async def attempt(provider: Provider, body: bytes) -> UpstreamStream:
             return await provider.open_stream(body, deadline)
 
-        return await self._route(model, {**payload, "stream": True}, deadline, attempt)
+        def opened(provider: Provider, stream: UpstreamStream) -> None:
+            stream.on_close = self._stream_closed
+
+        return await self._route(model, {**payload, "stream": True}, deadline, attempt, opened)
+
+    def _stream_closed(self, stream: UpstreamStream) -> None:
+        provider, failure = stream.provider, stream.failure
+        if failure is not None:
+            provider.breaker.record_failure()
+            self._count(provider, failure.kind)
+            log.warning("llm upstream stream broke mid-answer: provider %s, %s", provider.name,
+                        failure, extra={"provider": provider.name, "kind": failure.kind,
+                                        "cause": failure.cause, "detail": failure.detail[:300]})
+        elif stream.completed:
+            provider.breaker.record_success()
+            self._count(provider, "ok")
+        else:
+            # The client left first: as far as anyone saw, the upstream was answering well.
+            # Recorded (not left pending) so a half-open trial does not pin the breaker.
+            provider.breaker.record_success()
+            self._count(provider, "client_closed")
 
     async def _route(self, model: str, payload: dict[str, Any], deadline: float,
-                     attempt: Callable[[Provider, bytes], Awaitable[T]]) -> T:
+                     attempt: Callable[[Provider, bytes], Awaitable[T]],
+                     accepted: Callable[[Provider, T], None]) -> T:
+        """`accepted` records an attempt that returned (a stream: once it is closed)."""
         loop = asyncio.get_running_loop()
         last: AttemptFailed | None = None
+        last_provider = ""
         for provider in self._ordered(model):
             body = msgspec.json.encode({**payload, "model": provider.cfg.models[model]})
             for n in range(provider.cfg.retries + 1):
@@ -132,36 +168,39 @@ class LlmRouter:
                         break  # no time to wait here; the next provider may still answer
                     await asyncio.sleep(delay)
                 if loop.time() >= deadline:
-                    raise self._final(model, last, deadline_passed=True)
+                    raise self._final(model, last, last_provider, deadline_passed=True)
                 if not provider.breaker.allow():
                     break
                 try:
                     result = await attempt(provider, body)
                 except AttemptFailed as exc:
                     self._count(provider, exc.kind)
-                    log.warning("llm upstream attempt failed", extra={
-                        "provider": provider.name, "model": model, "kind": exc.kind,
-                        "attempt": n + 1, "reason": exc.message[:300]})
+                    # The details are for operators; clients get the cause alone.
+                    log.warning("llm upstream attempt failed: provider %s, %s", provider.name,
+                                exc, extra={
+                                    "provider": provider.name, "model": model, "kind": exc.kind,
+                                    "attempt": n + 1, "cause": exc.cause,
+                                    "detail": exc.detail[:300]})
                     if exc.kind == "client":
                         provider.breaker.record_success()  # it answered, sanely
                         raise RouteError(400, "bad_request",
-                                         f"the upstream rejected the request: {exc.message}"
-                                         ) from None
+                                         f"provider {provider.name!r} rejected the request: "
+                                         f"{exc.cause}") from None
                     if exc.kind != "busy":
                         provider.breaker.record_failure()
-                    last = exc
+                    last, last_provider = exc, provider.name
                     if exc.kind == "retryable":
                         continue
                     break
-                provider.breaker.record_success()
-                self._count(provider, "ok")
+                accepted(provider, result)
                 return result
-        raise self._final(model, last, deadline_passed=loop.time() >= deadline)
+        raise self._final(model, last, last_provider, deadline_passed=loop.time() >= deadline)
 
-    def _final(self, model: str, last: AttemptFailed | None, *, deadline_passed: bool
-               ) -> RouteError:
+    def _final(self, model: str, last: AttemptFailed | None, last_provider: str, *,
+               deadline_passed: bool) -> RouteError:
         if deadline_passed or (last is not None and last.timeout):
-            reason = last.message if last is not None else "no attempt finished"
+            reason = (unavailable(last_provider, last.cause) if last is not None
+                      else "no attempt finished")
             return RouteError(504, "upstream_timeout",
                               f"no upstream answered for {model!r} in time ({reason})")
         if last is None:
@@ -172,8 +211,8 @@ class LlmRouter:
         if last.kind == "busy":
             return RouteError(503, "no_upstream", f"every upstream for {model!r} is saturated",
                               retry_after=1.0)
-        return RouteError(502, "upstream_error",
-                          f"every upstream for {model!r} failed; last: {last.message}")
+        return RouteError(502, "upstream_error", f"every upstream for {model!r} failed; last: "
+                          f"{unavailable(last_provider, last.cause)}")
 
     def _backoff(self, provider: Provider, attempt: int, last: AttemptFailed | None) -> float:
         delay = provider.cfg.backoff_s * 2.0 ** (attempt - 1)

@@ -162,7 +162,13 @@ class LlmService:
 
 class ChatStream:
     """The client side of one streamed completion: `next_event()` gives SSE event bytes until
-    None; `finish()` (always called) closes the upstream and settles."""
+    None; `finish()` (always called) closes the upstream and settles.
+
+    A stream the upstream breaks after it started cannot be retried or failed over (the client
+    holds part of an answer that would start over). It ends with the usage it is charged, as
+    a usage chunk if the client asked for usage, and as `usage` beside the `error` of the last
+    event in any case (docs/protocol.md, docs/billing.md).
+    """
 
     def __init__(self, service: LlmService, upstream: UpstreamStream, charge: RequestCharge,
                  est: Estimate, model: str, wants_usage: bool) -> None:
@@ -175,6 +181,7 @@ class ChatStream:
         self._chars = 0
         self._usage: UpstreamUsage | None = None
         self._ended = False
+        self._chunk_id: dict[str, Any] = {}  # id and created of the upstream's chunks
         self.failed = False
 
     async def next_event(self) -> bytes | None:
@@ -182,13 +189,10 @@ class ChatStream:
             try:
                 item = await self._upstream.next()
             except AttemptFailed as exc:
-                # Bytes already reached the client: no retry, no failover (the answer would
-                # start over). The stream ends with an error event in the API's error shape.
+                # The router records the failure (breaker, metrics, log) when finish() closes
+                # the upstream; here the client learns the answer is cut short and its cost.
                 self._ended = self.failed = True
-                self._upstream.provider.breaker.record_failure()
-                code = "upstream_timeout" if exc.timeout else "upstream_error"
-                error = {"error": {"code": code, "message": exc.message}}
-                return b"data: " + msgspec.json.encode(error) + b"\n\n"
+                return self._broken_stream_events(exc)
             if item is None:
                 self._ended = True
                 return b"data: [DONE]\n\n"
@@ -196,6 +200,9 @@ class ChatStream:
             self._chars += len(chunk.text)
             if chunk.usage is not None:
                 self._usage = chunk.usage
+            for field in ("id", "created"):
+                if field in data:
+                    self._chunk_id[field] = data[field]
             if not self._wants_usage:
                 if not chunk.choices:
                     continue  # the usage chunk the gateway asked for, not the client
@@ -204,13 +211,51 @@ class ChatStream:
             return b"data: " + msgspec.json.encode(data) + b"\n\n"
         return None
 
-    def used_tokens(self) -> int:
+    def _broken_stream_events(self, exc: AttemptFailed) -> bytes:
+        usage = self.usage()
+        name = self._upstream.provider.name
+        # OpenAI's streaming error shape: SDKs raise on an event with an `error` object (its
+        # message is the exception's). `usage` beside it is for readers of the raw stream;
+        # SDK users get it from the usage chunk before it, as with every stream.
+        error = {"error": {
+            "message": f"provider {name!r} failed mid-answer: {exc.cause}; the answer is "
+                       "incomplete",
+            "type": "server_error",
+            "code": "upstream_timeout" if exc.timeout else "upstream_error",
+            "param": None,
+        }, "usage": usage}
+        out = b""
+        if self._wants_usage:
+            chunk = {"id": self._chunk_id.get("id", ""), "object": "chat.completion.chunk",
+                     "created": self._chunk_id.get("created", int(time.time())),
+                     "model": self._model, "choices": [], "usage": usage}
+            out = b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+        return out + b"data: " + msgspec.json.encode(error) + b"\n\n"
+
+    def usage(self) -> dict[str, int]:
+        """What this stream is charged, in the API's usage shape."""
+        if self.failed:
+            # Broken mid-answer: the completion tokens delivered, the prompt not charged (the
+            # request failed, and a failed request costs nothing but what it delivered).
+            completion = (self._usage.completion_tokens if self._usage is not None
+                          else tokens_for_chars(self._chars, self._service.cfg.chars_per_token))
+            # Never more than was reserved: settle() caps the charge there too, and the
+            # usage the client sees must be the charge.
+            completion = min(completion, self._est.reserve_tokens)
+            return {"prompt_tokens": 0, "completion_tokens": completion,
+                    "total_tokens": completion}
         if self._usage is not None:
-            return self._usage.total
-        # No usage chunk (the upstream ignores stream_options, or the stream broke): what
-        # was streamed, estimated like the prompt.
-        return self._est.prompt_tokens + tokens_for_chars(self._chars,
-                                                          self._service.cfg.chars_per_token)
+            return {"prompt_tokens": self._usage.prompt_tokens,
+                    "completion_tokens": self._usage.completion_tokens,
+                    "total_tokens": self._usage.total}
+        # No usage chunk (the upstream ignores stream_options, or the client left): what was
+        # streamed, estimated like the prompt.
+        completion = tokens_for_chars(self._chars, self._service.cfg.chars_per_token)
+        return {"prompt_tokens": self._est.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self._est.prompt_tokens + completion}
+
+    def used_tokens(self) -> int:
+        return self.usage()["total_tokens"]
 
     async def finish(self) -> int:
         self._upstream.close()

@@ -192,15 +192,53 @@ async def test_stream_passes_chunks_in_order_and_settles_usage() -> None:
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 7
 
 
-async def test_stream_failing_mid_answer_ends_with_an_error_event() -> None:
+async def test_stream_failing_mid_answer_ends_with_an_error_event_and_its_charge() -> None:
     async with upstreams() as (a, b), gateway(provider("a", a.url), provider("b", b.url)) as gw:
         a.llm_default = LlmReply(content="a b c d e f", drop_after=3)
         chunks, _ = await sse(gw, {**CHAT, "stream": True})
         assert [c["choices"][0]["delta"]["content"] for c in chunks[:-1]] == ["", "a", " b"]
-        assert chunks[-1]["error"]["code"] == "upstream_error"
+        last = chunks[-1]
+        assert last["error"]["code"] == "upstream_error"
+        assert last["error"]["type"] == "server_error"
+        assert last["error"]["message"] == ("provider 'a' failed mid-answer: connection lost; "
+                                            "the answer is incomplete")
         assert b.llm_requests == []  # bytes reached the client: no failover
-        # No usage chunk: the prompt estimate plus what was streamed (3 chars -> 1 token).
-        assert await gw.meter.reservations[0].settled() == 9 + 1
+        # Charged: the completion tokens delivered ("a b", 3 chars -> 1 token), no prompt;
+        # and the final event says so.
+        assert last["usage"] == {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}
+        assert await gw.meter.reservations[0].settled() == 1
+        # A client that asked for usage also gets it as the usage chunk SDKs parse, before
+        # the error event.
+        chunks, _ = await sse(gw, {**CHAT, "stream": True,
+                                   "stream_options": {"include_usage": True}})
+        usage_chunk, error_event = chunks[-2], chunks[-1]
+        assert usage_chunk["object"] == "chat.completion.chunk"
+        assert usage_chunk["choices"] == [] and usage_chunk["model"] == "chat"
+        assert usage_chunk["id"] == chunks[0]["id"]
+        assert usage_chunk["usage"] == error_event["usage"] == {
+            "prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}
+        assert "error" in error_event
+        assert await gw.meter.reservations[1].settled() == 1
+
+
+async def test_three_broken_streams_open_the_breaker_and_count_as_failures() -> None:
+    async with upstreams() as (a, b), gateway(provider("a", a.url, breaker_failures=3),
+                                              provider("b", b.url, priority=1)) as gw:
+        a.llm_default = LlmReply(content="a b c d e f", drop_after=3)
+        for _ in range(3):
+            chunks, _ = await sse(gw, {**CHAT, "stream": True})
+            assert "error" in chunks[-1]
+        assert len(a.llm_requests) == 3
+        chunks, last = await sse(gw, {**CHAT, "stream": True})
+        assert last == "[DONE]" and len(b.llm_requests) == 1  # the fallback answered
+        assert len(a.llm_requests) == 3
+        text = await gw.metrics()
+        assert 'streamgate_llm_upstream_breaker_state{provider="a"} 2.0' in text
+        assert 'streamgate_llm_upstream_attempts_total{outcome="retryable",provider="a"} 3.0' \
+            in text
+        assert 'outcome="ok",provider="a"' not in text
+        settled = [await r.settled() for r in gw.meter.reservations]
+        assert settled[:3] == [1, 1, 1] and settled[3] == 3 + 2  # the fake's usage
 
 
 async def test_client_hanging_up_mid_stream_stops_the_upstream_and_settles() -> None:

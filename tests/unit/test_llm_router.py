@@ -14,6 +14,7 @@ from prometheus_client import generate_latest
 from server.config import LlmConfig, LlmProviderConfig
 from server.llm.provider import AttemptFailed
 from server.llm.router import LlmRouter, RouteError
+from server.models.breaker import CircuitBreaker
 from server.telemetry.metrics import Metrics
 from tests.fakes.upstream import FakeLlmUpstream, LlmReply, closed_port_url
 
@@ -317,3 +318,118 @@ async def test_provider_api_key_from_the_environment(monkeypatch: pytest.MonkeyP
     router = LlmRouter(LlmConfig(providers=[provider("a", "http://x", api_key_env="FAKE_LLM_KEY")]))
     with pytest.raises(RuntimeError, match="FAKE_LLM_KEY"):
         await router.start()  # a missing secret fails start-up, not every request
+
+
+# --- streams that break mid-answer (issue 11 item 18) -----------------------------------------
+
+
+async def read_until_broken(router: LlmRouter) -> tuple[str, AttemptFailed]:
+    """Open a stream, read it until it fails, close it; (provider, failure)."""
+    stream = await router.open_stream("chat", {"messages": MESSAGES, "stream": True},
+                                      deadline())
+    try:
+        while True:
+            try:
+                if await stream.next() is None:
+                    raise AssertionError("the stream was meant to break, it completed")
+            except AttemptFailed as exc:
+                return stream.provider.name, exc
+    finally:
+        stream.close()
+
+
+async def test_streams_breaking_mid_answer_open_the_breaker_and_count_as_failures() -> None:
+    metrics = Metrics()
+    async with fakes() as (a, b), routing(provider("a", a.url, breaker_failures=3),
+                                          provider("b", b.url, priority=1),
+                                          metrics=metrics) as r:
+        a.llm_default = LlmReply(content="a b c d e f", drop_after=3)  # dies after 3 events
+        for n in range(3):
+            name, failure = await read_until_broken(r)
+            assert name == "a" and failure.kind == "retryable"
+            assert r.providers[0].breaker.consecutive_failures == n + 1
+        assert r.providers[0].breaker.state == "open"
+        assert len(a.llm_requests) == 3
+        # The next request goes to the fallback; the broken one is not even tried.
+        name, texts, _ = await drain(r)
+        assert name == "b" and "".join(texts) == "Hello there."
+        assert len(a.llm_requests) == 3
+        r.publish_metrics()
+        text = generate_latest(metrics.registry).decode()
+        assert 'streamgate_llm_upstream_attempts_total{outcome="retryable",provider="a"} 3.0' \
+            in text
+        assert 'outcome="ok",provider="a"' not in text
+        assert 'streamgate_llm_upstream_attempts_total{outcome="ok",provider="b"} 1.0' in text
+        assert 'streamgate_llm_upstream_breaker_state{provider="a"} 2.0' in text
+
+
+async def test_a_stream_is_a_success_only_once_it_completes() -> None:
+    metrics = Metrics()
+    async with fakes(1) as (a,), routing(provider("a", a.url, breaker_failures=3),
+                                         metrics=metrics) as r:
+        a.llm_default = LlmReply(content="a b c d e f", drop_after=3)
+        await read_until_broken(r)
+        await read_until_broken(r)
+        a.llm_default = LlmReply(content="one two")
+        name, texts, _ = await drain(r)  # a whole answer resets the count
+        assert (name, "".join(texts)) == ("a", "one two")
+        assert r.providers[0].breaker.consecutive_failures == 0
+        # Open but not yet read to the end: nothing is counted until it is closed.
+        stream = await r.open_stream("chat", {"messages": MESSAGES, "stream": True},
+                                     deadline())
+        assert 'outcome="client_closed"' not in generate_latest(metrics.registry).decode()
+        stream.close()  # the client left before [DONE]: not the upstream's failure
+        text = generate_latest(metrics.registry).decode()
+        assert 'streamgate_llm_upstream_attempts_total{outcome="client_closed",provider="a"} ' \
+               '1.0' in text
+        assert 'streamgate_llm_upstream_attempts_total{outcome="ok",provider="a"} 1.0' in text
+        assert r.providers[0].breaker.consecutive_failures == 0
+
+
+async def test_a_half_open_trial_stream_that_breaks_reopens_the_breaker() -> None:
+    now = [0.0]
+    async with fakes() as (a, b), routing(provider("a", a.url, retries=0),
+                                          provider("b", b.url, priority=1)) as r:
+        breaker = r.providers[0].breaker = CircuitBreaker(1, 30.0, clock=lambda: now[0])
+        a.llm_default = LlmReply(content="a b c d e f", drop_after=3)
+        await read_until_broken(r)
+        states = [breaker.state]
+        now[0] += 30.0
+        states.append(breaker.state)
+        name, _ = await read_until_broken(r)  # the trial goes to a, and breaks again
+        states.append(breaker.state)
+        assert name == "a" and states == ["open", "half_open", "open"]
+
+
+# --- what clients are told when an upstream fails (issue 11 item 10) --------------------------
+
+
+async def test_route_errors_name_the_provider_and_a_cause_never_host_port_or_exception(
+        caplog: pytest.LogCaptureFixture) -> None:
+    down = closed_port_url()
+    async with routing(provider("local-vllm", down, retries=0)) as r:
+        with pytest.raises(RouteError) as err:
+            await complete(r)
+    message = err.value.message
+    assert (err.value.status, err.value.code) == (502, "upstream_error")
+    assert "provider 'local-vllm' unavailable: connect failed" in message
+    host_port = down.removeprefix("http://")
+    for leak in (host_port, host_port.split(":")[1], "127.0.0.1", "ClientConnector",
+                 "Connect call failed", "Cannot connect"):
+        assert leak not in message
+    # The operator still gets every detail, in the log.
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert host_port in logged and "ClientConnectorError" in logged
+
+
+@pytest.mark.parametrize(("reply", "cause"), [
+    (LlmReply.error(500), "bad status 500"),
+    (LlmReply.garbage(b"<html>nginx at 10.1.2.3:8000 says no</html>"), "bad response"),
+])
+async def test_upstream_bodies_are_not_relayed(reply: LlmReply, cause: str) -> None:
+    async with fakes(1) as (a,), routing(provider("a", a.url, retries=0)) as r:
+        a.llm_default = reply
+        with pytest.raises(RouteError) as err:
+            await complete(r)
+        assert err.value.message.endswith(f"provider 'a' unavailable: {cause}")
+        assert "10.1.2.3" not in err.value.message and "fake" not in err.value.message
