@@ -634,7 +634,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ramp", type=float, help="override ramp_per_s")
     parser.add_argument("--out", type=Path, help="report directory (default "
                         "loadtest/reports/<timestamp>-<scenario>)")
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart (JSON only)")
 
 
 def run_cli(args: argparse.Namespace) -> int:

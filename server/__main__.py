@@ -1,12 +1,22 @@
-"""`streamgate` command line: serve, asr (streaming client), config check."""
+"""streamgate: a self-hosted real-time gateway for speech and model APIs, with metering and
+prepaid wallets. Run the server, its clients, and the billing administration:"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from server.config import ConfigError, load_config
+
+MASK = "***"
+# Config values that are credentials themselves. `*_env` keys name environment variables and are
+# shown: the secret stays in the environment. key_sha256 digests are masked too: a digest lets
+# anyone who reads it test guesses of a key offline, and it names which keys are accepted.
+SECRET_KEYS = frozenset({"admin_token", "key_sha256"})
+SECRET_QUERY_PARAMS = frozenset({"password", "sslpassword"})
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -27,6 +37,43 @@ def _serve(args: argparse.Namespace) -> int:
     return run(config)
 
 
+def _mask_url(value: str) -> str:
+    """The URL with the password of its user info and of its query (libpq's `password=`)
+    replaced by MASK; anything that is not a URL comes back unchanged."""
+    if "://" not in value:
+        return value
+    try:
+        parts = urlsplit(value)
+        password = parts.password
+    except ValueError:
+        return MASK  # unparseable: it may still hold a secret, so show none of it
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:{MASK}@{host}"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k.lower() in SECRET_QUERY_PARAMS for k, _ in pairs):
+        query = urlencode([(k, MASK if k.lower() in SECRET_QUERY_PARAMS else v)
+                           for k, v in pairs], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def masked(node: Any, key: str = "") -> Any:
+    """The configuration as plain data with every secret replaced by MASK (empty values stay
+    empty: they show that nothing is set)."""
+    if isinstance(node, dict):
+        return {k: masked(v, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [masked(v, key) for v in node]
+    if isinstance(node, str):
+        if key in SECRET_KEYS and node:
+            return MASK
+        return _mask_url(node)
+    return node
+
+
 def _check_config(args: argparse.Namespace) -> int:
     import msgspec
 
@@ -35,7 +82,8 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"streamgate: {exc}", file=sys.stderr)
         return 2
-    print(msgspec.json.format(msgspec.json.encode(config)).decode())
+    shown = masked(msgspec.to_builtins(config))
+    print(msgspec.json.format(msgspec.json.encode(shown)).decode())
     return 0
 
 
@@ -64,18 +112,24 @@ def _call_sim(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamgate", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="streamgate", description=__doc__,
+        epilog="`streamgate COMMAND --help` shows a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the gateway (WebSocket + HTTP)")
     serve.add_argument("--config", type=Path, help="TOML file layered over config/default.toml")
-    serve.add_argument("--host")
-    serve.add_argument("--ws-port", type=int)
-    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--host", help="listen address of both ports (default: server.host, "
+                       "127.0.0.1)")
+    serve.add_argument("--ws-port", type=int, help="WebSocket port (default: server.ws_port, "
+                       "8765; 0 = any free port, printed at start)")
+    serve.add_argument("--http-port", type=int, help="HTTP port: REST, admin, /metrics "
+                       "(default: server.http_port, 8080; 0 = any free port)")
     serve.set_defaults(func=_serve)
 
-    check = sub.add_parser("config", help="print the effective configuration and exit")
-    check.add_argument("--config", type=Path)
+    check = sub.add_parser(
+        "config", help="print the effective configuration (secrets masked) and exit")
+    check.add_argument("--config", type=Path, help="TOML file layered over config/default.toml")
     check.set_defaults(func=_check_config)
 
     from server.client.asr_client import add_arguments

@@ -12,15 +12,23 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import uvloop
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.billing.bootstrap import prepare_database, resolve_urls
 from server.billing.flusher import flusher_main
 from server.billing.reconcile import reconcile_main
 from server.billing.service import BillingService
-from server.billing.store import BillingError
+from server.billing.store import MAX_MICROS, BillingError
 from server.billing.wallet_cache import WalletCache
 from server.config import Config, ConfigError, load_config
+
+# A database that cannot be reached: one line on stderr, exit 1, no traceback.
+_UNREACHABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError,
+                asyncpg.exceptions.OperatorInterventionError, RedisConnectionError,
+                RedisTimeoutError)
 
 
 def _print(obj: Any) -> None:
@@ -86,17 +94,19 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
                     "balance_micros": await store.balance(args.tenant_id),
                     "spendable_micros": await svc.cache.spendable(args.tenant_id)})
         elif cmd == "usage":
-            since = dt.date.fromisoformat(args.since) if args.since else None
-            until = dt.date.fromisoformat(args.until) if args.until else None
-            rows = await store.usage_summary(args.tenant_id, since, until)
+            rows = await store.usage_summary(args.tenant_id, args.since, args.until)
             _print([{"day": r.day, "model": r.model, "unit": r.unit, "units": r.units,
                      "cost_micros": r.cost_micros} for r in rows])
         return 0
 
     try:
         return await _with_service(cfg, act)
-    except BillingError as exc:
+    except (BillingError, ValueError, TypeError) as exc:
+        # BillingError: "no such tenant: x", a reused idempotency key; ValueError: a bound.
         print(f"streamgate: {exc}", file=sys.stderr)
+        return 1
+    except _UNREACHABLE as exc:
+        print(f"streamgate: billing database unreachable: {exc}", file=sys.stderr)
         return 1
 
 
@@ -109,32 +119,47 @@ def main(args: argparse.Namespace) -> int:
     return uvloop.run(_run(args, cfg))
 
 
+def _day(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date: use YYYY-MM-DD") from None
+
+
 def add_subcommands(sub: Any) -> None:
     def command(name: str, help_: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_)
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--config", type=Path, help="TOML file layered over config/default.toml")
         p.set_defaults(func=main, billing_command=name)
         return p
 
+    tenant_help = "tenant id (e.g. dev, the tenant `./scripts/run.sh` creates)"
     command("migrate", "apply database migrations and default price plans")
     command("flusher", "run the usage flusher alone (Redis stream -> Postgres)")
     command("reconcile", "check the billing invariants; exit 1 if any is broken")
-    p = command("tenant-create", "create a tenant (and its empty wallet)")
-    p.add_argument("name")
-    p.add_argument("--tenant-id")
-    p.add_argument("--overdraft-micros", type=int, default=0)
+    p = command("tenant-create", "create a tenant (and its empty wallet); prints its id")
+    p.add_argument("name", help="display name")
+    p.add_argument("--tenant-id", help="id to use: 1-64 of A-Z a-z 0-9 _ . : - "
+                   "(default: a random t_<hex>)")
+    p.add_argument("--overdraft-micros", type=int, default=0,
+                   help=f"how far below zero the wallet may go, 0..{MAX_MICROS} (default 0)")
     p = command("key-issue", "issue an API key for a tenant (printed once)")
-    p.add_argument("tenant_id")
+    p.add_argument("tenant_id", help=tenant_help)
     p = command("key-revoke", "revoke an API key")
-    p.add_argument("key_id")
+    p.add_argument("key_id", help="the key's id (k_...), as key-issue printed it")
     p = command("topup", "add money to a tenant's wallet (idempotent by key)")
-    p.add_argument("tenant_id")
-    p.add_argument("amount_micros", type=int)
-    p.add_argument("--idempotency-key", required=True)
-    p = command("balance", "a tenant's balance (Postgres) and spendable (Redis cache)")
-    p.add_argument("tenant_id")
-    p = command("usage", "a tenant's usage by day and model")
-    p.add_argument("tenant_id")
-    p.add_argument("--since")
-    p.add_argument("--until")
+    p.add_argument("tenant_id", help=tenant_help)
+    p.add_argument("amount_micros", type=int,
+                   help=f"amount in micros (1,000,000 = 1 currency unit), 1..{MAX_MICROS}")
+    p.add_argument("--idempotency-key", required=True,
+                   help="unique per payment: a retry with the same key credits once")
+    p = command("balance", "a tenant's balance (Postgres) and spendable (Redis cache; null "
+                "until the tenant's first session loads the wallet)")
+    p.add_argument("tenant_id", help=tenant_help)
+    p = command("usage", "a tenant's usage by UTC day, model and unit")
+    p.add_argument("tenant_id", help=tenant_help)
+    p.add_argument("--since", type=_day, metavar="YYYY-MM-DD",
+                   help="first UTC day to include (default: no lower limit)")
+    p.add_argument("--until", type=_day, metavar="YYYY-MM-DD",
+                   help="last UTC day to include (default: no upper limit)")
 

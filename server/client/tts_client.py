@@ -60,11 +60,16 @@ async def synthesize(url: str, text: str, *, key: str | None, sample_rate: int,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", help="text to speak")
     parser.add_argument("--out", type=Path, required=True, help="WAV file to write")
-    parser.add_argument("--url", default=DEFAULT_URL)
-    parser.add_argument("--key", help=f"API key (default ${API_KEY_ENV} or the local dev key)")
-    parser.add_argument("--model")
-    parser.add_argument("--voice")
-    parser.add_argument("--sample-rate", type=int, default=16000)
+    parser.add_argument("--url", default=DEFAULT_URL,
+                        help=f"TTS endpoint (default {DEFAULT_URL})")
+    parser.add_argument("--key", help=f"API key, sent as a Bearer token (default: ${API_KEY_ENV}, "
+                        "or for a local server the dev key in .streamgate/dev-api-key)")
+    parser.add_argument("--model", help="TTS model (default: tts.session.default_model, "
+                        "espeak-en)")
+    parser.add_argument("--voice", help="voice of the model (default: the model's voice for "
+                        "the session's language)")
+    parser.add_argument("--sample-rate", type=int, default=16000,
+                        help="sample rate of the WAV written, in Hz (default 16000)")
 
 
 def main(args: argparse.Namespace) -> int:
