@@ -10,6 +10,10 @@ for failures that may pass (connection errors, timeouts, 429, 5xx; never other 4
 happen only BEFORE the first audio byte was yielded: after that the audio already went out,
 and a failure is a non-retryable EngineError (the caller cannot re-send half a sentence).
 
+Error messages reach clients (the TTS `error` frame, the 502 of /v1/tts/synthesize): they name
+the model and a cause from server/models/upstream_errors.py; hosts, ports, exceptions and
+upstream bodies are logged only.
+
 Timeouts are per read, not per request (aiohttp's sock_read, which stops counting while the
 consumer applies back pressure), so a long answer to a client that buffers slowly is not cut.
 """
@@ -38,6 +42,16 @@ from server.models.base import EngineError, EngineUnavailable
 from server.models.breaker import BreakerState, CircuitBreaker
 from server.models.retry import Retryable, retry_after_seconds
 from server.models.upstream import MalformedResponse
+from server.models.upstream_errors import (
+    BAD_RESPONSE,
+    CIRCUIT_OPEN,
+    NOT_RUNNING,
+    REQUEST_FAILED,
+    bad_status,
+    rejected,
+    transport_cause,
+    unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +150,14 @@ class UpstreamSynthesizer:
             # As in the ASR upstream: an open circuit fails fast, before queueing for a slot;
             # allow() is asked only with a slot held so a half-open trial is not wasted.
             if self.breaker.state == "open":
-                raise EngineUnavailable(f"{self.name}: circuit open") from last
+                raise EngineUnavailable(unavailable(self.name, CIRCUIT_OPEN)) from last
             if attempt:
                 await asyncio.sleep(self._backoff(attempt, last))
             async with self._sem:
                 if self._session is None:
-                    raise EngineUnavailable(f"{self.name}: engine is not running")
+                    raise EngineUnavailable(unavailable(self.name, NOT_RUNNING))
                 if not self.breaker.allow():
-                    raise EngineUnavailable(f"{self.name}: circuit open") from last
+                    raise EngineUnavailable(unavailable(self.name, CIRCUIT_OPEN)) from last
                 sent = False
                 try:
                     # aclosing: when our consumer stops, the response is released right away.
@@ -154,17 +168,20 @@ class UpstreamSynthesizer:
                 except Retryable as exc:
                     self.breaker.record_failure()
                     last = exc
-                    log.warning("%s: attempt %d failed: %s", self.name, attempt + 1, exc)
+                    log.warning("%s: attempt %d at %s failed: %s", self.name, attempt + 1,
+                                self.endpoint, exc)
                     continue
                 except _TRANSIENT as exc:
                     self.breaker.record_failure()
+                    log.warning("%s: attempt %d at %s failed: %r", self.name, attempt + 1,
+                                self.endpoint, exc)
                     if sent:
                         raise EngineError(
-                            f"{self.name}: upstream failed after audio was sent: {exc!r}",
+                            f"{unavailable(self.name, transport_cause(exc))} after audio was "
+                            "sent",
                             retryable=False,
                         ) from exc
-                    last = exc
-                    log.warning("%s: attempt %d failed: %r", self.name, attempt + 1, exc)
+                    last = Retryable(transport_cause(exc))
                     continue
                 except MalformedResponse:
                     self.breaker.record_failure()  # the upstream is what is broken
@@ -173,8 +190,9 @@ class UpstreamSynthesizer:
                     self.breaker.record_success()  # 4xx: healthy upstream rejecting our request
                     raise
                 except aiohttp.ClientError as exc:
+                    log.warning("%s: request to %s failed: %r", self.name, self.endpoint, exc)
                     raise EngineError(
-                        f"{self.name}: request failed: {exc!r}", retryable=False
+                        unavailable(self.name, REQUEST_FAILED), retryable=False
                     ) from exc
                 except (GeneratorExit, asyncio.CancelledError):
                     # The consumer stopped (barge-in); not the upstream's fault. Audio flowing
@@ -185,7 +203,7 @@ class UpstreamSynthesizer:
                 self.breaker.record_success()
                 return
         raise EngineError(
-            f"{self.name}: upstream failed after {self.cfg.retries + 1} attempts: {last!r}"
+            f"{unavailable(self.name, str(last))} after {self.cfg.retries + 1} attempts"
         ) from last
 
     def _backoff(self, attempt: int, last: Exception | None) -> float:
@@ -202,14 +220,14 @@ class UpstreamSynthesizer:
         async with session.post(self.endpoint, data=body, headers=headers) as resp:
             if resp.status == 429 or resp.status >= 500:
                 retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
-                raise Retryable(f"HTTP {resp.status}", retry_after)
+                raise Retryable(bad_status(resp.status), retry_after)
             if resp.status != 200:
                 snippet = (await resp.content.read(200)).decode("utf-8", "replace")
-                raise EngineError(
-                    f"{self.name}: upstream HTTP {resp.status}: {snippet}", retryable=False
-                )
+                log.warning("%s: %s answered HTTP %d: %s", self.name, self.endpoint,
+                            resp.status, snippet)
+                raise EngineError(rejected(self.name, resp.status), retryable=False)
             if resp.content_type in ("application/json", "text/html", "text/plain"):
-                raise MalformedResponse(f"{self.name}: 200 with {resp.content_type}, not audio")
+                raise self._bad_response(f"200 with {resp.content_type}, not audio")
             decoder: _PcmDecoder | StreamDecoder
             if self.cfg.response_format == "pcm":
                 decoder = _PcmDecoder()
@@ -226,10 +244,13 @@ class UpstreamSynthesizer:
         try:
             samples = decoder.decode(data)
         except AudioFormatError as exc:
-            raise MalformedResponse(f"{self.name}: bad WAV from upstream: {exc}") from exc
+            raise self._bad_response(f"bad WAV: {exc}") from exc
         if decoder.header_complete and decoder.sample_rate != self.sample_rate:
-            raise MalformedResponse(
-                f"{self.name}: upstream WAV is {decoder.sample_rate} Hz, configured "
-                f"sample_rate is {self.sample_rate}"
+            raise self._bad_response(
+                f"WAV is {decoder.sample_rate} Hz, configured sample_rate is {self.sample_rate}"
             )
         return samples.tobytes()
+
+    def _bad_response(self, detail: str) -> MalformedResponse:
+        log.warning("%s: %s sent a bad response: %s", self.name, self.endpoint, detail)
+        return MalformedResponse(unavailable(self.name, BAD_RESPONSE))

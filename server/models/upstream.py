@@ -5,6 +5,9 @@ POST {url}/v1/audio/transcriptions and maps `text` + `words` to a Hypothesis. Ar
 a per-attempt timeout, bounded retries with exponential backoff for failures that may pass
 (connection errors, timeouts, 429, 5xx; never other 4xx), a concurrency bound, and a circuit
 breaker so a dead upstream costs callers nothing but an immediate EngineUnavailable.
+
+Error messages reach clients (the ASR `error` frame): they name the model and a cause from
+server/models/upstream_errors.py; hosts, ports, exceptions and upstream bodies are logged only.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ from server.models.base import (
 )
 from server.models.breaker import BreakerState, CircuitBreaker
 from server.models.retry import Retryable, retry_after_seconds
+from server.models.upstream_errors import (
+    BAD_RESPONSE,
+    CIRCUIT_OPEN,
+    NOT_RUNNING,
+    REQUEST_FAILED,
+    TIMEOUT,
+    bad_status,
+    rejected,
+    transport_cause,
+    unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +169,7 @@ class UpstreamTranscriber:
     async def transcribe(self, pcm: bytes, language: str = "") -> Hypothesis:
         """One utterance of 16 kHz PCM -> final hypothesis, with retries and the breaker."""
         if self._session is None:
-            raise EngineUnavailable(f"{self.name}: engine is not running")
+            raise EngineUnavailable(unavailable(self.name, NOT_RUNNING))
         wav = wav_bytes(pcm)
         last: Exception | None = None
         for attempt in range(self.cfg.retries + 1):
@@ -163,18 +177,19 @@ class UpstreamTranscriber:
             # semaphore (or sleeping a backoff); allow() is asked only once a slot is held,
             # because a half-open trial must not be spent while waiting for one.
             if self.breaker.state == "open":
-                raise EngineUnavailable(f"{self.name}: circuit open") from last
+                raise EngineUnavailable(unavailable(self.name, CIRCUIT_OPEN)) from last
             if attempt:
                 await asyncio.sleep(self._backoff(attempt, last))
             async with self._sem:
                 if not self.breaker.allow():
-                    raise EngineUnavailable(f"{self.name}: circuit open") from last
+                    raise EngineUnavailable(unavailable(self.name, CIRCUIT_OPEN)) from last
                 try:
                     hyp = await self._attempt(wav, language)
                 except Retryable as exc:
                     self.breaker.record_failure()
                     last = exc
-                    log.warning("%s: attempt %d failed: %s", self.name, attempt + 1, exc)
+                    log.warning("%s: attempt %d at %s failed: %s (%r)", self.name, attempt + 1,
+                                self.endpoint, exc, exc.__cause__)
                     continue
                 except MalformedResponse:
                     # Not retried (the same input would get the same answer), but it is the
@@ -188,7 +203,7 @@ class UpstreamTranscriber:
                 self.breaker.record_success()
                 return hyp
         raise EngineError(
-            f"{self.name}: upstream failed after {self.cfg.retries + 1} attempts: {last}"
+            f"{unavailable(self.name, str(last))} after {self.cfg.retries + 1} attempts"
         ) from last
 
     def _backoff(self, attempt: int, last: Exception | None) -> float:
@@ -202,7 +217,7 @@ class UpstreamTranscriber:
     async def _attempt(self, wav: bytes, language: str) -> Hypothesis:
         session = self._session
         if session is None:
-            raise EngineUnavailable(f"{self.name}: engine is closed")
+            raise EngineUnavailable(unavailable(self.name, NOT_RUNNING))
         # FormData is single-use in aiohttp, so it is rebuilt per attempt.
         form = aiohttp.FormData()
         form.add_field("file", wav, filename="audio.wav", content_type="audio/wav")
@@ -217,19 +232,25 @@ class UpstreamTranscriber:
                 status = resp.status
                 retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
         except TimeoutError as exc:
-            raise Retryable(f"timed out after {self.cfg.timeout_s} s") from exc
+            raise Retryable(TIMEOUT) from exc  # the retry loop logs the cause's details
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise Retryable(f"connection error: {exc!r}") from exc
+            raise Retryable(transport_cause(exc)) from exc
         except aiohttp.ClientError as exc:
-            raise EngineError(f"{self.name}: request failed: {exc!r}", retryable=False) from exc
+            log.warning("%s: request to %s failed: %r", self.name, self.endpoint, exc)
+            raise EngineError(unavailable(self.name, REQUEST_FAILED), retryable=False) from exc
         if status == 429 or status >= 500:
-            raise Retryable(f"HTTP {status}", retry_after)
+            raise Retryable(bad_status(status), retry_after)
         if status != 200:
-            snippet = body[:200].decode("utf-8", "replace")
-            raise EngineError(f"{self.name}: upstream HTTP {status}: {snippet}", retryable=False)
-        if len(body) > MAX_RESPONSE_BYTES:
-            raise MalformedResponse(f"{self.name}: oversized response")
-        return parse_transcription(body)
+            log.warning("%s: %s answered HTTP %d: %s", self.name, self.endpoint, status,
+                        body[:200].decode("utf-8", "replace"))
+            raise EngineError(rejected(self.name, status), retryable=False)
+        try:
+            if len(body) > MAX_RESPONSE_BYTES:
+                raise MalformedResponse(f"response larger than {MAX_RESPONSE_BYTES} bytes")
+            return parse_transcription(body)
+        except MalformedResponse as exc:
+            log.warning("%s: %s sent a bad response: %s", self.name, self.endpoint, exc)
+            raise MalformedResponse(unavailable(self.name, BAD_RESPONSE)) from exc
 
 
 class _UpstreamStream:

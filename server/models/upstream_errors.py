@@ -41,3 +41,8 @@ def transport_cause(exc: BaseException) -> str:
 def unavailable(name: str, cause: str) -> str:
     """The client-facing sentence: `provider 'local-vllm' unavailable: connect failed`."""
     return f"provider {name!r} unavailable: {cause}"
+
+
+def rejected(name: str, status: int) -> str:
+    """A 4xx other than 429: the upstream is healthy, it refuses this request."""
+    return f"provider {name!r} rejected the request: {bad_status(status)}"

@@ -4,6 +4,10 @@ Same conventions as server/models/upstream.py: one aiohttp session per upstream,
 timeout, bounded retries with jittered exponential backoff for failures that may pass
 (connection errors, timeouts, 429, 5xx; never other 4xx), a concurrency bound, and a circuit
 breaker so a dead upstream costs a request nothing but an immediate fallback.
+
+Error messages reach clients (the 502/503 of /v1/vision/extract, its `attempts`): they name the
+model and a cause from server/models/upstream_errors.py; hosts, ports, exceptions and upstream
+bodies are logged only.
 """
 
 from __future__ import annotations
@@ -21,6 +25,17 @@ import msgspec
 from server.config import VisionUpstreamConfig
 from server.models.breaker import CircuitBreaker
 from server.models.retry import Retryable, retry_after_seconds
+from server.models.upstream_errors import (
+    BAD_RESPONSE,
+    CIRCUIT_OPEN,
+    NOT_RUNNING,
+    REQUEST_FAILED,
+    TIMEOUT,
+    bad_status,
+    rejected,
+    transport_cause,
+    unavailable,
+)
 from server.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -103,19 +118,22 @@ class ChatUpstream:
         last: Exception | None = None
         for attempt in range(self.cfg.retries + 1):
             if self.breaker.state == "open":
-                raise UpstreamError(f"{self.name}: circuit open", unavailable=True) from last
+                raise UpstreamError(unavailable(self.name, CIRCUIT_OPEN),
+                                    unavailable=True) from last
             if attempt:
                 await asyncio.sleep(self._backoff(attempt, last))
             async with self._sem:
                 if not self.breaker.allow():
-                    raise UpstreamError(f"{self.name}: circuit open", unavailable=True) from last
+                    raise UpstreamError(unavailable(self.name, CIRCUIT_OPEN),
+                                        unavailable=True) from last
                 started = time.perf_counter()
                 try:
                     content = await self._attempt(payload)
                 except Retryable as exc:
                     self._failed()
                     last = exc
-                    log.warning("%s: attempt %d failed: %s", self.name, attempt + 1, exc)
+                    log.warning("%s: attempt %d at %s failed: %s (%r)", self.name, attempt + 1,
+                                self.endpoint, exc, exc.__cause__)
                     continue
                 except UpstreamError as exc:
                     if exc.healthy:
@@ -128,8 +146,8 @@ class ChatUpstream:
                     self._metrics.engine_seconds.labels(model=self.name, op="chat").observe(
                         time.perf_counter() - started)
                 return content
-        raise UpstreamError(f"{self.name}: no answer after {self.cfg.retries + 1} attempts: "
-                            f"{last}", unavailable=True) from last
+        raise UpstreamError(f"{unavailable(self.name, str(last))} after "
+                            f"{self.cfg.retries + 1} attempts", unavailable=True) from last
 
     def _failed(self) -> None:
         self.breaker.record_failure()
@@ -146,7 +164,7 @@ class ChatUpstream:
     async def _attempt(self, payload: bytes) -> str:
         session = self._session
         if session is None:
-            raise UpstreamError(f"{self.name}: client is not running", unavailable=True)
+            raise UpstreamError(unavailable(self.name, NOT_RUNNING), unavailable=True)
         try:
             async with session.post(self.endpoint, data=payload,
                                     headers={"Content-Type": "application/json"}) as resp:
@@ -154,27 +172,31 @@ class ChatUpstream:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except TimeoutError as exc:
-            raise Retryable(f"timed out after {self.cfg.timeout_s:g} s") from exc
+            raise Retryable(TIMEOUT) from exc  # the retry loop logs the cause's details
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise Retryable(f"connection error: {exc!r}") from exc
+            raise Retryable(transport_cause(exc)) from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"{self.name}: request failed: {exc!r}",
+            log.warning("%s: request to %s failed: %r", self.name, self.endpoint, exc)
+            raise UpstreamError(unavailable(self.name, REQUEST_FAILED),
                                 unavailable=False) from exc
         if status == 429 or status >= 500:
-            raise Retryable(f"HTTP {status}", retry_after_seconds(retry_after))
+            raise Retryable(bad_status(status), retry_after_seconds(retry_after))
         if status != 200:
-            snippet = body[:200].decode("utf-8", "replace")
-            raise UpstreamError(f"{self.name}: HTTP {status}: {snippet}", unavailable=False,
-                                healthy=True)
+            log.warning("%s: %s answered HTTP %d: %s", self.name, self.endpoint, status,
+                        body[:200].decode("utf-8", "replace"))
+            raise UpstreamError(rejected(self.name, status), unavailable=False, healthy=True)
         if len(body) > MAX_RESPONSE_BYTES:
-            raise UpstreamError(f"{self.name}: oversized response", unavailable=False)
+            raise self._bad_response(f"response larger than {MAX_RESPONSE_BYTES} bytes")
         try:
             completion = _decoder.decode(body)
         except msgspec.DecodeError as exc:
-            raise UpstreamError(f"{self.name}: not a chat completion: {exc}",
-                                unavailable=False) from None
+            raise self._bad_response(f"not a chat completion: {exc}") from None
         if not completion.choices:
-            raise UpstreamError(f"{self.name}: a completion without choices", unavailable=False)
+            raise self._bad_response("a completion without choices")
         return completion.choices[0].message.content or ""
+
+    def _bad_response(self, detail: str) -> UpstreamError:
+        log.warning("%s: %s sent a bad response: %s", self.name, self.endpoint, detail)
+        return UpstreamError(unavailable(self.name, BAD_RESPONSE), unavailable=False)
 
 

@@ -156,7 +156,7 @@ async def test_slow_upstream_times_out_and_is_retried(fake: FakeUpstream) -> Non
     fake.default = FakeReply(body=b"{}", delay_s=5.0)
     async with running(config(fake.url, timeout_s=0.2, retries=1)) as engine:
         t0 = time.perf_counter()
-        with pytest.raises(EngineError, match="timed out"):
+        with pytest.raises(EngineError, match="unavailable: timeout after 2 attempts"):
             await transcribe(engine)
         elapsed = time.perf_counter() - t0
         assert 0.4 <= elapsed < 1.5
@@ -166,7 +166,7 @@ async def test_slow_upstream_times_out_and_is_retried(fake: FakeUpstream) -> Non
 async def test_malformed_json_is_an_engine_error_not_retried(fake: FakeUpstream) -> None:
     fake.default = FakeReply(body=b'{"text": "unterminated')
     async with running(config(fake.url)) as engine:
-        with pytest.raises(EngineError, match="malformed") as err:
+        with pytest.raises(EngineError, match="unavailable: bad response") as err:
             await transcribe(engine)
         assert not err.value.retryable
         assert len(fake.requests) == 1
@@ -175,7 +175,7 @@ async def test_malformed_json_is_an_engine_error_not_retried(fake: FakeUpstream)
 async def test_wrong_shape_json_is_an_engine_error(fake: FakeUpstream) -> None:
     fake.default = FakeReply(body=b'{"text": 42, "words": "none"}')
     async with running(config(fake.url)) as engine:
-        with pytest.raises(EngineError, match="malformed"):
+        with pytest.raises(EngineError, match="unavailable: bad response"):
             await transcribe(engine)
 
 
