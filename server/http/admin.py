@@ -44,7 +44,6 @@ STORE_DOWN: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,  # the connection died under a query
     asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
-    asyncpg.InterfaceError,  # e.g. a pooled connection closed by the server's shutdown
     RedisConnectionError,
     RedisTimeoutError,
     BillingUnavailable,
