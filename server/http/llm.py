@@ -42,7 +42,8 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 
 
 # One parsed event (OpenAPI 3.2 `itemSchema` semantics; 3.0 tools such as schemathesis apply
-# `schema` per event): `data` is a chunk as JSON, an {"error": ...} object, or [DONE].
+# `schema` per event): `data` is a chunk as JSON, an {"error": ..., "usage": ...} object (a
+# stream the upstream broke), or [DONE].
 SSE_EVENT_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["data"],
     "properties": {"data": {"type": "string"}, "event": {"type": "string"},
@@ -207,9 +208,13 @@ def _register_openapi(app: web.Application, config: LlmConfig) -> None:
     register(app, "/v1/chat/completions", "post", {
         "summary": "OpenAI-compatible chat completion, routed across the configured upstreams",
         "description": "With `stream: true` the answer is server-sent events (`data: {chunk}`, "
-                       "ending with `data: [DONE]`, or with `data: {\"error\": ...}` if the "
-                       "upstream fails mid-answer). Metered in tokens: the estimate is "
-                       "reserved up front, the upstream's usage is charged. " + body_note,
+                       "ending with `data: [DONE]`, or, if the upstream breaks mid-answer, "
+                       "with `data: {\"error\": {message, type, code, param}, \"usage\": "
+                       "{...}}` (no failover once the answer started; a client that asked for "
+                       "`stream_options.include_usage` gets the usage chunk before it). "
+                       "Metered in tokens: the estimate is reserved up front, the upstream's "
+                       "usage is charged; a broken stream is charged the completion tokens "
+                       "delivered (its final `usage`). " + body_note,
         "security": [{"bearer": []}],
         "parameters": [idempotency_key],
         "requestBody": {"required": True,
