@@ -207,7 +207,7 @@ def _check_micros(name: str, value: int, *, positive: bool = False,
                   maximum: int = MAX_MICROS) -> None:
     # bool is an int subclass and float is not money: refuse both before they reach SQL.
     if type(value) is not int:
-        raise TypeError(f"{name} must be an int (micros), got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     low = 1 if positive else 0
     if not low <= value <= maximum:
         raise ValueError(f"{name} must be {low}..{maximum}, got {value}")
@@ -246,10 +246,13 @@ class BillingStore:
         if not TENANT_ID.match(tid):
             raise ValueError(f"tenant id must match {TENANT_ID.pattern}: {tid!r}")
         _check_micros("overdraft_micros", overdraft_micros)
-        for name, limit in (("max_concurrent_sessions", max_concurrent_sessions),
-                            ("audio_seconds_per_minute", audio_seconds_per_minute),
-                            ("requests_per_second", requests_per_second), ("burst", burst)):
-            _check_micros(name, limit, maximum=MAX_TENANT_LIMIT)
+        # What the rate limiter can enforce (server/billing/ratelimit.py): at least one session,
+        # request and burst slot; 0 audio seconds per minute is a tenant that may send none.
+        for name, limit, positive in (
+                ("max_concurrent_sessions", max_concurrent_sessions, True),
+                ("audio_seconds_per_minute", audio_seconds_per_minute, False),
+                ("requests_per_second", requests_per_second, True), ("burst", burst, True)):
+            _check_micros(name, limit, positive=positive, maximum=MAX_TENANT_LIMIT)
         async with self._pool.acquire() as conn, conn.transaction():
             try:
                 row = await conn.fetchrow(

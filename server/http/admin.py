@@ -52,6 +52,8 @@ RETRY_AFTER = {"Retry-After": "2"}
 
 Micros = Annotated[int, msgspec.Meta(ge=0, le=MAX_MICROS)]
 PositiveMicros = Annotated[int, msgspec.Meta(ge=1, le=MAX_MICROS)]
+# The rate limiter needs at least one session, request and burst slot (ratelimit.py).
+PositiveLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_TENANT_LIMIT)]
 Limit = Annotated[int, msgspec.Meta(ge=0, le=MAX_TENANT_LIMIT)]
 
 
@@ -63,10 +65,10 @@ class NewTenant(msgspec.Struct, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     tenant_id: Annotated[str, msgspec.Meta(pattern=TENANT_ID.pattern)] | None = None
     overdraft_micros: Micros = 0
-    max_concurrent_sessions: Limit = 100
+    max_concurrent_sessions: PositiveLimit = 100
     audio_seconds_per_minute: Limit = 6000
-    requests_per_second: Limit = 50
-    burst: Limit = 100
+    requests_per_second: PositiveLimit = 50
+    burst: PositiveLimit = 100
 
 
 class NewTopup(msgspec.Struct, forbid_unknown_fields=True):

@@ -37,6 +37,7 @@ from tests.e2e.test_billing_e2e import (
     cleanup_redis,
     pg_state,
     run_sync,
+    try_open,
     with_redis_db,
 )
 from tests.infra import test_services
@@ -172,6 +173,10 @@ async def test_topup_that_would_lift_the_balance_over_the_maximum_is_400(
 
 @pytest.mark.parametrize(("field", "value"), [
     ("max_concurrent_sessions", -1),
+    # The schema allows 0, the rate limiter does not: such a tenant's upgrades would fail.
+    ("max_concurrent_sessions", 0),
+    ("requests_per_second", 0),
+    ("burst", 0),
     ("max_concurrent_sessions", MAX_TENANT_LIMIT + 1),
     ("requests_per_second", -5),
     ("burst", 2**63),
@@ -195,16 +200,27 @@ async def test_tenant_out_of_bounds_is_400_naming_the_field(
     assert_clean_log(srv)
 
 
-async def test_tenant_limits_at_their_bounds_are_accepted(admin_server: AdminServer) -> None:
+@pytest.mark.parametrize("limits", [
+    {"max_concurrent_sessions": 1, "requests_per_second": 1, "burst": 1},
+    {"max_concurrent_sessions": MAX_TENANT_LIMIT, "requests_per_second": MAX_TENANT_LIMIT,
+     "burst": MAX_TENANT_LIMIT, "audio_seconds_per_minute": MAX_TENANT_LIMIT,
+     "overdraft_micros": MAX_MICROS},
+])
+async def test_a_tenant_at_its_bounds_is_accepted_and_can_open_a_session(
+        admin_server: AdminServer, limits: dict[str, int]) -> None:
     srv, admin = admin_server.server, admin_server.admin
     tenant_id = f"tok-{uuid.uuid4().hex[:12]}"
-    body = {"name": "edge", "tenant_id": tenant_id, "max_concurrent_sessions": 0,
-            "requests_per_second": MAX_TENANT_LIMIT, "overdraft_micros": MAX_MICROS}
+    body = {"name": "edge", "tenant_id": tenant_id, **limits}
     reply = await asyncio.to_thread(send, srv.http, "POST", "/admin/tenants",
                                     json.dumps(body).encode())
     assert reply.status == 201, reply.raw
     admin.tenants.append(tenant_id)
-    assert reply.body["max_concurrent_sessions"] == 0
+    assert {k: reply.body[k] for k in limits} == limits
+    _, key = admin.issue_key(tenant_id)
+    assert (await asyncio.to_thread(topup, srv.http, tenant_id, 1_000_000)).status == 201
+    status, ready, _ = await try_open(srv, {"Authorization": f"Bearer {key}"})
+    assert status == 101 and ready["type"] == "ready", ready
+    assert_clean_log(srv)
 
 
 @pytest.mark.parametrize(("field", "value"), [
