@@ -42,6 +42,7 @@ from server.sessions.tts_runner import TtsEndpoint
 from server.telemetry.logging import setup_logging
 from server.telemetry.metrics import Metrics
 from server.telephony.endpoint import TelephonyEndpoint
+from server.ws.port_guard import BoundPort, PortInUse, bind_port, deployment_id
 from server.ws.server import WsServer
 
 log = logging.getLogger("streamgate")
@@ -58,6 +59,9 @@ class Gateway:
         self.http_port = config.server.http_port
         self._stop = asyncio.Event()
         self._started = False
+        self._stopping = False
+        self._ws_port: BoundPort | None = None
+        self._http_port: BoundPort | None = None
         self.billing: BillingService | None = None
         self.telephony: TelephonyEndpoint | None = None
         self.requests: BillingService | UnmeteredRequests = UnmeteredRequests()
@@ -75,7 +79,34 @@ class Gateway:
             self.dev_key = await ensure_dev_tenant(cfg, billing)
         return billing
 
+    def _bind(self) -> None:
+        """Claim and bind both ports before anything else starts: a second server on the same
+        ports must fail at once, before it touches engines or the billing stores."""
+        srv, deployment = self.config.server, deployment_id()
+        self._ws_port = bind_port(srv.host, srv.ws_port, backlog=4096, deployment=deployment)
+        try:
+            self._http_port = bind_port(srv.host, srv.http_port, backlog=128,
+                                        deployment=deployment)
+        except BaseException:
+            self._ws_port.close()
+            self._ws_port = None
+            raise
+
+    def _release_ports(self) -> None:
+        for bound in (self._ws_port, self._http_port):
+            if bound is not None:
+                bound.close()
+        self._ws_port = self._http_port = None
+
     async def start(self) -> None:
+        self._bind()
+        try:
+            await self._start_serving()
+        except BaseException:
+            self._release_ports()
+            raise
+
+    async def _start_serving(self) -> None:
         cfg = self.config
         self.engines = build_transcribers(cfg.asr.models, self.metrics)
         await start_all(self.engines)
@@ -109,7 +140,8 @@ class Gateway:
             config=cfg, engines=self.synthesizers, meters=meters, server=ws, metrics=self.metrics,
         )
         ws.router.endpoints["/v1/tts/stream"] = tts_endpoint
-        await ws.start()
+        await ws.start(bound=self._ws_port)
+        self._ws_port = None  # the WebSocket server owns it now
         app = build_http_app(self.metrics, self._readiness)
         install_api_auth(app, auth, self.billing)
         add_openapi_route(app)
@@ -122,11 +154,13 @@ class Gateway:
             add_admin_routes(app, self.billing, self.admin_token)
         self._http = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._http.setup()
-        site = web.TCPSite(self._http, cfg.server.host, cfg.server.http_port, reuse_port=True)
-        await site.start()
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            self.http_port = server.sockets[0].getsockname()[1]
+        http_bound = self._http_port
+        assert http_bound is not None
+        for sock in http_bound.sockets:
+            await web.SockSite(self._http, sock).start()
+        if http_bound.guard is not None:
+            http_bound.guard.serve()
+        self.http_port = http_bound.port
         self._started = True
 
     def _readiness(self) -> tuple[bool, str]:
@@ -137,6 +171,8 @@ class Gateway:
         return True, ""
 
     def request_stop(self) -> None:
+        if self._stop.is_set() and self.ws is not None:
+            self.ws.end_notice()  # a second signal: no more waiting for load balancers
         self._stop.set()
 
     async def serve_until_stopped(self) -> None:
@@ -144,17 +180,28 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         await self._stop.wait()
-        log.info("drain started", extra={"timeout_s": self.config.server.drain_timeout_s})
         await self.stop()
+        log.info("drain complete")
 
     async def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        srv = self.config.server
         if self.ws is not None:
-            await self.ws.drain(self.config.server.drain_timeout_s)
+            # From here /readyz answers 503 and upgrades 503 `draining` until the listeners
+            # close at the end of the window (WsServer.drain).
+            log.info("drain started", extra={"timeout_s": srv.drain_timeout_s,
+                                             "notice_s": min(srv.drain_notice_s,
+                                                             srv.drain_timeout_s)})
+            await self.ws.drain(srv.drain_timeout_s, srv.drain_notice_s)
         if self.telephony is not None:
             await self.telephony.aclose()  # the agent's HTTP client, after the calls ended
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
+            log.info("drain: listeners closed")
+        self._release_ports()
         await aclose_all(self.engines)
         await close_synthesizers(self.synthesizers)
         if self.billing is not None:
@@ -166,7 +213,11 @@ class Gateway:
 async def serve(config: Config) -> int:
     setup_logging(config.logging.level, config.logging.json)
     gateway = Gateway(config)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except PortInUse as exc:
+        print(f"streamgate: {exc}", file=sys.stderr, flush=True)
+        return 2
     assert gateway.ws is not None
     # One machine-readable line on stdout: scripts and tests learn the bound ports from it.
     print(json.dumps({"event": "listening", "host": config.server.host,

@@ -38,6 +38,9 @@ class ServerConfig(Base):
     write_high_water_bytes: int = 65536
     write_low_water_bytes: int = 16384
     drain_timeout_s: float = 10.0
+    # SIGTERM: listeners keep answering (503 draining) at least this long, so load balancers
+    # polling /readyz see the node leave; capped at drain_timeout_s (docs/decisions/0602)
+    drain_notice_s: float = 10.0
     housekeeping_interval_s: float = 0.25
 
 

@@ -18,9 +18,10 @@ from websockets.http11 import Request
 from server.billing.auth import Authenticator, Principal
 from server.config import ServerConfig
 from server.telemetry.metrics import Metrics
-from server.ws.acceptor import BatchAcceptor, listening_sockets
+from server.ws.acceptor import BatchAcceptor
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, BadUpgrade, Rejected, UpgradeRequest, parse_upgrade
+from server.ws.port_guard import BoundPort, bind_port, deployment_id
 
 log = logging.getLogger("streamgate.ws")
 
@@ -110,45 +111,83 @@ class WsServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._acceptors: list[BatchAcceptor] = []
         self._tick_task: asyncio.Task[None] | None = None
-        self._all_closed = asyncio.Event()
+        self._bound: BoundPort | None = None
+        self._notice_over = asyncio.Event()
+        self._closed_one = asyncio.Event()
         self.port = config.ws_port
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket | None = None) -> None:
+    async def start(self, sock: socket.socket | None = None,
+                    bound: BoundPort | None = None) -> None:
+        """Serve on `bound` (claimed and bound by the caller), else on `sock`, else claim and
+        bind `config.host:ws_port` here."""
         loop = self._loop = asyncio.get_running_loop()
         self.now = loop.time()
-        socks = [sock] if sock is not None else listening_sockets(
-            self.config.host, self.config.ws_port, backlog=4096, reuse_port=True)
+        if bound is None:
+            bound = BoundPort([sock], None) if sock is not None else bind_port(
+                self.config.host, self.config.ws_port, backlog=4096, deployment=deployment_id())
+        self._bound = bound
+        if bound.guard is not None:
+            bound.guard.serve()
         self._acceptors = [BatchAcceptor(s, lambda: WsConnection(self), self.spawn)
-                           for s in socks]
+                           for s in bound.sockets]
         for acceptor in self._acceptors:
             acceptor.start()
-        self.port = socks[0].getsockname()[1]
+        self.port = bound.port
         self._tick_task = loop.create_task(self._housekeeping())
 
     async def stop_listening(self) -> None:
         for acceptor in self._acceptors:
             acceptor.close()
         self._acceptors = []
+        if self._bound is not None and self._bound.guard is not None:
+            self._bound.guard.close()
+        self._bound = None
 
-    async def drain(self, timeout_s: float) -> None:
-        """Refuse new upgrades, ask every session to finish (finals, then 1001), wait, then cut."""
+    def end_notice(self) -> None:
+        """Skip what is left of the drain notice (a second SIGTERM/SIGINT: the operator wants
+        the process gone); sessions still get their drain."""
+        self._notice_over.set()
+
+    def _live_sessions(self) -> int:
+        return sum(1 for conn in self.connections if conn.session is not None)
+
+    async def drain(self, timeout_s: float, notice_s: float = 0.0) -> None:
+        """Refuse new upgrades (503 `draining`), ask every session to finish (finals, then
+        1001), and keep the listeners open until the sessions have ended and at least
+        `notice_s` has passed, at most `timeout_s`: a load balancer that polls /readyz or
+        retries an upgrade sees 503 for the whole window, never a refused connection, until
+        the listeners close at its end. Then what is left is cut."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + timeout_s
+        notice_end = started + min(notice_s, timeout_s)
         self.draining = True
         for conn in list(self.connections):
             if conn.session is not None:
                 conn.session.on_drain()
             else:
                 conn.close(1001)
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        if self.connections:
-            self._all_closed.clear()
+        # Connections come and go during the window (each refused upgrade is one): count the
+        # sessions at every close rather than wait for "no connection at all".
+        while self._live_sessions() and loop.time() < deadline:
+            self._closed_one.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_closed.wait(), timeout_s)
+                await asyncio.wait_for(self._closed_one.wait(), deadline - loop.time())
+        left = self._live_sessions()
+        log.info("drain: sessions ended" if not left else "drain: deadline reached",
+                 extra={"sessions_left": left,
+                        "elapsed_s": round(loop.time() - started, 3)})
+        if loop.time() < notice_end:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._notice_over.wait(), notice_end - loop.time())
+        log.info("drain: closing listeners",
+                 extra={"port": self.port, "elapsed_s": round(loop.time() - started, 3)})
+        await self.stop_listening()
         for conn in list(self.connections):
             conn.abort(1001)
-        await self.stop_listening()
-        await self.close_tasks(max(0.5, deadline - asyncio.get_running_loop().time()))
+        await self.close_tasks(max(0.5, deadline - loop.time()))
 
     async def close_tasks(self, timeout_s: float) -> None:
         if self._tick_task is not None:
@@ -186,8 +225,7 @@ class WsServer:
         if conn in self.connections:
             self.connections.discard(conn)
             self.metrics.connections_open.dec()
-            if not self.connections:
-                self._all_closed.set()
+            self._closed_one.set()
 
     # --- housekeeping ---------------------------------------------------------------------------
 
