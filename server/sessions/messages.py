@@ -10,6 +10,8 @@ from typing import Literal, TypeVar
 
 import msgspec
 
+from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
+
 Encoding = Literal["pcm_s16le", "mulaw", "alaw", "wav"]
 VadMode = Literal["off", "low", "medium", "high"]
 Overflow = Literal["block", "drop"]
@@ -158,6 +160,9 @@ _any_decoder = msgspec.json.Decoder()
 
 
 def decode_client_message(data: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    # Before any parsing: msgspec recurses per level, even into fields it skips.
+    if nests_deeper_than(data):
+        raise BadMessage(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return decoder.decode(data)
     except msgspec.DecodeError as exc:

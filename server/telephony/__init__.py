@@ -98,7 +98,7 @@ def detect_provider(
         return None
     try:
         message = msgspec.json.decode(first_message)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # the codec says why (RecursionError: depth)
         return None
     if not isinstance(message, dict):
         return None

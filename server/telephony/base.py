@@ -21,6 +21,7 @@ from typing import ClassVar, Final, Generic, Protocol, TypeAlias, TypeVar
 
 import msgspec
 
+from server.flow_control.json_depth import TOO_DEEP
 from server.telephony.events import (
     CallStarted,
     ClearAudio,
@@ -187,6 +188,11 @@ class CodecBase(Generic[M]):
             raise self._too_large(len(data))
         try:
             return self._decoder.decode(data)
+        except RecursionError:
+            # msgspec recurses per level of nesting, even into a field it skips, and stops
+            # cleanly at the interpreter's limit. Caught here rather than checked before every
+            # message: media arrives every 20 ms per call (see MAX_JSON_DEPTH's module).
+            raise ProviderError(f"{self.name}: {TOO_DEEP}") from None
         except msgspec.ValidationError as exc:
             raise ProviderError(self._explain(data, exc)) from exc
         except msgspec.DecodeError as exc:
@@ -200,6 +206,8 @@ class CodecBase(Generic[M]):
     def _explain(self, data: bytes, exc: msgspec.ValidationError) -> str:
         try:
             event = _ENVELOPE.decode(data).event
+        except RecursionError:  # deep in a field the first decoder never reached
+            return f"{self.name}: {TOO_DEEP}"
         except msgspec.DecodeError:
             return f"{self.name}: expected a JSON object with an 'event' field ({exc})"
         if event is None:

@@ -109,6 +109,7 @@ class TelephonyEndpoint:
     def _admitted(self, provider: str | None, principal: Principal | None,
                   meters: CallMeters | None) -> Admitted:
         def start(conn: WsConnection) -> TelephonySession:
+            conn.error_frames = False  # a provider's socket takes only the provider's messages
             session = TelephonySession(self, conn, provider=provider, principal=principal,
                                        meters=meters)
             session.start()

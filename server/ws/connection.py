@@ -8,10 +8,11 @@ into the protocol parser and whole frames go to the session, with no task hop.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
@@ -34,6 +35,9 @@ log = logging.getLogger("streamgate.ws")
 
 CLOSE_HANDSHAKE_TIMEOUT_S = 3.0
 _BINARY = Opcode.BINARY
+_TEXT = Opcode.TEXT
+_CONT = Opcode.CONT
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 _OPEN = State.OPEN
 
 
@@ -59,6 +63,47 @@ def _select_subprotocol(
     """Browsers pass the key as `Sec-WebSocket-Protocol: token, <key>`; we answer `token`.
     A client that offers no subprotocol is fine too (websockets' default would refuse it)."""
     return Subprotocol("token") if "token" in offered else None
+
+
+class InvalidText(UnicodeDecodeError):
+    """A text message that is not UTF-8 (a close reason's error is websockets' own)."""
+
+
+class Utf8ServerProtocol(ServerProtocol):
+    """websockets' sans-I/O server, plus RFC 6455 8.1 for text messages: "fail the connection"
+    (1007) on invalid UTF-8, even in a field no parser reads.
+
+    websockets leaves that check to its connection classes, which we replace. Raised from
+    recv_frame, the error stops websockets' parser at the bad frame as its own errors do: no
+    later frame is delivered or answered, and its parser failure path sends the close."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The UTF-8 state of a fragmented text message (a character may span fragments).
+        self._text_decoder: codecs.IncrementalDecoder | None = None
+
+    def recv_frame(self, frame: Frame) -> None:
+        op = frame.opcode
+        if op is _TEXT and self.current_size is None:
+            data = frame.data  # bytes as parsed; the type allows the views frames are built from
+            if not frame.fin:
+                self._text_decoder = _utf8_decoder()
+                self._check_text(data, self._text_decoder, False)
+            elif isinstance(data, memoryview) or not data.isascii():
+                self._check_text(data, _utf8_decoder(), True)  # ASCII (nearly all) needs none
+        elif op is _CONT and self._text_decoder is not None:
+            self._check_text(frame.data, self._text_decoder, frame.fin)
+            if frame.fin:
+                self._text_decoder = None
+        super().recv_frame(frame)
+
+    @staticmethod
+    def _check_text(data: bytes | bytearray | memoryview, decoder: codecs.IncrementalDecoder,
+                    final: bool) -> None:
+        try:
+            decoder.decode(data, final)
+        except UnicodeDecodeError as exc:
+            raise InvalidText(exc.encoding, exc.object, exc.start, exc.end, exc.reason) from None
 
 
 class SessionHandler(Protocol):
@@ -97,6 +142,7 @@ class WsConnection(asyncio.Protocol):
         "close_code",
         "close_deadline",
         "closed",
+        "error_frames",
         "handshake_deadline",
         "last_activity",
         "last_pong",
@@ -114,7 +160,7 @@ class WsConnection(asyncio.Protocol):
     def __init__(self, server: WsServer) -> None:
         self.server = server
         cfg = server.config
-        self.protocol = ServerProtocol(
+        self.protocol = Utf8ServerProtocol(
             select_subprotocol=_select_subprotocol,
             max_size=cfg.max_frame_bytes,
             logger=logging.getLogger("streamgate.ws.protocol"),
@@ -144,6 +190,9 @@ class WsConnection(asyncio.Protocol):
         self._frag_parts: list[bytes] = []
         self._frag_size = 0
         self._parser_error_sent = False
+        # An `error` frame goes before every close but 1000 on our own protocol; a telephony
+        # provider's socket takes only the provider's messages (docs/protocol.md).
+        self.error_frames = True
         self._reading = False
         # Data frames we framed ourselves, written before websockets' own output (a close
         # frame must follow the data sent before it).
@@ -425,16 +474,24 @@ class WsConnection(asyncio.Protocol):
     def _parser_failed(self, exc: Exception) -> None:
         """websockets already queued its close frame; put our `error` frame ahead of it."""
         self._parser_error_sent = True
+        message = str(exc)
         if isinstance(exc, PayloadTooBig):
             code, err = 1009, "frame_too_big"
         elif isinstance(exc, ProtocolError):
             code, err = 1002, "protocol_error"
+        elif isinstance(exc, UnicodeDecodeError):
+            # RFC 6455 8.1: a text message or a close reason that is not UTF-8.
+            code, err = 1007, "invalid_utf8"
+            what = "text message" if isinstance(exc, InvalidText) else "close frame reason"
+            message = f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
         else:
             return  # EOF and the like: nobody to tell
+        if self.close_code is not None:
+            return  # our close frame, with its code, left before the peer's error
         self.close_code = code
-        if self.protocol.close_sent is None:
+        if self.protocol.close_sent is None or not self.error_frames:
             return
-        payload = error_frame_payload(err, str(exc))
+        payload = error_frame_payload(err, message)
         self._out.append(frame_header(0x1, len(payload)) + payload)
 
     # --- flow control -------------------------------------------------------------------------

@@ -556,3 +556,33 @@ def test_codec_factory_and_provider_detection() -> None:
     for junk in ("", "nope", "[]", '{"event": "media"}', '{"event": "connected", "x": 1}'):
         assert detect_provider(junk) is None
     assert detect_provider(" " * 70_000 + dumps(TW_START)) is None
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+# Deeper than msgspec descends on any Python we support (~1,000 levels on 3.11, ~10,000 on
+# 3.13), and under the 64 KiB message limit.
+TOO_DEEP = 30_000
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_deep_nesting_is_a_provider_error_not_a_recursion_error(provider: str) -> None:
+    """msgspec recurses per level, even into a field it skips; at the interpreter's limit that
+    was an uncaught RecursionError, which killed the call's socket. Now it is one more
+    malformed message (the session logs and ignores it) and the call goes on."""
+    codec = started(provider)
+    deep = nested(TOO_DEEP)
+    media = MEDIA[provider](B64)
+    for frame in (media[:-1] + f', "x": {deep}}}',  # in a field the codec skips
+                  f'{{"x": {deep}, "event": "dtmf"}}',
+                  f'{{"event": "hangup", "x": {deep}}}'):  # found while explaining the error
+        with pytest.raises(ProviderError, match=f"^{provider}: JSON nested too deeply"):
+            codec.decode(frame)
+    with pytest.raises(ProviderError, match="expected a JSON object"):
+        codec.decode(deep)
+    (audio,) = codec.decode(media)
+    assert isinstance(audio, InboundAudio) and audio.payload == AUDIO
+    assert detect_provider(deep) is None
+    assert detect_provider(dumps(STARTS[provider])[:-1] + f', "x": {deep}}}') is None

@@ -8,10 +8,12 @@ No event loop: admission is a coroutine that never suspends here, driven by hand
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Coroutine
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
@@ -175,7 +177,9 @@ bad_frame = st.sampled_from([
     masked(0x2, b"abc", rsv1=True),                    # RSV bit without an extension
     masked(0x0, b"abc"),                               # continuation with nothing to continue
     masked(0x2, b"a", fin=False) + masked(0x2, b"b"),  # new message inside a fragmented one
-    masked(0x1, b"\xff\xfe"),                          # text that is not UTF-8
+    masked(0x1, b"\xff\xfe"),                          # text that is not UTF-8: 1007
+    masked(0x1, b"ok \xe2\x82", fin=False) + masked(0x0, b"!"),  # ... split in fragments
+    masked(0x8, b"\x03\xe8\xff"),                      # close reason that is not UTF-8
     masked(0x9, b"p" * 126),                           # control frame too long
     b"\x83\x80\x00\x00\x00\x00",                       # reserved opcode
 ])
@@ -245,3 +249,93 @@ def test_one_frame_per_read_at_every_length_encoding() -> None:
         conn.data_received(frame)
         expected = [("binary", bytes(i % 251 for i in range(n)))] * 2
         assert server.log == expected  # empty too: the session answers it with empty_frame
+
+
+# --- UTF-8 (RFC 6455 8.1): fail with 1007, our `error` frame first -------------------------------
+
+
+def server_frames(sent: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each unmasked frame the server wrote after its 101."""
+    data = sent[sent.index(b"\r\n\r\n") + 4:]
+    frames = []
+    while data:
+        length, head = data[1] & 0x7F, 2
+        if length >= 126:
+            extra = 2 if length == 126 else 8
+            length, head = int.from_bytes(data[2:2 + extra], "big"), 2 + extra
+        frames.append((data[0] & 0x0F, data[head:head + length]))
+        data = data[head + length:]
+    return frames
+
+
+def assert_failed_1007(conn: WsConnection, transport: MemoryTransport, error: bool) -> None:
+    frames = server_frames(bytes(transport.out or b""))
+    close = frames[-1]
+    assert close[0] == 0x8 and int.from_bytes(close[1][:2], "big") == 1007
+    if error:
+        assert len(frames) == 2 and frames[0][0] == 0x1
+        body = json.loads(frames[0][1])
+        assert body["type"] == "error" and body["code"] == "invalid_utf8", body
+        assert "not valid UTF-8" in body["message"]
+    else:
+        assert len(frames) == 1
+    assert transport.closed and conn.close_code == 1007
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("error_frames", [True, False])
+@pytest.mark.parametrize(
+    "frames",
+    [
+        # invalid UTF-8 in a field no decoder reads: still a text frame that is not UTF-8
+        [masked(0x1, b'{"type":"keepalive","x":"\xff\xfe"}')],
+        # split across fragments: only the whole message can be judged
+        [masked(0x1, b'{"type":"keepalive","x":"\xe2\x82', fin=False),
+         masked(0x0, b'"}')],
+        [masked(0x1, b"\xed\xa0\x80")],  # a UTF-16 surrogate, which UTF-8 forbids
+    ],
+)
+def test_text_that_is_not_utf8_fails_the_connection_1007(
+    fast: bool, error_frames: bool, frames: list[bytes]
+) -> None:
+    conn, transport, server = open_connection(fast)
+    conn.error_frames = error_frames  # False: a telephony provider's socket
+    after = masked(0x1, b'{"type":"keepalive"}') + masked(0x2, b"audio")
+    conn.data_received(masked(0x2, b"before") + b"".join(frames) + after)
+    conn.connection_lost(None)
+    # Nothing from the bad frame on reaches the session.
+    assert server.log == [("binary", b"before"), ("closed", 1007)]
+    assert_failed_1007(conn, transport, error_frames)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("error_frames", [True, False])
+def test_close_reason_that_is_not_utf8_gets_an_error_before_1007(
+    fast: bool, error_frames: bool
+) -> None:
+    conn, transport, server = open_connection(fast)
+    conn.error_frames = error_frames
+    conn.data_received(masked(0x8, b"\x03\xe8bye \xff"))
+    conn.connection_lost(None)
+    assert server.log == [("closed", 1007)]
+    assert_failed_1007(conn, transport, error_frames)
+
+
+def test_utf8_text_is_delivered_even_when_split_inside_a_character() -> None:
+    for fast in (True, False):
+        conn, transport, server = open_connection(fast)
+        text = '{"type":"text","text":"caf\u00e9 \u20ac \U0001f600"}'.encode()
+        cut = text.index(b"\xe2") + 1
+        conn.data_received(masked(0x1, text[:cut], fin=False) + masked(0x0, text[cut:]))
+        conn.data_received(masked(0x1, text))
+        assert server.log == [("text", text), ("text", text)]
+        assert not transport.closed and conn.close_code is None
+
+
+def test_a_text_frame_while_closing_ends_the_connection_without_data_after_our_close() -> None:
+    conn, transport, _ = open_connection(True)
+    conn.close(4008, "idle")
+    conn.data_received(masked(0x1, b"\xff"))
+    frames = server_frames(bytes(transport.out or b""))
+    assert [op for op, _ in frames] == [0x8]  # no `error` after our own close frame
+    assert transport.closed and conn.close_code == 4008
