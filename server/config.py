@@ -116,6 +116,9 @@ class TtsSessionConfig(Base):
     chunk_ms: int = 100  # fixed duration of every outbound audio chunk
     credit_ms: int = 2000  # ready.credit_bytes: this much audio at the session's encoding/rate
     max_text_chars: int = 20000  # text buffered ahead of synthesis; beyond it -> error
+    # Text waiting for synthesis (buffered + chunked); at this much the session stops reading
+    # its socket (server/flow_control/text_backlog.py)
+    max_pending_chars: int = 20000
     usage_interval_s: float = 5.0
 
 

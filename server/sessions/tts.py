@@ -7,6 +7,11 @@ the audio of everything flushed; so both sit in one ordered queue with the audio
 credit for them; what the engine produces beyond that waits here, and the runner stops pulling
 from the engine once `backlog_bytes` passes its bound, so a slow listener never makes the
 server buffer unbounded audio.
+
+Text waits here too, until the runner takes it chunk by chunk (`next_request`) as synthesis
+makes progress, so what waits is known and bounded (`pending_chars`, flow_control.text_backlog).
+`characters` counts text accepted for synthesis; `characters_synthesized` counts the chunks the
+engine has produced audio for, which is what a `/v1/tts/stream` session is charged.
 """
 
 from __future__ import annotations
@@ -21,8 +26,14 @@ import numpy as np
 from server.audio.codecs import StreamEncoder
 from server.audio.resample import Resampler
 from server.audio.text_chunker import TextChunker
-from server.billing.meter import UsageReport
+from server.billing.meter import (
+    KEY_REVOKED_CLOSE,
+    KEY_REVOKED_CODE,
+    KEY_REVOKED_MESSAGE,
+    UsageReport,
+)
 from server.config import TtsSessionConfig
+from server.flow_control.text_backlog import TextBacklogBound
 from server.sessions import messages as m
 from server.sessions.asr import CloseAction
 
@@ -58,6 +69,7 @@ class _Chunk:
     samples: int = 0
     done: bool = False
     started: bool = False  # its first audio frame is queued
+    synthesized: bool = False  # the engine produced audio for it: it is charged
 
 
 class TtsSession:
@@ -99,8 +111,12 @@ class TtsSession:
         self._flush_marks: deque[int] = deque()  # chunk ids whose completion answers a flush
         self._partial = bytearray()
         self._immediate: list[m.TtsServerMessage | bytes] = []
-        self._requests: list[SynthRequest] = []
+        self._requests: deque[SynthRequest] = deque()  # chunks not yet handed to the engine
+        self._queued_chars = 0  # their characters
+        self.text_backlog = TextBacklogBound(settings.max_pending_chars)
+        self.pending_peak = 0  # the most text ever waiting at once
         self.characters = 0
+        self.characters_synthesized = 0
         self.samples_sent = 0
         self.chunks_done = 0
         self.cancel_requested = False
@@ -140,11 +156,16 @@ class TtsSession:
         if self.state != "open":
             return
         if isinstance(msg, m.Text):
+            if not self.text_backlog.admits(self.pending_chars, len(msg.text)):
+                self._error("text_backlog_full", f"more than {self.text_backlog.limit} characters "
+                            "waiting for synthesis; send more as audio is played")
+                return
             if len(self.chunker.buffered) + len(msg.text) > self.settings.max_text_chars:
                 self._error("text_too_long", f"more than {self.settings.max_text_chars} "
                             "characters buffered without a sentence end; send flush")
                 return
             self._chunks_ready(self.chunker.push(msg.text))
+            self.pending_peak = max(self.pending_peak, self.pending_chars)
         elif isinstance(msg, m.Flush):
             self._chunks_ready(self.chunker.flush())
             pending = [c.chunk_id for c in self._chunks.values() if not c.done]
@@ -190,6 +211,7 @@ class TtsSession:
             chunk = _Chunk(self._next_chunk, text)
             self._chunks[chunk.chunk_id] = chunk
             self.characters += len(text)
+            self._queued_chars += len(text)
             self._requests.append(SynthRequest(chunk.chunk_id, text, self.generation))
 
     def clear(self) -> None:
@@ -197,6 +219,7 @@ class TtsSession:
         self.chunker.clear()
         self.generation += 1
         self._requests.clear()
+        self._queued_chars = 0
         self._chunks.clear()
         self._out.clear()
         self._partial.clear()
@@ -210,6 +233,10 @@ class TtsSession:
         chunk = self._chunks.get(req.chunk_id)
         if chunk is None or req.generation != self.generation or self.state == "closed":
             return
+        if pcm and not chunk.synthesized:
+            # Charged in full from its first audio on: that audio may be on its way out now.
+            chunk.synthesized = True
+            self.characters_synthesized += len(chunk.text)
         samples = self.resampler.process(np.frombuffer(pcm, dtype="<i2"))
         self._queue_samples(chunk, samples)
 
@@ -280,8 +307,36 @@ class TtsSession:
         return out
 
     def requests(self) -> list[SynthRequest]:
-        reqs, self._requests = self._requests, []
+        """Every chunk waiting, at once (telephony: a reply is bounded by the agent)."""
+        reqs = list(self._requests)
+        self._requests.clear()
+        self._queued_chars = 0
         return reqs
+
+    def next_request(self) -> SynthRequest | None:
+        """The next chunk, taken when the engine is about to speak it: until then its text
+        counts as waiting (`pending_chars`)."""
+        if not self._requests:
+            return None
+        req = self._requests.popleft()
+        self._queued_chars -= len(req.text)
+        return req
+
+    @property
+    def has_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def pending_chars(self) -> int:
+        """Text accepted but not yet handed to the engine: buffered, or chunked and queued."""
+        return len(self.chunker.buffered) + self._queued_chars
+
+    @property
+    def awaiting_credit(self) -> bool:
+        """Audio is ready but the client's credit does not cover it: only a message from the
+        client (`credit`, `clear`) lets the session go on."""
+        out = self._out
+        return bool(out) and isinstance(out[0], bytes) and len(out[0]) > self.credit
 
     @property
     def backlog_bytes(self) -> int:
@@ -297,17 +352,21 @@ class TtsSession:
         return self.samples_sent * 1000 // self.params.sample_rate
 
     def usage(self, report: UsageReport) -> None:
-        self._immediate.append(m.TtsUsage(characters=self.characters, audio_ms=self.audio_ms,
+        self._immediate.append(m.TtsUsage(characters=self.characters_synthesized,
+                                          audio_ms=self.audio_ms,
                                           cost_micros=report.cost_micros,
                                           balance_micros=report.balance_micros))
-        if report.exhausted:
+        if report.revoked:
+            self.fail(KEY_REVOKED_CLOSE, KEY_REVOKED_CODE, KEY_REVOKED_MESSAGE)
+        elif report.exhausted:
             self.fail(4002, "insufficient_balance", "wallet balance exhausted; top up")
 
     def finish(self, report: UsageReport, code: int = 1000, reason: str = "",
                message: str = "") -> None:
         if self.state == "closed":
             return
-        self._immediate.append(m.TtsSummary(characters=self.characters, audio_ms=self.audio_ms,
+        self._immediate.append(m.TtsSummary(characters=self.characters_synthesized,
+                                            audio_ms=self.audio_ms,
                                             cost_micros=report.cost_micros,
                                             chunks=self.chunks_done))
         if code != 1000:
@@ -324,6 +383,7 @@ class TtsSession:
         self.state = "closed"
         self.close_action = CloseAction(code, error_code)
         self._requests.clear()
+        self._queued_chars = 0
         self._out.clear()
 
     def _error(self, code: str, message: str) -> None:

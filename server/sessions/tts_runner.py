@@ -1,6 +1,12 @@
 """The asyncio side of a TTS session: one synthesis task pulling audio from the engine (and
 stopping when the outbound backlog is full), and sends paced by client credit and the socket's
-write buffer. `clear` cancels the synthesis in flight."""
+write buffer. `clear` cancels the synthesis in flight.
+
+Text is taken from the machine one chunk at a time, when the engine is about to speak it; what
+waits is bounded (flow_control.text_backlog): the socket is not read while that backlog is full
+and the session can go on without the client. Characters are charged per chunk as the engine
+produces its audio, and the lease is topped up between chunks, so the length of one `text`
+message has nothing to do with the lease (docs/billing.md, "Sessions")."""
 
 from __future__ import annotations
 
@@ -9,11 +15,14 @@ import contextlib
 import logging
 import secrets
 import uuid
-from collections import deque
 
 from server.billing.auth import Principal
 from server.billing.meter import (
+    KEY_REVOKED_CLOSE,
+    KEY_REVOKED_CODE,
+    KEY_REVOKED_MESSAGE,
     METER_ERRORS,
+    KeyRevoked,
     MeterFactory,
     SessionMeter,
     UsageReport,
@@ -93,13 +102,16 @@ class TtsSessionRunner:
         self.metrics = endpoint.metrics
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
-        self._queue: deque[SynthRequest] = deque()
         self._current: asyncio.Task[None] | None = None
         self._gone = False
         self._close_code: int | None = None
         self._draining = False
         self._metered = 0
-        self._top_up: asyncio.Task[None] | None = None
+        # A chunk is charged when its audio starts, after the lease was checked: one top-up
+        # may not cover a chunk longer than a lease, so try as many as that takes.
+        self._top_ups_per_chunk = 1 + engine.max_chars // max(
+            1, endpoint.config.billing.lease_chars)
+        self._reading_paused_once = False
         # Synthesis pauses when this much encoded audio waits for credit or the socket.
         self._backlog_limit = int(
             (endpoint.config.tts.session.credit_ms + 1000) * machine.params.bytes_per_ms
@@ -157,34 +169,51 @@ class TtsSessionRunner:
     def _after_input(self) -> None:
         if self.machine.cancel_requested:
             self.machine.cancel_requested = False
-            self._queue.clear()
             if self._current is not None:
                 self._current.cancel()
-        reqs = self.machine.requests()
-        if reqs:
-            self._queue.extend(reqs)
-            self._meter_characters()
         self._pump()
         self._wake.set()
 
-    def _meter_characters(self) -> None:
-        delta = self.machine.characters - self._metered
+    def _charge(self) -> None:
+        delta = self.machine.characters_synthesized - self._metered
         if delta > 0:
             self.meter.accept(delta)
             self._metered += delta
-            if self.meter.exhausted and self._top_up is None:
-                self._top_up = self.endpoint.server.spawn(self._extend_lease())
 
-    async def _extend_lease(self) -> None:
-        try:
-            extended = await self.meter.top_up()
-        except Exception:
-            log.exception("lease top-up failed", extra=self._log)
-            extended = False
-        self._top_up = None
-        if not extended:
-            self.machine.fail(4002, "insufficient_balance", "wallet balance exhausted")
-            self._pump()
+    async def _lease_covers_next_chunk(self) -> bool:
+        """Before a chunk goes to the engine: top the lease up if what was charged so far used
+        it up; False when the wallet cannot pay for more."""
+        for _ in range(self._top_ups_per_chunk):
+            if not self.meter.exhausted:
+                return True
+            try:
+                await self.meter.top_up()
+            except KeyRevoked:
+                self.machine.fail(KEY_REVOKED_CLOSE, KEY_REVOKED_CODE, KEY_REVOKED_MESSAGE)
+                return False
+            except Exception:
+                log.exception("lease top-up failed", extra=self._log)
+                return False
+        return not self.meter.exhausted
+
+    def _flow_text(self) -> None:
+        """Back pressure on text: stop reading the socket while the text backlog is full and
+        the session can go on without the client; read while it needs the client's `credit`
+        (text beyond the backlog's limit is then refused by the machine)."""
+        machine, conn = self.machine, self.conn
+        pending = machine.pending_chars
+        if conn.reading_paused:
+            if machine.text_backlog.resumable(pending) or machine.awaiting_credit \
+                    or machine.state == "closed":
+                conn.resume_reading()
+        elif machine.text_backlog.full(pending) and not machine.awaiting_credit \
+                and machine.state != "closed":
+            conn.pause_reading()
+            if not self._reading_paused_once:
+                self._reading_paused_once = True
+                log.info("text backlog full: reading paused",
+                         extra={**self._log, "pending_chars": pending,
+                                "max_pending_chars": machine.text_backlog.capacity})
 
     def _pump(self) -> None:
         """Send what credit and the socket allow; close when the machine says so."""
@@ -197,6 +226,11 @@ class TtsSessionRunner:
                 conn.send_text(m.encoder.encode(item))
         if items:
             conn.flush()
+            if conn.reading_paused:
+                # The peer takes our audio: it is alive, though its pongs wait unread behind
+                # its text; no ping it could not answer in time.
+                conn.activity = True
+        self._flow_text()
         if self.machine.backlog_bytes <= self._backlog_limit:
             self._room.set()
         if self.machine.state == "closing":
@@ -233,46 +267,51 @@ class TtsSessionRunner:
             self.metrics.sessions_active.labels(KIND).dec()
             self.metrics.sessions_total.labels(KIND, str(code)).inc()
             self.endpoint.server.session_count -= 1
-            log.info("session ended", extra={**self._log, "close_code": code,
-                                              "characters": self.machine.characters})
+            log.info("session ended", extra={
+                **self._log, "close_code": code,
+                "characters": self.machine.characters_synthesized,
+                "text_backlog_peak": self.machine.pending_peak})
 
     async def _synth_loop(self) -> None:
+        """Back pressure applies between chunks: a listener slow to grant credit must not hold
+        an engine slot (a few of them would stall every session on the model), and one chunk's
+        audio is bounded by the model's context limit."""
         machine = self.machine
         while not self._gone and machine.state != "closed":
-            if machine.state == "closing" and not self._queue and machine.idle:
-                return
-            if not self._queue:
+            if not machine.has_requests:
+                if machine.state == "closing" and machine.idle:
+                    return
+                # Waits for text, or while closing for the last audio to go out.
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            req = self._queue.popleft()
+            if machine.backlog_bytes > self._backlog_limit:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            if not await self._lease_covers_next_chunk():
+                machine.fail(4002, "insufficient_balance", "wallet balance exhausted")
+                self._pump()
+                return
+            req = machine.next_request()
+            if req is None or self._gone:
+                continue  # cleared (or closed) while the lease was topped up
+            self._pump()  # less text waits now: reading may resume
             self._current = asyncio.get_running_loop().create_task(self._synthesize(req))
             with contextlib.suppress(asyncio.CancelledError):
                 await self._current
             self._current = None
-            # Wait until the audio went out before closing (credit, socket).
-            while machine.state == "closing" and not self._queue and not machine.idle \
-                    and not self._gone:
-                self._wake.clear()
-                await self._wake.wait()
 
     async def _synthesize(self, req: SynthRequest) -> None:
-        """One chunk, read from the engine as fast as it comes. Back pressure applies between
-        chunks: a listener slow to grant credit must not hold an engine slot (a few of them
-        would stall every session on the model), and one chunk's audio is bounded by the
-        model's context limit."""
+        """One chunk, read from the engine as fast as it comes."""
         machine = self.machine
         params = machine.params
-        while machine.backlog_bytes > self._backlog_limit and not self._gone:
-            self._room.clear()
-            await self._room.wait()
-        if self._gone or req.generation != machine.generation:
-            return
         try:
             stream = self.engine.synthesize(req.text, voice=params.voice, language=params.language)
             async with contextlib.aclosing(stream):  # type: ignore[type-var]
                 async for pcm in stream:
                     machine.receive_audio(req, pcm)
+                    self._charge()
                     self._pump()
             machine.synthesis_done(req)
         except EngineError as exc:
