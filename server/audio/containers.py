@@ -135,6 +135,17 @@ def type_of_filename(filename: str | None) -> str | None:
     return "" if guessed.lower() in GENERIC_TYPES else guessed.lower()
 
 
+def refuse_unsupported(declared: MediaType) -> None:
+    """Refuse a declared type we do not decode: no need to read a byte of the body for that."""
+    if declared.essence not in GENERIC_TYPES and declared.essence not in DECODED_TYPES:
+        raise UnsupportedMediaType(_unsupported(f"Content-Type {declared.essence}"))
+
+
+def _unsupported(source: str) -> str:
+    return (f"{source} is not supported: send audio/wav, audio/basic (mu-law), audio/x-alaw, "
+            "audio/L16;rate=N, or a WAV file as application/octet-stream")
+
+
 def resolve_format(declared: MediaType, filename: str | None, params: Mapping[str, str],
                    head: bytes) -> AudioFormat:
     """The session format of an upload, or the reason it is refused (see the module doc).
@@ -164,9 +175,7 @@ def resolve_format(declared: MediaType, filename: str | None, params: Mapping[st
                 "audio/x-alaw, audio/L16;rate=N) or set `encoding`")
     kind = DECODED_TYPES.get(essence)
     if kind is None:
-        raise UnsupportedMediaType(
-            f"{source} is not supported: send audio/wav, audio/basic (mu-law), audio/x-alaw, "
-            "audio/L16;rate=N, or a WAV file as application/octet-stream")
+        raise UnsupportedMediaType(_unsupported(source))
     if kind == "wav":
         if container != "WAV":
             found = container or f"bytes starting {head[:4]!r}"

@@ -11,25 +11,44 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from tempfile import SpooledTemporaryFile
+from typing import Any, Final
 
+import msgspec
 from aiohttp import BodyPartReader, web
 from websockets.datastructures import Headers
 
+from server.audio.codecs import AudioFormatError, StreamDecoder
+from server.audio.containers import (
+    SNIFF_BYTES,
+    AudioFormat,
+    BadAudio,
+    ConflictingFormat,
+    MediaType,
+    UnsupportedMediaType,
+    refuse_unsupported,
+    resolve_format,
+)
+from server.billing.auth import Principal
+from server.flow_control.http_upload import (
+    FORM_FILE_MEMORY_BYTES,
+    MAX_FORM_FIELD_BYTES,
+    MAX_FORM_FILE_BYTES,
+    MAX_FORM_PARTS,
+)
+from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
 from server.http.auth import principal
 from server.http.errors import ApiError
 from server.http.openapi import error_responses, register
 from server.llm.idempotency import IdempotencyCache, IdempotencyConflict
 from server.sessions.asr_runner import AsrEndpoint
 from server.sessions.tts_runner import TtsEndpoint
-from server.ws.connection import SessionHandler
 from server.ws.handshake import Rejected, UpgradeRequest
 
 FRAME = 32 * 1024  # body chunks fed to the pipeline: well under the WebSocket frame limit
-RAW_TYPES = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav",
-             "audio/basic": "mulaw", "audio/x-mulaw": "mulaw", "audio/pcmu": "mulaw",
-             "audio/x-alaw": "alaw", "audio/pcma": "alaw", "audio/l16": "pcm_s16le"}
 TEXT_LIMIT = 100_000
 REPLAY_LIMIT = 8 * 1024 * 1024  # synthesized audio kept for an Idempotency-Key replay
 # A response, and what an Idempotency-Key replay answers ("<content type>\n<body>"), if kept.
@@ -89,32 +108,185 @@ def _final_error(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
     return errors[-1] if errors else None
 
 
-async def _body_chunks(request: web.Request, query: dict[str, str]) -> AsyncIterator[bytes]:
-    if request.content_type.startswith("multipart/"):
-        try:
-            async for chunk in _multipart_chunks(request, query):
-                yield chunk
-        except ApiError:
-            raise
-        except Exception as exc:  # aiohttp's parser raises assorted errors on bad input
-            raise ApiError(400, "bad_request", f"malformed multipart body: {exc}"[:200]) from None
-        return
+class _Audio:
+    """An upload's bytes: the first ones read ahead (to tell what they are before a session is
+    admitted), then the rest as the pipeline takes them."""
+
+    def __init__(self, source: AsyncGenerator[bytes, None]) -> None:
+        self._source = source
+        self._head = bytearray()
+
+    async def head(self, size: int) -> bytes:
+        """At least `size` bytes from the start (fewer only if the upload is shorter)."""
+        while len(self._head) < size:
+            chunk = await anext(self._source, None)
+            if chunk is None:
+                break
+            self._head += chunk
+        return bytes(self._head)
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        head, self._head = bytes(self._head), bytearray()
+        for start in range(0, len(head), FRAME):
+            yield head[start:start + FRAME]
+        async for chunk in self._source:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._source.aclose()
+
+
+@dataclass
+class _Upload:
+    """What a transcription request says about its audio, and the audio."""
+
+    media_type: MediaType
+    filename: str | None
+    fields: dict[str, str]  # form fields (the query string is the request's)
+    audio: _Audio
+
+
+async def _raw_chunks(request: web.Request) -> AsyncGenerator[bytes, None]:
     async for chunk in request.content.iter_chunked(FRAME):
         yield chunk
 
 
-async def _multipart_chunks(request: web.Request, query: dict[str, str]
-                            ) -> AsyncIterator[bytes]:
+async def _spooled_chunks(spool: SpooledTemporaryFile[bytes]
+                          ) -> AsyncGenerator[bytes, None]:
+    # A page-cache (or in-memory) read of one frame: short enough for the event loop.
+    spool.seek(0)
+    while chunk := spool.read(FRAME):
+        yield chunk
+
+
+async def _read_form(request: web.Request, spool: SpooledTemporaryFile[bytes]) -> _Upload:
+    """Read the whole form: the `file` part into `spool`, every other part as a parameter. A
+    parameter may follow the file (curl's usual order), so nothing starts before the end."""
+    if request.content_length is not None and \
+            request.content_length > MAX_FORM_FILE_BYTES + MAX_FORM_PARTS * MAX_FORM_FIELD_BYTES:
+        raise _form_too_large()
     reader = await request.multipart()
-    async for part in reader:
+    fields: dict[str, str] = {}
+    file_part: tuple[MediaType, str | None] | None = None
+    parts = 0
+    while (part := await reader.next()) is not None:
+        parts += 1
+        if parts > MAX_FORM_PARTS:
+            raise ApiError(400, "bad_request", f"more than {MAX_FORM_PARTS} form parts")
         if not isinstance(part, BodyPartReader):
-            continue
-        if part.name == "file":
+            raise ApiError(400, "bad_request", "nested multipart bodies are not supported")
+        name = part.name
+        if not name:
+            raise ApiError(400, "bad_request", "a form part without a name")
+        if name in fields or (name == "file" and file_part is not None):
+            raise ApiError(400, "bad_request", f"form field {name!r} is given more than once")
+        transfer = part.headers.get("Content-Transfer-Encoding", "binary").lower()
+        if transfer not in ("binary", "8bit", "7bit") or \
+                part.headers.get("Content-Encoding", "identity").lower() != "identity":
+            raise ApiError(400, "bad_request", f"form part {name!r}: send it unencoded")
+        if name == "file":
+            file_part = (MediaType.parse(part.headers.get("Content-Type")), part.filename)
+            _refuse_unsupported(file_part[0])
+            size = 0
             while chunk := await part.read_chunk(FRAME):
-                yield chunk
-            return
-        query[part.name or ""] = (await part.text())[:100]
-    raise ApiError(400, "bad_request", "multipart body without a `file` part")
+                size += len(chunk)
+                if size > MAX_FORM_FILE_BYTES:
+                    raise _form_too_large()
+                spool.write(chunk)
+            continue
+        value = bytearray()
+        while chunk := await part.read_chunk(FRAME):
+            value += chunk
+            if len(value) > MAX_FORM_FIELD_BYTES:
+                raise ApiError(400, "bad_request",
+                               f"form field {name!r} is longer than {MAX_FORM_FIELD_BYTES} bytes")
+        try:
+            fields[name] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "bad_request", f"form field {name!r} is not UTF-8") from None
+    if file_part is None:
+        raise ApiError(400, "bad_request", "multipart body without a `file` part")
+    return _Upload(file_part[0], file_part[1], fields, _Audio(_spooled_chunks(spool)))
+
+
+def _form_too_large() -> ApiError:
+    return ApiError(413, "payload_too_large",
+                    f"a form's `file` part may hold at most {MAX_FORM_FILE_BYTES} bytes; "
+                    "send a longer recording as the raw body (it is streamed)")
+
+
+async def _upload(request: web.Request, spool: SpooledTemporaryFile[bytes]) -> _Upload:
+    if not request.content_type.startswith("multipart/"):
+        declared = MediaType.parse(request.headers.get("Content-Type"))
+        _refuse_unsupported(declared)
+        return _Upload(declared, None, {}, _Audio(_raw_chunks(request)))
+    try:
+        return await _read_form(request, spool)
+    except ApiError:
+        raise
+    except Exception as exc:  # aiohttp's parser raises assorted errors on bad input
+        raise ApiError(400, "bad_request", f"malformed multipart body: {exc}"[:200]) from None
+
+
+def _refuse_unsupported(declared: MediaType) -> None:
+    try:
+        refuse_unsupported(declared)
+    except UnsupportedMediaType as exc:
+        raise ApiError(415, "unsupported_media_type", str(exc)) from None
+
+
+async def _audio_format(upload: _Upload, query: dict[str, str],
+                        max_wav_header_bytes: int) -> AudioFormat:
+    """What the upload is, checked before any session is admitted: a refusal leases and
+    charges nothing."""
+    head = await upload.audio.head(SNIFF_BYTES)
+    if not head:
+        raise ApiError(400, "bad_request", "empty body: no audio")
+    try:
+        fmt = resolve_format(upload.media_type, upload.filename, query, head)
+    except UnsupportedMediaType as exc:
+        raise ApiError(415, "unsupported_media_type", str(exc)) from None
+    except BadAudio as exc:
+        raise ApiError(400, "bad_audio", str(exc)) from None
+    except ConflictingFormat as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    if fmt.encoding == "wav":
+        # The whole header, so an unsupported WAV (float, MP3 inside RIFF, 8-bit PCM) is
+        # refused here rather than by the session after admission.
+        head = await upload.audio.head(max_wav_header_bytes)
+        decoder = StreamDecoder("wav", 16000, max_header_bytes=max_wav_header_bytes)
+        try:
+            decoder.decode(head)
+        except AudioFormatError as exc:
+            raise ApiError(400, "bad_audio", str(exc)) from None
+        if not decoder.header_complete:
+            raise ApiError(400, "bad_audio", "the WAV file ends inside its header")
+    return fmt
+
+
+class _SynthesizeBody(msgspec.Struct):
+    text: str
+    model: str | None = None
+    voice: str | None = None
+    language: str | None = None
+    encoding: str | None = None
+    sample_rate: int | None = None
+
+
+_SYNTHESIZE_BODY: Final = msgspec.json.Decoder(_SynthesizeBody)
+
+
+def _synthesize_body(raw: bytes) -> _SynthesizeBody:
+    # Unknown fields are skipped, and skipping recurses: bound the nesting before the parser.
+    if nests_deeper_than(raw):
+        raise ApiError(400, "bad_request",
+                       f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return _SYNTHESIZE_BODY.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    except msgspec.DecodeError as exc:  # also text that is not valid UTF-8 or Unicode
+        raise ApiError(400, "bad_request", f"body must be JSON: {exc}") from None
 
 
 def _idempotency_key(request: web.Request) -> str | None:
@@ -171,40 +343,12 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
 
     async def transcribe(request: web.Request) -> Answer:
         caller = await principal(request)
-        query = dict(request.query)
-        kind = RAW_TYPES.get(request.content_type.lower())
-        if kind is not None and "encoding" not in query:
-            query["encoding"] = kind
-            params = request.headers.get("Content-Type", "").lower().split(";")[1:]
-            for param in params:  # audio/L16;rate=8000
-                name, _, value = param.strip().partition("=")
-                if name == "rate" and kind == "pcm_s16le":
-                    query.setdefault("sample_rate", value)
-        wire = HttpWire()
-        handler: SessionHandler | None = None
-        try:
-            async for chunk in _body_chunks(request, query):
-                if handler is None:
-                    query.setdefault("interim_results", "false")
-                    decision = await asr.admit(_upgrade(query), caller)
-                    if isinstance(decision, Rejected):
-                        raise _rejection(decision)
-                    handler = decision.start(wire)  # type: ignore[arg-type]
-                await wire.readable()  # the pipeline is full: stop reading the body
-                if wire.closed.is_set():
-                    break
-                handler.on_binary(chunk)
-                handler.on_read_done()
-            if handler is None:
-                raise ApiError(400, "bad_request", "empty body: no audio")
-            handler.on_text(b'{"type":"close"}')
-            handler.on_read_done()
-            await wire.closed.wait()
-        finally:
-            if handler is not None and not wire.closed.is_set():
-                # The client went away mid-upload: the session ends and settles like a
-                # vanished WebSocket client.
-                handler.on_connection_closed(1006)
+        with SpooledTemporaryFile(max_size=FORM_FILE_MEMORY_BYTES) as spool:
+            upload = await _upload(request, spool)
+            try:
+                wire = await transcribe_upload(request, caller, upload)
+            finally:
+                await upload.audio.aclose()
         error = _final_error(wire.messages)
         if wire.close_code != 1000 and error is not None:
             status = {4002: 402, 4029: 429, 4400: 400}.get(wire.close_code or 0, 502)
@@ -221,37 +365,60 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
         assert isinstance(response.body, bytes)
         return response, b"application/json\n" + response.body
 
+    async def transcribe_upload(request: web.Request, caller: Principal,
+                                upload: _Upload) -> HttpWire:
+        query = {**request.query, **upload.fields}
+        fmt = await _audio_format(upload, query, asr.config.asr.session.max_wav_header_bytes)
+        query["encoding"] = fmt.encoding
+        if fmt.sample_rate is not None:
+            query["sample_rate"] = str(fmt.sample_rate)
+        if fmt.channels is not None:
+            query["channels"] = str(fmt.channels)
+        query.setdefault("interim_results", "false")
+        decision = await asr.admit(_upgrade(query), caller)
+        if isinstance(decision, Rejected):
+            raise _rejection(decision)
+        wire = HttpWire()
+        handler = decision.start(wire)  # type: ignore[arg-type]
+        try:
+            async with aclosing(upload.audio.chunks()) as chunks:
+                async for chunk in chunks:
+                    await wire.readable()  # the pipeline is full: stop reading the body
+                    if wire.closed.is_set():
+                        break
+                    handler.on_binary(chunk)
+                    handler.on_read_done()
+            handler.on_text(b'{"type":"close"}')
+            handler.on_read_done()
+            await wire.closed.wait()
+        finally:
+            if not wire.closed.is_set():
+                # The client went away mid-upload: the session ends and settles like a
+                # vanished WebSocket client.
+                handler.on_connection_closed(1006)
+        return wire
+
     async def synthesize(request: web.Request, raw: bytes) -> Answer:
         caller = await principal(request)
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise ApiError(400, "bad_request", "body must be JSON") from None
-        if not isinstance(body, dict) or not isinstance(body.get("text"), str) \
-                or not body["text"].strip():
+        body = _synthesize_body(raw)
+        if not body.text.strip():
             raise ApiError(400, "bad_request", "`text` (a non-empty string) is required")
-        if len(body["text"]) > TEXT_LIMIT:
+        if len(body.text) > TEXT_LIMIT:
             raise ApiError(400, "bad_request", f"text longer than {TEXT_LIMIT} characters")
-        try:
-            body["text"].encode("utf-8")
-        except UnicodeEncodeError:
-            raise ApiError(400, "bad_request", "text is not valid Unicode") from None
+        fields = msgspec.structs.asdict(body)
         for name in ("model", "voice", "language", "encoding"):
-            value = body.get(name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
+            value = fields[name]
+            if value is not None and not value.strip():
                 raise ApiError(400, "bad_request", f"`{name}` must be a non-empty string")
-        rate = body.get("sample_rate")
-        if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool)):
-            raise ApiError(400, "bad_request", "`sample_rate` must be an integer")
-        query = {k: str(body[k]) for k in ("model", "voice", "language", "encoding",
-                                           "sample_rate") if body.get(k) is not None}
+        query = {k: str(fields[k]) for k in ("model", "voice", "language", "encoding",
+                                             "sample_rate") if fields[k] is not None}
         query.setdefault("encoding", "wav")
         decision = await tts.admit(_upgrade(query), caller)
         if isinstance(decision, Rejected):
             raise _rejection(decision)
         wire = HttpWire()
         handler = decision.start(wire)  # type: ignore[arg-type]
-        handler.on_text(json.dumps({"type": "text", "text": body["text"]}).encode())
+        handler.on_text(json.dumps({"type": "text", "text": body.text}).encode())
         handler.on_text(b'{"type":"close"}')
         content_type = {"wav": "audio/wav", "mulaw": "audio/basic", "alaw": "audio/x-alaw",
                         "pcm_s16le": "audio/l16"}[query["encoding"]]
@@ -292,13 +459,16 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
     app.router.add_post("/v1/asr/transcribe", transcribe_route)
     app.router.add_post("/v1/tts/synthesize", synthesize_route)
     register(app, "/v1/asr/transcribe", "post", {
-        "summary": "transcribe a recording (WAV, PCM16, mu-law, A-law), streamed through VAD",
+        "summary": "transcribe a recording (WAV, PCM16, mu-law, A-law), streamed through VAD; "
+                   "other media types are 415",
         "security": [{"bearer": []}],
         "parameters": [{"name": n, "in": "query", "required": False,
                         "schema": {"type": "string"}}
                        for n in ("model", "language", "encoding", "sample_rate", "vad")],
         "requestBody": {"required": True, "content": {
-            "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+            **{ctype: {"schema": {"type": "string", "format": "binary"}}
+               for ctype in ("audio/wav", "audio/basic", "audio/x-alaw", "audio/L16",
+                             "application/octet-stream")},
             "multipart/form-data": {"schema": {"type": "object", "properties": {
                 "file": {"type": "string", "format": "binary"}}, "required": ["file"]}}}},
         "responses": {"200": {"description": "transcript", "content": {"application/json": {
@@ -309,7 +479,7 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
                                           "type": "object"}},
                                       "audio_ms": {"type": "integer"},
                                       "cost_micros": {"type": "integer"}}}}}},
-                      **error_responses(400, 401, 402, 413, 429, 502, 503)},
+                      **error_responses(400, 401, 402, 413, 415, 429, 502, 503)},
     })
     register(app, "/v1/tts/synthesize", "post", {
         "summary": "synthesize text; the audio streams back as it is produced",

@@ -115,7 +115,8 @@ def _wav(body: bytes) -> wave.Wave_read:
     # A streaming header says "unknown length"; give the stdlib reader the real one.
     fixed[4:8] = (len(body) - 8).to_bytes(4, "little")
     fixed[40:44] = (len(body) - 44).to_bytes(4, "little")
-    return wave.open(io.BytesIO(bytes(fixed)))
+    reader: wave.Wave_read = wave.open(io.BytesIO(bytes(fixed)), "rb")
+    return reader
 
 
 def test_synthesize_errors(server: ServerProcess) -> None:
@@ -147,3 +148,22 @@ def test_idempotency_key_replays_without_charging_again(server: ServerProcess) -
     two = post(f"{server.http}/v1/tts/synthesize", body, tts_headers)
     assert one[0] == two[0] == 200 and one[2] == two[2] and len(one[2]) > 44
     assert two[1].get("Idempotent-Replayed") == "true"
+
+
+def test_synthesize_refuses_deeply_nested_json_with_a_json_400(server: ServerProcess) -> None:
+    """Issue 11 item 5: nesting deep enough to exhaust a recursive parser was a text/plain 500."""
+    deep = "[" * 30000 + "]" * 30000
+    bodies = [deep.encode(), json.dumps({"text": "hi"})[:-1].encode() + b', "extra": '
+              + deep.encode() + b"}"]
+    logged = len(server.stderr_lines)
+    for body in bodies:
+        status, headers, answer = post(f"{server.http}/v1/tts/synthesize", body,
+                                       {**AUTH, "Content-Type": "application/json"})
+        assert status == 400 and headers["Content-Type"].startswith("application/json")
+        assert json.loads(answer)["error"]["code"] == "bad_request"
+    assert not any("Traceback" in line or "RecursionError" in line
+                   for line in server.stderr_lines[logged:])
+    status, _, _ = post(f"{server.http}/v1/tts/synthesize",
+                        json.dumps({"text": "still here", "model": "espeak-en"}).encode(),
+                        {**AUTH, "Content-Type": "application/json"})
+    assert status == 200

@@ -11,6 +11,7 @@ from server.audio.containers import (
     ConflictingFormat,
     MediaType,
     UnsupportedMediaType,
+    refuse_unsupported,
     resolve_format,
     sniff_container,
     type_of_filename,
@@ -57,6 +58,14 @@ def test_a_wav_file_name_does_not_outrank_the_bytes() -> None:
 def test_types_we_do_not_decode_are_refused(ctype: str) -> None:
     with pytest.raises(UnsupportedMediaType):
         resolve(ctype, PCM)
+
+
+def test_a_declared_type_we_do_not_decode_is_refused_without_its_bytes() -> None:
+    for ctype in ("audio/mpeg", "application/json", "text/plain"):
+        with pytest.raises(UnsupportedMediaType, match=ctype):
+            refuse_unsupported(MediaType.parse(ctype))
+    for ctype in ("audio/wav", "audio/L16;rate=8000", "application/octet-stream", None):
+        refuse_unsupported(MediaType.parse(ctype))
 
 
 def test_generic_type_needs_a_wav_header_a_file_name_or_an_encoding() -> None:
