@@ -1,5 +1,5 @@
 # Thin wrappers around scripts/; `make test ARGS="-k credit"` passes arguments through.
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint bench hostile
 
 ARGS ?=
 
@@ -15,6 +15,11 @@ test:
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+
+# Hostile-input suite, randomly seeded, HOSTILE_EXAMPLES examples per test (docs/testing.md).
+HOSTILE_EXAMPLES ?= 2000
+hostile: setup
+	STREAMGATE_HOSTILE_EXAMPLES=$(HOSTILE_EXAMPLES) ./scripts/test.sh tests/hostile $(ARGS)
 
 bench: setup
 	.venv/bin/python -m loadtest.bench $(ARGS)
