@@ -30,7 +30,7 @@ from tests.e2e.test_billing_e2e import (
 )
 
 pytestmark = pytest.mark.e2e
-TTS_REDIS_DB = 7
+TTS_REDIS_DB = 7  # a Redis logical database of this module alone (see test_billing_e2e.py)
 PRICE_PER_1K_CHARS = 1000  # [tts.models.synthetic] price_micros_per_1k_chars
 LEASE_CHARS = 2000  # [billing] lease_chars
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank today. "
