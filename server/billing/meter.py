@@ -31,6 +31,14 @@ class UsageReport:
     exhausted: bool = False
     # A usage limit (audio seconds per minute) was hit: the session must end (4029).
     rate_limited: bool = False
+    # The session's API key was revoked: the session must end (error key_revoked, 4001).
+    revoked: bool = False
+
+
+# How a session on a revoked key ends (docs/protocol.md, "Close codes").
+KEY_REVOKED_CODE: Final = "key_revoked"
+KEY_REVOKED_CLOSE: Final = 4001
+KEY_REVOKED_MESSAGE: Final = "the API key of this session was revoked"
 
 
 class InsufficientBalance(Exception):
@@ -47,6 +55,11 @@ class RateLimited(Exception):
 
 class BillingUnavailable(Exception):
     """Money fails closed: no new session while the wallet cannot be reached (HTTP 503)."""
+
+
+class KeyRevoked(Exception):
+    """`top_up` on a meter whose API key was revoked: no new lease; the session ends with
+    `key_revoked` (KEY_REVOKED_CLOSE), not `insufficient_balance`."""
 
 
 # What `MeterFactory.open` raises when it refuses a session: `except METER_ERRORS as exc`.
@@ -75,7 +88,8 @@ class SessionMeter(Protocol):
         ...
 
     async def top_up(self) -> bool:
-        """`exhausted` turned true: try to extend the lease now; False if nothing more."""
+        """`exhausted` turned true: try to extend the lease now; False if nothing more.
+        Raises KeyRevoked when the session's key was revoked (`exhausted` turns true then)."""
         ...
 
     async def report(self) -> UsageReport: ...

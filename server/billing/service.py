@@ -57,13 +57,16 @@ def redis_client(url: str) -> aioredis.Redis:
 
 
 class _SettlingMeter(WalletMeter):
-    """Releases the tenant's concurrency slot once the lease is settled."""
+    """Releases the tenant's concurrency slot once the lease is settled, and is watched for
+    the revocation of its key while it lives."""
 
-    def __init__(self, service: BillingService, **kwargs: Any) -> None:
+    def __init__(self, service: BillingService, key_id: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._service = service
+        self.key_id = key_id
 
     async def settle(self) -> Any:
+        self._service.unwatch(self)
         try:
             return await super().settle()
         finally:
@@ -109,6 +112,8 @@ class BillingService:
         self.limits: RateLimiter
         self.prices: dict[tuple[str, str], Price] = {}
         self._keys: dict[str, tuple[float, KeyRecord | None]] = {}
+        # Meters of live sessions by API key id: a revoked key ends its sessions.
+        self._live: dict[str, set[_SettlingMeter]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
@@ -130,6 +135,7 @@ class BillingService:
             self._tasks.append(loop.create_task(flusher.run(self._stop)))
         self._tasks.append(loop.create_task(self._sweeper()))
         self._tasks.append(loop.create_task(self._price_refresher()))
+        self._tasks.append(loop.create_task(self._key_watcher()))
 
     async def stop(self) -> None:
         self._stop.set()
@@ -162,6 +168,58 @@ class BillingService:
             except RedisError as exc:
                 log.warning("sweep skipped: %s", exc)
 
+    async def _key_watcher(self) -> None:
+        """Keys revoked on any node (admin API, CLI) end this node's sessions on them within
+        `key_cache_ttl_s`: the keys of live sessions are looked up every half of it."""
+        while True:
+            await asyncio.sleep(self.cfg.key_cache_ttl_s / 2)
+            if not self._live:
+                continue
+            try:
+                revoked = await self._revoked_among(list(self._live))
+            except Exception as exc:
+                # Postgres down: sessions go on (their keys were valid when last seen).
+                log.warning("key revocation check skipped: %s", exc)
+                continue
+            for key_id in revoked:
+                self._end_sessions_of(key_id)
+
+    async def _revoked_among(self, key_ids: list[str]) -> list[str]:
+        assert self.store is not None
+        rows = await self.store.pool.fetch(
+            "SELECT key_id FROM api_keys WHERE key_id = ANY($1::text[])"
+            " AND revoked_at IS NOT NULL", key_ids,
+        )
+        return [str(r["key_id"]) for r in rows]
+
+    def _end_sessions_of(self, key_id: str) -> None:
+        meters = self._live.pop(key_id, None)
+        if not meters:
+            return
+        log.info("key revoked: ending its sessions", extra={"key_id": key_id,
+                                                            "sessions": len(meters)})
+        for meter in meters:
+            meter.revoke()
+
+    def unwatch(self, meter: _SettlingMeter) -> None:
+        meters = self._live.get(meter.key_id)
+        if meters is not None:
+            meters.discard(meter)
+            if not meters:
+                del self._live[meter.key_id]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Revoke in Postgres; on this node the key stops working and its sessions end at
+        once (other nodes: within key_cache_ttl_s). False if there is no such key."""
+        assert self.store is not None
+        if not await self.store.revoke_key(key_id):
+            return False
+        for digest, (_, record) in list(self._keys.items()):
+            if record is not None and record.key_id == key_id:
+                del self._keys[digest]
+        self._end_sessions_of(key_id)
+        return True
+
     async def _price_refresher(self) -> None:
         while True:
             await asyncio.sleep(30)
@@ -193,7 +251,10 @@ class BillingService:
             if len(self._keys) > 100_000:
                 self._keys.clear()
             self._keys[digest] = (now + self.cfg.key_cache_ttl_s, record)
-        if record is None or record.revoked:
+        if record is None:
+            return None
+        if record.revoked:
+            self._end_sessions_of(record.key_id)
             return None
         return Principal(
             tenant_id=record.tenant_id,
@@ -248,7 +309,8 @@ class BillingService:
             policy = LeasePolicy(self.cfg.lease_chars, self.cfg.min_lease_chars,
                                  self.cfg.low_balance_chars, ttl_ms)
         meter = _SettlingMeter(
-            self, cache=self.cache, tenant_id=principal.tenant_id, session_id=session_id,
+            self, principal.key_id, cache=self.cache, tenant_id=principal.tenant_id,
+            session_id=session_id,
             model=model, price=price, policy=policy, seed=self.ensure_wallet,
             on_audio=self._audio_limit(principal) if unit == AUDIO_UNIT else None,
         )
@@ -263,6 +325,7 @@ class BillingService:
         if not granted:
             await self.limits.release_session(principal.tenant_id, session_id)
             raise InsufficientBalance("wallet balance below the minimum lease; top up")
+        self._live.setdefault(principal.key_id, set()).add(meter)
         return meter
 
     async def reserve_request(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from server.billing.meter import UsageReport
+from server.billing.meter import KeyRevoked, UsageReport
 from server.billing.store import Price
 from server.billing.wallet_cache import ReplayEvent, WalletCache, WalletMissing
 
@@ -81,6 +81,7 @@ class WalletMeter:
         self._settled: UsageReport | None = None
         self._reported_units = 0
         self._rate_limited = False
+        self.revoked = False  # the session's API key was revoked: no new lease, end it
         self._lock = asyncio.Lock()
 
     # --- hot path -------------------------------------------------------------------------------
@@ -94,8 +95,14 @@ class WalletMeter:
     @property
     def exhausted(self) -> bool:
         """Accepted usage reached what the lease holds: the session must top up (an immediate
-        report) or stop. Checked per ingest batch, whatever Redis is doing."""
-        return self._price.cost(self.units) - self._base_cost >= self.granted
+        report) or stop. Checked per ingest batch, whatever Redis is doing; true at once when
+        the key is revoked, so a streaming session learns of it at its next batch."""
+        return self.revoked or self._price.cost(self.units) - self._base_cost >= self.granted
+
+    def revoke(self) -> None:
+        """The key was revoked: the session ends at its next batch or report (what it used up
+        to then is charged as usual at settle; the lease is never extended again)."""
+        self.revoked = True
 
     @property
     def billable(self) -> int:
@@ -142,7 +149,11 @@ class WalletMeter:
     async def top_up(self) -> bool:
         """The lease ran out between reports (a client faster than real time): report now,
         which tops the lease up if the wallet can; False if it could not."""
+        if self.revoked:
+            raise KeyRevoked("API key revoked")
         await self.report()
+        if self.revoked:
+            raise KeyRevoked("API key revoked")
         return not self.exhausted
 
     async def report(self) -> UsageReport:
@@ -163,9 +174,11 @@ class WalletMeter:
             self._pending = _Ack(self._seq, units - self._base_units,
                                  self._cost(units) - self._base_cost)
         p = self._pending
+        # A revoked key's lease is never renewed: its session is ending.
+        topup_want = 0 if self.revoked else self._cost(self._policy.lease_units)
         res = await self._cache.report(
             self.tenant_id, self.lease_id, seq=p.seq, cum_units=p.cum_units,
-            cum_cost=p.cum_cost, topup_want=self._cost(self._policy.lease_units),
+            cum_cost=p.cum_cost, topup_want=topup_want,
             low_water=self._cost(self._policy.low_units), ttl_ms=self._policy.ttl_ms,
         )
         if res.status == "unknown":
@@ -273,6 +286,7 @@ class WalletMeter:
             balance_low=not final and balance < low_water,
             exhausted=not final and remaining <= 0 and self._spendable <= 0 and self.units > 0,
             rate_limited=not final and self._rate_limited,
+            revoked=not final and self.revoked,
         )
 
     def _log(self) -> dict[str, str]:

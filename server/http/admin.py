@@ -100,6 +100,21 @@ def _date(request: web.Request, name: str) -> dt.date | None:
                        f"{name}: dates are YYYY-MM-DD, got {value[:40]!r}") from None
 
 
+def _check_path(request: web.Request) -> None:
+    """Path values no row can have never reach PostgreSQL (a NUL byte is an encoding error
+    there, not an empty result)."""
+    tenant = request.match_info.get("tenant")
+    if tenant is not None and not TENANT_ID.fullmatch(tenant):
+        raise ApiError(404, "not_found", "no such tenant")
+    key_id = request.match_info.get("key_id")
+    if key_id is not None and ("\x00" in key_id or len(key_id) > 200):
+        raise ApiError(404, "not_found", "no such key")
+    for name in ("model", "unit"):
+        value = request.match_info.get(name)
+        if value is not None and ("\x00" in value or len(value) > 200):
+            raise ApiError(400, "bad_request", f"{name}: no NUL bytes, at most 200 characters")
+
+
 def add_admin_routes(app: web.Application, billing: BillingService, token: str) -> None:
     expected = f"Bearer {token}".encode()
 
@@ -111,6 +126,7 @@ def add_admin_routes(app: web.Application, billing: BillingService, token: str) 
         if not hmac.compare_digest(given, expected):
             return error(401, "unauthorized", "admin token required")
         try:
+            _check_path(request)
             return await handler(request)
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.message, exc.headers)
@@ -162,7 +178,7 @@ def add_admin_routes(app: web.Application, billing: BillingService, token: str) 
         )
 
     async def revoke_key(request: web.Request) -> web.Response:
-        if not await store.revoke_key(request.match_info["key_id"]):
+        if not await billing.revoke_key(request.match_info["key_id"]):  # ends its sessions
             return error(404, "not_found", "no such key")
         return web.json_response({"key_id": request.match_info["key_id"], "revoked": True})
 

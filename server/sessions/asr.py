@@ -25,7 +25,12 @@ from server.audio.vad import (
     SpeechEnd,
     SpeechStart,
 )
-from server.billing.meter import UsageReport
+from server.billing.meter import (
+    KEY_REVOKED_CLOSE,
+    KEY_REVOKED_CODE,
+    KEY_REVOKED_MESSAGE,
+    UsageReport,
+)
 from server.config import AsrSessionConfig
 from server.flow_control.credit import CreditWindow
 from server.flow_control.ingest_queue import ControlLaneFull, IngestQueue
@@ -425,7 +430,9 @@ class AsrSession:
             self._events.append(
                 m.Warning(code="balance_low", message="wallet balance is running low; top up")
             )
-        if report.exhausted:
+        if report.revoked:
+            self.key_revoked()
+        elif report.exhausted:
             self.out_of_balance()
         elif report.rate_limited:
             self.fail(4029, "rate_limited", "audio seconds per minute limit reached",
@@ -433,6 +440,9 @@ class AsrSession:
 
     def out_of_balance(self) -> None:
         self.fail(4002, "insufficient_balance", "wallet balance exhausted; top up to continue")
+
+    def key_revoked(self) -> None:
+        self.fail(KEY_REVOKED_CLOSE, KEY_REVOKED_CODE, KEY_REVOKED_MESSAGE)
 
     @property
     def finals_pending(self) -> bool:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from server.billing.auth import Principal
 from server.billing.meter import (
     METER_ERRORS,
+    KeyRevoked,
     MeterFactory,
     SessionMeter,
     UsageReport,
@@ -342,13 +343,18 @@ class AsrSessionRunner:
         return True
 
     async def _extend_lease(self) -> None:
+        revoked = False
         try:
             extended = await self.meter.top_up()
+        except KeyRevoked:
+            extended, revoked = False, True
         except Exception:
             log.exception("lease top-up failed", extra=self._log_extra)
             extended = False
         self._top_up = None
-        if not extended and self.machine.state != "closed":
+        if revoked:
+            self.machine.key_revoked()
+        elif not extended and self.machine.state != "closed":
             self.machine.out_of_balance()
         elif self.conn.reading_paused and self.machine.queue.resumable:
             self.conn.resume_reading()

@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+from server.billing.meter import KEY_REVOKED_CLOSE, KEY_REVOKED_CODE, KeyRevoked
 from server.config import TelephonyConfig
 from server.telephony.agents import Agent, AgentError, AgentTurn, HistoryEntry
 from server.telephony.events import CallStarted
@@ -123,6 +124,10 @@ class Conversation:
     async def _extend_lease(self) -> None:
         try:
             extended = await self.meter.top_up()
+        except KeyRevoked:
+            self._top_up = None
+            self._end(KEY_REVOKED_CODE, KEY_REVOKED_CLOSE)
+            return
         except Exception:
             log.exception("agent-speech lease top-up failed", extra=self._log)
             extended = False

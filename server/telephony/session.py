@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from server.billing.auth import Principal
-from server.billing.meter import UsageReport, cancel_requested, report_delays
+from server.billing.meter import (
+    KEY_REVOKED_CLOSE,
+    KEY_REVOKED_CODE,
+    UsageReport,
+    cancel_requested,
+    report_delays,
+)
 from server.sessions import messages as m
 from server.sessions.asr import AsrSession
 from server.sessions.asr_params import AsrParams
@@ -328,7 +334,9 @@ class TelephonySession:
             report = await self._meters.tts.report()  # also tops the lease up
             if cancel_requested():
                 return
-            if report.exhausted:
+            if report.revoked:
+                self._end(KEY_REVOKED_CODE, KEY_REVOKED_CLOSE)
+            elif report.exhausted:
                 self._end("insufficient_balance", 4002)
 
     # --- the end --------------------------------------------------------------------------------
