@@ -269,6 +269,25 @@ async def test_usage_of_unknown_tenant_is_404(admin_server: AdminServer) -> None
     assert_error(reply, 404, "not_found")
 
 
+@pytest.mark.parametrize(("method", "path", "status", "code"), [
+    ("DELETE", "/admin/keys/%00", 404, "not_found"),
+    ("GET", "/admin/tenants/%00", 404, "not_found"),
+    ("GET", "/admin/tenants/a%00b/balance", 404, "not_found"),
+    ("GET", "/admin/tenants/ok%0A/usage", 404, "not_found"),
+    ("POST", "/admin/tenants/%00/keys", 404, "not_found"),
+    ("PUT", "/admin/prices/sp%00x/audio_ms", 400, "bad_request"),
+])
+async def test_path_values_no_row_can_have_never_reach_postgres(
+    admin_server: AdminServer, method: str, path: str, status: int, code: str,
+) -> None:
+    """A NUL byte is an encoding error in PostgreSQL: it was a 500 with an asyncpg traceback
+    (found by the hostile-input suite)."""
+    data = b'{"micros_per_block": 1, "block_units": 1}' if method == "PUT" else None
+    reply = await asyncio.to_thread(send, admin_server.server.http, method, path, data)
+    assert_error(reply, status, code)
+    assert_clean_log(admin_server.server)
+
+
 # --- item 7: a store that is down is 503, not a plain-text 500 ---------------------------------
 
 
