@@ -95,7 +95,7 @@ class Utf8ServerProtocol(ServerProtocol):
             self._check_text(frame.data, self._text_decoder, frame.fin)
             if frame.fin:
                 self._text_decoder = None
-        super().recv_frame(frame)
+        _recv_frame(self, frame)  # not super(): a text frame per 20 ms per telephony call
 
     @staticmethod
     def _check_text(data: bytes | bytearray | memoryview, decoder: codecs.IncrementalDecoder,
@@ -104,6 +104,9 @@ class Utf8ServerProtocol(ServerProtocol):
             decoder.decode(data, final)
         except UnicodeDecodeError as exc:
             raise InvalidText(exc.encoding, exc.object, exc.start, exc.end, exc.reason) from None
+
+
+_recv_frame = ServerProtocol.recv_frame
 
 
 class SessionHandler(Protocol):
