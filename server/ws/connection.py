@@ -19,7 +19,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
-from websockets.typing import Subprotocol
+from websockets.typing import StatusLike, Subprotocol
 
 from server.ws.handshake import Admitted, Rejected, error_frame_payload, json_response
 
@@ -81,6 +81,13 @@ class Utf8ServerProtocol(ServerProtocol):
         super().__init__(*args, **kwargs)
         # The UTF-8 state of a fragmented text message (a character may span fragments).
         self._text_decoder: codecs.IncrementalDecoder | None = None
+
+    def reject(self, status: StatusLike, text: str) -> Response:
+        """websockets' own refusals (invalid upgrade, request line or headers over its limits,
+        which it answers while parsing) in our JSON error shape instead of plain text."""
+        return json_response(
+            int(status), "bad_request", text.strip() or "invalid WebSocket upgrade"
+        )
 
     def recv_frame(self, frame: Frame) -> None:
         op = frame.opcode
@@ -394,13 +401,9 @@ class WsConnection(asyncio.Protocol):
             return
         response = self.protocol.accept(request)
         if response.status_code != 101:
-            # Not a valid WebSocket upgrade (missing headers, bad version): say so in JSON.
+            # Not a valid WebSocket upgrade (missing headers, bad version): JSON from reject().
             decision.cancel()
-            body = response.body.decode(errors="replace").strip() if response.body else ""
-            reply: Response = json_response(
-                response.status_code, "bad_request", body or "invalid WebSocket upgrade"
-            )
-            self.protocol.send_response(reply)
+            self.protocol.send_response(response)
             self.flush()
             return
         self.protocol.send_response(response)

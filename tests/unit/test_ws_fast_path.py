@@ -339,3 +339,41 @@ def test_a_text_frame_while_closing_ends_the_connection_without_data_after_our_c
     frames = server_frames(bytes(transport.out or b""))
     assert [op for op, _ in frames] == [0x8]  # no `error` after our own close frame
     assert transport.closed and conn.close_code == 4008
+
+
+# --- websockets' own refusals, in our JSON error shape -------------------------------------------
+
+
+def refusal(request: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
+    server = LoopFreeServer()
+    transport = MemoryTransport(keep=True)
+    conn = WsConnection(server)  # type: ignore[arg-type]
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(request)
+    sent = bytes(transport.out or b"")
+    head, _, body = sent.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    assert transport.closed and conn.session is None
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (upgrade_bytes("/rec?" + "a" * 9000), 414),  # request line over websockets' 8 KiB
+        (upgrade_bytes("/rec").replace(b"\r\n\r\n", b"\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n"),
+         431),
+        (upgrade_bytes("/rec").replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8"),
+         400),
+        (upgrade_bytes("/rec").replace(b"Upgrade: websocket\r\n", b""), 426),
+        (upgrade_bytes("/rec").replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""),
+         400),
+    ],
+)
+def test_websockets_refusals_are_json(request_bytes: bytes, status: int) -> None:
+    got, headers, body = refusal(request_bytes)
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    assert body["error"]["code"] == "bad_request", body
+    assert body["error"]["message"] and not body["error"]["message"].startswith("{"), body
