@@ -25,6 +25,7 @@ from server.billing.bootstrap import (
 from server.billing.meter import MeterFactory, PricedMeterFactory
 from server.billing.service import BillingService, UnmeteredRequests
 from server.config import Config
+from server.flow_control.http_body import HTTP_SHUTDOWN_MIN_GRACE_S
 from server.http.admin import add_admin_routes
 from server.http.app import build_http_app
 from server.http.auth import install_api_auth
@@ -142,7 +143,8 @@ class Gateway:
         ws.router.endpoints["/v1/tts/stream"] = tts_endpoint
         await ws.start(bound=self._ws_port)
         self._ws_port = None  # the WebSocket server owns it now
-        app = build_http_app(self.metrics, self._readiness)
+        app = build_http_app(self.metrics, self._readiness,
+                             body_timeout_s=cfg.server.http_body_timeout_s)
         install_api_auth(app, auth, self.billing)
         add_openapi_route(app)
         add_speech_routes(app, asr=asr_endpoint, tts=tts_endpoint)
@@ -152,7 +154,11 @@ class Gateway:
         if self.billing is not None:
             self.admin_token = cfg.billing.admin_token or secrets.token_urlsafe(24)
             add_admin_routes(app, self.billing, self.admin_token)
-        self._http = web.AppRunner(app, access_log=None, handle_signals=False)
+        # lingering_time=0: aiohttp would otherwise keep reading an unread body for 10 s after
+        # the request, in a task that neither a vanished client nor shutdown ends (a leaked task
+        # at exit); the body middleware does that discard inside the request instead.
+        self._http = web.AppRunner(app, access_log=None, handle_signals=False,
+                                   lingering_time=0)
         await self._http.setup()
         http_bound = self._http_port
         assert http_bound is not None
@@ -183,11 +189,30 @@ class Gateway:
         await self.stop()
         log.info("drain complete")
 
+    async def _close_http(self, drain_deadline: float) -> None:
+        """Close the HTTP listener, then give requests still running what is left of the drain
+        window (at least HTTP_SHUTDOWN_MIN_GRACE_S): aiohttp then fails their body reads (503
+        `draining` from the body middleware) and cancels what still runs. runner.cleanup()
+        alone would wait its fixed shutdown_timeout (60 s) for a stalled upload."""
+        runner = self._http
+        assert runner is not None
+        for site in runner.sites:
+            await site.stop()
+        server = runner.server
+        if server is not None:
+            await asyncio.sleep(0)  # as cleanup() does: connections just accepted get going
+            server.pre_shutdown()  # idle keep-alive connections close now
+            grace_s = max(drain_deadline - asyncio.get_running_loop().time(),
+                          HTTP_SHUTDOWN_MIN_GRACE_S)
+            await server.shutdown(grace_s)
+        await runner.cleanup()  # the app's cleanup contexts (upstream clients); no connections
+
     async def stop(self) -> None:
         if self._stopping:
             return
         self._stopping = True
         srv = self.config.server
+        drain_deadline = asyncio.get_running_loop().time() + srv.drain_timeout_s
         if self.ws is not None:
             # From here /readyz answers 503 and upgrades 503 `draining` until the listeners
             # close at the end of the window (WsServer.drain).
@@ -198,7 +223,7 @@ class Gateway:
         if self.telephony is not None:
             await self.telephony.aclose()  # the agent's HTTP client, after the calls ended
         if self._http is not None:
-            await self._http.cleanup()
+            await self._close_http(drain_deadline)
             self._http = None
             log.info("drain: listeners closed")
         self._release_ports()

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from server.flow_control.http_body import DEFAULT_BODY_TIMEOUT_S
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "default.toml"
 ENV_PREFIX = "STREAMGATE_"
 
@@ -42,6 +44,9 @@ class ServerConfig(Base):
     # polling /readyz see the node leave; capped at drain_timeout_s (docs/decisions/0602)
     drain_notice_s: float = 10.0
     housekeeping_interval_s: float = 0.25
+    # HTTP port: a request whose body stops arriving for this long (while its handler waits for
+    # it) gets 408 and its connection is closed (server/flow_control/http_body.py)
+    http_body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
 
 class LoggingConfig(Base):
@@ -421,6 +426,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("server.write_low_water_bytes must be > 0 and < write_high_water_bytes")
     if s.max_frame_bytes < 1024:
         raise ConfigError("server.max_frame_bytes must be at least 1024")
+    if not s.http_body_timeout_s > 0:
+        raise ConfigError("server.http_body_timeout_s must be positive")
     a = cfg.asr.session
     if a.vad_frame_ms not in (10, 20, 30):
         raise ConfigError("asr.session.vad_frame_ms must be 10, 20 or 30")
