@@ -55,7 +55,8 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise
+            tail = "\n".join(self.stderr_lines[-40:])
+            raise AssertionError(f"server did not stop within {timeout} s:\n{tail}") from None
 
 
 def start_server(extra_env: dict[str, str] | None = None) -> ServerProcess:
