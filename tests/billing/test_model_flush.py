@@ -77,7 +77,8 @@ class FlushMachine(RuleBasedStateMachine):
 
     def _affordable(self, lease: str, wanted: int) -> int:
         """Cap a charge at what the lease and the wallet (with overdraft) can pay: a meter never
-        reports usage it was not granted (see test_billing_e2e's xfail for the server side)."""
+        reports usage it was not granted (the server side: test_billing_e2e's
+        test_running_dry_never_charges_beyond_balance_plus_overdraft)."""
         cur = self.m.leases.get(lease)
         if cur is None:
             return wanted

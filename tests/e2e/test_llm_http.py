@@ -1,8 +1,7 @@
 """/v1/chat/completions and /v1/translate over real HTTP, against fake upstreams on loopback.
 
 Most tests serve the routes from an in-process aiohttp app (auth middleware, /metrics and
-/openapi.json as the gateway has them); the last one runs a real `streamgate serve` process and
-is skipped until the composition root wires the routes in.
+/openapi.json as the gateway has them); the last one runs a real `streamgate serve` process.
 """
 
 from __future__ import annotations
@@ -343,7 +342,7 @@ async def test_openapi_documents_both_routes() -> None:
 
 
 async def test_real_server_process_fails_over() -> None:
-    """Against `streamgate serve`, configured by env; skipped until app.py wires the routes."""
+    """Against `streamgate serve`, configured by env: the composition root wires the routes."""
     async with upstreams(1) as (b,):
         providers = (f'[{{name="primary", url="{closed_port_url()}", models={{chat="p"}}, '
                      f'retries=0, breaker_failures=1}}, {{name="secondary", url="{b.url}", '
@@ -354,16 +353,14 @@ async def test_real_server_process_fails_over() -> None:
             async with aiohttp.ClientSession(srv.http, headers={
                     "Authorization": f"Bearer {TEST_KEY}"}) as http:
                 async with http.get("/openapi.json") as resp:
-                    wired = "/v1/chat/completions" in (await resp.json())["paths"]
-                if wired:
-                    for _ in range(2):
-                        async with http.post("/v1/chat/completions", json=CHAT) as resp:
-                            assert resp.status == 200, await resp.text()
-                    async with http.get("/metrics") as resp:
-                        text = await resp.text()
-                    assert 'streamgate_llm_upstream_breaker_state{provider="primary"} 2.0' in text
-                    assert len(b.llm_requests) == 2
+                    paths = (await resp.json())["paths"]
+                assert {"/v1/chat/completions", "/v1/translate"} <= set(paths)
+                for _ in range(2):
+                    async with http.post("/v1/chat/completions", json=CHAT) as resp:
+                        assert resp.status == 200, await resp.text()
+                async with http.get("/metrics") as resp:
+                    text = await resp.text()
+                assert 'streamgate_llm_upstream_breaker_state{provider="primary"} 2.0' in text
+                assert len(b.llm_requests) == 2
         finally:
             assert await asyncio.to_thread(srv.stop) == 0
-    if not wired:
-        pytest.skip("server/app.py does not wire add_llm_routes yet")

@@ -2,7 +2,7 @@
 tests render themselves (Pillow + DejaVu / Lohit Devanagari fonts), and fake vision/text models.
 
 The routes are served from an in-process aiohttp app with the gateway's auth middleware and
-/openapi.json; the last test checks a real `streamgate serve` once app.py wires the routes.
+/openapi.json; the last test runs the route on a real `streamgate serve`.
 """
 
 from __future__ import annotations
@@ -400,12 +400,11 @@ async def test_openapi_documents_the_route() -> None:
 
 
 async def test_real_server_process_serves_the_route(server: ServerProcess) -> None:
-    """Against `streamgate serve`; skipped until server/app.py wires add_vision_routes."""
+    """Against `streamgate serve`: the composition root wires the route and documents it."""
     async with aiohttp.ClientSession(headers=AUTH) as client:
         async with client.get(f"{server.http}/openapi.json") as resp:
-            paths = (await resp.json()).get("paths", {})
-        if "/v1/vision/extract" not in paths:
-            pytest.skip("server/app.py does not wire add_vision_routes yet")
+            paths = (await resp.json())["paths"]
+        assert "/v1/vision/extract" in paths
         async with client.post(f"{server.http}/v1/vision/extract",
                                data=form(encode(text_page()), "image/png")) as resp:
             assert resp.status == 200, await resp.text()
