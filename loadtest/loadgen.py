@@ -9,9 +9,10 @@ Ways of driving the connections:
 
 - closed loop: every connection keeps up to `inflight` frames in flight (never more than its
   credit) and sends the next ones as they are acknowledged. `inflight=1` is "ack per frame" (the
-  DESIGN.md yardstick); `inflight=4` is how a credit-based client streams through streamgate's
-  80 ms window. For the echo servers any text frame acknowledges one frame (and the client acts
-  as if it had a 4-frame credit window); for streamgate a `credit` message returns bytes.
+  worst case in docs/benchmarks.md); `inflight=4` is how a credit-based client streams through
+  streamgate's 80 ms window. For the echo servers any text frame acknowledges one frame (and the
+  client acts as if it had a 4-frame credit window); for streamgate a `credit` message returns
+  bytes.
 - real time (open loop): every session sends one 20 ms frame every 20 ms, phases spread over the
   20 ms; it never exceeds the credit it was granted (a frame without credit waits, and its wait
   counts in its latency). Latency is frame-to-credit: from the frame's send (for a frame that

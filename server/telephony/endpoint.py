@@ -1,7 +1,7 @@
 """`/v1/telephony/twilio`: admission of provider media streams (Twilio, Exotel, Plivo, Telnyx).
 
 Providers connect from their own infrastructure and most cannot set headers, so there are two
-ways in (PROTOCOL.md, "Authentication"):
+ways in (docs/protocol.md, "Authentication and admission"):
 
 * a key at the upgrade (Authorization / token subprotocol / ?api_key): the router has already
   authenticated it; the meters are opened here, so 402/429/503 are plain HTTP answers as for

@@ -57,8 +57,8 @@ class CallStarted:
     """The ``start`` message: identifies the call and fixes the audio format both ways.
 
     ``tracks`` is what the provider announced (``()`` when it does not say, e.g. Telnyx).
-    ``custom_parameters`` is where an API key may arrive (PROTOCOL.md, "Telephony"), as
-    strings whatever type the provider used.
+    ``custom_parameters`` is where an API key may arrive (docs/protocol.md, "Telephony as
+    implemented"), as strings whatever type the provider used.
     """
 
     stream_id: str

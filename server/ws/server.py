@@ -78,7 +78,8 @@ class Router:
             admit_without_key = getattr(endpoint, "admit_without_key", None)
             if admit_without_key is not None:
                 # Telephony providers cannot set headers: the key arrives in-band (the start
-                # event) and the endpoint authenticates it there (PROTOCOL.md, Authentication).
+                # event) and the endpoint authenticates it there (docs/protocol.md,
+                # "Authentication and admission").
                 deferred: Admitted | Rejected = await admit_without_key(upgrade)
                 return deferred
         try:
