@@ -353,12 +353,26 @@ class TelephonySession:
         if was == "live":
             self._spawn(self._finish(reason, code))
             return
-        if self._meters is not None:
-            self._spawn(self._meters.settle())
         if not self._gone:
-            log.info("call closed before it started", extra={**self._log, "reason": reason,
-                                                               "close_code": code})
             self.conn.close(code, reason)
+        self._spawn(self._finish_unstarted(reason, code))
+
+    async def _finish_unstarted(self, reason: str, code: int) -> None:
+        """A call that never went live (no `start`, no valid key, refused, hung up early) still
+        gets its one `call ended` line, like every socket this endpoint accepted, once what it
+        reserved is settled: an operator counts calls, and sees why these ones never started."""
+        current = asyncio.current_task()
+        admitting = [task for task in self._tasks if task is not current]
+        if admitting:
+            # An admission in flight settles the meters it opens once it sees the call ended.
+            await asyncio.wait(admitting)
+        extra = {**self._log, "reason": reason, "close_code": code, "started": False}
+        if self._principal is not None:
+            extra["tenant_id"] = self._principal.tenant_id
+        if self._meters is not None:
+            await self._meters.settle()
+            extra["session_id"] = self._meters.session_id  # its usage events carry this id
+        log.info("call ended", extra=extra)
 
     async def _finish(self, reason: str, code: int) -> None:
         runner, playback, meters = self.runner, self.playback, self._meters
@@ -393,7 +407,8 @@ class TelephonySession:
             log.error("caller-audio meter not settled", extra=self._log)
         asr = meters.asr.final
         log.info("call ended", extra={
-            **self._log, "reason": reason, "close_code": code, "turns": conversation.turns,
+            **self._log, "reason": reason, "close_code": code, "started": True,
+            "turns": conversation.turns,
             "barge_ins": conversation.barge_ins, "played_ms": int(playback.played_ms),
             "sent_ms": int(playback.sent_ms),
             "asr_audio_ms": asr.audio_ms if asr else None,

@@ -380,10 +380,27 @@ class WsConnection(asyncio.Protocol):
     def _request(self, request: Request) -> None:
         self.path = request.path
         assert self.transport is not None
+        # websockets judges the handshake before admission does: admission authenticates,
+        # spends a rate-limit token, counts a concurrent session and reserves a lease, so a
+        # request websockets would refuse (not GET, no Upgrade, bad key or version) must never
+        # reach it. `accept` only builds the response; nothing is sent or changed until
+        # send_response, so the 101 waits for admission.
+        response = self.protocol.accept(request)
+        if response.status_code != 101:
+            self._refuse_handshake(response)
+            return
         self.transport.pause_reading()  # nothing to read until the upgrade is decided
-        self.server.spawn(self._admit(request))
+        self.server.spawn(self._admit(request, response))
 
-    async def _admit(self, request: Request) -> None:
+    def _refuse_handshake(self, response: Response) -> None:
+        """An invalid WebSocket upgrade: JSON from reject(), sent at the end of this read."""
+        status = response.status_code
+        self.server.metrics.upgrades_rejected.labels(str(status)).inc()
+        log.info("upgrade rejected", extra={"path": self.path.split("?")[0], "status": status,
+                                            "code": "bad_request", "peer": self.peer})
+        self.protocol.send_response(response)
+
+    async def _admit(self, request: Request, response: Response) -> None:
         try:
             decision = await self.server.router.admit(request, self)
         except Exception:
@@ -397,13 +414,6 @@ class WsConnection(asyncio.Protocol):
             self.protocol.send_response(
                 json_response(decision.status, decision.code, decision.message, decision.headers)
             )
-            self.flush()
-            return
-        response = self.protocol.accept(request)
-        if response.status_code != 101:
-            # Not a valid WebSocket upgrade (missing headers, bad version): JSON from reject().
-            decision.cancel()
-            self.protocol.send_response(response)
             self.flush()
             return
         self.protocol.send_response(response)

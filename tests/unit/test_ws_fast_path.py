@@ -22,6 +22,7 @@ from websockets.utils import apply_mask
 
 from loadtest.hotpath import MemoryTransport, upgrade_bytes
 from server.config import load_config
+from server.telemetry.metrics import Metrics
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted
 
@@ -72,6 +73,7 @@ class LoopFreeServer:
         self.now = 0.0
         self.log: list[tuple[str, Any]] = []
         self.router = Router(self.log)
+        self.metrics = Metrics()  # invalid handshakes are counted by the connection itself
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         try:
