@@ -1,25 +1,31 @@
-"""The TTS session machine, sans-I/O: text in, synthesis requests out, engine audio in, audio
-frames and events out, paced by the client's playback credit.
+"""The TTS session machine, sans-I/O: typed commands in (text, flush, interrupt, credit, end of
+input, close, engine results), audio frames, events and instructions out, paced by the peer's
+playback credit.
 
 Outbound order is the contract: a chunk's audio frames, then its `audio_done`; `flushed` after
 the audio of everything flushed; so both sit in one ordered queue with the audio. `error`,
-`cleared`, `usage` and `warning` bypass it. Audio frames leave only while the client holds
-credit for them; what the engine produces beyond that waits here, and the runner stops pulling
-from the engine once `backlog_bytes` passes its bound, so a slow listener never makes the
-server buffer unbounded audio.
+`cleared`, `usage` and `warning` bypass it. Audio frames leave only while the peer holds
+credit for them (flow_control.credit); what the engine produces beyond that waits here, and
+the machine asks for no more engine audio once it passes its bound (flow_control.audio_backlog),
+so a slow listener never makes the server buffer unbounded audio.
 
 Text waits here too, until the runner takes it chunk by chunk (`next_request`) as synthesis
-makes progress, so what waits is known and bounded (`pending_chars`, flow_control.text_backlog).
+makes progress, so what waits is known and bounded (`pending_chars`, flow_control.text_backlog);
+the machine says when the socket should stop being read (`TtsOutput.reading`).
 `characters` counts text accepted for synthesis; `characters_synthesized` counts the chunks the
 engine has produced audio for, which is what a `/v1/tts/stream` session is charged.
+
+The session's state (open -> closing -> closed) is private: only commands move it, along
+`TRANSITIONS`; any other move raises `IllegalTransition` (a bug, never a client's doing).
+JSON is decoded at the edge only: `receive_text` turns a client frame into a command.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -33,12 +39,32 @@ from server.billing.meter import (
     UsageReport,
 )
 from server.config import TtsSessionConfig
+from server.flow_control.audio_backlog import AudioBacklogBound
+from server.flow_control.credit import CreditWindow
 from server.flow_control.text_backlog import TextBacklogBound
 from server.sessions import messages as m
 from server.sessions.asr import CloseAction
+from server.sessions.asr_params import BadParams
 
 State = Literal["open", "closing", "closed"]
 _OUT = bytes | m.AudioDone | m.Flushed
+
+# Every legal move of the session's state; anything else is a bug (IllegalTransition).
+TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
+    "open": frozenset({"closing", "closed"}),
+    "closing": frozenset({"closed"}),
+    "closed": frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A move the transition table does not allow (as h11's LocalProtocolError)."""
+
+
+def transition(state: State, to: State) -> State:
+    if to not in TRANSITIONS[state]:
+        raise IllegalTransition(f"TTS session cannot go from {state!r} to {to!r}")
+    return to
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +85,132 @@ class TtsParams:
 class SynthRequest:
     chunk_id: int
     text: str
-    generation: int  # bumped by `clear`: audio of an older generation is dropped
+    generation: int  # bumped by an interrupt: audio of an older generation is dropped
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """The session is open: `ready` goes out."""
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitText:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Speak what is buffered without waiting for a sentence end; `flushed` once played out."""
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    """Barge-in: drop buffered text, unsent audio and pending synthesis at once.
+    `peer_cleared`: the peer dropped the audio it held too (a telephony provider's `clear`),
+    so the whole credit window is ours again; a WebSocket client returns its own credit."""
+
+    peer_cleared: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GrantCredit:
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reconfigure:
+    config: m.TtsConfigMsg
+
+
+@dataclass(frozen=True, slots=True)
+class EndInput:
+    """The client's `close`: speak what is buffered, send the rest of the audio, then close."""
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """The server is draining: finish what is chunked (buffered text without a sentence end is
+    not spoken), then close 1001."""
+
+
+@dataclass(frozen=True, slots=True)
+class IdleTimeout:
+    """No client message for `timeout_s`: ends the session only if nothing is left to do (a
+    TTS client may legitimately be silent while its audio plays out)."""
+
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """End the session now with a non-1000 code: an `error` with `error_code` goes first."""
+
+    code: int
+    error_code: str
+    message: str
+    retryable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The meter settled: the `summary` (and for a non-1000 code an `error`), then the close."""
+
+    report: UsageReport
+    code: int = 1000
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A periodic meter report: `usage` goes out; an exhausted or revoked wallet ends it."""
+
+    report: UsageReport
+
+
+@dataclass(frozen=True, slots=True)
+class EngineAudio:
+    request: SynthRequest
+    pcm: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EngineDone:
+    request: SynthRequest
+
+
+@dataclass(frozen=True, slots=True)
+class EngineFailed:
+    request: SynthRequest
+    message: str
+    retryable: bool
+
+
+Command = (Start | SubmitText | Flush | Interrupt | GrantCredit | Reconfigure | EndInput | Drain
+           | IdleTimeout | Close | Finish | Usage | EngineAudio | EngineDone | EngineFailed)
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TtsOutput:
+    """What the machine wants done after a step, for the runner to carry out."""
+
+    # In order: events (to encode) and audio frames (credit for them already spent).
+    messages: list[m.TtsServerMessage | bytes]
+    # An interrupt dropped the chunk being synthesized: cancel the engine call.
+    cancel_synthesis: bool
+    # Reading the socket: "pause" (text backlog full and the session can go on without the
+    # client), "resume", or None (no change).
+    reading: Literal["pause", "resume"] | None
+    # Engine audio may be pulled (the audio backlog is under its bound).
+    wants_audio: bool
+    # Close the connection with this code once `messages` are sent.
+    close: CloseAction | None
 
 
 @dataclass(slots=True)
@@ -70,6 +221,10 @@ class _Chunk:
     done: bool = False
     started: bool = False  # its first audio frame is queued
     synthesized: bool = False  # the engine produced audio for it: it is charged
+
+
+def default_frame_bytes(params: TtsParams, chunk_ms: int) -> int:
+    return max(2, int(chunk_ms * params.bytes_per_ms))
 
 
 class TtsSession:
@@ -86,10 +241,12 @@ class TtsSession:
         max_tokens: int | None,
         limits: m.Limits,
         early_first_frame: bool = False,
+        frame_bytes: int | None = None,
     ) -> None:
         """`early_first_frame`: a chunk's first frame leaves as soon as any of its audio exists
         (time to first audio); off where the peer needs whole frames (telephony providers
-        with fixed media sizes)."""
+        with fixed media sizes). `frame_bytes`: a peer's own frame size (Exotel's multiples
+        of 320 bytes) instead of `chunk_ms`; the credit window then holds at least two."""
         self.early_first_frame = early_first_frame
         self.session_id = session_id
         self.resume_token = resume_token
@@ -97,99 +254,142 @@ class TtsSession:
         self.settings = settings
         self.models = models
         self._limits = limits
-        self.state: State = "open"
+        self._state: State = "open"
         self.close_action: CloseAction | None = None
         self.chunker = TextChunker(max_chars, max_tokens)
         self.resampler = Resampler(engine_rate, params.sample_rate)
         self.encoder = StreamEncoder(params.encoding, params.sample_rate)
-        self.frame_bytes = max(2, int(settings.chunk_ms * params.bytes_per_ms))
-        self.credit = int(settings.credit_ms * params.bytes_per_ms)
+        self.frame_bytes = 0
+        self.credit = CreditWindow(0)
+        self.audio_backlog = AudioBacklogBound(0)
+        self._size_frames(frame_bytes)
         self.generation = 0
         self._next_chunk = 0
         self._chunks: dict[int, _Chunk] = {}
         self._out: deque[_OUT] = deque()
+        self._out_bytes = 0  # audio bytes in `_out`
         self._flush_marks: deque[int] = deque()  # chunk ids whose completion answers a flush
         self._partial = bytearray()
         self._immediate: list[m.TtsServerMessage | bytes] = []
         self._requests: deque[SynthRequest] = deque()  # chunks not yet handed to the engine
         self._queued_chars = 0  # their characters
         self.text_backlog = TextBacklogBound(settings.max_pending_chars)
+        self._reading_paused = False
         self.pending_peak = 0  # the most text ever waiting at once
         self.characters = 0
         self.characters_synthesized = 0
         self.samples_sent = 0
         self.chunks_done = 0
-        self.cancel_requested = False
+        self._cancel_synthesis = False
+        self._handlers: dict[type[Any], Callable[[Any], None]] = {
+            Start: self._start, SubmitText: self._submit_text, Flush: self._flush,
+            Interrupt: self._interrupt, GrantCredit: self._grant_credit,
+            Reconfigure: self._reconfigure, EndInput: self._end_input, Drain: self._drain,
+            IdleTimeout: self._idle_timeout, Close: self._close, Finish: self._finish,
+            Usage: self._usage, EngineAudio: self._engine_audio, EngineDone: self._engine_done,
+            EngineFailed: self._engine_failed,
+        }
 
-    def start(self) -> None:
+    def _size_frames(self, frame_bytes: int | None) -> None:
+        window = int(self.settings.credit_ms * self.params.bytes_per_ms)
+        if frame_bytes is None:
+            self.frame_bytes = default_frame_bytes(self.params, self.settings.chunk_ms)
+        else:
+            self.frame_bytes = frame_bytes
+            window = max(window, 2 * frame_bytes)
+        self.credit = CreditWindow(window)
+        self.audio_backlog = AudioBacklogBound.for_window(window, self.params.bytes_per_ms)
+
+    # --- commands -------------------------------------------------------------------------------
+
+    def handle(self, command: Command) -> None:
+        self._handlers[type(command)](command)
+
+    def receive_text(self, data: bytes) -> None:
+        """The edge: a client text frame, decoded into a command (or answered bad_message)."""
+        try:
+            msg = m.decode_client_message(data, m.tts_client_decoder)
+        except m.BadMessage as exc:
+            self._error("bad_message", str(exc))
+            return
+        cmd = _client_command(msg)
+        if cmd is not None:
+            self.handle(cmd)
+
+    def receive_binary(self, data: bytes) -> None:
+        self._error("bad_message", "a TTS session takes text messages, not audio")
+
+    def _start(self, _: Start) -> None:
         self._immediate.append(
             m.Ready(
                 session_id=self.session_id,
                 resume_token=self.resume_token,
                 audio=m.AudioFormat(encoding=self.params.encoding,
                                     sample_rate=self.params.sample_rate),
-                credit_bytes=self.credit,
+                credit_bytes=self.credit.outstanding,
                 limits=self._limits,
                 model=self.params.model,
             )
         )
 
-    # --- client messages ------------------------------------------------------------------------
+    def _grant_credit(self, cmd: GrantCredit) -> None:
+        if cmd.bytes <= 0:
+            self._error("bad_message", "credit.bytes must be positive")
+        else:
+            self.credit.grant(cmd.bytes)
 
-    def receive_text(self, data: bytes) -> None:
-        try:
-            msg = m.decode_client_message(data, m.tts_client_decoder)
-        except m.BadMessage as exc:
-            self._error("bad_message", str(exc))
+    def _submit_text(self, cmd: SubmitText) -> None:
+        if self._state != "open":
             return
-        if isinstance(msg, m.KeepAlive):
+        text = cmd.text
+        if not self.text_backlog.admits(self.pending_chars, len(text)):
+            self._error("text_backlog_full", f"more than {self.text_backlog.limit} characters "
+                        "waiting for synthesis; send more as audio is played")
             return
-        if isinstance(msg, m.CreditGrant):
-            if msg.bytes <= 0:
-                self._error("bad_message", "credit.bytes must be positive")
-            else:
-                self.credit += msg.bytes
+        if len(self.chunker.buffered) + len(text) > self.settings.max_text_chars:
+            self._error("text_too_long", f"more than {self.settings.max_text_chars} "
+                        "characters buffered without a sentence end; send flush")
             return
-        if isinstance(msg, m.TtsConfigMsg):
-            self._reconfigure(msg)
-            return
-        if self.state != "open":
-            return
-        if isinstance(msg, m.Text):
-            if not self.text_backlog.admits(self.pending_chars, len(msg.text)):
-                self._error("text_backlog_full", f"more than {self.text_backlog.limit} characters "
-                            "waiting for synthesis; send more as audio is played")
-                return
-            if len(self.chunker.buffered) + len(msg.text) > self.settings.max_text_chars:
-                self._error("text_too_long", f"more than {self.settings.max_text_chars} "
-                            "characters buffered without a sentence end; send flush")
-                return
-            self._chunks_ready(self.chunker.push(msg.text))
-            self.pending_peak = max(self.pending_peak, self.pending_chars)
-        elif isinstance(msg, m.Flush):
-            self._chunks_ready(self.chunker.flush())
-            pending = [c.chunk_id for c in self._chunks.values() if not c.done]
-            if pending:
-                # Answered once the last chunk flushed so far has all its audio queued.
-                self._flush_marks.append(max(pending))
-            else:
-                self._out.append(m.Flushed())
-        elif isinstance(msg, m.Clear):
-            self.clear()
-        elif isinstance(msg, m.Close):
-            self._chunks_ready(self.chunker.flush())
-            self.state = "closing"
+        self._chunks_ready(self.chunker.push(text))
+        self.pending_peak = max(self.pending_peak, self.pending_chars)
 
-    def _reconfigure(self, msg: m.TtsConfigMsg) -> None:
-        if self._next_chunk or self.chunker.buffered or self.state != "open":
+    def _flush(self, _: Flush) -> None:
+        if self._state != "open":
+            return
+        self._chunks_ready(self.chunker.flush())
+        pending = [c.chunk_id for c in self._chunks.values() if not c.done]
+        if pending:
+            # Answered once the last chunk flushed so far has all its audio queued.
+            self._flush_marks.append(max(pending))
+        else:
+            self._out.append(m.Flushed())
+
+    def _end_input(self, _: EndInput) -> None:
+        if self._state != "open":
+            return
+        self._chunks_ready(self.chunker.flush())
+        self._move("closing")
+
+    def _drain(self, _: Drain) -> None:
+        if self._state == "open":
+            self._move("closing")
+
+    def _idle_timeout(self, cmd: IdleTimeout) -> None:
+        if self._state == "open" and self.idle:
+            self._close(Close(4008, "idle_timeout",
+                              f"no text or keepalive for {cmd.timeout_s:g} s"))
+
+    def _reconfigure(self, cmd: Reconfigure) -> None:
+        msg = cmd.config
+        if self._next_chunk or self.chunker.buffered or self._state != "open":
             self._error("bad_message", "config must come before the first text")
             return
         if msg.model is not None and msg.model != self.params.model:
-            self.fail(4400, "bad_config", "the model is chosen in the query string")
+            self._close(Close(4400, "bad_config", "the model is chosen in the query string"))
             return
         rate = msg.sample_rate or self.params.sample_rate
         if not 8000 <= rate <= 48000:
-            self.fail(4400, "bad_config", f"sample_rate must be 8000-48000, got {rate}")
+            self._close(Close(4400, "bad_config", f"sample_rate must be 8000-48000, got {rate}"))
             return
         self.params = TtsParams(
             model=self.params.model, voice=msg.voice or self.params.voice,
@@ -198,12 +398,8 @@ class TtsSession:
         )
         self.resampler = Resampler(self.resampler.in_rate, rate)
         self.encoder = StreamEncoder(self.params.encoding, rate)
-        self.frame_bytes = max(2, int(self.settings.chunk_ms * self.params.bytes_per_ms))
-        self.credit = int(self.settings.credit_ms * self.params.bytes_per_ms)
-        self.start()
-
-    def receive_binary(self, data: bytes) -> None:
-        self._error("bad_message", "a TTS session takes text messages, not audio")
+        self._size_frames(None)
+        self._start(Start())
 
     def _chunks_ready(self, texts: list[str]) -> None:
         for text in texts:
@@ -214,25 +410,31 @@ class TtsSession:
             self._queued_chars += len(text)
             self._requests.append(SynthRequest(chunk.chunk_id, text, self.generation))
 
-    def clear(self) -> None:
-        """Barge-in: drop buffered text, unsent audio and pending synthesis at once."""
+    def _interrupt(self, cmd: Interrupt) -> None:
+        if self._state != "open":
+            return  # closing: what was asked for is still played out
         self.chunker.clear()
         self.generation += 1
         self._requests.clear()
         self._queued_chars = 0
         self._chunks.clear()
         self._out.clear()
+        self._out_bytes = 0
         self._partial.clear()
         self._flush_marks.clear()
-        self.cancel_requested = True
+        self._cancel_synthesis = True
+        if cmd.peer_cleared:
+            self.credit.refill()
         self._immediate.append(m.Cleared())
 
     # --- engine side ----------------------------------------------------------------------------
 
-    def receive_audio(self, req: SynthRequest, pcm: bytes) -> None:
+    def _engine_audio(self, cmd: EngineAudio) -> None:
+        req = cmd.request
         chunk = self._chunks.get(req.chunk_id)
-        if chunk is None or req.generation != self.generation or self.state == "closed":
+        if chunk is None or req.generation != self.generation or self._state == "closed":
             return
+        pcm = cmd.pcm
         if pcm and not chunk.synthesized:
             # Charged in full from its first audio on: that audio may be on its way out now.
             chunk.synthesized = True
@@ -240,23 +442,29 @@ class TtsSession:
         samples = self.resampler.process(np.frombuffer(pcm, dtype="<i2"))
         self._queue_samples(chunk, samples)
 
+    def _queue_frame(self, frame: bytes) -> None:
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+
     def _queue_samples(self, chunk: _Chunk, samples: np.ndarray) -> None:
         if not len(samples):
             return
         chunk.samples += len(samples)
-        self._partial += self.encoder.encode(samples)
+        partial = self._partial
+        partial += self.encoder.encode(samples)
         frame = self.frame_bytes
         if not chunk.started and self.early_first_frame:
             # Time to first audio: the chunk's first frame leaves with what the engine has
             # produced so far (up to chunk_ms) instead of waiting for a whole chunk_ms of it.
             chunk.started = True
-            self._out.append(bytes(self._partial[:frame]))
-            del self._partial[:frame]
-        while len(self._partial) >= frame:
-            self._out.append(bytes(self._partial[:frame]))
-            del self._partial[:frame]
+            self._queue_frame(bytes(partial[:frame]))
+            del partial[:frame]
+        while len(partial) >= frame:
+            self._queue_frame(bytes(partial[:frame]))
+            del partial[:frame]
 
-    def synthesis_done(self, req: SynthRequest) -> None:
+    def _engine_done(self, cmd: EngineDone) -> None:
+        req = cmd.request
         chunk = self._chunks.get(req.chunk_id)
         if chunk is None or req.generation != self.generation:
             return
@@ -264,7 +472,7 @@ class TtsSession:
         self._queue_samples(chunk, self.resampler.flush())
         self.resampler = Resampler(self.resampler.in_rate, self.resampler.out_rate)
         if self._partial:
-            self._out.append(bytes(self._partial))
+            self._queue_frame(bytes(self._partial))
             self._partial.clear()
         chunk.done = True
         self._out.append(m.AudioDone(
@@ -278,35 +486,104 @@ class TtsSession:
             self._flush_marks.popleft()
             self._out.append(m.Flushed())
 
-    def synthesis_failed(self, req: SynthRequest, message: str, retryable: bool) -> None:
+    def _engine_failed(self, cmd: EngineFailed) -> None:
+        req = cmd.request
         if self._chunks.pop(req.chunk_id, None) is None or req.generation != self.generation:
             return
         self._release_flush_marks(req.chunk_id)
-        self._immediate.append(m.Error(code="engine_error", retryable=retryable,
+        self._immediate.append(m.Error(code="engine_error", retryable=cmd.retryable,
                                        message=f"chunk {req.chunk_id} not synthesized: "
-                                       f"{message}"[:200]))
+                                       f"{cmd.message}"[:200]))
+
+    # --- the end --------------------------------------------------------------------------------
+
+    def _usage(self, cmd: Usage) -> None:
+        report = cmd.report
+        if self._state == "closed":
+            return
+        self._immediate.append(m.TtsUsage(characters=self.characters_synthesized,
+                                          audio_ms=self.audio_ms,
+                                          cost_micros=report.cost_micros,
+                                          balance_micros=report.balance_micros))
+        if report.revoked:
+            self._close(Close(KEY_REVOKED_CLOSE, KEY_REVOKED_CODE, KEY_REVOKED_MESSAGE))
+        elif report.exhausted:
+            self._close(Close(4002, "insufficient_balance", "wallet balance exhausted; top up"))
+
+    def _finish(self, cmd: Finish) -> None:
+        if self._state == "closed":
+            return
+        self._immediate.append(m.TtsSummary(characters=self.characters_synthesized,
+                                            audio_ms=self.audio_ms,
+                                            cost_micros=cmd.report.cost_micros,
+                                            chunks=self.chunks_done))
+        if cmd.code != 1000:
+            self._immediate.append(m.Error(code=cmd.reason, message=cmd.message or cmd.reason,
+                                           retryable=True))
+        self._move("closed")
+        self.close_action = CloseAction(cmd.code, cmd.reason)
+
+    def _close(self, cmd: Close) -> None:
+        if self._state == "closed":
+            return
+        self._immediate.append(m.Error(code=cmd.error_code, message=cmd.message[:200],
+                                       retryable=cmd.retryable))
+        self._move("closed")
+        self.close_action = CloseAction(cmd.code, cmd.error_code)
+        self._requests.clear()
+        self._queued_chars = 0
+        self._out.clear()
+        self._out_bytes = 0
+
+    def _move(self, to: State) -> None:
+        self._state = transition(self._state, to)
+
+    def _error(self, code: str, message: str) -> None:
+        self._immediate.append(m.Error(code=code, message=message[:200]))
 
     # --- output ---------------------------------------------------------------------------------
 
-    def output(self, *, can_write: bool = True) -> list[m.TtsServerMessage | bytes]:
-        """Everything that may go out now: immediate events, then queued audio and events in
-        order while credit lasts (audio_done/flushed wait behind their audio)."""
+    def poll(self, *, can_write: bool = True) -> TtsOutput:
+        """One step's output: immediate events, then queued audio and events in order while
+        credit lasts (audio_done/flushed wait behind their audio), and the instructions."""
         out, self._immediate = self._immediate, []
-        while can_write and self._out:
-            item = self._out[0]
+        queue, credit = self._out, self.credit
+        while can_write and queue:
+            item = queue[0]
             if isinstance(item, bytes):
-                if len(item) > self.credit:
+                n = len(item)
+                if not credit.covers(n):
                     break
-                self.credit -= len(item)
-                self.samples_sent += len(item) // self.encoder.bytes_per_sample
+                credit.spend(n)
+                self._out_bytes -= n
+                self.samples_sent += n // self.encoder.bytes_per_sample
             elif isinstance(item, m.AudioDone):
                 self._chunks.pop(item.chunk_id, None)
                 self.chunks_done += 1
-            self._out.popleft()
+            queue.popleft()
             out.append(item)
-        return out
+        cancel, self._cancel_synthesis = self._cancel_synthesis, False
+        return TtsOutput(messages=out, cancel_synthesis=cancel, reading=self._reading(),
+                         wants_audio=self.wants_audio,
+                         close=self.close_action)
 
-    def requests(self) -> list[SynthRequest]:
+    def _reading(self) -> Literal["pause", "resume"] | None:
+        """Back pressure on text: stop reading while the text backlog is full and the session
+        can go on without the client; read while it needs the client's `credit` (text beyond
+        the backlog's limit is then refused) or once the backlog is down to its low-water."""
+        pending = self.pending_chars
+        if self._reading_paused:
+            if self.text_backlog.resumable(pending) or self.awaiting_credit \
+                    or self._state == "closed":
+                self._reading_paused = False
+                return "resume"
+        elif self.text_backlog.full(pending) and not self.awaiting_credit \
+                and self._state != "closed":
+            self._reading_paused = True
+            return "pause"
+        return None
+
+    def take_requests(self) -> list[SynthRequest]:
         """Every chunk waiting, at once (telephony: a reply is bounded by the agent)."""
         reqs = list(self._requests)
         self._requests.clear()
@@ -322,6 +599,12 @@ class TtsSession:
         self._queued_chars -= len(req.text)
         return req
 
+    # --- read-only views ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
     @property
     def has_requests(self) -> bool:
         return bool(self._requests)
@@ -333,14 +616,20 @@ class TtsSession:
 
     @property
     def awaiting_credit(self) -> bool:
-        """Audio is ready but the client's credit does not cover it: only a message from the
-        client (`credit`, `clear`) lets the session go on."""
+        """Audio is ready but the peer's credit does not cover it: only a message from the
+        peer (`credit`, `clear`, a mark echo) lets the session go on."""
         out = self._out
-        return bool(out) and isinstance(out[0], bytes) and len(out[0]) > self.credit
+        return bool(out) and isinstance(out[0], bytes) and not self.credit.covers(len(out[0]))
 
     @property
     def backlog_bytes(self) -> int:
-        return len(self._partial) + sum(len(i) for i in self._out if isinstance(i, bytes))
+        """Encoded audio made and not sent yet."""
+        return len(self._partial) + self._out_bytes
+
+    @property
+    def wants_audio(self) -> bool:
+        """Engine audio may be pulled: what waits for credit is under its bound."""
+        return not self.audio_backlog.full(self.backlog_bytes)
 
     @property
     def idle(self) -> bool:
@@ -348,62 +637,45 @@ class TtsSession:
         return not self._chunks and not self._out and not self._requests
 
     @property
+    def text_buffered(self) -> bool:
+        """Text without a sentence end waits for more (or a flush)."""
+        return bool(self.chunker.buffered)
+
+    @property
     def audio_ms(self) -> int:
         return self.samples_sent * 1000 // self.params.sample_rate
 
-    def usage(self, report: UsageReport) -> None:
-        self._immediate.append(m.TtsUsage(characters=self.characters_synthesized,
-                                          audio_ms=self.audio_ms,
-                                          cost_micros=report.cost_micros,
-                                          balance_micros=report.balance_micros))
-        if report.revoked:
-            self.fail(KEY_REVOKED_CLOSE, KEY_REVOKED_CODE, KEY_REVOKED_MESSAGE)
-        elif report.exhausted:
-            self.fail(4002, "insufficient_balance", "wallet balance exhausted; top up")
 
-    def finish(self, report: UsageReport, code: int = 1000, reason: str = "",
-               message: str = "") -> None:
-        if self.state == "closed":
-            return
-        self._immediate.append(m.TtsSummary(characters=self.characters_synthesized,
-                                            audio_ms=self.audio_ms,
-                                            cost_micros=report.cost_micros,
-                                            chunks=self.chunks_done))
-        if code != 1000:
-            self._immediate.append(m.Error(code=reason, message=message or reason,
-                                           retryable=True))
-        self.state = "closed"
-        self.close_action = CloseAction(code, reason)
-
-    def fail(self, code: int, error_code: str, message: str, *, retryable: bool = False) -> None:
-        if self.state == "closed":
-            return
-        self._immediate.append(m.Error(code=error_code, message=message[:200],
-                                       retryable=retryable))
-        self.state = "closed"
-        self.close_action = CloseAction(code, error_code)
-        self._requests.clear()
-        self._queued_chars = 0
-        self._out.clear()
-
-    def _error(self, code: str, message: str) -> None:
-        self._immediate.append(m.Error(code=code, message=message[:200]))
+def _client_command(msg: m.TtsClientMessage) -> Command | None:
+    if isinstance(msg, m.Text):
+        return SubmitText(msg.text)
+    if isinstance(msg, m.CreditGrant):
+        return GrantCredit(msg.bytes)
+    if isinstance(msg, m.Flush):
+        return Flush()
+    if isinstance(msg, m.Clear):
+        return Interrupt()
+    if isinstance(msg, m.Close):
+        return EndInput()
+    if isinstance(msg, m.TtsConfigMsg):
+        return Reconfigure(msg)
+    return None  # keepalive: liveness is the connection's business
 
 
 def tts_params(query: dict[str, str], *, default_model: str, models: Collection[str]) -> TtsParams:
-    """Query string -> TtsParams; ValueError with a client-facing message when invalid."""
+    """Query string -> TtsParams; BadParams (as for ASR) with a client-facing message."""
     model = query.get("model", default_model)
     if model not in models:
-        raise ValueError(f"unknown model {model[:40]!r}; available: {', '.join(sorted(models))}")
+        raise BadParams(f"unknown model {model[:40]!r}; available: {', '.join(sorted(models))}")
     encoding = query.get("encoding", "pcm_s16le")
     if encoding not in ("pcm_s16le", "mulaw", "alaw", "wav"):
-        raise ValueError("encoding must be one of pcm_s16le, mulaw, alaw, wav")
+        raise BadParams("encoding must be one of pcm_s16le, mulaw, alaw, wav")
     try:
         rate = int(query.get("sample_rate", "16000"))
     except ValueError:
-        raise ValueError("sample_rate must be an integer") from None
+        raise BadParams("sample_rate must be an integer") from None
     if not 8000 <= rate <= 48000:
-        raise ValueError(f"sample_rate must be 8000-48000, got {rate}")
+        raise BadParams(f"sample_rate must be 8000-48000, got {rate}")
     return TtsParams(model=model, voice=query.get("voice") or None,
                      language=query.get("language", "en-US"),
                      encoding=encoding,  # type: ignore[arg-type]

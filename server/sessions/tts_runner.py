@@ -15,6 +15,7 @@ import contextlib
 import logging
 import secrets
 import uuid
+from collections.abc import Callable
 
 from server.billing.auth import Principal
 from server.billing.meter import (
@@ -33,7 +34,22 @@ from server.billing.meter import (
 from server.config import Config
 from server.models.base import EngineError, Synthesizer
 from server.sessions import messages as m
-from server.sessions.tts import SynthRequest, TtsSession, tts_params
+from server.sessions.asr_params import BadParams
+from server.sessions.tts import (
+    Close,
+    Command,
+    Drain,
+    EngineAudio,
+    EngineDone,
+    EngineFailed,
+    Finish,
+    IdleTimeout,
+    Start,
+    SynthRequest,
+    TtsSession,
+    Usage,
+    tts_params,
+)
 from server.telemetry.metrics import Metrics
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, Rejected, UpgradeRequest
@@ -55,12 +71,16 @@ class TtsEndpoint:
         self.server = server
         self.metrics = metrics
 
-    async def admit(self, upgrade: UpgradeRequest, principal: Principal) -> Admitted | Rejected:
+    async def admit(self, upgrade: UpgradeRequest, principal: Principal, *,
+                    on_events: Callable[[list[m.TtsServerMessage]], None] | None = None,
+                    ) -> Admitted | Rejected:
+        """`on_events`: the session's events go there, typed, instead of encoded to the
+        connection (the HTTP route builds its answer from them); audio still goes to it."""
         settings = self.config.tts.session
         try:
             params = tts_params(upgrade.query, default_model=settings.default_model,
                                 models=self.engines.keys())
-        except ValueError as exc:
+        except BadParams as exc:
             return Rejected(400, "bad_request", str(exc))
         session_id = uuid.uuid4().hex
         try:
@@ -81,7 +101,8 @@ class TtsEndpoint:
         )
 
         def start(conn: WsConnection) -> TtsSessionRunner:
-            runner = TtsSessionRunner(self, conn, machine, engine, meter, principal)
+            runner = TtsSessionRunner(self, conn, machine, engine, meter, principal,
+                                      on_events=on_events)
             runner.start()
             return runner
 
@@ -93,10 +114,12 @@ class TtsEndpoint:
 
 class TtsSessionRunner:
     def __init__(self, endpoint: TtsEndpoint, conn: WsConnection, machine: TtsSession,
-                 engine: Synthesizer, meter: SessionMeter, principal: Principal) -> None:
+                 engine: Synthesizer, meter: SessionMeter, principal: Principal, *,
+                 on_events: Callable[[list[m.TtsServerMessage]], None] | None = None) -> None:
         self.endpoint = endpoint
         self.conn = conn
         self.machine = machine
+        self.on_events = on_events
         self.engine = engine
         self.meter = meter
         self.metrics = endpoint.metrics
@@ -112,16 +135,12 @@ class TtsSessionRunner:
         self._top_ups_per_chunk = 1 + engine.max_chars // max(
             1, endpoint.config.billing.lease_chars)
         self._reading_paused_once = False
-        # Synthesis pauses when this much encoded audio waits for credit or the socket.
-        self._backlog_limit = int(
-            (endpoint.config.tts.session.credit_ms + 1000) * machine.params.bytes_per_ms
-        )
         self._log = {"session_id": machine.session_id, "tenant_id": principal.tenant_id}
 
     # --- SessionHandler -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.machine.start()
+        self.machine.handle(Start())
         self._pump()
         self.metrics.sessions_active.labels(KIND).inc()
         self.endpoint.server.session_count += 1
@@ -143,17 +162,17 @@ class TtsSessionRunner:
         self._pump()
 
     def on_idle(self) -> None:
-        # A TTS client may legitimately be silent while its audio plays out.
-        if self.machine.state == "open" and self.machine.idle:
-            timeout = self.endpoint.config.server.idle_timeout_s
-            self.machine.fail(4008, "idle_timeout", f"no text or keepalive for {timeout:g} s")
-            self._after_input()
+        self.handle(IdleTimeout(self.endpoint.config.server.idle_timeout_s))
 
     def on_drain(self) -> None:
         self._draining = True
-        if self.machine.state == "open":
-            self.machine.state = "closing"
+        self.machine.handle(Drain())
         self._wake.set()
+
+    def handle(self, command: Command) -> None:
+        """A typed command from a caller that is not a WebSocket client (the HTTP route)."""
+        self.machine.handle(command)
+        self._after_input()
 
     def on_connection_closed(self, code: int) -> None:
         self._gone = True
@@ -167,10 +186,6 @@ class TtsSessionRunner:
     # --- plumbing -------------------------------------------------------------------------------
 
     def _after_input(self) -> None:
-        if self.machine.cancel_requested:
-            self.machine.cancel_requested = False
-            if self._current is not None:
-                self._current.cancel()
         self._pump()
         self._wake.set()
 
@@ -189,53 +204,54 @@ class TtsSessionRunner:
             try:
                 await self.meter.top_up()
             except KeyRevoked:
-                self.machine.fail(KEY_REVOKED_CLOSE, KEY_REVOKED_CODE, KEY_REVOKED_MESSAGE)
+                self.machine.handle(Close(KEY_REVOKED_CLOSE, KEY_REVOKED_CODE,
+                                          KEY_REVOKED_MESSAGE))
                 return False
             except Exception:
                 log.exception("lease top-up failed", extra=self._log)
                 return False
         return not self.meter.exhausted
 
-    def _flow_text(self) -> None:
-        """Back pressure on text: stop reading the socket while the text backlog is full and
-        the session can go on without the client; read while it needs the client's `credit`
-        (text beyond the backlog's limit is then refused by the machine)."""
-        machine, conn = self.machine, self.conn
-        pending = machine.pending_chars
-        if conn.reading_paused:
-            if machine.text_backlog.resumable(pending) or machine.awaiting_credit \
-                    or machine.state == "closed":
-                conn.resume_reading()
-        elif machine.text_backlog.full(pending) and not machine.awaiting_credit \
-                and machine.state != "closed":
-            conn.pause_reading()
-            if not self._reading_paused_once:
-                self._reading_paused_once = True
-                log.info("text backlog full: reading paused",
-                         extra={**self._log, "pending_chars": pending,
-                                "max_pending_chars": machine.text_backlog.capacity})
-
     def _pump(self) -> None:
-        """Send what credit and the socket allow; close when the machine says so."""
+        """Carry out one step's output: send what credit and the socket allow, cancel a
+        synthesis an interrupt dropped, pause or resume reading, close when told to."""
         conn = self.conn
-        items = self.machine.output(can_write=not conn.write_paused)
-        for item in items:
-            if isinstance(item, bytes):
-                conn.send_binary(item)
-            else:
-                conn.send_text(m.encoder.encode(item))
+        out = self.machine.poll(can_write=not conn.write_paused)
+        if out.cancel_synthesis and self._current is not None:
+            self._current.cancel()
+        items = out.messages
         if items:
+            on_events = self.on_events
+            events: list[m.TtsServerMessage] = []
+            for item in items:
+                if isinstance(item, bytes):
+                    conn.send_binary(item)
+                elif on_events is not None:
+                    events.append(item)
+                else:
+                    conn.send_text(m.encoder.encode(item))
+            if events and on_events is not None:
+                on_events(events)
             conn.flush()
             if conn.reading_paused:
                 # The peer takes our audio: it is alive, though its pongs wait unread behind
                 # its text; no ping it could not answer in time.
                 conn.activity = True
-        self._flow_text()
-        if self.machine.backlog_bytes <= self._backlog_limit:
+        if out.reading == "pause":
+            conn.pause_reading()
+            if not self._reading_paused_once:
+                self._reading_paused_once = True
+                machine = self.machine
+                log.info("text backlog full: reading paused",
+                         extra={**self._log, "pending_chars": machine.pending_chars,
+                                "max_pending_chars": machine.text_backlog.capacity})
+        elif out.reading == "resume":
+            conn.resume_reading()
+        if out.wants_audio:
             self._room.set()
         if self.machine.state == "closing":
             self._wake.set()  # the close waits for the last audio to go out
-        action = self.machine.close_action
+        action = out.close
         if action is not None and self._close_code is None:
             self._close_code = action.code
             conn.close(action.code, action.reason)
@@ -248,7 +264,7 @@ class TtsSessionRunner:
             await self._synth_loop()
         except Exception:
             log.exception("session failed", extra=self._log)
-            self.machine.fail(1011, "internal_error", "internal error", retryable=True)
+            self.machine.handle(Close(1011, "internal_error", "internal error", retryable=True))
             self._pump()
         finally:
             usage.cancel()
@@ -261,7 +277,7 @@ class TtsSessionRunner:
             report = await self.meter.settle()
             if not self._gone and self.machine.state != "closed":
                 code, reason = (1001, "draining") if self._draining else (1000, "")
-                self.machine.finish(report, code, reason, "server is draining; reconnect")
+                self.machine.handle(Finish(report, code, reason, "server is draining; reconnect"))
                 self._pump()
             code = self._close_code if self._close_code is not None else 1006
             self.metrics.sessions_active.labels(KIND).dec()
@@ -285,12 +301,12 @@ class TtsSessionRunner:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if machine.backlog_bytes > self._backlog_limit:
+            if not machine.wants_audio:
                 self._room.clear()
                 await self._room.wait()
                 continue
             if not await self._lease_covers_next_chunk():
-                machine.fail(4002, "insufficient_balance", "wallet balance exhausted")
+                machine.handle(Close(4002, "insufficient_balance", "wallet balance exhausted"))
                 self._pump()
                 return
             req = machine.next_request()
@@ -310,12 +326,12 @@ class TtsSessionRunner:
             stream = self.engine.synthesize(req.text, voice=params.voice, language=params.language)
             async with contextlib.aclosing(stream):  # type: ignore[type-var]
                 async for pcm in stream:
-                    machine.receive_audio(req, pcm)
+                    machine.handle(EngineAudio(req, pcm))
                     self._charge()
                     self._pump()
-            machine.synthesis_done(req)
+            machine.handle(EngineDone(req))
         except EngineError as exc:
-            machine.synthesis_failed(req, str(exc), exc.retryable)
+            machine.handle(EngineFailed(req, str(exc), exc.retryable))
         self._pump()
 
     async def _usage_loop(self) -> None:
@@ -325,5 +341,5 @@ class TtsSessionRunner:
             if cancel_requested():
                 return
             if self.machine.state != "closed":
-                self.machine.usage(report)
+                self.machine.handle(Usage(report))
                 self._pump()

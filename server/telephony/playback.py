@@ -2,9 +2,10 @@
 
 Every outbound audio chunk is followed by a mark; the provider echoes a mark once the audio
 before it has played. Those echoes are both the playback acknowledgement and the credit: at
-most `window` bytes of audio are ever unacknowledged at the provider, and each echo returns its
-chunk's bytes. So a barge-in `clear` throws away at most one window of audio, and how much of a
-reply the caller actually heard is known from the echoes (not from what was sent).
+most `window` bytes of audio are ever unacknowledged at the provider (flow_control.mark_window),
+and each echo returns its chunk's bytes to the machine's credit (a `GrantCredit` command).
+So a barge-in `clear` throws away at most one window of audio, and how much of a reply the
+caller actually heard is known from the echoes (not from what was sent).
 
 Chunk attribution: the TTS machine synthesizes chunks one after another and emits each chunk's
 frames, then its `audio_done`, in order; so the frames going out belong to the oldest chunk
@@ -22,15 +23,24 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from server.billing.meter import SessionMeter
+from server.flow_control.mark_window import MarkWindow
 from server.models.base import EngineError, Synthesizer
 from server.sessions import messages as m
-from server.sessions.tts import SynthRequest, TtsSession
+from server.sessions.tts import (
+    EngineAudio,
+    EngineDone,
+    Flush,
+    GrantCredit,
+    Interrupt,
+    SubmitText,
+    SynthRequest,
+    TtsSession,
+)
 from server.telephony.events import ClearAudio, Command, PlayAudio
 
 log = logging.getLogger("streamgate.telephony")
 
 DEFAULT_MS_PER_CHAR = 70.0  # ~175 words per minute: the estimate before any chunk is measured
-_FLUSH = m.encoder.encode(m.Flush())
 
 
 @dataclass(slots=True)
@@ -82,8 +92,9 @@ def _prefix(text: str, fraction: float) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Mark:
-    nbytes: int
+class _Played:
+    """What a mark's echo says was heard."""
+
     ms: float
     chunk_id: int | None
 
@@ -107,16 +118,13 @@ class Playback:
         self._can_write = can_write
         self._on_played = on_played
         self._log = log_extra
-        self.window = machine.credit  # the machine starts with the whole window as credit
+        self.window = machine.credit.window
         self._bytes_per_ms = machine.params.bytes_per_ms
-        # Synthesis pauses when this much encoded audio waits for credit (a caller's provider
-        # that stops echoing marks must not make us buffer a whole reply).
-        self._backlog_limit = self.window + int(1000 * self._bytes_per_ms)
         self._queue: deque[SynthRequest] = deque()
         self._current: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._room = asyncio.Event()
-        self._marks: dict[str, _Mark] = {}
+        self._room = asyncio.Event()  # the machine wants engine audio again
+        self._marks: MarkWindow[_Played] = MarkWindow(self.window)
         self._mark_seq = 0
         self._out_chunks: deque[int] = deque()  # chunk ids whose frames are going out, in order
         self._metered = 0
@@ -137,7 +145,7 @@ class Playback:
         if reply is None or not text or self._closed:
             return
         reply.pieces.append(text)
-        self.machine.receive_text(m.encoder.encode(m.Text(text=text)))
+        self.machine.handle(SubmitText(text))
         self._after_input()
 
     def end_reply(self) -> None:
@@ -146,7 +154,7 @@ class Playback:
         if reply is None or self._closed:
             return
         reply.text_done = True
-        self.machine.receive_text(_FLUSH)
+        self.machine.handle(Flush())
         self._after_input()
         self._check_played()
 
@@ -155,7 +163,7 @@ class Playback:
         """Agent audio unacknowledged at the provider, or still being made."""
         return self.reply is not None and (
             bool(self._marks) or bool(self._queue) or self._current is not None
-            or not self.machine.idle or bool(self.machine.chunker.buffered)
+            or not self.machine.idle or self.machine.text_buffered
         )
 
     @property
@@ -172,34 +180,35 @@ class Playback:
             return None
         if self._marks or self._queue or self._current is not None or not self.machine.idle:
             self._send([ClearAudio()])  # audio at the provider, or on its way there
-        self.machine.clear()
-        self.machine.cancel_requested = False  # handled here: the synthesis is cancelled now
-        self.machine.output(can_write=False)  # drop the machine's own `cleared` event
+        # The provider's buffer is empty now; Plivo does not echo checkpoints it discarded,
+        # so the whole window is ours again and late echoes of these marks are ignored.
+        self._marks.clear()
+        self.machine.handle(Interrupt(peer_cleared=True))
         self._queue.clear()
         self._out_chunks.clear()
         if self._current is not None:
             self._current.cancel()
-        # The provider's buffer is empty now; Plivo does not echo checkpoints it discarded,
-        # so the whole window is ours again and late echoes of these marks are ignored.
-        self._marks.clear()
-        self.machine.credit = self.window
+        # Whatever the machine had to say before the interrupt (an error) is still said; its
+        # `cleared` is for a WebSocket client and is passed over.
+        self.pump()
         self._room.set()
         return reply
 
     # --- provider side --------------------------------------------------------------------------
 
     def on_mark(self, name: str) -> None:
-        mark = self._marks.pop(name, None)
+        mark = self._marks.acknowledged(name)
         if mark is None:
             return  # a mark of an interrupted reply, or not ours
-        self.machine.credit += mark.nbytes
-        self.played_ms += mark.ms
+        self.machine.handle(GrantCredit(mark.nbytes))
+        played = mark.info
+        self.played_ms += played.ms
         reply = self.reply
         if reply is not None:
-            reply.played_ms += mark.ms
-            chunk = reply.chunks.get(mark.chunk_id) if mark.chunk_id is not None else None
+            reply.played_ms += played.ms
+            chunk = reply.chunks.get(played.chunk_id) if played.chunk_id is not None else None
             if chunk is not None:
-                chunk.played_ms += mark.ms
+                chunk.played_ms += played.ms
         self.pump()
         self._check_played()
 
@@ -212,7 +221,7 @@ class Playback:
     # --- TTS machine plumbing -------------------------------------------------------------------
 
     def _after_input(self) -> None:
-        reqs = self.machine.requests()
+        reqs = self.machine.take_requests()
         if reqs:
             reply = self.reply
             for req in reqs:
@@ -231,15 +240,18 @@ class Playback:
         """Send the audio that credit and the socket allow, each chunk followed by its mark."""
         if self._closed:
             return
+        out = self.machine.poll(can_write=self._can_write())
+        if out.cancel_synthesis and self._current is not None:
+            self._current.cancel()
         commands: list[Command] = []
         reply = self.reply
-        for item in self.machine.output(can_write=self._can_write()):
+        for item in out.messages:
             if isinstance(item, bytes):
                 ms = len(item) / self._bytes_per_ms
                 cid = self._out_chunks[0] if self._out_chunks else None
                 self._mark_seq += 1
                 name = f"r{reply.reply_id if reply else 0}-{self._mark_seq}"
-                self._marks[name] = _Mark(len(item), ms, cid)
+                self._marks.sent(name, len(item), _Played(ms, cid))
                 commands.append(PlayAudio(item, mark=name))
                 self.sent_ms += ms
                 if reply is not None:
@@ -258,7 +270,7 @@ class Playback:
                 log.warning("tts: %s", item.message, extra={**self._log, "code": item.code})
         if commands:
             self._send(commands)
-        if self.machine.backlog_bytes <= self._backlog_limit:
+        if out.wants_audio:
             self._room.set()
 
     async def run(self) -> None:
@@ -287,9 +299,9 @@ class Playback:
         stream = self.engine.synthesize(req.text, voice=params.voice, language=params.language)
         try:
             async for pcm in stream:
-                machine.receive_audio(req, pcm)
+                machine.handle(EngineAudio(req, pcm))
                 self.pump()
-                while machine.backlog_bytes > self._backlog_limit and not self._closed:
+                while not machine.wants_audio and not self._closed:
                     self._room.clear()  # the provider stopped echoing marks: stop pulling audio
                     await self._room.wait()
         except EngineError as exc:
@@ -297,7 +309,7 @@ class Playback:
         finally:
             await _aclose(stream)
         # Also after a failure: what was made is played, and the chunk order stays intact.
-        machine.synthesis_done(req)
+        machine.handle(EngineDone(req))
 
     async def close(self) -> None:
         """Stop synthesis (the call ended); nothing more is sent."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,11 +33,12 @@ from server.billing.meter import (
     cancel_requested,
     report_delays,
 )
+from server.flow_control.byte_queue import ByteQueue
 from server.sessions import messages as m
 from server.sessions.asr import AsrSession
 from server.sessions.asr_params import AsrParams
 from server.sessions.asr_runner import FINALS_TIMEOUT_S, AsrSessionRunner
-from server.sessions.tts import TtsParams, TtsSession
+from server.sessions.tts import TtsParams, TtsSession, default_frame_bytes
 from server.telephony import (
     CallStarted,
     CallStopped,
@@ -85,9 +85,8 @@ class TelephonySession:
         self.playback: Playback | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.conversation: Conversation | None = None
-        self._pending: deque[bytes] = deque()
-        self._pending_bytes = 0
-        self._pending_limit = 0
+        # Caller audio kept while the start's key is checked (sized by the start's format).
+        self._pending: ByteQueue[bytes] | None = None
         self._early_digits = ""
         self._start_timer: asyncio.TimerHandle | None = None
         self._gone = False
@@ -173,7 +172,8 @@ class TelephonySession:
         self.state = "authorizing"
         self._log.update(call_id=call.call_id, stream_id=call.stream_id)
         width = 2 if call.encoding == "pcm_s16le" else 1
-        self._pending_limit = call.sample_rate * width * self.cfg.pending_audio_ms // 1000
+        self._pending = ByteQueue(
+            max(1, call.sample_rate * width * self.cfg.pending_audio_ms // 1000))
         self._spawn(self._authorize(call))
 
     async def _authorize(self, call: CallStarted) -> None:
@@ -233,10 +233,15 @@ class TelephonySession:
         self.runner = AsrSessionRunner(ep.asr, self.conn, asr, engine, meters.asr, principal,
                                        on_events=self._asr_events)
         synth = ep.tts_engine
+        tts_params = TtsParams(model=ep.tts_model, voice=cfg.voice or None,
+                               language=cfg.language, encoding=call.encoding,
+                               sample_rate=call.sample_rate)
+        frame_bytes: int | None = None
+        if self.codec is not None and self.codec.name == "exotel":
+            # Exotel wants outbound media in multiples of 320 bytes, at least 3.2 KB each.
+            frame_bytes = max(3200, -(-default_frame_bytes(tts_params, cfg.chunk_ms) // 320) * 320)
         tts = TtsSession(
-            session_id=f"{meters.session_id}-tts", resume_token="",
-            params=TtsParams(model=ep.tts_model, voice=cfg.voice or None, language=cfg.language,
-                             encoding=call.encoding, sample_rate=call.sample_rate),
+            session_id=f"{meters.session_id}-tts", resume_token="", params=tts_params,
             settings=msgspec.structs.replace(config.tts.session, chunk_ms=cfg.chunk_ms,
                                              credit_ms=cfg.credit_ms),
             models=(ep.tts_model,), engine_rate=synth.sample_rate, max_chars=synth.max_chars,
@@ -245,11 +250,8 @@ class TelephonySession:
                             idle_timeout_s=config.server.idle_timeout_s,
                             usage_interval_s=config.tts.session.usage_interval_s,
                             max_utterance_ms=0),
+            frame_bytes=frame_bytes,
         )
-        if self.codec is not None and self.codec.name == "exotel":
-            # Exotel wants outbound media in multiples of 320 bytes, at least 3.2 KB each.
-            tts.frame_bytes = max(3200, -(-tts.frame_bytes // 320) * 320)
-            tts.credit = max(tts.credit, 2 * tts.frame_bytes)
         self.playback = Playback(machine=tts, engine=synth, meter=meters.tts, send=self._send,
                                  can_write=lambda: not self.conn.write_paused,
                                  on_played=self._reply_played, log_extra=self._log)
@@ -263,8 +265,9 @@ class TelephonySession:
         self.runner.start()
         self._spawn(self.playback.run())
         self._spawn(self._tts_usage())
-        while self._pending:
-            self.runner.on_binary(self._pending.popleft())
+        pending, self._pending = self._pending, None
+        while pending and (payload := pending.take()) is not None:
+            self.runner.on_binary(payload)
         self.runner.on_read_done()
         self.conversation.dtmf(self._early_digits)
         log.info("call started", extra={**self._log, "encoding": call.encoding,
@@ -278,12 +281,10 @@ class TelephonySession:
             return  # our own audio echoed back (Twilio both_tracks), or nothing
         if self.state == "live" and self.runner is not None:
             self.runner.on_binary(ev.payload)
-        elif self.state == "authorizing":
+        elif self.state == "authorizing" and self._pending is not None:
             # Kept while the key is checked, bounded: the oldest goes first (and is not billed).
-            self._pending.append(ev.payload)
-            self._pending_bytes += len(ev.payload)
-            while self._pending_bytes > self._pending_limit and self._pending:
-                self._pending_bytes -= len(self._pending.popleft())
+            self._pending.put(ev.payload, len(ev.payload))
+            self._pending.shed_oldest(keep_newest=False)
 
     def _asr_events(self, events: list[m.AsrServerMessage]) -> None:
         for ev in events:

@@ -6,7 +6,13 @@ import pytest
 
 from server.config import TtsSessionConfig
 from server.sessions import messages as m
-from server.sessions.tts import TtsParams, TtsSession
+from server.sessions.tts import (
+    EngineAudio,
+    EngineDone,
+    Start,
+    TtsParams,
+    TtsSession,
+)
 
 
 def make(early: bool) -> TtsSession:
@@ -17,8 +23,8 @@ def make(early: bool) -> TtsSession:
         limits=m.Limits(max_frame_bytes=65536, idle_timeout_s=10.0, usage_interval_s=5.0,
                         max_utterance_ms=0),
     )
-    s.start()
-    s.output()
+    s.handle(Start())
+    s.poll()
     return s
 
 
@@ -27,15 +33,15 @@ def test_first_frame_leaves_with_the_first_audio_only_when_asked(early: bool) ->
     s = make(early)
     s.receive_text(b'{"type":"text","text":"Hello there."}')
     s.receive_text(b'{"type":"flush"}')
-    [req] = s.requests()
+    [req] = s.take_requests()
     frame = s.frame_bytes  # 100 ms at 16 kHz PCM16 = 3200 bytes
-    s.receive_audio(req, b"\x01\x00" * 400)  # the engine's first 25 ms
-    first = [o for o in s.output() if isinstance(o, bytes)]
+    s.handle(EngineAudio(req, b"\x01\x00" * 400))  # the engine's first 25 ms
+    first = [o for o in s.poll().messages if isinstance(o, bytes)]
     assert (sum(len(f) for f in first) > 0) is early
     for _ in range(10):  # then 250 ms more in pieces
-        s.receive_audio(req, b"\x01\x00" * 400)
-    s.synthesis_done(req)
-    frames = first + [o for o in s.output() if isinstance(o, bytes)]
+        s.handle(EngineAudio(req, b"\x01\x00" * 400))
+    s.handle(EngineDone(req))
+    frames = first + [o for o in s.poll().messages if isinstance(o, bytes)]
     assert sum(len(f) for f in frames) == 11 * 800
     assert all(len(f) <= frame for f in frames)
     middle = frames[1:-1] if early else frames[:-1]

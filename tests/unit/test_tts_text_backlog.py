@@ -17,7 +17,13 @@ from server.config import TtsSessionConfig, load_config
 from server.flow_control.text_backlog import READ_SLACK_CHARS, TextBacklogBound
 from server.models.base import Synthesizer
 from server.sessions import messages as m
-from server.sessions.tts import TtsParams, TtsSession
+from server.sessions.tts import (
+    EngineAudio,
+    Interrupt,
+    Start,
+    TtsParams,
+    TtsSession,
+)
 from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.telemetry.metrics import Metrics
 from server.ws.connection import WsConnection
@@ -52,8 +58,8 @@ def machine(max_pending_chars: int) -> TtsSession:
         limits=m.Limits(max_frame_bytes=65536, idle_timeout_s=10.0, usage_interval_s=5.0,
                         max_utterance_ms=0),
     )
-    s.start()
-    s.output()
+    s.handle(Start())
+    s.poll()
     return s
 
 
@@ -69,9 +75,9 @@ def test_machine_counts_text_waiting_until_the_engine_takes_it() -> None:
     assert s.pending_chars == len("General")
     # Charged only once the engine produced audio for it.
     assert s.characters_synthesized == 0
-    s.receive_audio(first, b"\x01\x00" * 160)
+    s.handle(EngineAudio(first, b"\x01\x00" * 160))
     assert s.characters_synthesized == len("Hello there.")
-    s.clear()
+    s.handle(Interrupt())
     assert s.pending_chars == 0 and s.next_request() is None
     assert s.characters_synthesized == len("Hello there.")  # clear keeps what was synthesized
 
@@ -85,10 +91,10 @@ def test_machine_refuses_text_beyond_the_limit_and_goes_on() -> None:
             break
         s.receive_text(text(piece))
     assert s.pending_chars + len(piece) > limit
-    assert not [o for o in s.output() if isinstance(o, m.Error)]
+    assert not [o for o in s.poll().messages if isinstance(o, m.Error)]
     before = s.pending_chars
     s.receive_text(text(piece))
-    [err] = [o for o in s.output() if isinstance(o, m.Error)]
+    [err] = [o for o in s.poll().messages if isinstance(o, m.Error)]
     assert err.code == "text_backlog_full"
     assert s.pending_chars == before <= limit
     assert s.state == "open"
