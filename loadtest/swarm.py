@@ -623,7 +623,7 @@ def summary_text(r: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `python -m loadtest.swarm` (and of `streamgate swarm`)."""
+    """Options of `python -m loadtest.swarm`."""
     parser.add_argument("--scenario", type=Path, required=True, help="scenario TOML file")
     parser.add_argument("--url", default="ws://127.0.0.1:8765",
                         help="server (ws://host:port; a path overrides the scenario kind's)")

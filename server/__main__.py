@@ -99,12 +99,6 @@ def _tts(args: argparse.Namespace) -> int:
     return main(args)
 
 
-def _swarm(args: argparse.Namespace) -> int:
-    from loadtest.swarm import run_cli
-
-    return run_cli(args)
-
-
 def _call_sim(args: argparse.Namespace) -> int:
     from server.client.call_sim import main
 
@@ -150,13 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
         "call-sim", help="place a simulated Twilio call: play a WAV into /v1/telephony/twilio")
     add_call_sim_arguments(call_sim)
     call_sim.set_defaults(func=_call_sim)
-
-    from loadtest.swarm import add_arguments as add_swarm_arguments
-
-    swarm = sub.add_parser(
-        "swarm", help="hold N real-time sessions from a scenario TOML; JSON + PNG report")
-    add_swarm_arguments(swarm)
-    swarm.set_defaults(func=_swarm)
 
     from server.billing.cli import add_subcommands
 

@@ -23,7 +23,7 @@ def test_top_level_help_lists_every_command_with_its_help(
     parser = build_parser()
     commands = subcommands(parser)
     # Every command this issue names, and the ones that came before it.
-    assert {"serve", "config", "asr", "tts", "call-sim", "swarm", "migrate", "flusher",
+    assert {"serve", "config", "asr", "tts", "call-sim", "migrate", "flusher",
             "reconcile", "tenant-create", "key-issue", "key-revoke", "topup", "balance",
             "usage"} <= set(commands)
     with pytest.raises(SystemExit) as exit_info:
