@@ -44,8 +44,10 @@ from server.http.auth import principal
 from server.http.errors import ApiError
 from server.http.openapi import error_responses, register
 from server.llm.idempotency import IdempotencyCache, IdempotencyConflict
+from server.sessions import messages as m
 from server.sessions.asr_runner import AsrEndpoint
-from server.sessions.tts_runner import TtsEndpoint
+from server.sessions.tts import EndInput, GrantCredit, SubmitText
+from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.ws.handshake import Rejected, UpgradeRequest
 
 FRAME = 32 * 1024  # body chunks fed to the pipeline: well under the WebSocket frame limit
@@ -413,13 +415,21 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
         query = {k: str(fields[k]) for k in ("model", "voice", "language", "encoding",
                                              "sample_rate") if fields[k] is not None}
         query.setdefault("encoding", "wav")
-        decision = await tts.admit(_upgrade(query), caller)
+        # The session's events come typed (never encoded to JSON and read back); the error
+        # that ends it, if any, decides the HTTP status.
+        errors: list[m.Error] = []
+
+        def on_events(events: list[m.TtsServerMessage]) -> None:
+            errors.extend(ev for ev in events if isinstance(ev, m.Error))
+
+        decision = await tts.admit(_upgrade(query), caller, on_events=on_events)
         if isinstance(decision, Rejected):
             raise _rejection(decision)
         wire = HttpWire()
         handler = decision.start(wire)  # type: ignore[arg-type]
-        handler.on_text(json.dumps({"type": "text", "text": body.text}).encode())
-        handler.on_text(b'{"type":"close"}')
+        assert isinstance(handler, TtsSessionRunner)
+        handler.handle(SubmitText(body.text))
+        handler.handle(EndInput())
         content_type = {"wav": "audio/wav", "mulaw": "audio/basic", "alaw": "audio/x-alaw",
                         "pcm_s16le": "audio/l16"}[query["encoding"]]
         response = web.StreamResponse(headers={"Content-Type": content_type})
@@ -438,18 +448,18 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
                 else:
                     kept = None
                 # Written: the client took it, so the session may produce that much more.
-                handler.on_text(json.dumps({"type": "credit", "bytes": len(chunk)}).encode())
+                handler.handle(GrantCredit(len(chunk)))
         finally:
             if not wire.closed.is_set():
                 handler.on_connection_closed(1006)  # the client went away mid-stream
-        error = _final_error(wire.messages)
+        error = errors[-1] if errors else None
         if not started:
             if error is not None:
                 # An engine refusing the input for good (unknown voice, text it cannot speak)
                 # is the request's fault; a retryable failure is the upstream's.
                 status = 402 if wire.close_code == 4002 else (
-                    502 if error.get("retryable") else 400)
-                raise ApiError(status, error["code"], error["message"])
+                    502 if error.retryable else 400)
+                raise ApiError(status, error.code, error.message)
             await response.prepare(request)
         await response.write_eof()
         if kept is None or error is not None:
