@@ -1,8 +1,9 @@
 """One WebSocket connection: our own asyncio.Protocol over websockets' sans-I/O ServerProtocol.
 
-websockets' asyncio server costs about half the frames/s of this design (DESIGN.md): it runs a
-task per connection and an assembler per message. Here bytes go straight from data_received
-into the protocol parser and whole frames go to the session, with no task hop.
+websockets' asyncio server costs about half the frames/s of this design (docs/benchmarks.md,
+ws-echo against raw-echo): it runs a task per connection and an assembler per message. Here
+bytes go straight from data_received into the protocol parser and whole frames go to the
+session, with no task hop.
 """
 
 from __future__ import annotations
