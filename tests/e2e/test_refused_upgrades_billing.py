@@ -27,7 +27,6 @@ from tests.e2e.test_billing_e2e import (
     Tenant,
     billing_env,
     cleanup_redis,
-    pg_state,
     redis_state,
     run_sync,
     wait_settled_and_flushed,
@@ -177,10 +176,12 @@ async def test_a_telephony_socket_closed_before_start_logs_its_call_ended(env: E
     assert line["reason"] == "socket closed" and line["tenant_id"] == tenant.tenant_id, line
     session_id = line["session_id"]
     assert isinstance(session_id, str) and session_id
-    pg = await pg_state(env.dsn, tenant.tenant_id)  # settled before the line was written
+    # Settled before the line was written: both leases released; the flusher then moves the
+    # two zero-cost usage events to PostgreSQL.
+    assert (await redis_state(env.redis_url, tenant.tenant_id)).leases == 0
+    pg, _ = await wait_settled_and_flushed(env.redis_url, env.dsn, tenant.tenant_id)
     assert sorted(pg.events_by_id) == [f"{session_id}-tts:1", f"{session_id}:1"], pg
     assert pg.usage == 0 and pg.balance == 1_000_000
-    assert (await redis_state(env.redis_url, tenant.tenant_id)).leases == 0
 
 
 async def test_telephony_sockets_without_a_key_log_their_call_ended(env: Env) -> None:
