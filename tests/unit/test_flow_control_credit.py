@@ -1,13 +1,19 @@
-"""CreditWindow, receiving side (ASR: the client streams audio against the credit we grant).
+"""CreditWindow, both directions.
 
-For a client that sends only what it was granted: its credit never goes negative and never grows
-past the window, no credit is lost (every consumed byte comes back, at most a quarter window
-held back, never so much that the client is stuck), grants come a quarter window at a time, and
-the ingest queue sized to the window never sheds its audio. For any client: `received` says
-exactly when it went past its grant."""
+Receiving side (ASR: the client streams audio against the credit we grant). For a client that
+sends only what it was granted: its credit never goes negative and never grows past the window,
+no credit is lost (every consumed byte comes back, at most a quarter window held back, never so
+much that the client is stuck), grants come a quarter window at a time, and the ingest queue
+sized to the window never sheds its audio. For any client: `received` says exactly when it went
+past its grant.
+
+Sending side (TTS: the client's `credit` messages). The sender never sends more than it was
+granted (credit never negative), a grant must be positive and is never lost, and a `clear` that
+emptied the peer's buffer gives back exactly the window."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -119,3 +125,53 @@ def test_grants_come_a_quarter_window_at_a_time() -> None:
     grants = [credit.consumed(20) for _ in range(16)]
     assert grants == [0] * 7 + [160] + [0] * 7 + [160]
     assert credit.outstanding == 640
+
+
+class Sender(RuleBasedStateMachine):
+    """A sender that sends only what `covers` allows, a peer granting credit and clearing its
+    buffer, against a plain count of what the peer allowed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.credit = CreditWindow(1)
+        self.allowed = 1  # what the peer allowed since it last emptied its buffer
+        self.sent = 0  # sent since then
+
+    @initialize(window=st.integers(1, 4000))
+    def open(self, window: int) -> None:
+        self.credit = CreditWindow(window)
+        self.allowed = window
+
+    @rule(n=st.integers(1, 5000))
+    def peer_grants(self, n: int) -> None:
+        self.credit.grant(n)
+        self.allowed += n
+
+    @rule(n=st.integers(-5, 0))
+    def a_grant_that_is_not_positive_is_refused_and_changes_nothing(self, n: int) -> None:
+        before = self.credit.outstanding
+        with pytest.raises(ValueError):
+            self.credit.grant(n)
+        assert self.credit.outstanding == before
+
+    @rule(n=st.integers(1, 3000))
+    def send_if_covered(self, n: int) -> None:
+        covered = self.credit.covers(n)
+        assert covered == (self.sent + n <= self.allowed)
+        if covered:
+            self.credit.spend(n)
+            self.sent += n
+
+    @rule()
+    def peer_cleared_its_buffer(self) -> None:
+        self.credit.refill()
+        self.allowed, self.sent = self.credit.window, 0
+        assert self.credit.outstanding == self.credit.window
+
+    @invariant()
+    def never_more_than_granted(self) -> None:
+        assert self.credit.outstanding == self.allowed - self.sent >= 0
+
+
+TestSender = Sender.TestCase
+TestSender.settings = settings(max_examples=300, stateful_step_count=50, deadline=None)
