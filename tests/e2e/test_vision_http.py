@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from PIL import Image, ImageDraw, ImageFont, features
+from PIL import Image, ImageDraw, ImageFont
 
 from server.billing.auth import Principal, StaticKeyAuthenticator, key_digest
 from server.billing.meter import InsufficientBalance, PricedMeter
@@ -31,12 +30,16 @@ from server.http.vision import add_vision_routes
 from server.telemetry.metrics import Metrics
 from tests.e2e.conftest import TEST_KEY, ServerProcess
 from tests.fakes.upstream import FakeLlmUpstream, FakeVisionUpstream, LlmReply, closed_port_url
+from tests.system_tools import require_pillow_feature, require_programs
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not (shutil.which("tesseract") and shutil.which("pdftoppm")),
-                       reason="needs tesseract-ocr and poppler-utils (scripts/setup.sh)"),
-]
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(autouse=True)
+def ocr_programs() -> None:
+    require_programs("tesseract", "pdftoppm")
+
+
 FONTS = "/usr/share/fonts/truetype"
 SANS, BOLD = f"{FONTS}/dejavu/DejaVuSans.ttf", f"{FONTS}/dejavu/DejaVuSans-Bold.ttf"
 DEVA = f"{FONTS}/lohit-devanagari/Lohit-Devanagari.ttf"
@@ -246,8 +249,8 @@ async def test_two_columns_read_left_column_first_from_jpeg() -> None:
     assert block_types(page)[0] == "title"
 
 
-@pytest.mark.skipif(not features.check("raqm"), reason="Pillow cannot shape Devanagari here")
 async def test_hindi_line_is_read_in_devanagari() -> None:
+    require_pillow_feature("raqm", "Devanagari cannot be shaped without libraqm and libfribidi")
     async with gateway() as (client, url, _):
         data = form(encode(hindi_page()), "image/png", languages="hin+eng")
         async with client.post(url, data=data) as resp:

@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,10 +24,15 @@ from server.models.tts_upstream import UpstreamSynthesizer
 from server.models.upstream import MalformedResponse
 from tests.fakes import leftover_tasks
 from tests.fakes.upstream import FakeReply, FakeUpstream
+from tests.system_tools import require_programs
 
-needs_espeak = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None, reason="espeak-ng (Debian package) not installed"
-)
+
+@pytest.fixture
+def espeak_ng() -> None:
+    require_programs("espeak-ng")
+
+
+needs_espeak = pytest.mark.usefixtures("espeak_ng")
 
 LONG_TEXT = (
     "This sentence is long enough that espeak-ng needs far more than one pipe buffer "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image
 from server.vision.documents import Document, DocumentError, DocumentTooLarge, sniff
 from server.vision.figures import erase_rules
 from server.vision.proc import ToolError, ToolMissing, ToolTimeout, run_tool
+from tests.system_tools import require_programs
 
 MAX_PIXELS = 10_000_000
 
@@ -65,8 +65,8 @@ async def test_limits_and_unreadable_files() -> None:
         await open_doc(b"\x89PNG\r\n\x1a\n truncated")
 
 
-@pytest.mark.skipif(not shutil.which("pdftoppm"), reason="needs poppler-utils")
 async def test_pdf_pages_render_at_the_configured_dpi_and_huge_pages_fit_the_budget() -> None:
+    require_programs("pdftoppm")
     letter = Image.new("L", (850, 1100), 255)  # 8.5 x 11 in at 100 dpi
     two = encode(letter, "PDF", save_all=True, append_images=[letter], resolution=100.0)
     poster = encode(Image.new("L", (400, 400), 255), "PDF", resolution=10.0)  # 40 x 40 in
