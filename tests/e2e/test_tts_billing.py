@@ -6,6 +6,7 @@ and PostgreSQL, real sockets (docs/billing.md, "Sessions")."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -81,7 +82,10 @@ async def speak(server: ServerProcess, tenant: Tenant, text: str
                 async for msg in ws:
                     if isinstance(msg, bytes):
                         audio += len(msg)
-                        await ws.send(json.dumps({"type": "credit", "bytes": len(msg)}))
+                        # The server may have closed already: what it sent before its close
+                        # (the error) is still to be read, so a refused credit ends nothing.
+                        with contextlib.suppress(ConnectionClosed):
+                            await ws.send(json.dumps({"type": "credit", "bytes": len(msg)}))
                     else:
                         events.append(json.loads(msg))
         except ConnectionClosed:
