@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from tempfile import SpooledTemporaryFile
-from typing import Any, Final
+from typing import Any, Final, Protocol, runtime_checkable
 
 import msgspec
 from aiohttp import BodyPartReader, web
@@ -44,9 +44,11 @@ from server.http.auth import principal
 from server.http.errors import ApiError
 from server.http.openapi import error_responses, register
 from server.llm.idempotency import IdempotencyCache, IdempotencyConflict
+from server.models.base import EngineError
 from server.sessions import messages as m
+from server.sessions.asr_params import BadParams
 from server.sessions.asr_runner import AsrEndpoint
-from server.sessions.tts import EndInput, GrantCredit, SubmitText
+from server.sessions.tts import EndInput, GrantCredit, SubmitText, tts_params
 from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.ws.handshake import Rejected, UpgradeRequest
 
@@ -291,6 +293,30 @@ def _synthesize_body(raw: bytes) -> _SynthesizeBody:
         raise ApiError(400, "bad_request", f"body must be JSON: {exc}") from None
 
 
+@runtime_checkable
+class _KnowsItsVoices(Protocol):
+    """An engine that can tell a voice or language it cannot speak before synthesis (espeak-ng
+    reads its voice list at start); a remote engine finds out only when it is asked."""
+
+    def resolve_voice(self, voice: str | None, language: str) -> str: ...
+
+
+def _refuse_unknown_voice(tts: TtsEndpoint, query: dict[str, str]) -> None:
+    """The engine's refusal of the voice or language, as the session would get it at the first
+    chunk, but before admission: a refused request reserves no lease and leaves no usage event."""
+    try:
+        params = tts_params(query, default_model=tts.config.tts.session.default_model,
+                            models=tts.engines.keys())
+    except BadParams:
+        return  # admission refuses these itself, before any lease
+    engine = tts.engines[params.model]
+    if isinstance(engine, _KnowsItsVoices):
+        try:
+            engine.resolve_voice(params.voice, params.language)
+        except EngineError as exc:
+            raise ApiError(400, "engine_error", str(exc)) from None
+
+
 def _idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 0 < len(key) <= 255:
@@ -422,6 +448,7 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
         def on_events(events: list[m.TtsServerMessage]) -> None:
             errors.extend(ev for ev in events if isinstance(ev, m.Error))
 
+        _refuse_unknown_voice(tts, query)
         decision = await tts.admit(_upgrade(query), caller, on_events=on_events)
         if isinstance(decision, Rejected):
             raise _rejection(decision)

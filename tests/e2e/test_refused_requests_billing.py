@@ -1,9 +1,10 @@
-"""Refused upgrades cost nothing and count nowhere; every accepted telephony socket ends with one
-`call ended` line (found by the hostile-input suite, tests/hostile).
+"""Refused requests cost nothing and count nowhere; every accepted telephony socket ends with
+one `call ended` line (found by the hostile-input suite, tests/hostile).
 
 A real billing server: an upgrade websockets refuses (CONNECT, Sec-WebSocket-Version 12, a bad
 Sec-WebSocket-Key, no Upgrade header) with a valid key must leave usage_events, the wallet and
 the key's rate limit as they were: the handshake is judged before admission reserves anything.
+So must a `POST /v1/tts/synthesize` whose voice or language the engine does not have.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import base64
 import json
 import os
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -199,3 +202,33 @@ async def test_telephony_sockets_without_a_key_log_their_call_ended(env: Env) ->
     line = await call_ended(env.server, f"{host}:{port}")
     assert line["started"] is False and line["close_code"] == 4001, line
     assert line["reason"] == "unauthorized", line
+
+
+def post_json(env: Env, path: str, body: object, tenant: Tenant) -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(env.server.http + path, data=json.dumps(body).encode(),
+                                 method="POST", headers={**tenant.auth,
+                                                         "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, {}
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.parametrize("body", [
+    {"text": "Hello.", "voice": "\u00ef"},  # the hostile suite's case
+    {"text": "Hello.", "voice": "nonexistent"},
+    {"text": "Hello.", "voice": "-v en"},  # never reaches espeak-ng's command line
+    {"text": "Hello.", "model": "espeak-hi", "voice": "hi+nosuchvariant"},
+])
+async def test_synthesize_with_a_voice_the_engine_lacks_is_refused_before_any_lease(
+        env: Env, body: dict[str, str]) -> None:
+    tenant = env.admin.tenant(funded=1_000_000)
+    status, answer = post_json(env, "/v1/tts/synthesize", body, tenant)
+    assert status == 400, (status, answer)
+    error = answer["error"]
+    assert isinstance(error, dict) and error["code"] == "engine_error", answer
+    assert "espeak-ng voice" in str(error["message"]), answer
+    pg, rs = await wait_settled_and_flushed(env.redis_url, env.dsn, tenant.tenant_id)
+    assert pg.events_by_id == {} and pg.balance == 1_000_000
+    assert rs.spendable in (None, 1_000_000)  # None: Redis never had to load the wallet
