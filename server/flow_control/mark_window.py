@@ -10,24 +10,20 @@ window: a frame is only sent, and its mark added, while credit covers it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class InFlight(Generic[T]):
-    nbytes: int
-    info: T  # what the sender wants back with the echo (duration, chunk attribution)
-
-
 class MarkWindow(Generic[T]):
+    """Marks in flight with their bytes and what the sender wants back with the echo
+    (`info`: duration, chunk attribution)."""
+
     __slots__ = ("_marks", "capacity", "in_flight_bytes")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity  # bytes: the credit window of the provider's buffer
-        self._marks: dict[str, InFlight[T]] = {}
+        self._marks: dict[str, tuple[int, T]] = {}
         self.in_flight_bytes = 0
 
     def sent(self, name: str, nbytes: int, info: T) -> None:
@@ -37,15 +33,15 @@ class MarkWindow(Generic[T]):
                                 f"the window of {self.capacity}")
         if name in self._marks:
             raise ValueError(f"mark {name!r} is already in flight")
-        self._marks[name] = InFlight(nbytes, info)
+        self._marks[name] = (nbytes, info)
         self.in_flight_bytes += nbytes
 
-    def acknowledged(self, name: str) -> InFlight[T] | None:
-        """The provider echoed `name`; None for a mark not in flight (one sent before a
-        `clear`, a duplicate, or not ours): it releases nothing."""
+    def acknowledged(self, name: str) -> tuple[int, T] | None:
+        """The provider echoed `name`: its (bytes, info); None for a mark not in flight (one
+        sent before a `clear`, a duplicate, or not ours): it releases nothing."""
         mark = self._marks.pop(name, None)
         if mark is not None:
-            self.in_flight_bytes -= mark.nbytes
+            self.in_flight_bytes -= mark[0]
         return mark
 
     def clear(self) -> int:

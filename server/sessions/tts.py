@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import msgspec
 import numpy as np
 
 from server.audio.codecs import StreamEncoder
@@ -89,25 +90,23 @@ class SynthRequest:
 
 
 # --- commands -----------------------------------------------------------------------------------
+# msgspec Structs: built in C (a frozen dataclass costs a Python call per field), and a phone
+# call builds one per engine piece and per mark echo.
 
 
-@dataclass(frozen=True, slots=True)
-class Start:
+class Start(msgspec.Struct, frozen=True):
     """The session is open: `ready` goes out."""
 
 
-@dataclass(frozen=True, slots=True)
-class SubmitText:
+class SubmitText(msgspec.Struct, frozen=True):
     text: str
 
 
-@dataclass(frozen=True, slots=True)
-class Flush:
+class Flush(msgspec.Struct, frozen=True):
     """Speak what is buffered without waiting for a sentence end; `flushed` once played out."""
 
 
-@dataclass(frozen=True, slots=True)
-class Interrupt:
+class Interrupt(msgspec.Struct, frozen=True):
     """Barge-in: drop buffered text, unsent audio and pending synthesis at once.
     `peer_cleared`: the peer dropped the audio it held too (a telephony provider's `clear`),
     so the whole credit window is ours again; a WebSocket client returns its own credit."""
@@ -115,37 +114,31 @@ class Interrupt:
     peer_cleared: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class GrantCredit:
+class GrantCredit(msgspec.Struct, frozen=True):
     bytes: int
 
 
-@dataclass(frozen=True, slots=True)
-class Reconfigure:
+class Reconfigure(msgspec.Struct, frozen=True):
     config: m.TtsConfigMsg
 
 
-@dataclass(frozen=True, slots=True)
-class EndInput:
+class EndInput(msgspec.Struct, frozen=True):
     """The client's `close`: speak what is buffered, send the rest of the audio, then close."""
 
 
-@dataclass(frozen=True, slots=True)
-class Drain:
+class Drain(msgspec.Struct, frozen=True):
     """The server is draining: finish what is chunked (buffered text without a sentence end is
     not spoken), then close 1001."""
 
 
-@dataclass(frozen=True, slots=True)
-class IdleTimeout:
+class IdleTimeout(msgspec.Struct, frozen=True):
     """No client message for `timeout_s`: ends the session only if nothing is left to do (a
     TTS client may legitimately be silent while its audio plays out)."""
 
     timeout_s: float
 
 
-@dataclass(frozen=True, slots=True)
-class Close:
+class Close(msgspec.Struct, frozen=True):
     """End the session now with a non-1000 code: an `error` with `error_code` goes first."""
 
     code: int
@@ -154,8 +147,7 @@ class Close:
     retryable: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Finish:
+class Finish(msgspec.Struct, frozen=True):
     """The meter settled: the `summary` (and for a non-1000 code an `error`), then the close."""
 
     report: UsageReport
@@ -164,26 +156,22 @@ class Finish:
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(msgspec.Struct, frozen=True):
     """A periodic meter report: `usage` goes out; an exhausted or revoked wallet ends it."""
 
     report: UsageReport
 
 
-@dataclass(frozen=True, slots=True)
-class EngineAudio:
+class EngineAudio(msgspec.Struct, frozen=True):
     request: SynthRequest
     pcm: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class EngineDone:
+class EngineDone(msgspec.Struct, frozen=True):
     request: SynthRequest
 
 
-@dataclass(frozen=True, slots=True)
-class EngineFailed:
+class EngineFailed(msgspec.Struct, frozen=True):
     request: SynthRequest
     message: str
     retryable: bool
@@ -196,8 +184,7 @@ Command = (Start | SubmitText | Flush | Interrupt | GrantCredit | Reconfigure | 
 # --- output -------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class TtsOutput:
+class TtsOutput(msgspec.Struct):
     """What the machine wants done after a step, for the runner to carry out."""
 
     # In order: events (to encode) and audio frames (credit for them already spent).
@@ -547,24 +534,33 @@ class TtsSession:
         """One step's output: immediate events, then queued audio and events in order while
         credit lasts (audio_done/flushed wait behind their audio), and the instructions."""
         out, self._immediate = self._immediate, []
-        queue, credit = self._out, self.credit
-        while can_write and queue:
-            item = queue[0]
-            if isinstance(item, bytes):
-                n = len(item)
-                if not credit.covers(n):
-                    break
-                credit.spend(n)
-                self._out_bytes -= n
-                self.samples_sent += n // self.encoder.bytes_per_sample
-            elif isinstance(item, m.AudioDone):
-                self._chunks.pop(item.chunk_id, None)
-                self.chunks_done += 1
-            queue.popleft()
-            out.append(item)
+        queue = self._out
+        if can_write and queue:
+            # Called per frame played on a phone call: the credit is read and charged once.
+            available = self.credit.outstanding
+            spent = 0
+            while queue:
+                item = queue[0]
+                if isinstance(item, bytes):
+                    n = len(item)
+                    if n > available - spent:
+                        break
+                    spent += n
+                elif isinstance(item, m.AudioDone):
+                    self._chunks.pop(item.chunk_id, None)
+                    self.chunks_done += 1
+                queue.popleft()
+                out.append(item)
+            if spent:
+                self.credit.spend(spent)
+                self._out_bytes -= spent
+                self.samples_sent += spent // self.encoder.bytes_per_sample
         cancel, self._cancel_synthesis = self._cancel_synthesis, False
-        return TtsOutput(messages=out, cancel_synthesis=cancel, reading=self._reading(),
-                         wants_audio=self.wants_audio,
+        reading = self._reading() if self._reading_paused or \
+            self.pending_chars >= self.text_backlog.capacity else None
+        return TtsOutput(messages=out, cancel_synthesis=cancel, reading=reading,
+                         wants_audio=len(self._partial) + self._out_bytes
+                         <= self.audio_backlog.limit,
                          close=self.close_action)
 
     def _reading(self) -> Literal["pause", "resume"] | None:

@@ -200,8 +200,8 @@ class Playback:
         mark = self._marks.acknowledged(name)
         if mark is None:
             return  # a mark of an interrupted reply, or not ours
-        self.machine.handle(GrantCredit(mark.nbytes))
-        played = mark.info
+        nbytes, played = mark
+        self.machine.handle(GrantCredit(nbytes))
         self.played_ms += played.ms
         reply = self.reply
         if reply is not None:
