@@ -17,40 +17,52 @@ a session ended is never lost to the bound that ended it.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 M = TypeVar("M")
 
 
 class Outbox(Generic[M]):
-    __slots__ = ("_keys", "_messages", "capacity")
+    __slots__ = ("_keys", "_messages", "capacity", "held", "push")
+
+    push: Callable[[M], None]
+    held: list[M]  # what waits, oldest first: read it, never change it (use push / drain)
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
+        # One list for the outbox's life: `push` is its bound `append` (a session pushes a
+        # `credit` per frame; a Python-level method would cost a call each time).
         self._messages: list[M] = []
+        self.held = self._messages
+        self.push = self._messages.append
         # key -> the message waiting under it (identity, to find it in _messages).
         self._keys: dict[Hashable, M] = {}
-
-    def push(self, msg: M) -> None:
-        self._messages.append(msg)
 
     def push_latest(self, key: Hashable, msg: M) -> None:
         stale = self._keys.get(key)
         if stale is not None:
+            messages = self._messages
             # Identity, not equality: an equal control message must never be the one removed.
-            self._messages = [held for held in self._messages if held is not stale]
+            for i, held in enumerate(messages):
+                if held is stale:
+                    del messages[i]
+                    break
         self._keys[key] = msg
         self._messages.append(msg)
 
     def drain(self) -> list[M]:
         """Everything waiting, oldest first; the outbox is empty after."""
-        messages, self._messages = self._messages, []
+        messages = self._messages
+        if not messages:
+            return []
+        drained = messages.copy()
+        messages.clear()
         if self._keys:
             self._keys.clear()
-        return messages
+        return drained
 
     def __len__(self) -> int:
         return len(self._messages)

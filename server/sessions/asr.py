@@ -1,18 +1,36 @@
-"""The ASR session machine, sans-I/O in the style of websockets' protocol.py.
+"""The ASR session machine, sans-I/O in the style of h11 and websockets' protocol.py.
 
-Inputs are plain calls (`receive_audio`, `receive_text`, `process`, `receive_result`, ...);
-outputs accumulate and are collected with `events_to_send()` (wire messages) and
-`engine_requests()` (work for the invoke stage). No sockets, no clock, no engine inside:
-the asyncio runner (asr_runner.py) feeds it and does the I/O, and tests feed it bytes.
+It owns the session's policy: the ingest queue and the credit window, the VAD and utterances,
+the queue of work for the engine and its bound, the outbox (interim results coalesced while the
+client is slow to read, never anything else) and the close sequence (finals owed, their
+deadline, settle, summary, close code). The runner (asr_runner.py) only moves bytes.
+
+Commands in (typed: JSON is decoded at the edge):
+  `receive_audio` (the per-frame fast path: returns whether reading should pause),
+  `receive_control`, `bad_message`, `receive_result`, `receive_engine_error`, `usage`,
+  `lease_exhausted`, `lease_extended`, `out_of_balance`, `key_revoked`, `idle_timeout`,
+  `drain`, `fail`, `settled`, `connection_lost`.
+Outputs:
+  `step(now)` runs the ingest stage over everything queued and returns one `Step`: pause or
+  resume reading, ask for a lease top-up, close, settle, what the stage waits for next and the
+  time it must run again by; `messages(hold=...)` the messages to send; `next_engine_request()`
+  the engine's next piece of work (coalesced per utterance); `take_metered_ms()` audio to meter.
+
+State is private and moves only through `_TRANSITIONS` (an illegal move raises
+`IllegalTransition`): open -> closing (the client's `close`, end of input, drain) -> settling
+(every final delivered or abandoned: the meter settles) -> closed (summary and close code);
+`fail` goes to closed from anywhere but closed.
 
 Time is audio time: every `*_ms` is derived from samples, so transcripts line up with the
-audio whatever the network or the engine did.
+audio whatever the network or the engine did. Wall time (`now`) only bounds the wait for finals.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 import numpy as np
 
@@ -32,11 +50,17 @@ from server.billing.meter import (
     UsageReport,
 )
 from server.config import AsrSessionConfig
+from server.flow_control.byte_queue import ByteQueue
 from server.flow_control.credit import CreditWindow
 from server.flow_control.ingest_queue import ControlLaneFull, IngestQueue
+from server.flow_control.outbox import Outbox
 from server.models.base import EngineError, Hypothesis
 from server.sessions import messages as m
 from server.sessions.asr_params import AsrParams, BadParams, params_with_config
+
+# After the input ended (close, drain), finals still owed are waited for this long (wall time);
+# then they are abandoned and the session settles and closes without them.
+FINALS_TIMEOUT_S: Final = 10.0
 
 # --- work for the invoke stage ----------------------------------------------------------------
 
@@ -55,6 +79,11 @@ class EngineFinish:
 EngineRequest = EngineFeed | EngineFinish
 
 
+def _same_utterance_feed(head: EngineRequest, item: EngineRequest) -> bool:
+    return (type(head) is EngineFeed and type(item) is EngineFeed
+            and item.utterance_id == head.utterance_id)
+
+
 @dataclass(frozen=True, slots=True)
 class CloseAction:
     """The machine wants the connection closed with this code once its events are sent."""
@@ -63,12 +92,59 @@ class CloseAction:
     reason: str
 
 
+# --- one step's output --------------------------------------------------------------------------
+
+# What the ingest stage waits for before its next step: new input (frames, results, a lease
+# answer, a timer), or room in the engine's queue (a slow engine holds the stage, which holds
+# the ingest queue, which pauses reading or drops: memory per session stays bounded).
+Wait = Literal["input", "engine_room"]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Everything one command asks of the I/O side, beyond the messages to send."""
+
+    pause_reading: bool = False
+    resume_reading: bool = False
+    top_up: bool = False  # ask the meter to extend the lease; answer with lease_extended() ...
+    close: CloseAction | None = None  # send every message (held ones too), then close
+    settle: bool = False  # settle the meter, then call settled(report)
+    finals_abandoned: bool = False  # FINALS_TIMEOUT_S passed with finals owed (worth a log line)
+    wait: Wait = "input"
+    deadline: float | None = None  # step again by this time (`now` clock) even without input
+
+    @property
+    def finished(self) -> bool:
+        """The stage has nothing more to do: close, or settle then close."""
+        return self.close is not None or self.settle
+
+
+CONTINUE: Final = Step()
+_WAIT_ENGINE: Final = Step(wait="engine_room")
+_RESUME: Final = Step(resume_reading=True)
+_SETTLE: Final = Step(settle=True)
+_TOP_UP: Final = Step(pause_reading=True, top_up=True)
+
+# --- states -------------------------------------------------------------------------------------
+
+State = Literal["open", "closing", "settling", "closed"]
+_TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    "open": frozenset({"closing", "closed"}),
+    "closing": frozenset({"settling", "closed"}),
+    "settling": frozenset({"closed"}),
+    "closed": frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A command the session's state does not allow (a bug in the caller, not the client)."""
+
+
 _Control = m.Finalize | m.Close
 
 # Speech goes to the engine in chunks of this much audio (the last one of an utterance may be
 # shorter): one resampler call and one invoke-stage hop per chunk instead of per 20 ms frame.
 ENGINE_CHUNK_MS = 100
-State = Literal["open", "closing", "closed"]
 
 
 @dataclass(slots=True)
@@ -81,6 +157,11 @@ class _Utterance:
 
 
 class AsrSession:
+    # The messages to send, oldest first (the outbox drained). A runner whose wire is not taking
+    # more (write-paused) leaves them: newer interims replace older ones meanwhile, and a step
+    # that closes means everything, then the close.
+    messages: Callable[[], list[m.AsrServerMessage]]
+
     def __init__(
         self,
         *,
@@ -106,10 +187,18 @@ class AsrSession:
             usage_interval_s=settings.usage_interval_s,
             max_utterance_ms=settings.max_utterance_ms,
         )
-        self.state: State = "open"
-        self.close_action: CloseAction | None = None
-        self._events: list[m.AsrServerMessage] = []
-        self._requests: list[EngineRequest] = []
+        self._state: State = "open"
+        self._close_action: CloseAction | None = None
+        self._outbox: Outbox[m.AsrServerMessage] = Outbox(settings.max_outbound_messages)
+        # Bound methods, not wrappers: a `credit` goes in and out once per frame.
+        self._emit = self._outbox.push
+        self._held = self._outbox.held
+        self.messages = self._outbox.drain
+        self._requests: list[EngineRequest] = []  # produced by this step, not yet queued
+        # Engine work waiting for the invoke stage, bounded in bytes of engine-rate PCM16.
+        self._engine_work: ByteQueue[EngineRequest] = ByteQueue(
+            max(1, settings.invoke_queue_ms * engine_rate * 2 // 1000))
+        self._failed_utterances: set[int] = set()  # the engine lost them: their work is dropped
         self.audio_started = False
         self.utterance_count = 0
         self._open: _Utterance | None = None
@@ -117,10 +206,32 @@ class AsrSession:
         self._awaiting_final: dict[int, _Utterance] = {}
         self.dropped_bytes = 0
         self._dropped_reported_ms = 0
+        self._metered_ms = 0
+        self._metered_dropped_ms = 0
         self._credit_warned = False
         self._balance_warned = False
+        self._reading_paused = False
+        self._lease_pending = False
+        self._draining = False
+        self._closing_since: float | None = None
         self.credit = CreditWindow(self._capacity(params))
         self._configure(params)
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def close_action(self) -> CloseAction | None:
+        """Set once the session decided to close (read by composite sessions: telephony)."""
+        return self._close_action
+
+    def _to(self, new: State) -> None:
+        if new not in _TRANSITIONS[self._state]:
+            raise IllegalTransition(f"ASR session {self._state} -> {new}")
+        self._state = new
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -172,7 +283,7 @@ class AsrSession:
 
     def start(self) -> None:
         """Announce the session; called once the meter granted it."""
-        self._events.append(
+        self._emit(
             m.Ready(
                 session_id=self.session_id,
                 resume_token=self.resume_token,
@@ -192,12 +303,12 @@ class AsrSession:
         if not data:
             self._error("empty_frame", "zero-length binary frame ignored (use close to end)")
             return False
-        if self.state != "open":
+        if self._state != "open":
             return False
         self.audio_started = True
         if self.credit.received(len(data)) and not self._credit_warned:
             self._credit_warned = True
-            self._events.append(
+            self._emit(
                 m.Warning(
                     code="credit_exceeded",
                     message=f"client sent more than the {self.credit.granted_total} bytes granted;"
@@ -205,30 +316,34 @@ class AsrSession:
                 )
             )
         self.dropped_bytes += self.queue.put_audio(data)
-        return self.queue.policy == "block" and self.queue.full
+        if self.queue.policy == "block" and self.queue.full:
+            self._reading_paused = True
+            return True
+        return False
 
-    def receive_text(self, data: bytes) -> None:
-        try:
-            msg = m.decode_client_message(data, m.asr_client_decoder)
-        except m.BadMessage as exc:
-            self._error("bad_message", str(exc))
-            return
+    def receive_control(self, msg: m.AsrClientMessage) -> None:
+        """A client text message, decoded at the edge."""
         if isinstance(msg, m.KeepAlive):
-            return  # liveness is the runner's business; nothing to do here
+            return  # liveness is the connection's business; nothing to do here
         if isinstance(msg, m.Config):
             self._receive_config(msg)
             return
-        if self.state != "open":
+        if self._state != "open":
             return  # a second close, or finalize after close: already handled
         try:
             self.queue.put_control(msg)
         except ControlLaneFull as exc:
             self.fail(1008, "policy_violation", str(exc))
+            return
         if isinstance(msg, m.Close):
-            self.state = "closing"
+            self._to("closing")
+
+    def bad_message(self, reason: str) -> None:
+        """A client text message that did not decode: an error, and the session goes on."""
+        self._error("bad_message", reason)
 
     def _receive_config(self, msg: m.Config) -> None:
-        if self.audio_started or self.state != "open":
+        if self.audio_started or self._state != "open":
             self._error("bad_message", "config must come before the first audio frame")
             return
         try:
@@ -241,8 +356,96 @@ class AsrSession:
 
     # --- the ingest + VAD stage -----------------------------------------------------------------
 
+    def step(self, now: float) -> Step:
+        """One ingest stage step over everything queued, then what the I/O side must do.
+
+        `now` is any monotonic clock in seconds (the runner's loop time); it only bounds how
+        long finals are waited for after the input ended."""
+        state = self._state
+        if state == "open":
+            if self._lease_pending:
+                return CONTINUE  # audio waits in the ingest queue until the wallet answers
+            work = self._engine_work
+            if work.total > work.capacity:
+                return _WAIT_ENGINE
+            # process(), inlined: this runs once per frame.
+            queue = self.queue
+            if queue.control_count:
+                consumed = self._ingest_in_order(queue.drain())
+            else:
+                audio = queue.drain_audio()
+                consumed = self._ingest(audio) if audio else 0
+            if consumed:
+                grant = self.credit.consumed(consumed)
+                if grant:
+                    self._emit(m.Credit(bytes=grant))
+            if self.dropped_bytes:
+                self._report_drops()
+            if self._requests:
+                self._queue_requests()
+            if self._state == "open":  # the usual case: nothing ends, nothing owed
+                if len(self._held) > self._outbox.capacity:
+                    return self._client_not_reading()
+                if work.total > work.capacity:
+                    return _WAIT_ENGINE
+                if self._reading_paused and self.queue.resumable:
+                    self._reading_paused = False
+                    return _RESUME
+                return CONTINUE
+        elif state == "closing":
+            return self._step_closing(now)
+        return self._step_ended()
+
+    def _queue_requests(self) -> None:
+        requests, self._requests = self._requests, []
+        self._engine_work.put_many([(r, len(r.pcm) if type(r) is EngineFeed else 0)
+                                    for r in requests])
+
+    def _step_closing(self, now: float) -> Step:
+        """The input ended: deliver the finals still owed, until FINALS_TIMEOUT_S."""
+        if self._closing_since is None:
+            self._closing_since = now
+        deadline = self._closing_since + FINALS_TIMEOUT_S
+        abandoned = False
+        if now >= deadline and (self.finals_pending or self._engine_work):
+            # Finals that can no longer come: stop waiting for them.
+            self._open = None
+            self._awaiting_final.clear()
+            self._engine_work.clear()
+            abandoned = True
+        work = self._engine_work
+        if self._lease_pending or work.total > work.capacity:
+            # The top-up's answer or the engine (every result wakes the stage) comes first.
+            return Step(deadline=deadline, finals_abandoned=abandoned)
+        self.process()
+        if self._requests:
+            self._queue_requests()
+        if self._state != "closing":
+            return self._step_ended(abandoned)
+        if not self.finals_pending and not work:
+            self._to("settling")
+            return Step(settle=True, finals_abandoned=abandoned)
+        if len(self._held) > self._outbox.capacity:
+            return self._client_not_reading()
+        resume = self._reading_paused and self.queue.resumable
+        if resume:
+            self._reading_paused = False
+        return Step(resume_reading=resume, deadline=deadline, finals_abandoned=abandoned)
+
+    def _step_ended(self, abandoned: bool = False) -> Step:
+        action = self._close_action
+        if action is not None:
+            return Step(close=action, finals_abandoned=abandoned)
+        return CONTINUE  # settling: the settle is under way
+
+    def _client_not_reading(self) -> Step:
+        self.fail(1008, "client_not_reading", "client stopped reading results")
+        assert self._close_action is not None
+        return Step(close=self._close_action)
+
     def process(self) -> int:
-        """Drain the ingest queue: decode, resample, VAD, in one go. Return bytes consumed."""
+        """Drain the ingest queue: decode, resample, VAD, in one go. Return bytes consumed.
+        (Inlined in `step` for an open session: keep the two alike.)"""
         queue = self.queue
         if queue.control_count:
             consumed = self._ingest_in_order(queue.drain())
@@ -253,7 +456,7 @@ class AsrSession:
         if consumed:
             grant = self.credit.consumed(consumed)
             if grant:
-                self._events.append(m.Credit(bytes=grant))
+                self._emit(m.Credit(bytes=grant))
         if self.dropped_bytes:
             self._report_drops()
         return consumed
@@ -276,7 +479,7 @@ class AsrSession:
 
     def _ingest(self, chunks: list[bytes]) -> int:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if self.state == "closed":
+        if self._state == "closed":
             return len(data)
         try:
             pcm = self.decoder.decode_pcm(data)
@@ -299,8 +502,8 @@ class AsrSession:
 
     def _control(self, msg: _Control) -> None:
         self._force_end()
-        if isinstance(msg, m.Close):
-            self.state = "closing"
+        if isinstance(msg, m.Close) and self._state == "open":
+            self._to("closing")
 
     def _force_end(self) -> None:
         if self.endpointer is not None:
@@ -324,7 +527,7 @@ class AsrSession:
                         self.settings.resample_quality, ENGINE_CHUNK_MS)
                 audio.start()
                 self._open = _Utterance(self.utterance_count, ev.at_ms, audio)
-                self._events.append(m.SpeechStarted(at_ms=ev.at_ms))
+                self._emit(m.SpeechStarted(at_ms=ev.at_ms))
             elif self._open is not None:
                 utt, self._open = self._open, None
                 utt.end_ms = ev.end_ms
@@ -334,15 +537,44 @@ class AsrSession:
                     self._requests.append(EngineFeed(utt.utterance_id, pcm))
                 self._requests.append(EngineFinish(utt.utterance_id))
 
-    # --- results from the invoke stage ----------------------------------------------------------
+    # --- the invoke stage -----------------------------------------------------------------------
+
+    def next_engine_request(self) -> EngineRequest | None:
+        """The engine's next piece of work: every feed of one utterance waiting back to back
+        becomes one feed (one engine call), and work of an utterance the engine lost is
+        dropped. None when nothing waits (wait on `engine_work_available`)."""
+        work = self._engine_work
+        while run := work.take_run(_same_utterance_feed):
+            head = run[0]
+            if head.utterance_id in self._failed_utterances:
+                continue
+            if len(run) == 1:
+                return head
+            return EngineFeed(head.utterance_id,
+                              b"".join(r.pcm for r in run if type(r) is EngineFeed))
+        return None
+
+    @property
+    def engine_work_available(self) -> asyncio.Event:
+        """Set while engine work waits (the invoke stage's wake-up)."""
+        return self._engine_work.item_available
+
+    @property
+    def engine_room(self) -> asyncio.Event:
+        """Set while the engine's queue is within its bound (the ingest stage's wake-up)."""
+        return self._engine_work.space_available
+
+    @property
+    def engine_queue_bytes(self) -> int:
+        return self._engine_work.total
 
     def receive_result(self, utterance_id: int, hyp: Hypothesis, *, final: bool) -> None:
         if final:
             utt = self._awaiting_final.pop(utterance_id, None)
             if utt is None:
                 return
-            self._events.append(self._transcript(utt, hyp, final=True, end_ms=utt.end_ms))
-            self._events.append(m.UtteranceEnd(utterance_id=utterance_id, end_ms=utt.end_ms))
+            self._emit(self._transcript(utt, hyp, final=True, end_ms=utt.end_ms))
+            self._emit(m.UtteranceEnd(utterance_id=utterance_id, end_ms=utt.end_ms))
             return
         utt = self._open if self._open and self._open.utterance_id == utterance_id else None
         if utt is None or not self.params.interim_results or hyp.text == utt.last_interim:
@@ -352,14 +584,17 @@ class AsrSession:
         # frame, and an interim must never claim to reach past the final that follows it.
         voiced = self.endpointer.last_voiced_ms if self.endpointer is not None else 0
         end_ms = max(utt.start_ms, voiced)
-        self._events.append(self._transcript(utt, hyp, final=False, end_ms=end_ms))
+        # Only the newest interim of an utterance matters to a client slow to read.
+        self._outbox.push_latest(utterance_id, self._transcript(utt, hyp, final=False,
+                                                                end_ms=end_ms))
 
     def receive_engine_error(self, utterance_id: int, exc: EngineError) -> None:
+        self._failed_utterances.add(utterance_id)
         utt = self._awaiting_final.pop(utterance_id, None)
         if self._open is not None and self._open.utterance_id == utterance_id:
             # The engine lost this utterance; its remaining audio has nowhere to go.
             utt, self._open = self._open, None
-        self._events.append(
+        self._emit(
             m.Error(
                 code="engine_error",
                 message=f"utterance {utterance_id} not transcribed: {exc}"[:200],
@@ -367,7 +602,7 @@ class AsrSession:
             )
         )
         if utt is not None and utt.end_ms >= 0:
-            self._events.append(m.UtteranceEnd(utterance_id=utterance_id, end_ms=utt.end_ms))
+            self._emit(m.UtteranceEnd(utterance_id=utterance_id, end_ms=utt.end_ms))
 
     def _transcript(
         self, utt: _Utterance, hyp: Hypothesis, *, final: bool, end_ms: int
@@ -390,7 +625,7 @@ class AsrSession:
             ],
         )
 
-    # --- usage, drops, closing ------------------------------------------------------------------
+    # --- usage, lease, drops ----------------------------------------------------------------------
 
     @property
     def accepted_ms(self) -> int:
@@ -403,10 +638,28 @@ class AsrSession:
             return 0
         return int(self.dropped_bytes / self.params.bytes_per_ms)
 
+    def take_metered_ms(self) -> tuple[int, int]:
+        """Audio accepted and dropped since the last call, in ms: what the meter is told."""
+        decoder = self.decoder
+        accepted = decoder.samples_decoded * 1000 // decoder.sample_rate
+        new_accepted = accepted - self._metered_ms
+        if new_accepted > 0:
+            self._metered_ms = accepted
+        else:
+            new_accepted = 0
+        if not self.dropped_bytes:
+            return new_accepted, 0
+        dropped = self.dropped_ms
+        new_dropped = dropped - self._metered_dropped_ms
+        if new_dropped > 0:
+            self._metered_dropped_ms = dropped
+            return new_accepted, new_dropped
+        return new_accepted, 0
+
     def _report_drops(self) -> None:
         dropped = self.dropped_ms
         if dropped > self._dropped_reported_ms:
-            self._events.append(
+            self._emit(
                 m.Warning(
                     code="audio_dropped",
                     message="ingest queue full: oldest audio dropped (not billed)",
@@ -416,7 +669,9 @@ class AsrSession:
             self._dropped_reported_ms = dropped
 
     def usage(self, report: UsageReport) -> None:
-        self._events.append(
+        if self._state == "closed":
+            return
+        self._emit(
             m.Usage(
                 audio_ms=report.audio_ms,
                 billed_ms=report.billed_ms,
@@ -427,7 +682,7 @@ class AsrSession:
         )
         if report.balance_low and not self._balance_warned:
             self._balance_warned = True
-            self._events.append(
+            self._emit(
                 m.Warning(code="balance_low", message="wallet balance is running low; top up")
             )
         if report.revoked:
@@ -438,11 +693,30 @@ class AsrSession:
             self.fail(4029, "rate_limited", "audio seconds per minute limit reached",
                       retryable=True, retry_after_s=60.0)
 
+    def lease_exhausted(self) -> Step:
+        """The meter used up its lease: hold the audio until a top-up answers."""
+        if self._lease_pending or not (self._state == "open" or self._state == "closing"):
+            return CONTINUE
+        self._lease_pending = True
+        self._reading_paused = True
+        return _TOP_UP
+
+    def lease_extended(self) -> Step:
+        self._lease_pending = False
+        if self._reading_paused and self._state != "closed" and self.queue.resumable:
+            self._reading_paused = False
+            return _RESUME
+        return CONTINUE
+
     def out_of_balance(self) -> None:
+        self._lease_pending = False
         self.fail(4002, "insufficient_balance", "wallet balance exhausted; top up to continue")
 
     def key_revoked(self) -> None:
+        self._lease_pending = False
         self.fail(KEY_REVOKED_CLOSE, KEY_REVOKED_CODE, KEY_REVOKED_MESSAGE)
+
+    # --- ending ---------------------------------------------------------------------------------
 
     @property
     def finals_pending(self) -> bool:
@@ -452,21 +726,35 @@ class AsrSession:
     def end_of_input(self) -> None:
         """The client closed or the server drains: end the open utterance so it gets a final."""
         self._force_end()
-        if self.state == "open":
-            self.state = "closing"
+        if self._state == "open":
+            self._to("closing")
 
-    def abandon_pending(self) -> None:
-        """Finals that can no longer come (deadline passed): stop waiting for them."""
-        self._open = None
-        self._awaiting_final.clear()
+    def drain(self) -> None:
+        """The server drains: finals, then close 1001 `draining` (the client reconnects)."""
+        self._draining = True
+        self.end_of_input()
 
-    def finish(
-        self, report: UsageReport, code: int = 1000, reason: str = "", message: str = ""
-    ) -> None:
-        """Summary, then close. `report` is the meter's settled usage."""
-        if self.state == "closed":
-            return
-        self._events.append(
+    def idle_timeout(self, timeout_s: float) -> None:
+        if self._state == "open":
+            self.fail(4008, "idle_timeout", f"no audio or keepalive for {timeout_s:g} s")
+
+    def connection_lost(self) -> None:
+        """The wire is gone: nothing more can be sent, engine work is pointless."""
+        self._engine_work.clear()
+        self._requests.clear()
+        self._outbox.drain()
+        if self._state != "closed":
+            self._to("closed")
+
+    def settled(self, report: UsageReport) -> Step:
+        """The meter settled (`report` is its final usage): summary, then close."""
+        if self._state != "settling":
+            return CONTINUE
+        if self._draining:
+            code, reason, message = 1001, "draining", "server is draining; reconnect"
+        else:
+            code, reason, message = 1000, "", ""
+        self._emit(
             m.Summary(
                 audio_ms=report.audio_ms,
                 billed_ms=report.billed_ms,
@@ -477,35 +765,32 @@ class AsrSession:
         )
         if code != 1000:
             # Every close other than 1000 carries an `error` with the same reason first.
-            self._events.append(m.Error(code=reason, message=message or reason, retryable=True))
-        self.state = "closed"
-        self.close_action = CloseAction(code, reason)
+            self._emit(m.Error(code=reason, message=message, retryable=True))
+        self._to("closed")
+        self._close_action = CloseAction(code, reason)
+        return Step(close=self._close_action)
 
     def fail(self, code: int, error_code: str, message: str, *, retryable: bool = False,
              retry_after_s: float | None = None) -> None:
         """Close with a non-1000 code: an `error` frame with the same reason goes first."""
-        if self.state == "closed":
+        if self._state == "closed":
             return
-        self._events.append(
+        self._emit(
             m.Error(code=error_code, message=message[:200], retryable=retryable,
                     retry_after_s=retry_after_s)
         )
-        self.state = "closed"
-        self.close_action = CloseAction(code, error_code)
+        self._to("closed")
+        self._close_action = CloseAction(code, error_code)
         self._requests.clear()
 
     def _error(self, code: str, message: str) -> None:
-        self._events.append(m.Error(code=code, message=message[:200]))
+        self._emit(m.Error(code=code, message=message[:200]))
 
     # --- outputs --------------------------------------------------------------------------------
 
-    def events_to_send(self) -> list[m.AsrServerMessage]:
-        events, self._events = self._events, []
-        return events
-
-    def engine_requests(self) -> list[EngineRequest]:
-        reqs, self._requests = self._requests, []
-        return reqs
+    @property
+    def outbox_len(self) -> int:
+        return len(self._held)
 
 
 def encode_event(event: m.AsrServerMessage) -> bytes:
@@ -513,10 +798,14 @@ def encode_event(event: m.AsrServerMessage) -> bytes:
 
 
 __all__ = [
+    "CONTINUE",
+    "FINALS_TIMEOUT_S",
     "AsrSession",
     "CloseAction",
     "EngineFeed",
     "EngineFinish",
     "EngineRequest",
+    "IllegalTransition",
+    "Step",
     "encode_event",
 ]

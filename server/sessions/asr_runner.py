@@ -1,11 +1,12 @@
-"""The asyncio side of an ASR session: feeds the sans-I/O machine and does its I/O.
+"""The asyncio side of an ASR session: moves bytes between a `Wire`, the engine, the meter and
+the sans-I/O machine (asr.py), which decides everything else.
 
-Stages: socket -> ingest queue (in the machine, bounded in ms) -> ingest/VAD task (drains
-everything waiting in one go) -> invoke queue (bounded in ms) -> invoke task (engine) ->
-outbound (interim results coalesced while the socket's write buffer is above high water).
-A slow engine fills the invoke queue, which stalls the ingest task, which fills the ingest
-queue, which pauses the socket (`block`) or drops the oldest audio (`drop`): memory per session
-is bounded whatever the client or the engine does.
+Stages: wire -> ingest queue (in the machine, bounded in ms) -> ingest/VAD step (drains
+everything waiting in one go) -> engine queue (in the machine, bounded in ms) -> invoke task
+(engine) -> outbox (in the machine: interim results coalesced while the wire's write buffer is
+above high water). A slow engine fills the engine queue, which stalls the ingest step, which
+fills the ingest queue, which pauses reading (`block`) or drops the oldest audio (`drop`):
+memory per session is bounded whatever the client or the engine does.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import logging
 import secrets
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from server.billing.auth import Principal
 from server.billing.meter import (
@@ -33,17 +35,26 @@ from server.billing.meter import (
 from server.config import Config
 from server.models.base import EngineError, Transcriber, TranscriptionStream
 from server.sessions import messages as m
-from server.sessions.asr import AsrSession, EngineFeed, EngineRequest, encode_event
+from server.sessions.asr import (
+    CONTINUE,
+    FINALS_TIMEOUT_S,
+    AsrSession,
+    CloseAction,
+    EngineFeed,
+    Step,
+    encode_event,
+)
 from server.sessions.asr_params import BadParams, params_from_query
+from server.sessions.wire import Clock, Wire
 from server.telemetry.metrics import Metrics
-from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, Rejected, UpgradeRequest
 from server.ws.server import WsServer
 
 log = logging.getLogger("streamgate.asr")
 
-FINALS_TIMEOUT_S = 10.0
 KIND = "asr"
+EventSink = Callable[[list[m.AsrServerMessage]], None]
+__all__ = ["FINALS_TIMEOUT_S", "AsrAdmission", "AsrEndpoint", "AsrSessionRunner", "Wire"]
 
 
 class CreditPayloads:
@@ -100,14 +111,23 @@ class AsrEndpoint:
     def _publish_gauges(self) -> None:
         ingest_ms = invoke_ms = credit = 0
         for r in self.runners:
-            ingest_ms += int(r.machine.queue.audio_bytes / r.machine.params.bytes_per_ms)
+            machine = r.machine
+            ingest_ms += int(machine.queue.audio_bytes / machine.params.bytes_per_ms)
             invoke_ms += r.invoke_queue_ms
-            credit += max(0, r.machine.credit.outstanding)
+            credit += max(0, machine.credit.outstanding)
         self.metrics.queue_depth_ms.labels("ingest").set(ingest_ms)
         self.metrics.queue_depth_ms.labels("invoke").set(invoke_ms)
         self.metrics.credit_outstanding.set(credit)
 
     async def admit(self, upgrade: UpgradeRequest, principal: Principal) -> Admitted | Rejected:
+        decision = await self.open_session(upgrade, principal)
+        if isinstance(decision, Rejected):
+            return decision
+        return Admitted(start=decision.start, cancel=decision.cancel)
+
+    async def open_session(self, upgrade: UpgradeRequest,
+                           principal: Principal) -> AsrAdmission | Rejected:
+        """Admit a session on any `Wire` (the WebSocket upgrade, an HTTP request)."""
         settings = self.config.asr.session
         try:
             params = params_from_query(
@@ -135,74 +155,90 @@ class AsrEndpoint:
             idle_timeout_s=self.config.server.idle_timeout_s,
         )
 
-        def start(conn: WsConnection) -> AsrSessionRunner:
-            runner = AsrSessionRunner(self, conn, machine, engine, meter, principal)
+        def start(wire: Wire, on_events: EventSink | None = None) -> AsrSessionRunner:
+            runner = AsrSessionRunner(self, wire, machine, engine, meter, principal,
+                                      on_events=on_events)
             runner.start()
             return runner
 
         def cancel() -> None:
             self.server.spawn(meter.settle())
 
-        return Admitted(start=start, cancel=cancel)
+        return AsrAdmission(start=start, cancel=cancel)
+
+
+class StartSession(Protocol):
+    def __call__(self, wire: Wire, on_events: EventSink | None = None) -> AsrSessionRunner: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AsrAdmission:
+    """An admitted ASR session: `start` runs it on a wire (its events go to `on_events`
+    instead of the wire when given: a composite session, or an HTTP request that answers with
+    one document); `cancel` settles its meter if it never starts."""
+
+    start: StartSession
+    cancel: Callable[[], None]
 
 
 class AsrSessionRunner:
+    """Feeds the machine its commands and performs its outputs; owns no session policy.
+
+    The ingest step runs inline from the wire's read callback when the stage task is parked
+    waiting for input (no task hop per frame: that hop costs more than the audio work), else
+    from the stage task, which also waits for what the last step said (input, engine room,
+    a deadline)."""
+
     def __init__(
         self,
         endpoint: AsrEndpoint,
-        conn: WsConnection,
+        conn: Wire,
         machine: AsrSession,
         engine: Transcriber,
         meter: SessionMeter,
         principal: Principal,
         *,
-        on_events: Callable[[list[m.AsrServerMessage]], None] | None = None,
+        on_events: EventSink | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.conn = conn
         self.machine = machine
-        # A composite session (telephony) takes the machine's events itself; then nothing is
-        # written to the socket by this runner, only the close (code and reason).
+        # A composite session (telephony) or an HTTP request takes the machine's events itself;
+        # then nothing is written to the wire by this runner, only the close (code and reason).
         self.on_events = on_events
         self.engine = engine
         self.meter = meter
         self.principal = principal
         self.metrics = endpoint.metrics
+        # The loop (bound at start) or a fake clock in tests.
+        self._clock: Clock | None = clock
+        self._time: Callable[[], float] = time.monotonic
         self._ingest_seconds = self.metrics.stage_seconds.labels("ingest")
         self._wake = asyncio.Event()
-        self._invoke_wake = asyncio.Event()
-        self._room = asyncio.Event()
         self._writable = asyncio.Event()
-        self._invoke_q: deque[EngineRequest] = deque()
-        self._invoke_bytes = 0
-        self._invoke_capacity = (
-            endpoint.config.asr.session.invoke_queue_ms * engine.sample_rate * 2 // 1000
-        )
-        self._outbox: list[m.AsrServerMessage] = []
+        self._wait: Step | None = None  # the last step's wait and deadline
         self._gone = False
         self._close_code: int | None = None
-        self._draining = False
-        self._metered_ms = 0
-        self._metered_dropped_ms = 0
         self._published_ms = 0
         self._published_dropped_ms = 0
         self._frames_in = 0
         self._bytes_in = 0
         self._frames_out = 0
         self._bytes_out = 0
-        self._closing_since: float | None = None
-        self._pending_finish: tuple[int, str, str] | None = None
+        self._settle_owed = False
         self._input = False  # frames arrived since the last step
         self._parked = False  # the stage task waits for input (so a step may run inline)
         self._finished = False
         self._steps = 0
-        self._top_up: asyncio.Task[None] | None = None  # an immediate report extending the lease
         self._log_extra = {"session_id": machine.session_id, "tenant_id": principal.tenant_id}
-        self._max_outbox = endpoint.config.asr.session.max_outbound_messages
 
     # --- SessionHandler (called from the connection, synchronously) ----------------------------
 
     def start(self) -> None:
+        if self._clock is None:
+            self._clock = asyncio.get_running_loop()
+        self._time = self._clock.time
         self.machine.start()
         self._send_events()
         self.metrics.sessions_active.labels(KIND).inc()
@@ -222,7 +258,12 @@ class AsrSessionRunner:
     def on_text(self, data: bytes) -> None:
         self._frames_in += 1
         self._bytes_in += len(data)
-        self.machine.receive_text(data)
+        try:
+            msg = m.decode_client_message(data, m.asr_client_decoder)
+        except m.BadMessage as exc:
+            self.machine.bad_message(str(exc))
+        else:
+            self.machine.receive_control(msg)
         self._input = True
 
     def on_writable(self) -> None:
@@ -230,24 +271,42 @@ class AsrSessionRunner:
         self._wake.set()
 
     def on_idle(self) -> None:
-        if self.machine.state == "open":
-            timeout = self.endpoint.config.server.idle_timeout_s
-            self.machine.fail(4008, "idle_timeout", f"no audio or keepalive for {timeout:g} s")
-            self._wake.set()
+        self.machine.idle_timeout(self.endpoint.config.server.idle_timeout_s)
+        self._wake.set()
 
     def on_drain(self) -> None:
-        self._draining = True
-        self.machine.end_of_input()
+        self.machine.drain()
         self._wake.set()
+
+    def end_input(self) -> None:
+        """A composite session ends its caller's audio: finals, then settle and close 1000."""
+        self.machine.receive_control(m.Close())
+        self._input = True
+        self.on_read_done()
+
+    def end(self, code: int, reason: str) -> None:
+        """A composite session ends the session with this close code (no finals)."""
+        self.machine.fail(code, reason, reason)
+        self._input = True
+        self.on_read_done()
 
     def on_connection_closed(self, code: int) -> None:
         self._gone = True
         if self._close_code is None:
             self._close_code = code
+        self.machine.connection_lost()  # also frees the engine queue: nothing waits on room
         self._wake.set()
-        self._invoke_wake.set()
-        self._room.set()
         self._writable.set()
+
+    def on_read_done(self) -> None:
+        """The connection delivered every frame of one socket read."""
+        if not self._input:
+            return
+        self._input = False
+        if self._parked and not self.conn.write_paused:
+            self._step()
+        else:
+            self._wake.set()
 
     # --- the session's life ---------------------------------------------------------------------
 
@@ -260,8 +319,9 @@ class AsrSessionRunner:
             log.exception("session failed", extra=self._log_extra)
             self.machine.fail(1011, "internal_error", "internal error; retry the session",
                               retryable=True)
-            self._send_events()
-            self._close_if_done()
+            action = self.machine.close_action
+            if action is not None:
+                self._close(action)
         finally:
             for task in (invoke, usage):
                 task.cancel()
@@ -280,132 +340,99 @@ class AsrSessionRunner:
                                               "dropped_ms": report.dropped_ms})
 
     async def _ingest_loop(self) -> None:
-        machine, conn = self.machine, self.conn
+        conn, wake, clock = self.conn, self._wake, self._clock
+        assert clock is not None
         while not self._gone and not self._finished:
-            if machine.state == "closing":
-                await self._wait_closing()
+            wait = self._wait
+            if wait is not None and wait.wait == "engine_room":
+                await self.machine.engine_room.wait()
+            elif wait is not None and wait.deadline is not None:
+                timer = clock.call_at(wait.deadline, wake.set)
+                try:
+                    await wake.wait()
+                finally:
+                    timer.cancel()
             else:
                 self._parked = True
                 try:
-                    await self._wake.wait()
+                    await wake.wait()
                 finally:
                     self._parked = False
-            self._wake.clear()
+            wake.clear()
             if self._gone or self._finished:
                 return
-            if self._top_up is not None:
-                continue  # the lease top-up wakes us when it is answered
             while conn.write_paused and not self._gone:
                 # The client is not reading: stop producing until its socket drains.
                 self._writable.clear()
                 await self._writable.wait()
-            if self._step():
-                return
-            while self._invoke_bytes > self._invoke_capacity and not self._gone:
-                self._room.clear()
-                await self._room.wait()
-            if conn.reading_paused and machine.queue.resumable:
-                conn.resume_reading()
+            self._step()
 
-    def _step(self) -> bool:
-        """One ingest stage step over everything queued; True once the session is finished.
-
-        Runs inline from the socket's read callback when the stage is idle (no task hop per
-        frame: that hop costs more than the audio work), else from the stage task."""
+    def _step(self) -> None:
+        """One step of the machine and everything it asks for."""
         machine = self.machine
+        clock = self._time
         self._steps += 1
         if self._steps & 15 == 0:  # a sample is enough for the latency histogram
             t0 = time.perf_counter()
-            machine.process()
+            out = machine.step(clock())
             self._ingest_seconds.observe(time.perf_counter() - t0)
         else:
-            machine.process()
-        self._meter_deltas()
-        if self.meter.exhausted and self._top_up is None and machine.state != "closed":
-            # Hold the audio until the lease is extended (or the wallet says no).
+            out = machine.step(clock())
+        accepted, dropped = machine.take_metered_ms()
+        if accepted:
+            self.meter.accept(accepted)
+        if dropped:
+            self.meter.drop(dropped)
+        if out is CONTINUE:
+            self._wait = out
+        else:
+            self._perform(out)
+        if self.meter.exhausted and machine.lease_exhausted().top_up:
             self.conn.pause_reading()
-            self._top_up = self.endpoint.server.spawn(self._extend_lease())
-        reqs = machine.engine_requests()
-        if reqs:
-            self._queue_requests(reqs)
+            self.endpoint.server.spawn(self._extend_lease())
         self._send_events()
-        # An open session with no close pending is never done: skip _close_if_done's questions.
-        done = not (machine.close_action is None and machine.state == "open") \
-            and self._close_if_done()
-        if not done:
-            if len(self._outbox) <= self._max_outbox:
-                return False
-            machine.fail(1008, "client_not_reading", "client stopped reading results")
-            self._send_events()
-            self._close_if_done()
+
+    def _perform(self, out: Step) -> None:
+        if out.resume_reading:
+            self.conn.resume_reading()
+        if out.pause_reading:
+            self.conn.pause_reading()
+        if out.finals_abandoned:
+            log.warning("finals abandoned after %.0f s", FINALS_TIMEOUT_S, extra=self._log_extra)
+        self._wait = out
+        if out.close is not None:
+            self._close(out.close)
+        elif out.settle:
+            self._settle_owed = True
+        else:
+            if self._parked and (out.deadline is not None or out.wait != "input"):
+                # Stepped inline while the stage task waits for plain input: it must wait for
+                # this step's deadline or for engine room instead.
+                self._wake.set()
+            return
         self._finished = True
         self._wake.set()  # the stage task exits (it may be parked)
-        return True
 
     async def _extend_lease(self) -> None:
-        revoked = False
+        machine = self.machine
         try:
             extended = await self.meter.top_up()
         except KeyRevoked:
-            extended, revoked = False, True
+            machine.key_revoked()
         except Exception:
             log.exception("lease top-up failed", extra=self._log_extra)
-            extended = False
-        self._top_up = None
-        if revoked:
-            self.machine.key_revoked()
-        elif not extended and self.machine.state != "closed":
-            self.machine.out_of_balance()
-        elif self.conn.reading_paused and self.machine.queue.resumable:
-            self.conn.resume_reading()
+            machine.out_of_balance()
+        else:
+            if extended:
+                self._perform(machine.lease_extended())
+            else:
+                machine.out_of_balance()
         self._wake.set()
 
-    def on_read_done(self) -> None:
-        """The connection delivered every frame of one socket read."""
-        if not self._input:
-            return
-        self._input = False
-        if (self._parked and not self.conn.write_paused and self.machine.state == "open"
-                and self._invoke_bytes <= self._invoke_capacity and self._top_up is None):
-            if not self._step() and self.conn.reading_paused and self.machine.queue.resumable:
-                self.conn.resume_reading()
-        else:
-            self._wake.set()
-
-    async def _wait_closing(self) -> None:
-        """While closing, wake for results but give up on finals after FINALS_TIMEOUT_S."""
-        loop = asyncio.get_running_loop()
-        if self._closing_since is None:
-            self._closing_since = loop.time()
-        remaining = FINALS_TIMEOUT_S - (loop.time() - self._closing_since)
-        if remaining <= 0:
-            log.warning("finals abandoned after %.0f s", FINALS_TIMEOUT_S, extra=self._log_extra)
-            self.machine.abandon_pending()
-            self._invoke_q.clear()
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(remaining):
-                await self._wake.wait()
-
-    def _close_if_done(self) -> bool:
-        machine = self.machine
-        if machine.close_action is None:
-            if machine.state != "closing" or machine.finals_pending or self._invoke_q:
-                return False
-            if self._draining:
-                self._finish_later(1001, "draining", "server is draining; reconnect")
-            else:
-                self._finish_later(1000, "", "")
-            return True
-        action = machine.close_action
+    def _close(self, action: CloseAction) -> None:
         self._close_code = action.code
-        self._flush_outbox()
+        self._send_events(hold=False)
         self.conn.close(action.code, action.reason)
-        return True
-
-    def _finish_later(self, code: int, reason: str, message: str) -> None:
-        # Settling is async (the wallet may be remote); the summary carries its result.
-        self._pending_finish = (code, reason, message)
 
     async def _settle(self) -> UsageReport:
         self._meter_deltas()
@@ -415,76 +442,53 @@ class AsrSessionRunner:
             log.exception("meter settle failed", extra=self._log_extra)
             report = UsageReport(self.machine.accepted_ms, self.machine.accepted_ms,
                                  self.machine.dropped_ms, 0, None)
-        finish = self._pending_finish
-        if finish is not None and not self._gone:
-            code, reason, message = finish
-            self.machine.finish(report, code, reason, message)
-            self._send_events()
-            self._close_if_done()
+        if self._settle_owed and not self._gone:
+            # Settling is async (the wallet may be remote); the summary carries its result.
+            out = self.machine.settled(report)
+            if out.close is not None:
+                self._close(out.close)
         return report
 
     # --- invoke stage ---------------------------------------------------------------------------
 
-    def _queue_requests(self, reqs: list[EngineRequest]) -> None:
-        for req in reqs:
-            if isinstance(req, EngineFeed):
-                self._invoke_bytes += len(req.pcm)
-            self._invoke_q.append(req)
-        self._invoke_wake.set()
-
     async def _invoke_loop(self) -> None:
+        machine = self.machine
         streams: dict[int, TranscriptionStream] = {}
-        failed: set[int] = set()
-        model = self.machine.params.model
+        model = machine.params.model
         engine_seconds = self.metrics.engine_seconds
+        work_available = machine.engine_work_available
         try:
             while not self._gone:
-                if not self._invoke_q:
-                    self._invoke_wake.clear()
-                    await self._invoke_wake.wait()
+                req = machine.next_engine_request()
+                if req is None:
+                    await work_available.wait()
                     continue
-                req = self._invoke_q.popleft()
                 utt = req.utterance_id
-                pcm = b""
-                if isinstance(req, EngineFeed):
-                    parts = [req.pcm]
-                    # Coalesce: one engine call for everything this utterance has waiting.
-                    while (self._invoke_q and isinstance(self._invoke_q[0], EngineFeed)
-                           and self._invoke_q[0].utterance_id == utt):
-                        nxt = self._invoke_q.popleft()
-                        assert isinstance(nxt, EngineFeed)
-                        parts.append(nxt.pcm)
-                    pcm = b"".join(parts)
-                    self._invoke_bytes -= len(pcm)
-                    self._room.set()
-                if utt in failed:
-                    continue
                 stream = streams.get(utt)
                 if stream is None:
                     stream = streams[utt] = self.engine.open_stream(
-                        language=self.machine.params.language,
-                        session_id=self.machine.session_id,
+                        language=machine.params.language,
+                        session_id=machine.session_id,
                         utterance_id=utt,
                     )
                 t0 = time.perf_counter()
                 try:
                     if isinstance(req, EngineFeed):
-                        hyp = await stream.feed(pcm)
+                        hyp = await stream.feed(req.pcm)
                         if hyp is not None:
-                            self.machine.receive_result(utt, hyp, final=False)
+                            machine.receive_result(utt, hyp, final=False)
                         engine_seconds.labels(model, "feed").observe(time.perf_counter() - t0)
                     else:
                         del streams[utt]
                         hyp = await stream.finish()
                         engine_seconds.labels(model, "finish").observe(time.perf_counter() - t0)
-                        self.machine.receive_result(utt, hyp, final=True)
+                        machine.receive_result(utt, hyp, final=True)
                 except EngineError as exc:
                     self.metrics.engine_errors.labels(model).inc()
-                    failed.add(utt)
                     dead = streams.pop(utt, None)
                     if dead is not None:
                         await dead.aclose()
-                    self.machine.receive_engine_error(utt, exc)
+                    machine.receive_engine_error(utt, exc)
                 self._send_events()
                 self._wake.set()
         finally:
@@ -501,27 +505,21 @@ class AsrSessionRunner:
             report = await self.meter.report()
             if cancel_requested():
                 return
-            if self.machine.state != "closed":
-                self.machine.usage(report)
-                self._send_events()
-                self._wake.set()  # a usage verdict (exhausted, rate limited) may close it
+            self.machine.usage(report)
+            self._send_events()
+            self._wake.set()  # a usage verdict (exhausted, rate limited) may close it
             self._publish_metrics()
 
     def _meter_deltas(self) -> None:
-        machine = self.machine
-        accepted = machine.accepted_ms
-        if accepted > self._metered_ms:
-            self.meter.accept(accepted - self._metered_ms)
-            self._metered_ms = accepted
-        if machine.dropped_bytes:
-            dropped = machine.dropped_ms
-            if dropped > self._metered_dropped_ms:
-                self.meter.drop(dropped - self._metered_dropped_ms)
-                self._metered_dropped_ms = dropped
+        accepted, dropped = self.machine.take_metered_ms()
+        if accepted:
+            self.meter.accept(accepted)
+        if dropped:
+            self.meter.drop(dropped)
 
     @property
     def invoke_queue_ms(self) -> int:
-        return self._invoke_bytes * 1000 // (self.engine.sample_rate * 2)
+        return self.machine.engine_queue_bytes * 1000 // (self.engine.sample_rate * 2)
 
     def _publish_metrics(self) -> None:
         ep = self.endpoint
@@ -539,37 +537,18 @@ class AsrSessionRunner:
 
     # --- outbound -------------------------------------------------------------------------------
 
-    def _send_events(self) -> None:
-        events = self.machine.events_to_send()
+    def _send_events(self, hold: bool | None = None) -> None:
+        on_events = self.on_events
+        if on_events is not None:
+            events = self.machine.messages()
+            if events:
+                on_events(events)
+            return
+        if self.conn.write_paused if hold is None else hold:
+            return  # they wait in the machine's outbox, interims coalesced
+        events = self.machine.messages()
         if not events:
             return
-        if self.on_events is not None:
-            self.on_events(events)
-            return
-        if self.conn.write_paused:
-            self._coalesce(events)
-            return
-        if self._outbox:
-            events, self._outbox = self._outbox + events, []
-        self._write(events)
-
-    def _coalesce(self, events: list[m.AsrServerMessage]) -> None:
-        """Keep only the newest interim per utterance while the client is slow to read."""
-        for ev in events:
-            if isinstance(ev, m.Transcript) and not ev.is_final:
-                self._outbox = [
-                    o for o in self._outbox
-                    if not (isinstance(o, m.Transcript) and not o.is_final
-                            and o.utterance_id == ev.utterance_id)
-                ]
-            self._outbox.append(ev)
-
-    def _flush_outbox(self) -> None:
-        if self._outbox:
-            events, self._outbox = self._outbox, []
-            self._write(events)
-
-    def _write(self, events: list[m.AsrServerMessage]) -> None:
         conn = self.conn
         for ev in events:
             data = _credit_payloads.payload(ev.bytes) if type(ev) is m.Credit else encode_event(ev)

@@ -30,7 +30,7 @@ class FakeEngine:
     audio: dict[int, int] = field(default_factory=dict)
 
     def run(self, session: AsrSession) -> None:
-        for req in session.engine_requests():
+        while (req := session.next_engine_request()) is not None:
             if isinstance(req, EngineFeed):
                 if self.fail:
                     session.receive_engine_error(req.utterance_id, EngineError("boom"))
@@ -58,23 +58,33 @@ def make(**params: object) -> AsrSession:
     return s
 
 
+def text(session: AsrSession, data: str) -> None:
+    """A text frame, decoded at the edge as the runner does."""
+    try:
+        msg = m.decode_client_message(data.encode(), m.asr_client_decoder)
+    except m.BadMessage as exc:
+        session.bad_message(str(exc))
+    else:
+        session.receive_control(msg)
+
+
 def run_test(session: AsrSession, frames: Iterable[bytes | str], engine: FakeEngine | None = None,
              *, step: int = 10) -> list[m.AsrServerMessage]:
-    """Feed frames (bytes = binary, str = text), processing every `step` frames as the runner
+    """Feed frames (bytes = binary, str = text), stepping every `step` frames as the runner
     does when it drains its queue; return every event produced."""
     engine = engine or FakeEngine()
     out: list[m.AsrServerMessage] = []
     for i, frame in enumerate(frames, 1):
         if isinstance(frame, str):
-            session.receive_text(frame.encode())
+            text(session, frame)
         else:
             session.receive_audio(frame)
         if i % step == 0:
-            session.process()
+            session.step(0.0)
             engine.run(session)
-    session.process()
+    session.step(0.0)
     engine.run(session)
-    out += session.events_to_send()
+    out += session.messages()
     return out
 
 
@@ -91,7 +101,7 @@ SPEECH = silence(600) + espeak_pcm16("hello there, how are you") + silence(1000)
 
 def test_ready_announces_format_credit_and_limits() -> None:
     s = make()
-    (ready,) = s.events_to_send()
+    (ready,) = s.messages()
     assert isinstance(ready, m.Ready)
     assert ready.credit_bytes == 1000 * 32
     assert ready.audio == m.AudioFormat(encoding="pcm_s16le", sample_rate=16000)
@@ -100,7 +110,7 @@ def test_ready_announces_format_credit_and_limits() -> None:
 
 def test_speech_gives_one_utterance_in_audio_time() -> None:
     s = make(interim_results=True)
-    s.events_to_send()
+    s.messages()
     events = run_test(s, frames(SPEECH))
     names = types(events)
     assert names.count("SpeechStarted") == 1
@@ -122,7 +132,7 @@ def test_speech_gives_one_utterance_in_audio_time() -> None:
 
 def test_credit_is_granted_per_quarter_window() -> None:
     s = make()
-    s.events_to_send()
+    s.messages()
     events = run_test(s, frames(silence(2000)), step=1)
     credits = [e.bytes for e in events if isinstance(e, m.Credit)]
     assert credits and all(c >= 1000 * 32 // 4 for c in credits)
@@ -132,7 +142,7 @@ def test_credit_is_granted_per_quarter_window() -> None:
 
 def test_bad_text_frames_are_errors_not_closes() -> None:
     s = make()
-    s.events_to_send()
+    s.messages()
     events = run_test(s, ["{oops", '{"type":"jump"}', "[1,2]", '{"type":"keepalive"}'])
     errors = [e for e in events if isinstance(e, m.Error)]
     assert [e.code for e in errors] == ["bad_message"] * 3
@@ -141,7 +151,7 @@ def test_bad_text_frames_are_errors_not_closes() -> None:
 
 def test_empty_binary_frame_is_an_error_not_end_of_stream() -> None:
     s = make()
-    s.events_to_send()
+    s.messages()
     events = run_test(s, [b"", silence(100)])
     assert [e.code for e in events if isinstance(e, m.Error)] == ["empty_frame"]
     assert s.state == "open" and s.accepted_ms == 100
@@ -149,21 +159,21 @@ def test_empty_binary_frame_is_an_error_not_end_of_stream() -> None:
 
 def test_block_asks_to_pause_reading_when_full() -> None:
     s = make(overflow="block")
-    s.events_to_send()
+    s.messages()
     pause = [s.receive_audio(f) for f in frames(silence(1100))]
     assert pause[-1] is True and pause[0] is False
-    s.process()
+    assert s.step(0.0).resume_reading
     assert s.queue.resumable and s.dropped_ms == 0 and s.accepted_ms == 1100
 
 
 def test_drop_keeps_newest_and_accounts_every_ms() -> None:
     s = make(overflow="drop")
-    s.events_to_send()
+    s.messages()
     sent = silence(3000)
     for f in frames(sent):
         assert s.receive_audio(f) is False
-    s.process()
-    events = s.events_to_send()
+    s.step(0.0)
+    events = s.messages()
     warnings = [e for e in events if isinstance(e, m.Warning) and e.code == "audio_dropped"]
     assert warnings and warnings[0].dropped_ms == s.dropped_ms == 2000
     assert s.accepted_ms + s.dropped_ms == 3000
@@ -172,7 +182,7 @@ def test_drop_keeps_newest_and_accounts_every_ms() -> None:
 
 def test_finalize_ends_the_open_utterance() -> None:
     s = make()
-    s.events_to_send()
+    s.messages()
     talk = silence(300) + espeak_pcm16("one two three four")
     events = run_test(s, [*frames(talk), '{"type":"finalize"}'])
     assert types(events).count("UtteranceEnd") == 1
@@ -183,25 +193,27 @@ def test_finalize_ends_the_open_utterance() -> None:
 
 def test_close_flushes_finals_then_summary() -> None:
     s = make()
-    s.events_to_send()
+    s.messages()
     talk = silence(300) + espeak_pcm16("good morning")
     events = run_test(s, [*frames(talk), '{"type":"close"}', silence(100)])
     assert s.state == "closing" and not s.finals_pending
     assert types(events).count("UtteranceEnd") == 1
     assert s.accepted_ms == len(talk) // 32  # audio after close is not taken
-    s.finish(UsageReport(s.accepted_ms, s.accepted_ms, 0, 42, None))
-    (summary,) = s.events_to_send()
+    assert s.step(0.0).settle and s.state == "settling"
+    out = s.settled(UsageReport(s.accepted_ms, s.accepted_ms, 0, 42, None))
+    (summary,) = s.messages()
     assert isinstance(summary, m.Summary)
     assert summary.utterances == 1 and summary.cost_micros == 42
-    assert s.close_action is not None and s.close_action.code == 1000
+    assert out.close is not None and out.close.code == 1000 and s.state == "closed"
 
 
 def test_drain_close_carries_error_with_reason() -> None:
     s = make()
-    s.events_to_send()
-    s.end_of_input()
-    s.finish(UsageReport(0, 0, 0, 0, None), 1001, "draining", "server is draining")
-    events = s.events_to_send()
+    s.messages()
+    s.drain()
+    assert s.step(0.0).settle
+    s.settled(UsageReport(0, 0, 0, 0, None))
+    events = s.messages()
     assert types(events) == ["Summary", "Error"]
     assert isinstance(events[1], m.Error) and events[1].code == "draining"
     assert s.close_action is not None and s.close_action.code == 1001
@@ -209,10 +221,10 @@ def test_drain_close_carries_error_with_reason() -> None:
 
 def test_config_message_reconfigures_before_audio_only() -> None:
     s = make()
-    s.events_to_send()
+    s.messages()
     config = {"type": "config", "encoding": "mulaw", "sample_rate": 8000}
-    s.receive_text(json.dumps(config).encode())
-    (ready,) = s.events_to_send()
+    text(s, json.dumps(config))
+    (ready,) = s.messages()
     assert isinstance(ready, m.Ready) and ready.credit_bytes == 1000 * 8
     ulaw = audioop.lin2ulaw(silence(500, 8000), 2)
     events = run_test(s, [*frames(ulaw, 160), '{"type":"config","sample_rate":16000}'])
@@ -222,16 +234,16 @@ def test_config_message_reconfigures_before_audio_only() -> None:
 
 def test_bad_config_closes_4400() -> None:
     s = make()
-    s.events_to_send()
-    s.receive_text(b'{"type":"config","model":"missing"}')
-    (err,) = s.events_to_send()
+    s.messages()
+    text(s, '{"type":"config","model":"missing"}')
+    (err,) = s.messages()
     assert isinstance(err, m.Error) and err.code == "bad_config"
     assert s.close_action is not None and s.close_action.code == 4400
 
 
 def test_mulaw_8k_speech_is_resampled_and_transcribed() -> None:
     s = make(encoding="mulaw", sample_rate=8000)
-    s.events_to_send()
+    s.messages()
     pcm8k = silence(400, 8000) + espeak_pcm16("testing telephony audio", 8000) + silence(900, 8000)
     ulaw = audioop.lin2ulaw(pcm8k, 2)
     events = run_test(s, frames(ulaw, 160))
@@ -241,7 +253,7 @@ def test_mulaw_8k_speech_is_resampled_and_transcribed() -> None:
 
 def test_wav_header_rate_is_honoured() -> None:
     s = make(encoding="wav", sample_rate=16000)
-    s.events_to_send()
+    s.messages()
     body = audioop.lin2lin(silence(700, 8000), 2, 2)
     data = wav_header(8000, 1, len(body) // 2) + body
     run_test(s, frames(data, 100))
@@ -251,7 +263,7 @@ def test_wav_header_rate_is_honoured() -> None:
 
 def test_bad_wav_header_closes_4400() -> None:
     s = make(encoding="wav")
-    s.events_to_send()
+    s.messages()
     events = run_test(s, [b"RIFX" + b"\x00" * 100])
     assert any(isinstance(e, m.Error) and e.code == "bad_audio" for e in events)
     assert s.close_action is not None and s.close_action.code == 4400
@@ -259,7 +271,7 @@ def test_bad_wav_header_closes_4400() -> None:
 
 def test_engine_error_reports_and_session_continues() -> None:
     s = make()
-    s.events_to_send()
+    s.messages()
     events = run_test(s, frames(SPEECH), FakeEngine(fail=True))
     errors = [e for e in events if isinstance(e, m.Error)]
     assert errors and errors[0].code == "engine_error" and errors[0].retryable
@@ -268,25 +280,25 @@ def test_engine_error_reports_and_session_continues() -> None:
 
 def test_control_lane_is_bounded() -> None:
     s = make()
-    s.events_to_send()
+    s.messages()
     for _ in range(64):
-        s.receive_text(b'{"type":"finalize"}')
+        text(s, '{"type":"finalize"}')
     assert s.close_action is None
-    s.receive_text(b'{"type":"finalize"}')
+    text(s, '{"type":"finalize"}')
     assert s.close_action is not None and s.close_action.code == 1008
 
 
 @pytest.mark.parametrize("vad", ["off", "low", "high"])
 def test_vad_modes_all_produce_one_utterance_for_one_phrase(vad: str) -> None:
     s = make(vad=vad)
-    s.events_to_send()
+    s.messages()
     events = run_test(s, [*frames(SPEECH), '{"type":"finalize"}'])
     assert types(events).count("UtteranceEnd") == 1
 
 
 def test_interim_end_never_passes_the_final_end() -> None:
     s = make(interim_results=True)
-    s.events_to_send()
+    s.messages()
     events = run_test(s, frames(SPEECH))
     final = next(e for e in events if isinstance(e, m.Transcript) and e.is_final)
     interims = [e for e in events if isinstance(e, m.Transcript) and not e.is_final]
@@ -299,14 +311,21 @@ def test_engine_gets_speech_at_its_rate_in_chunks(rate: int) -> None:
     """VAD at the client's rate when webrtcvad takes it, else after resampling; either way the
     engine receives 16 kHz speech in chunks of >= 100 ms (the last of an utterance aside)."""
     s = make(sample_rate=rate, encoding="pcm_s16le")
-    s.events_to_send()
+    s.messages()
     speech = audioop.ratecv(SPEECH, 2, 1, 16000, rate, None)[0]
     frame = rate * 2 // 50
+    reqs: list[EngineFeed | EngineFinish] = []
+
+    def take() -> None:
+        s.step(0.0)
+        while (req := s.next_engine_request()) is not None:
+            reqs.append(req)
+
     for i in range(0, len(speech), frame):
         s.receive_audio(speech[i : i + frame])
-        s.process()
+        take()
     s.end_of_input()
-    reqs = s.engine_requests()
+    take()
     feeds = [r for r in reqs if isinstance(r, EngineFeed)]
     assert isinstance(reqs[-1], EngineFinish) and len(feeds) >= 3
     assert all(len(f.pcm) >= 100 * 32 - 64 for f in feeds[:-1])
