@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 
 from server.config import LlmConfig
+from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
 from server.http.auth import principal
 from server.http.errors import ApiError
 from server.http.openapi import error_responses, register
@@ -70,6 +71,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 def decode(raw: bytes, typ: type[S]) -> tuple[S, dict[str, Any]]:
+    # Free-form fields (tools, response_format) are parsed recursively, here and by whatever
+    # walks them later: bound the nesting before the parser (msgspec's RecursionError was a 500).
+    if nests_deeper_than(raw):
+        raise ApiError(400, "bad_request",
+                       f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         parsed = msgspec.json.decode(raw, type=typ)
         data = msgspec.json.decode(raw)

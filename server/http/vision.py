@@ -23,6 +23,7 @@ from server.billing.auth import Principal
 from server.billing.meter import BillingUnavailable, InsufficientBalance
 from server.billing.service import BillingService, RequestCharge, UnmeteredRequests
 from server.config import VisionConfig
+from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
 from server.http.auth import principal
 from server.http.errors import ApiError
 from server.http.openapi import register
@@ -232,8 +233,11 @@ async def _open(service: VisionService, data: bytes) -> Document:
 def _schema(text: str | None) -> CompiledSchema | None:
     if text is None or not text.strip():
         return None
+    raw = text.encode()
+    if nests_deeper_than(raw):  # msgspec's RecursionError was a 500; compile_schema bounds the rest
+        raise ApiError(400, "bad_request", f"schema nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return compile_schema(msgspec.json.decode(text.encode()))
+        return compile_schema(msgspec.json.decode(raw))
     except msgspec.DecodeError as exc:
         raise ApiError(400, "bad_request", f"schema is not valid JSON: {exc}") from None
     except SchemaError as exc:

@@ -86,9 +86,12 @@ class Utf8ServerProtocol(ServerProtocol):
     def reject(self, status: StatusLike, text: str) -> Response:
         """websockets' own refusals (invalid upgrade, request line or headers over its limits,
         which it answers while parsing) in our JSON error shape instead of plain text."""
-        return json_response(
-            int(status), "bad_request", text.strip() or "invalid WebSocket upgrade"
-        )
+        code = int(status)
+        if code == 505:
+            # An upgrade over HTTP/1.0: HTTP/1 is served, the request is what is wrong (RFC 6455
+            # 4.2.1 asks for 400), and a 5xx would read as a server fault to monitoring.
+            code = 400
+        return json_response(code, "bad_request", text.strip() or "invalid WebSocket upgrade")
 
     def recv_frame(self, frame: Frame) -> None:
         op = frame.opcode

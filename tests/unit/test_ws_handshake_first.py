@@ -124,6 +124,8 @@ def rejected_count(server: LoopFreeServer, status: int) -> float:
         (GOOD.replace(KEY_LINE, b""), 400),
         (GOOD.replace(b"Upgrade: websocket\r\n", b""), 426),
         (GOOD.replace(b"Connection: Upgrade\r\n", b"Connection: keep-alive\r\n"), 426),
+        # websockets says 505; HTTP/1 is served, the request is wrong: no 5xx (RFC 6455 4.2.1)
+        (GOOD.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1), 400),
     ],
 )
 def test_an_invalid_upgrade_is_refused_before_admission(request_bytes: bytes,
