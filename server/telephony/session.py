@@ -63,8 +63,6 @@ log = logging.getLogger("streamgate.telephony")
 KIND = "telephony"
 # Admission policy refusals (upgrade-time codes) -> close codes once the upgrade is done.
 _POLICY_CLOSE = {"unauthorized": 4001, "rate_limited": 4029, "insufficient_balance": 4002}
-_CLOSE = msgspec.json.encode(m.Close())
-_POKE = msgspec.json.encode(m.KeepAlive())
 State = Literal["waiting", "authorizing", "live", "ending"]
 
 
@@ -396,11 +394,9 @@ class TelephonySession:
             if code == 1001:
                 runner.on_drain()
             elif code == 1000:
-                runner.on_text(_CLOSE)  # finals, then the runner settles and closes 1000
+                runner.end_input()  # finals, then the runner settles and closes 1000
             else:
-                runner.machine.fail(code, reason, reason)
-                runner.on_text(_POKE)  # wakes the runner, which closes with that code
-            runner.on_read_done()
+                runner.end(code, reason)
         try:
             async with asyncio.timeout(FINALS_TIMEOUT_S + 5):
                 await meters.asr.settled.wait()

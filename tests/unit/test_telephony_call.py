@@ -14,7 +14,7 @@ import pytest
 
 from loadtest.loadgen import audio_frames
 from server.billing.auth import ANONYMOUS, StaticKeyAuthenticator
-from server.billing.meter import PricedMeterFactory
+from server.billing.meter import MeterFactory, PricedMeter, PricedMeterFactory, UsageReport
 from server.config import Config, load_config
 from server.models import tts_registry
 from server.models.registry import aclose_all, build_transcribers, start_all
@@ -126,7 +126,28 @@ class Call:
         await tts_registry.aclose_all(self.engines[1])
 
 
-async def open_call(principal_in_upgrade: bool = True, **telephony: Any) -> Call:
+class EmptyWallet(PricedMeter):
+    """The wallet paying for agent speech runs dry: its next report says so."""
+
+    async def report(self) -> UsageReport:
+        r = await super().report()
+        return UsageReport(r.audio_ms, r.billed_ms, r.dropped_ms, r.cost_micros, 0,
+                           exhausted=True)
+
+
+class Wallets:
+    def __init__(self, tts_exhausted: bool) -> None:
+        self.tts_exhausted = tts_exhausted
+
+    async def open(self, *, session_id: str, principal: Any, model: str,
+                   unit: str = "audio_ms") -> PricedMeter:
+        if unit == "characters" and self.tts_exhausted:
+            return EmptyWallet(0)
+        return PricedMeter(0)
+
+
+async def open_call(principal_in_upgrade: bool = True, tts_exhausted: bool = False,
+                    **telephony: Any) -> Call:
     config = load_config(environ={}, overrides={**OVERRIDES, "telephony": telephony})
     metrics = Metrics()
     asr_engines = build_transcribers({"synthetic": config.asr.models["synthetic"]}, metrics)
@@ -136,7 +157,7 @@ async def open_call(principal_in_upgrade: bool = True, **telephony: Any) -> Call
     auth = StaticKeyAuthenticator(config.auth.key_sha256, allow_anonymous=True)
     server = WsServer(config.server, metrics, auth)
     server._loop = asyncio.get_running_loop()
-    meters = PricedMeterFactory({})
+    meters: MeterFactory = Wallets(tts_exhausted) if tts_exhausted else PricedMeterFactory({})
     asr = AsrEndpoint(config=config, engines=asr_engines, meters=meters, server=server,
                       metrics=metrics)
     endpoint = TelephonyEndpoint(config=config, asr=asr, tts_engines=tts_engines, meters=meters,
@@ -248,3 +269,27 @@ def test_caller_speech_during_a_reply_barges_in_with_what_was_played() -> None:
         await call.end()
 
     run(scenario())
+
+
+@pytest.mark.parametrize("how", ["drain", "wallet"])
+def test_a_call_ended_by_the_server_closes_with_its_code(
+        how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The call tells its ASR runner how it ends (a command, not a fake client message)."""
+    async def scenario() -> None:
+        call = await open_call(tts_exhausted=how == "wallet")
+        call.session.on_text(START)
+        await asyncio.sleep(0)
+        assert call.session.state == "live"
+        if how == "drain":
+            call.session.on_drain()
+        for _ in range(30):  # the usage report comes within its interval (virtual time)
+            if call.conn.close_code is not None:
+                break
+            await call.media(1.0)
+        await call.end()
+
+    with caplog.at_level(logging.INFO, logger="streamgate.telephony"):
+        run(scenario())
+    ended = [r for r in caplog.records if r.getMessage() == "call ended"]
+    expected = 1001 if how == "drain" else 4002
+    assert len(ended) == 1 and ended[0].close_code == expected  # type: ignore[attr-defined]
