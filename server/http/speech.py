@@ -49,7 +49,7 @@ from server.sessions import messages as m
 from server.sessions.asr_params import BadParams
 from server.sessions.asr_runner import AsrEndpoint
 from server.sessions.tts import EndInput, GrantCredit, SubmitText, tts_params
-from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
+from server.sessions.tts_runner import TtsEndpoint
 from server.ws.handshake import Rejected, UpgradeRequest
 
 FRAME = 32 * 1024  # body chunks fed to the pipeline: well under the WebSocket frame limit
@@ -449,12 +449,11 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
             errors.extend(ev for ev in events if isinstance(ev, m.Error))
 
         _refuse_unknown_voice(tts, query)
-        decision = await tts.admit(_upgrade(query), caller, on_events=on_events)
+        decision = await tts.open_session(_upgrade(query), caller)
         if isinstance(decision, Rejected):
             raise _rejection(decision)
         wire = HttpWire()
-        handler = decision.start(wire)  # type: ignore[arg-type]
-        assert isinstance(handler, TtsSessionRunner)
+        handler = decision.start(wire, on_events=on_events)
         handler.handle(SubmitText(body.text))
         handler.handle(EndInput())
         content_type = {"wav": "audio/wav", "mulaw": "audio/basic", "alaw": "audio/x-alaw",

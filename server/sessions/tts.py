@@ -602,6 +602,11 @@ class TtsSession:
         return self._state
 
     @property
+    def reading_paused(self) -> bool:
+        """The machine asked for reading to pause and not yet to resume."""
+        return self._reading_paused
+
+    @property
     def has_requests(self) -> bool:
         return bool(self._requests)
 

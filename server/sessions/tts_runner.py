@@ -16,6 +16,8 @@ import logging
 import secrets
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from server.billing.auth import Principal
 from server.billing.meter import (
@@ -50,6 +52,7 @@ from server.sessions.tts import (
     Usage,
     tts_params,
 )
+from server.sessions.wire import Wire
 from server.telemetry.metrics import Metrics
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, Rejected, UpgradeRequest
@@ -58,6 +61,22 @@ from server.ws.server import WsServer
 log = logging.getLogger("streamgate.tts")
 KIND = "tts"
 CHARACTERS = "characters"
+
+
+# The session's events, typed, for a caller that builds its own answer (the HTTP route); audio
+# still goes to the wire.
+EventSink = Callable[[list[m.TtsServerMessage]], None]
+
+
+class StartTtsSession(Protocol):
+    def __call__(self, wire: Wire, on_events: EventSink | None = None,
+                 peer_alive: Callable[[], None] | None = None) -> TtsSessionRunner: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TtsAdmission:
+    start: StartTtsSession
+    cancel: Callable[[], None]
 
 
 class TtsEndpoint:
@@ -71,11 +90,24 @@ class TtsEndpoint:
         self.server = server
         self.metrics = metrics
 
-    async def admit(self, upgrade: UpgradeRequest, principal: Principal, *,
-                    on_events: Callable[[list[m.TtsServerMessage]], None] | None = None,
-                    ) -> Admitted | Rejected:
-        """`on_events`: the session's events go there, typed, instead of encoded to the
-        connection (the HTTP route builds its answer from them); audio still goes to it."""
+    async def admit(self, upgrade: UpgradeRequest, principal: Principal) -> Admitted | Rejected:
+        decision = await self.open_session(upgrade, principal)
+        if isinstance(decision, Rejected):
+            return decision
+        start_on_wire = decision.start
+
+        def start(conn: WsConnection) -> TtsSessionRunner:
+            def peer_alive() -> None:
+                # It takes our audio, though its pongs wait unread behind its text.
+                conn.activity = True
+
+            return start_on_wire(conn, peer_alive=peer_alive)
+
+        return Admitted(start=start, cancel=decision.cancel)
+
+    async def open_session(self, upgrade: UpgradeRequest,
+                           principal: Principal) -> TtsAdmission | Rejected:
+        """Admit a session on any `Wire` (the WebSocket upgrade, an HTTP request)."""
         settings = self.config.tts.session
         try:
             params = tts_params(upgrade.query, default_model=settings.default_model,
@@ -100,26 +132,32 @@ class TtsEndpoint:
             early_first_frame=True,
         )
 
-        def start(conn: WsConnection) -> TtsSessionRunner:
-            runner = TtsSessionRunner(self, conn, machine, engine, meter, principal,
-                                      on_events=on_events)
+        def start(wire: Wire, on_events: EventSink | None = None,
+                  peer_alive: Callable[[], None] | None = None) -> TtsSessionRunner:
+            runner = TtsSessionRunner(self, wire, machine, engine, meter, principal,
+                                      on_events=on_events, peer_alive=peer_alive)
             runner.start()
             return runner
 
         def cancel() -> None:
             self.server.spawn(meter.settle())
 
-        return Admitted(start=start, cancel=cancel)
+        return TtsAdmission(start=start, cancel=cancel)
+
 
 
 class TtsSessionRunner:
-    def __init__(self, endpoint: TtsEndpoint, conn: WsConnection, machine: TtsSession,
+    def __init__(self, endpoint: TtsEndpoint, conn: Wire, machine: TtsSession,
                  engine: Synthesizer, meter: SessionMeter, principal: Principal, *,
-                 on_events: Callable[[list[m.TtsServerMessage]], None] | None = None) -> None:
+                 on_events: EventSink | None = None,
+                 peer_alive: Callable[[], None] | None = None) -> None:
         self.endpoint = endpoint
         self.conn = conn
         self.machine = machine
         self.on_events = on_events
+        # Reading paused and our audio taken: tell the connection its peer is alive (no ping
+        # it could not answer in time).
+        self._peer_alive = peer_alive
         self.engine = engine
         self.meter = meter
         self.metrics = endpoint.metrics
@@ -233,10 +271,8 @@ class TtsSessionRunner:
             if events and on_events is not None:
                 on_events(events)
             conn.flush()
-            if conn.reading_paused:
-                # The peer takes our audio: it is alive, though its pongs wait unread behind
-                # its text; no ping it could not answer in time.
-                conn.activity = True
+            if self._peer_alive is not None and self.machine.reading_paused:
+                self._peer_alive()
         if out.reading == "pause":
             conn.pause_reading()
             if not self._reading_paused_once:
