@@ -9,7 +9,7 @@ Commands in (typed: JSON is decoded at the edge):
   `receive_audio` (the per-frame fast path: returns whether reading should pause),
   `receive_control`, `bad_message`, `receive_result`, `receive_engine_error`, `usage`,
   `lease_exhausted`, `lease_extended`, `out_of_balance`, `key_revoked`, `idle_timeout`,
-  `drain`, `fail`, `settled`, `connection_lost`.
+  `drain`, `fail`, `hold_messages`, `settled`, `connection_lost`.
 Outputs:
   `step(now)` runs the ingest stage over everything queued and returns one `Step`: pause or
   resume reading, ask for a lease top-up, close, settle, what the stage waits for next and the
@@ -384,8 +384,6 @@ class AsrSession:
             if self._requests:
                 self._queue_requests()
             if self._state == "open":  # the usual case: nothing ends, nothing owed
-                if len(self._held) > self._outbox.capacity:
-                    return self._client_not_reading()
                 if work.total > work.capacity:
                     return _WAIT_ENGINE
                 if self._reading_paused and self.queue.resumable:
@@ -425,8 +423,6 @@ class AsrSession:
         if not self.finals_pending and not work:
             self._to("settling")
             return Step(settle=True, finals_abandoned=abandoned)
-        if len(self._held) > self._outbox.capacity:
-            return self._client_not_reading()
         resume = self._reading_paused and self.queue.resumable
         if resume:
             self._reading_paused = False
@@ -438,7 +434,12 @@ class AsrSession:
             return Step(close=action, finals_abandoned=abandoned)
         return CONTINUE  # settling: the settle is under way
 
-    def _client_not_reading(self) -> Step:
+    def hold_messages(self) -> Step:
+        """The wire is not taking more (write-paused): the messages wait in the outbox. Past
+        its bound the client is not reading: close 1008 now, the held messages and the error
+        first (a client that never reads again would otherwise keep the session forever)."""
+        if len(self._held) <= self._outbox.capacity or self._state == "closed":
+            return CONTINUE
         self.fail(1008, "client_not_reading", "client stopped reading results")
         assert self._close_action is not None
         return Step(close=self._close_action)
@@ -569,6 +570,8 @@ class AsrSession:
         return self._engine_work.total
 
     def receive_result(self, utterance_id: int, hyp: Hypothesis, *, final: bool) -> None:
+        if self._state == "closed":
+            return  # the close is decided: nothing more goes out
         if final:
             utt = self._awaiting_final.pop(utterance_id, None)
             if utt is None:
@@ -590,6 +593,8 @@ class AsrSession:
 
     def receive_engine_error(self, utterance_id: int, exc: EngineError) -> None:
         self._failed_utterances.add(utterance_id)
+        if self._state == "closed":
+            return
         utt = self._awaiting_final.pop(utterance_id, None)
         if self._open is not None and self._open.utterance_id == utterance_id:
             # The engine lost this utterance; its remaining audio has nowhere to go.
@@ -724,7 +729,12 @@ class AsrSession:
         return bool(self._awaiting_final) or self._open is not None or len(self.queue) > 0
 
     def end_of_input(self) -> None:
-        """The client closed or the server drains: end the open utterance so it gets a final."""
+        """The server drains (or a caller ends the input): what was already read is taken in
+        first, then the open utterance ends so it gets a final."""
+        if self._state == "open" and not self._lease_pending:
+            # Audio still queued belongs before the end: ended first, it would open an
+            # utterance nobody ends (and the close would wait FINALS_TIMEOUT_S for it).
+            self.process()
         self._force_end()
         if self._state == "open":
             self._to("closing")
@@ -748,8 +758,10 @@ class AsrSession:
 
     def settled(self, report: UsageReport) -> Step:
         """The meter settled (`report` is its final usage): summary, then close."""
+        if self._state == "closed":
+            return CONTINUE  # closed meanwhile (the wire went away): nothing to say
         if self._state != "settling":
-            return CONTINUE
+            raise IllegalTransition(f"settled() while {self._state}: no settle was asked for")
         if self._draining:
             code, reason, message = 1001, "draining", "server is draining; reconnect"
         else:
@@ -784,7 +796,8 @@ class AsrSession:
         self._requests.clear()
 
     def _error(self, code: str, message: str) -> None:
-        self._emit(m.Error(code=code, message=message[:200]))
+        if self._state != "closed":
+            self._emit(m.Error(code=code, message=message[:200]))
 
     # --- outputs --------------------------------------------------------------------------------
 

@@ -361,11 +361,12 @@ class AsrSessionRunner:
             wake.clear()
             if self._gone or self._finished:
                 return
-            while conn.write_paused and not self._gone:
+            while conn.write_paused and not self._gone and not self._finished:
                 # The client is not reading: stop producing until its socket drains.
                 self._writable.clear()
                 await self._writable.wait()
-            self._step()
+            if not self._finished:
+                self._step()
 
     def _step(self) -> None:
         """One step of the machine and everything it asks for."""
@@ -411,7 +412,8 @@ class AsrSessionRunner:
                 self._wake.set()
             return
         self._finished = True
-        self._wake.set()  # the stage task exits (it may be parked)
+        self._wake.set()  # the stage task exits (it may be parked ...
+        self._writable.set()  # ... or waiting for a client that does not read)
 
     async def _extend_lease(self) -> None:
         machine = self.machine
@@ -479,8 +481,10 @@ class AsrSessionRunner:
                             machine.receive_result(utt, hyp, final=False)
                         engine_seconds.labels(model, "feed").observe(time.perf_counter() - t0)
                     else:
-                        del streams[utt]
                         hyp = await stream.finish()
+                        # Dropped once answered: a finish cancelled while it waits (finals
+                        # abandoned, client gone) is closed below like every open stream.
+                        del streams[utt]
                         engine_seconds.labels(model, "finish").observe(time.perf_counter() - t0)
                         machine.receive_result(utt, hyp, final=True)
                 except EngineError as exc:
@@ -545,7 +549,11 @@ class AsrSessionRunner:
                 on_events(events)
             return
         if self.conn.write_paused if hold is None else hold:
-            return  # they wait in the machine's outbox, interims coalesced
+            # They wait in the machine's outbox, interims coalesced, up to its bound.
+            out = self.machine.hold_messages()
+            if out is not CONTINUE:
+                self._perform(out)
+            return
         events = self.machine.messages()
         if not events:
             return

@@ -199,12 +199,13 @@ def test_close_flushes_finals_then_summary() -> None:
     assert s.state == "closing" and not s.finals_pending
     assert types(events).count("UtteranceEnd") == 1
     assert s.accepted_ms == len(talk) // 32  # audio after close is not taken
-    assert s.step(0.0).settle and s.state == "settling"
+    assert (s.step(0.0).settle, s.state) == (True, "settling")
     out = s.settled(UsageReport(s.accepted_ms, s.accepted_ms, 0, 42, None))
     (summary,) = s.messages()
     assert isinstance(summary, m.Summary)
     assert summary.utterances == 1 and summary.cost_micros == 42
-    assert out.close is not None and out.close.code == 1000 and s.state == "closed"
+    assert out.close is not None and out.close.code == 1000
+    assert (s.state, s.close_action) == ("closed", out.close)
 
 
 def test_drain_close_carries_error_with_reason() -> None:
