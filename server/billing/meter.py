@@ -9,18 +9,21 @@ supplies a wallet-backed implementation; `PricedMeter` prices usage without a wa
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 from server.billing.auth import Principal
-from server.ws.handshake import Rejected
+from server.protocol.errors import RefusedError, Rejected, rejection
 
 
 @dataclass(frozen=True, slots=True)
 class UsageReport:
+    """What a meter counted, in its billing unit (`unit`). The counts keep their ASR names
+    (`audio_ms`, `billed_ms`, `dropped_ms`: the wire `usage` of an ASR session); a meter in
+    another unit fills them with that unit, so read them through `units` or `characters`."""
+
     audio_ms: int
     billed_ms: int
     dropped_ms: int
@@ -33,6 +36,19 @@ class UsageReport:
     rate_limited: bool = False
     # The session's API key was revoked: the session must end (error key_revoked, 4001).
     revoked: bool = False
+    unit: str = "audio_ms"  # the meter's billing unit: "audio_ms" (ASR) or "characters" (TTS)
+
+    @property
+    def units(self) -> int:
+        """Usage counted, in `unit`."""
+        return self.audio_ms
+
+    @property
+    def characters(self) -> int:
+        """Usage of a meter counting characters (TTS); ValueError for any other unit."""
+        if self.unit != "characters":
+            raise ValueError(f"this meter counts {self.unit}, not characters")
+        return self.audio_ms
 
 
 # How a session on a revoked key ends (docs/protocol.md, "Close codes").
@@ -41,25 +57,35 @@ KEY_REVOKED_CLOSE: Final = 4001
 KEY_REVOKED_MESSAGE: Final = "the API key of this session was revoked"
 
 
-class InsufficientBalance(Exception):
+class InsufficientBalance(RefusedError):
     """Not even the minimum lease can be granted: HTTP 402 before the session starts."""
 
+    code = "insufficient_balance"
+    default_message = "wallet balance too low"
 
-class RateLimited(Exception):
+
+class RateLimited(RefusedError):
     """HTTP 429 before the session starts (e.g. too many concurrent sessions)."""
 
+    code = "rate_limited"
+
     def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+        super().__init__(message, retry_after_s)
+        self.retry_after_s: float = retry_after_s
 
 
-class BillingUnavailable(Exception):
+class BillingUnavailable(RefusedError):
     """Money fails closed: no new session while the wallet cannot be reached (HTTP 503)."""
 
+    code = "billing_unavailable"
+    default_message = "billing unavailable"
 
-class KeyRevoked(Exception):
+
+class KeyRevoked(RefusedError):
     """`top_up` on a meter whose API key was revoked: no new lease; the session ends with
     `key_revoked` (KEY_REVOKED_CLOSE), not `insufficient_balance`."""
+
+    code = KEY_REVOKED_CODE
 
 
 # What `MeterFactory.open` raises when it refuses a session: `except METER_ERRORS as exc`.
@@ -67,14 +93,9 @@ METER_ERRORS: Final = (InsufficientBalance, RateLimited, BillingUnavailable)
 
 
 def meter_rejection(exc: InsufficientBalance | RateLimited | BillingUnavailable) -> Rejected:
-    """The answer at the upgrade when the meter of a new session cannot be opened."""
-    if isinstance(exc, InsufficientBalance):
-        return Rejected(402, "insufficient_balance", str(exc) or "wallet balance too low")
-    if isinstance(exc, RateLimited):
-        return Rejected(429, "rate_limited", str(exc),
-                        {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
-    return Rejected(503, "billing_unavailable", str(exc) or "billing unavailable",
-                    {"Retry-After": "2"})
+    """The answer at the upgrade when the meter of a new session cannot be opened: the
+    exception's catalogue code through the one refusal table (server/protocol/errors.py)."""
+    return rejection(exc)
 
 
 class SessionMeter(Protocol):
@@ -110,9 +131,11 @@ def cost_micros(units: int, micros_per_block: int, block_units: int = 60000) -> 
 
 class PricedMeter:
     """Counts and prices usage; no wallet behind it (balance_micros is None). Units are the
-    model's billing unit (audio ms, characters); `audio_ms` in reports carries them."""
+    model's billing unit (`unit`: audio ms, characters), as the reports say."""
 
-    def __init__(self, micros_per_block: int, block_units: int = 60000) -> None:
+    def __init__(self, micros_per_block: int, block_units: int = 60000,
+                 unit: str = "audio_ms") -> None:
+        self.unit = unit
         self._price = micros_per_block
         self._block = block_units
         self._audio_ms = 0
@@ -139,6 +162,7 @@ class PricedMeter:
             dropped_ms=self._dropped_ms,
             cost_micros=cost_micros(self._audio_ms, self._price, self._block),
             balance_micros=None,
+            unit=self.unit,
         )
 
     async def report(self) -> UsageReport:
@@ -158,7 +182,7 @@ class PricedMeterFactory:
     async def open(
         self, *, session_id: str, principal: Principal, model: str, unit: str = "audio_ms"
     ) -> SessionMeter:
-        return PricedMeter(*self._prices.get((model, unit), (0, 1)))
+        return PricedMeter(*self._prices.get((model, unit), (0, 1)), unit=unit)
 
 
 def report_delays(interval_s: float) -> Iterator[float]:

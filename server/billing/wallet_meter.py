@@ -287,6 +287,7 @@ class WalletMeter:
             exhausted=not final and remaining <= 0 and self._spendable <= 0 and self.units > 0,
             rate_limited=not final and self._rate_limited,
             revoked=not final and self.revoked,
+            unit=self._price.unit,
         )
 
     def _log(self) -> dict[str, str]:

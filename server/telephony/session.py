@@ -411,7 +411,7 @@ class TelephonySession:
             "asr_audio_ms": asr.audio_ms if asr else None,
             "asr_dropped_ms": asr.dropped_ms if asr else None,
             "asr_cost_micros": asr.cost_micros if asr else None,
-            "tts_characters": tts.audio_ms if tts else None,  # the meter's units: characters
+            "tts_characters": tts.units if tts else None,  # its meter counts characters
             "tts_cost_micros": tts.cost_micros if tts else None,
         })
 

@@ -487,3 +487,23 @@ def test_runner_usage_reports_on_the_fake_clock() -> None:
         assert wire.close_code == 1000
 
     run(scenario())
+
+
+# --- usage in its unit --------------------------------------------------------------------------
+
+
+def test_a_meter_reports_usage_in_its_own_unit() -> None:
+    async def scenario() -> tuple[UsageReport, UsageReport]:
+        factory = PricedMeterFactory({("fake", "characters"): (1000, 1000)})
+        tts = await factory.open(session_id="s", principal=ANONYMOUS, model="fake",
+                                 unit="characters")
+        asr = await factory.open(session_id="a", principal=ANONYMOUS, model="fake")
+        tts.accept(42)
+        asr.accept(20)
+        return await tts.settle(), await asr.settle()
+
+    tts, asr = run(scenario())
+    assert (tts.unit, tts.units, tts.characters, tts.cost_micros) == ("characters", 42, 42, 42)
+    assert (asr.unit, asr.units, asr.audio_ms) == ("audio_ms", 20, 20)
+    with pytest.raises(ValueError):
+        asr.characters  # noqa: B018
