@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from tempfile import SpooledTemporaryFile
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 import msgspec
 from aiohttp import BodyPartReader, web
@@ -63,7 +62,7 @@ class HttpWire:
     """The part of WsConnection a session runner uses, for a request instead of a socket."""
 
     def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
+        self.messages: list[m.AsrServerMessage] = []  # an ASR session's, typed (its on_events)
         self.audio: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.closed = asyncio.Event()
         self.close_code: int | None = None
@@ -73,7 +72,8 @@ class HttpWire:
         self._resumed.set()
 
     def send_text(self, data: bytes) -> None:
-        self.messages.append(json.loads(data))
+        # Sessions on a request hand their messages over typed (on_events): none is encoded.
+        raise RuntimeError("HttpWire carries no text frames")
 
     def send_binary(self, data: bytes) -> None:
         self.audio.put_nowait(data)
@@ -107,8 +107,8 @@ def _upgrade(query: dict[str, str]) -> UpgradeRequest:
     return UpgradeRequest(path="", query=query, api_key=None, headers=Headers())
 
 
-def _final_error(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    errors = [m for m in messages if m.get("type") == "error"]
+def _final_error(messages: list[m.AsrServerMessage]) -> m.Error | None:
+    errors = [e for e in messages if isinstance(e, m.Error)]
     return errors[-1] if errors else None
 
 
@@ -380,15 +380,16 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
         error = _final_error(wire.messages)
         if wire.close_code != 1000 and error is not None:
             status = {4002: 402, 4029: 429, 4400: 400}.get(wire.close_code or 0, 502)
-            raise ApiError(status, error["code"], error["message"])
-        finals = [m for m in wire.messages if m["type"] == "transcript" and m["is_final"]]
-        summary = next((m for m in wire.messages if m["type"] == "summary"), {})
+            raise ApiError(status, error.code, error.message)
+        finals = [e for e in wire.messages if isinstance(e, m.Transcript) and e.is_final]
+        summary = next((e for e in wire.messages if isinstance(e, m.Summary)), None)
         response = web.json_response({
-            "text": " ".join(f["text"] for f in finals if f["text"]).strip(),
-            "utterances": [{k: f[k] for k in ("utterance_id", "text", "start_ms", "end_ms",
-                                              "words")} for f in finals],
-            "audio_ms": summary.get("audio_ms", 0),
-            "cost_micros": summary.get("cost_micros", 0),
+            "text": " ".join(f.text for f in finals if f.text).strip(),
+            "utterances": [{"utterance_id": f.utterance_id, "text": f.text,
+                            "start_ms": f.start_ms, "end_ms": f.end_ms,
+                            "words": msgspec.to_builtins(f.words)} for f in finals],
+            "audio_ms": summary.audio_ms if summary is not None else 0,
+            "cost_micros": summary.cost_micros if summary is not None else 0,
         })
         assert isinstance(response.body, bytes)
         return response, b"application/json\n" + response.body
@@ -403,11 +404,11 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
         if fmt.channels is not None:
             query["channels"] = str(fmt.channels)
         query.setdefault("interim_results", "false")
-        decision = await asr.admit(_upgrade(query), caller)
+        decision = await asr.open_session(_upgrade(query), caller)
         if isinstance(decision, Rejected):
             raise _rejection(decision)
         wire = HttpWire()
-        handler = decision.start(wire)  # type: ignore[arg-type]
+        handler = decision.start(wire, wire.messages.extend)
         try:
             async with aclosing(upload.audio.chunks()) as chunks:
                 async for chunk in chunks:
