@@ -162,7 +162,7 @@ async def run_streamgate(config: Config, sessions: int, frames: int, batch: int,
     endpoint = AsrEndpoint(config=config, engines=engines,
                            meters=PricedMeterFactory({("synthetic", "audio_ms"): (0, 60000)}),
                            server=server, metrics=metrics)
-    server.router.endpoints["/v1/asr/stream"] = endpoint
+    server.router.add("/v1/asr/stream", endpoint)
     conns: list[tuple[WsConnection, MemoryTransport]] = []
     for _ in range(sessions):
         transport = MemoryTransport()

@@ -131,16 +131,16 @@ class Gateway:
         asr_endpoint = AsrEndpoint(
             config=cfg, engines=self.engines, meters=meters, server=ws, metrics=self.metrics,
         )
-        ws.router.endpoints["/v1/asr/stream"] = asr_endpoint
+        ws.router.add("/v1/asr/stream", asr_endpoint)
         self.telephony = TelephonyEndpoint(
             config=cfg, asr=asr_endpoint, tts_engines=self.synthesizers, meters=meters,
             authenticator=auth, server=ws, metrics=self.metrics,
         )
-        ws.router.endpoints["/v1/telephony/twilio"] = self.telephony
+        ws.router.add_in_band("/v1/telephony/twilio", self.telephony)
         tts_endpoint = TtsEndpoint(
             config=cfg, engines=self.synthesizers, meters=meters, server=ws, metrics=self.metrics,
         )
-        ws.router.endpoints["/v1/tts/stream"] = tts_endpoint
+        ws.router.add("/v1/tts/stream", tts_endpoint)
         await ws.start(bound=self._ws_port)
         self._ws_port = None  # the WebSocket server owns it now
         app = build_http_app(self.metrics, self._readiness,

@@ -4,36 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
-from typing import Protocol
 
+# The identity types are the admission contract's (server/protocol/admission.py); billing
+# resolves keys to them. Re-exported: callers name them from here as well.
+from server.protocol.admission import ANONYMOUS, Authenticator, Principal, TenantLimits
 
-@dataclass(frozen=True, slots=True)
-class TenantLimits:
-    max_concurrent_sessions: int
-    audio_seconds_per_minute: int
-    requests_per_second: int
-    burst: int
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    tenant_id: str
-    key_id: str
-    limits: TenantLimits | None = None  # None: no limits (static keys, anonymous)
-
-
-ANONYMOUS = Principal(tenant_id="anonymous", key_id="anonymous")
+__all__ = ["ANONYMOUS", "Authenticator", "Principal", "StaticKeyAuthenticator", "TenantLimits",
+           "key_digest"]
 
 
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-class Authenticator(Protocol):
-    async def authenticate(self, api_key: str | None) -> Principal | None:
-        """The caller's principal, or None if the key is missing or not valid."""
-        ...
 
 
 class StaticKeyAuthenticator:

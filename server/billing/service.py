@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from typing import Any
 
@@ -32,7 +31,7 @@ from server.billing.store import BillingStore, KeyRecord, Price, TopupResult
 from server.billing.wallet_cache import WalletCache
 from server.billing.wallet_meter import AudioLimit, LeasePolicy, WalletMeter
 from server.config import BillingConfig
-from server.ws.handshake import Rejected
+from server.protocol.errors import Rejected, rejection
 
 log = logging.getLogger("streamgate.billing")
 AUDIO_UNIT = "audio_ms"
@@ -275,9 +274,7 @@ class BillingService:
                                            limits.burst)
         if decision.allowed:
             return None
-        retry = max(1, math.ceil(decision.retry_after_s))
-        return Rejected(429, "rate_limited", "too many requests for this key",
-                        {"Retry-After": str(retry)})
+        return rejection(RateLimited("too many requests for this key", decision.retry_after_s))
 
     # --- sessions -------------------------------------------------------------------------------
 

@@ -7,10 +7,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from server.billing.auth import Authenticator, Principal
 from server.http.errors import ApiError, error_response
-from server.ws.handshake import Rejected
-from server.ws.server import AdmissionPolicy
+from server.protocol.admission import AdmissionPolicy, Authenticator, Principal
+from server.protocol.errors import Rejected, refuse
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PrincipalFor = Callable[[web.Request], Awaitable[Principal]]
@@ -25,6 +24,11 @@ def api_key_of(request: web.Request) -> str | None:
     return request.headers.get("X-API-Key") or None
 
 
+def api_error(refused: Rejected) -> ApiError:
+    """A refusal from the error catalogue as this HTTP API raises it."""
+    return ApiError(refused.status, refused.code, refused.message, refused.headers or None)
+
+
 def install_api_auth(app: web.Application, authenticator: Authenticator,
                      policy: AdmissionPolicy | None) -> None:
     """Routes call `await principal(request)`; errors become JSON with the right status."""
@@ -33,14 +37,14 @@ def install_api_auth(app: web.Application, authenticator: Authenticator,
         try:
             principal = await authenticator.authenticate(api_key_of(request))
         except Exception:
-            raise ApiError(503, "auth_unavailable", "cannot check API keys right now; retry",
-                           {"Retry-After": "2"}) from None
+            raise api_error(refuse("auth_unavailable",
+                                   "cannot check API keys right now; retry")) from None
         if principal is None:
-            raise ApiError(401, "unauthorized", "missing or invalid API key")
+            raise api_error(refuse("unauthorized", "missing or invalid API key"))
         if policy is not None:
             refused: Rejected | None = await policy.check_upgrade(principal)
             if refused is not None:
-                raise ApiError(refused.status, refused.code, refused.message, refused.headers)
+                raise api_error(refused)
         return principal
 
     @web.middleware

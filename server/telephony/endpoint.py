@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from typing import Final
 
 from server.billing.auth import Authenticator, Principal
 from server.billing.meter import METER_ERRORS, MeterFactory, SessionMeter, meter_rejection
@@ -39,8 +38,6 @@ log = logging.getLogger("streamgate.telephony")
 KIND = "telephony"
 AUDIO_MS = "audio_ms"
 CHARACTERS = "characters"
-# A refused meter after the upgrade (key in the start event): the close code per HTTP status.
-_CLOSE_CODES: Final = {402: 4002, 429: 4029, 503: 1011}
 
 
 class TelephonyEndpoint:
@@ -140,4 +137,4 @@ class TelephonyEndpoint:
         except METER_ERRORS as exc:
             refused = meter_rejection(exc)
             raise MeterRefused(refused.status, refused.code, refused.message,
-                               _CLOSE_CODES[refused.status], refused.headers) from exc
+                               refused.close_code, refused.headers) from exc

@@ -61,8 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streamgate.telephony")
 KIND = "telephony"
-# Admission policy refusals (upgrade-time codes) -> close codes once the upgrade is done.
-_POLICY_CLOSE = {"unauthorized": 4001, "rate_limited": 4029, "insufficient_balance": 4002}
 State = Literal["waiting", "authorizing", "live", "ending"]
 
 
@@ -190,7 +188,7 @@ class TelephonySession:
                 refused = await policy.check_upgrade(principal) if policy is not None else None
                 if refused is not None:
                     log.warning("call refused: %s", refused.code, extra=self._log)
-                    self._end(refused.code, _POLICY_CLOSE.get(refused.code, 1008))
+                    self._end(refused.code, refused.close_code)
                     return
             if meters is None:
                 meters = self._meters = await ep.open_meters(principal)

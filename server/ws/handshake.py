@@ -9,13 +9,16 @@ from __future__ import annotations
 import email.utils
 import http
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+
+# The refusal is the error catalogue's (server/protocol/errors.py), shared with HTTP routes.
+from server.protocol.errors import Rejected as Rejected
 
 if TYPE_CHECKING:
     from server.ws.connection import SessionHandler, WsConnection
@@ -57,14 +60,6 @@ def json_response(
     for name, value in (headers or {}).items():
         hdrs[name] = value
     return Response(status, http.HTTPStatus(status).phrase, hdrs, body)
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    status: int
-    code: str
-    message: str
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

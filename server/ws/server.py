@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import socket
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from websockets.http11 import Request
 
-from server.billing.auth import Authenticator, Principal
 from server.config import ServerConfig
+from server.protocol.admission import AdmissionPolicy, Authenticator, Principal
+from server.protocol.errors import refuse
 from server.telemetry.metrics import Metrics
 from server.ws.acceptor import BatchAcceptor
 from server.ws.connection import WsConnection
@@ -35,10 +38,27 @@ class Endpoint(Protocol):
         ...
 
 
-class AdmissionPolicy(Protocol):
-    """Per-key checks at the upgrade, after authentication (rate limits)."""
+class InBandEndpoint(Endpoint, Protocol):
+    """An endpoint whose key may come after the upgrade, inside the session (telephony
+    providers cannot set headers: the key is in the `start` event)."""
 
-    async def check_upgrade(self, principal: Principal) -> Rejected | None: ...
+    async def admit_without_key(self, upgrade: UpgradeRequest) -> Admitted | Rejected: ...
+
+
+class AuthMode(enum.Enum):
+    KEY_AT_UPGRADE = "key_at_upgrade"  # no valid key at the upgrade: 401
+    KEY_AT_UPGRADE_OR_IN_BAND = "key_at_upgrade_or_in_band"  # no key: the endpoint checks later
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    endpoint: Endpoint
+    in_band: InBandEndpoint | None = None  # set when the auth mode allows the key in-band
+
+    @property
+    def auth(self) -> AuthMode:
+        return AuthMode.KEY_AT_UPGRADE if self.in_band is None else (
+            AuthMode.KEY_AT_UPGRADE_OR_IN_BAND)
 
 
 class Router:
@@ -46,7 +66,17 @@ class Router:
         self._server = server
         self._auth = authenticator
         self.policy: AdmissionPolicy | None = None
-        self.endpoints: dict[str, Endpoint] = {}
+        self.routes: dict[str, Route] = {}
+
+    def add(self, path: str, endpoint: Endpoint) -> None:
+        """`endpoint` at `path`; the key must come with the upgrade."""
+        self.routes[path] = Route(endpoint)
+
+    def add_in_band(self, path: str, endpoint: InBandEndpoint) -> None:
+        """`endpoint` at `path`; without a key at the upgrade, the endpoint admits the socket
+        and authenticates the key that comes in-band (docs/protocol.md, "Authentication and
+        admission")."""
+        self.routes[path] = Route(endpoint, endpoint)
 
     async def admit(self, request: Request, conn: WsConnection) -> Admitted | Rejected:
         decision = await self._decide(request)
@@ -62,39 +92,30 @@ class Router:
     async def _decide(self, request: Request) -> Admitted | Rejected:
         server = self._server
         if server.draining:
-            return Rejected(503, "draining", "server is draining; reconnect elsewhere",
-                            {"Retry-After": "1"})
+            return refuse("draining", "server is draining; reconnect elsewhere")
         try:
             upgrade = parse_upgrade(request)
         except BadUpgrade as exc:
-            return Rejected(400, "bad_request", str(exc))
-        endpoint = self.endpoints.get(upgrade.path)
-        if endpoint is None:
-            return Rejected(404, "not_found", f"no WebSocket endpoint at {upgrade.path[:64]}")
+            return refuse("bad_request", str(exc))
+        route = self.routes.get(upgrade.path)
+        if route is None:
+            return refuse("not_found", f"no WebSocket endpoint at {upgrade.path[:64]}")
         if server.session_count >= server.config.max_connections:
-            return Rejected(503, "overloaded", "too many sessions on this node",
-                            {"Retry-After": "1"})
-        if upgrade.api_key is None:
-            admit_without_key = getattr(endpoint, "admit_without_key", None)
-            if admit_without_key is not None:
-                # Telephony providers cannot set headers: the key arrives in-band (the start
-                # event) and the endpoint authenticates it there (docs/protocol.md,
-                # "Authentication and admission").
-                deferred: Admitted | Rejected = await admit_without_key(upgrade)
-                return deferred
+            return refuse("overloaded", "too many sessions on this node")
+        if upgrade.api_key is None and route.in_band is not None:
+            return await route.in_band.admit_without_key(upgrade)
         try:
             principal = await self._auth.authenticate(upgrade.api_key)
         except Exception:
             log.exception("authentication backend failed")
-            return Rejected(503, "auth_unavailable", "cannot check API keys right now; retry",
-                            {"Retry-After": "2"})
+            return refuse("auth_unavailable", "cannot check API keys right now; retry")
         if principal is None:
-            return Rejected(401, "unauthorized", "missing or invalid API key")
+            return refuse("unauthorized", "missing or invalid API key")
         if self.policy is not None:
             refused = await self.policy.check_upgrade(principal)
             if refused is not None:
                 return refused
-        return await endpoint.admit(upgrade, principal)
+        return await route.endpoint.admit(upgrade, principal)
 
 
 class WsServer:

@@ -69,7 +69,7 @@ async def test_session_finishes_when_its_report_swallows_the_cancel() -> None:
     meters = Meters()
     endpoint = AsrEndpoint(config=config, engines=engines, meters=meters,  # type: ignore[arg-type]
                            server=server, metrics=metrics)
-    server.router.endpoints["/v1/asr/stream"] = endpoint
+    server.router.add("/v1/asr/stream", endpoint)
     try:
         transport = MemoryTransport(keep=True)
         conn = WsConnection(server)

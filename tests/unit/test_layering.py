@@ -1,0 +1,78 @@
+"""The layout shows the architecture (issue 12 parts 4-5): which server package may import
+which, checked on the import statements themselves (ast), so an edge cannot creep back in."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(source: str, module: str, *, is_package: bool = False) -> set[str]:
+    """Every module `module` imports, relative imports resolved, including the ones under
+    `if TYPE_CHECKING:` (a type-only edge is still an edge a reader has to know about)."""
+    package = module if is_package else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            # `from server import billing` imports the package server.billing
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+    return found
+
+
+def package_imports(package: str) -> dict[str, set[str]]:
+    folder = ROOT.joinpath(*package.split("."))
+    files = sorted(folder.rglob("*.py"))
+    assert files, f"no modules under {folder}"
+    return {module_name(f): imports_of(f.read_text(), module_name(f),
+                                       is_package=f.name == "__init__.py") for f in files}
+
+
+def edges_into(package: str, forbidden: str) -> dict[str, list[str]]:
+    hits = {}
+    for module, names in package_imports(package).items():
+        bad = sorted(n for n in names if n == forbidden or n.startswith(forbidden + "."))
+        if bad:
+            hits[module] = bad
+    return hits
+
+
+@pytest.mark.parametrize(("package", "forbidden"), [
+    ("server.billing", "server.ws"),  # billing raises its own exceptions, knows no sockets
+    ("server.ws", "server.billing"),  # sockets know no billing: admission ports only
+    ("server.protocol", "server.ws"),
+    ("server.protocol", "server.billing"),
+    ("server.protocol", "server.sessions"),
+])
+def test_no_import_edge(package: str, forbidden: str) -> None:
+    assert edges_into(package, forbidden) == {}
+
+
+def test_the_checker_resolves_relative_and_aliased_imports() -> None:
+    source = ("import server.ws.handshake as hs\nfrom ..ws import server\nfrom . import meter\n"
+              "from server import ws\nfrom typing import TYPE_CHECKING\n"
+              "if TYPE_CHECKING:\n    from server.ws.connection import WsConnection\n")
+    found = imports_of(source, "server.billing.service")
+    assert {"server.ws.handshake", "server.ws", "server.ws.server", "server.billing.meter",
+            "server.ws.connection"} <= found
+    # A module of its own package that happens to be called `ws` is no edge into server.ws.
+    assert "server.ws" not in imports_of("from .ws import x\n", "server.billing.service")
