@@ -39,11 +39,12 @@ from server.flow_control.http_upload import (
     MAX_FORM_PARTS,
 )
 from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
-from server.http.auth import principal
+from server.http.auth import api_error, principal
 from server.http.errors import ApiError
 from server.http.openapi import error_responses, register
 from server.llm.idempotency import IdempotencyCache, IdempotencyConflict
 from server.models.base import EngineError
+from server.protocol.errors import http_status_of_close
 from server.sessions import messages as m
 from server.sessions.asr_params import BadParams
 from server.sessions.asr_runner import AsrEndpoint
@@ -97,10 +98,6 @@ class HttpWire:
 
     async def readable(self) -> None:
         await self._resumed.wait()
-
-
-def _rejection(decision: Rejected) -> ApiError:
-    return ApiError(decision.status, decision.code, decision.message, decision.headers)
 
 
 def _upgrade(query: dict[str, str]) -> UpgradeRequest:
@@ -379,8 +376,7 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
                 await upload.audio.aclose()
         error = _final_error(wire.messages)
         if wire.close_code != 1000 and error is not None:
-            status = {4002: 402, 4029: 429, 4400: 400}.get(wire.close_code or 0, 502)
-            raise ApiError(status, error.code, error.message)
+            raise ApiError(http_status_of_close(wire.close_code), error.code, error.message)
         finals = [e for e in wire.messages if isinstance(e, m.Transcript) and e.is_final]
         summary = next((e for e in wire.messages if isinstance(e, m.Summary)), None)
         response = web.json_response({
@@ -406,7 +402,7 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
         query.setdefault("interim_results", "false")
         decision = await asr.open_session(_upgrade(query), caller)
         if isinstance(decision, Rejected):
-            raise _rejection(decision)
+            raise api_error(decision)
         wire = HttpWire()
         handler = decision.start(wire, wire.messages.extend)
         try:
@@ -452,7 +448,7 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
         _refuse_unknown_voice(tts, query)
         decision = await tts.open_session(_upgrade(query), caller)
         if isinstance(decision, Rejected):
-            raise _rejection(decision)
+            raise api_error(decision)
         wire = HttpWire()
         handler = decision.start(wire, on_events=on_events)
         handler.handle(SubmitText(body.text))
@@ -484,8 +480,8 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
             if error is not None:
                 # An engine refusing the input for good (unknown voice, text it cannot speak)
                 # is the request's fault; a retryable failure is the upstream's.
-                status = 402 if wire.close_code == 4002 else (
-                    502 if error.retryable else 400)
+                status = http_status_of_close(wire.close_code,
+                                              default=502 if error.retryable else 400)
                 raise ApiError(status, error.code, error.message)
             await response.prepare(request)
         await response.write_eof()

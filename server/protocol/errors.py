@@ -111,3 +111,15 @@ class RefusedError(Exception):
 
 def rejection(exc: RefusedError) -> Rejected:
     return refuse(exc.code, exc.message, exc.retry_after_s)
+
+
+# A session run behind one HTTP request (POST /v1/asr/transcribe, /v1/tts/synthesize) that
+# ended before its answer: these close codes are the caller's doing (its wallet, its rate, its
+# input) and answer with their refusal's status; any other end is the engine's or ours.
+_CALLER_CLOSES: Final = {4002: "insufficient_balance", 4029: "rate_limited", 4400: "bad_config"}
+
+
+def http_status_of_close(close: int | None, default: int = 502) -> int:
+    """The HTTP status of a request whose session ended with `close` before the answer."""
+    code = _CALLER_CLOSES.get(close or 0)
+    return CATALOGUE[code].http_status if code is not None else default

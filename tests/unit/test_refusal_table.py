@@ -15,6 +15,7 @@ from server.protocol.errors import (
     UNKNOWN_CLOSE_CODE,
     RefusedError,
     close_code,
+    http_status_of_close,
     refuse,
     rejection,
 )
@@ -68,3 +69,13 @@ def test_every_close_code_the_table_uses_is_documented() -> None:
     section = section[: section.index("\n---")]
     documented = {int(n) for n in re.findall(r"\b(1\d{3}|4\d{3})\b", section)}
     assert {row.close_code for row in CATALOGUE.values()} <= documented
+
+
+@pytest.mark.parametrize(("close", "default", "status"), [
+    (4002, 502, 402), (4029, 502, 429), (4400, 502, 400),  # the caller's wallet, rate, input
+    (1011, 502, 502), (4008, 502, 502), (None, 502, 502),  # the engine's or ours
+    (1011, 400, 400),  # synthesize: an engine refusing the input for good is the request's
+])
+def test_an_http_request_whose_session_ended_early(close: int | None, default: int,
+                                                   status: int) -> None:
+    assert http_status_of_close(close, default) == status
