@@ -9,14 +9,13 @@ supplies a wallet-backed implementation; `PricedMeter` prices usage without a wa
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 from server.billing.auth import Principal
-from server.ws.handshake import Rejected
+from server.protocol.errors import RefusedError
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,40 +57,39 @@ KEY_REVOKED_CLOSE: Final = 4001
 KEY_REVOKED_MESSAGE: Final = "the API key of this session was revoked"
 
 
-class InsufficientBalance(Exception):
+class InsufficientBalance(RefusedError):
     """Not even the minimum lease can be granted: HTTP 402 before the session starts."""
 
+    code = "insufficient_balance"
+    default_message = "wallet balance too low"
 
-class RateLimited(Exception):
+
+class RateLimited(RefusedError):
     """HTTP 429 before the session starts (e.g. too many concurrent sessions)."""
 
+    code = "rate_limited"
+
     def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+        super().__init__(message, retry_after_s)
+        self.retry_after_s: float = retry_after_s
 
 
-class BillingUnavailable(Exception):
+class BillingUnavailable(RefusedError):
     """Money fails closed: no new session while the wallet cannot be reached (HTTP 503)."""
 
+    code = "billing_unavailable"
+    default_message = "billing unavailable"
 
-class KeyRevoked(Exception):
+
+class KeyRevoked(RefusedError):
     """`top_up` on a meter whose API key was revoked: no new lease; the session ends with
     `key_revoked` (KEY_REVOKED_CLOSE), not `insufficient_balance`."""
+
+    code = KEY_REVOKED_CODE
 
 
 # What `MeterFactory.open` raises when it refuses a session: `except METER_ERRORS as exc`.
 METER_ERRORS: Final = (InsufficientBalance, RateLimited, BillingUnavailable)
-
-
-def meter_rejection(exc: InsufficientBalance | RateLimited | BillingUnavailable) -> Rejected:
-    """The answer at the upgrade when the meter of a new session cannot be opened."""
-    if isinstance(exc, InsufficientBalance):
-        return Rejected(402, "insufficient_balance", str(exc) or "wallet balance too low")
-    if isinstance(exc, RateLimited):
-        return Rejected(429, "rate_limited", str(exc),
-                        {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
-    return Rejected(503, "billing_unavailable", str(exc) or "billing unavailable",
-                    {"Retry-After": "2"})
 
 
 class SessionMeter(Protocol):

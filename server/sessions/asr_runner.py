@@ -29,11 +29,11 @@ from server.billing.meter import (
     SessionMeter,
     UsageReport,
     cancel_requested,
-    meter_rejection,
     report_delays,
 )
 from server.config import Config
 from server.models.base import EngineError, Transcriber, TranscriptionStream
+from server.protocol.errors import rejection
 from server.sessions import messages as m
 from server.sessions.asr import (
     CONTINUE,
@@ -141,7 +141,7 @@ class AsrEndpoint:
                 session_id=session_id, principal=principal, model=params.model
             )
         except METER_ERRORS as exc:
-            return meter_rejection(exc)
+            return rejection(exc)
         engine = self.engines[params.model]
         machine = AsrSession(
             session_id=session_id,

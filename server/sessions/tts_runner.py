@@ -30,11 +30,11 @@ from server.billing.meter import (
     SessionMeter,
     UsageReport,
     cancel_requested,
-    meter_rejection,
     report_delays,
 )
 from server.config import Config
 from server.models.base import EngineError, Synthesizer
+from server.protocol.errors import rejection
 from server.sessions import messages as m
 from server.sessions.asr_params import BadParams
 from server.sessions.tts import (
@@ -119,7 +119,7 @@ class TtsEndpoint:
             meter = await self.meters.open(session_id=session_id, principal=principal,
                                            model=params.model, unit=CHARACTERS)
         except METER_ERRORS as exc:
-            return meter_rejection(exc)
+            return rejection(exc)
         engine = self.engines[params.model]
         srv = self.config.server
         machine = TtsSession(

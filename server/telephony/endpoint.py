@@ -21,9 +21,10 @@ import logging
 import uuid
 
 from server.billing.auth import Authenticator, Principal
-from server.billing.meter import METER_ERRORS, MeterFactory, SessionMeter, meter_rejection
+from server.billing.meter import METER_ERRORS, MeterFactory, SessionMeter
 from server.config import Config, ConfigError
 from server.models.base import Synthesizer
+from server.protocol.errors import rejection
 from server.sessions.asr_runner import AsrEndpoint
 from server.telemetry.metrics import Metrics
 from server.telephony import PROVIDERS
@@ -135,6 +136,6 @@ class TelephonyEndpoint:
             return await self.meters.open(session_id=session_id, principal=principal,
                                           model=model, unit=unit)
         except METER_ERRORS as exc:
-            refused = meter_rejection(exc)
+            refused = rejection(exc)
             raise MeterRefused(refused.status, refused.code, refused.message,
                                refused.close_code, refused.headers) from exc
