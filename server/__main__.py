@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     call_sim.set_defaults(func=_call_sim)
 
     from server.billing.cli import add_subcommands
+    from server.infra.stores import resolve_urls
 
-    add_subcommands(sub)
+    add_subcommands(sub, locate=resolve_urls)
     return parser
 
 

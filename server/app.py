@@ -15,13 +15,7 @@ import sys
 from aiohttp import web
 
 from server.billing.auth import Authenticator, StaticKeyAuthenticator
-from server.billing.bootstrap import (
-    BillingUrls,
-    data_dir,
-    ensure_dev_tenant,
-    prepare_database,
-    resolve_urls,
-)
+from server.billing.bootstrap import ensure_dev_tenant, prepare_database
 from server.billing.meter import MeterFactory, PricedMeterFactory
 from server.billing.service import BillingService, UnmeteredRequests
 from server.config import Config
@@ -33,6 +27,7 @@ from server.http.llm import add_llm_routes
 from server.http.openapi import add_openapi_route
 from server.http.speech import add_speech_routes
 from server.http.vision import add_vision_routes
+from server.infra.stores import BillingUrls, dev_key_file, resolve_urls
 from server.models.base import Synthesizer, Transcriber
 from server.models.registry import aclose_all, build_transcribers, start_all
 from server.models.tts_registry import aclose_all as close_synthesizers
@@ -77,7 +72,7 @@ class Gateway:
         billing = BillingService(cfg.billing, report_interval_s=cfg.asr.session.usage_interval_s)
         await billing.start(urls.redis_url, urls.database_url)
         if urls.services is not None and cfg.billing.dev_tenant:
-            self.dev_key = await ensure_dev_tenant(cfg, billing)
+            self.dev_key = await ensure_dev_tenant(cfg, billing, dev_key_file(cfg))
         return billing
 
     def _bind(self) -> None:
@@ -253,7 +248,7 @@ async def serve(config: Config) -> int:
               flush=True)
     if gateway.dev_key is not None:
         print(json.dumps({"event": "dev_api_key", "tenant_id": "dev", "api_key": gateway.dev_key,
-                          "saved_in": str(data_dir(config) / "dev-api-key")}), flush=True)
+                          "saved_in": str(dev_key_file(config))}), flush=True)
     log.info("listening", extra={"ws_port": gateway.ws.port, "http_port": gateway.http_port})
     # What start-up made (modules, config, engines, pools: ~70k objects) lives as long as the
     # process: keep it out of every later full collection, whose pause grows with what it

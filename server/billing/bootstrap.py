@@ -1,12 +1,12 @@
-"""Where the money lives: resolve Redis/PostgreSQL (configured, from the environment, or
-embedded), migrate, make sure every configured model has a price, and in development create a
-funded dev tenant whose key is printed once and kept in the data directory."""
+"""Getting the money ready: migrate, make sure every configured model has a price, and in
+development create a funded dev tenant whose key is printed once and kept in a file. Where
+Redis/PostgreSQL are (and starting embedded ones) is the composition root's business
+(server/infra/stores.py); billing is handed the URLs."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from server.billing.auth import key_digest
@@ -14,34 +14,9 @@ from server.billing.migrate import migrate
 from server.billing.service import AUDIO_UNIT, BillingService
 from server.billing.store import BillingStore, UnknownTenant
 from server.config import Config
-from server.infra.embedded import Services, default_data_dir, ensure_services
 
 log = logging.getLogger("streamgate.billing")
 DEV_TENANT = "dev"
-
-
-@dataclass(frozen=True, slots=True)
-class BillingUrls:
-    redis_url: str
-    database_url: str
-    services: Services | None  # embedded servers we may have started
-
-
-def data_dir(cfg: Config) -> Path:
-    return Path(cfg.billing.data_dir) if cfg.billing.data_dir else default_data_dir()
-
-
-async def resolve_urls(cfg: Config) -> BillingUrls:
-    b = cfg.billing
-    redis_url = b.redis_url or os.environ.get("REDIS_URL", "")
-    database_url = b.database_url or os.environ.get("DATABASE_URL", "")
-    if redis_url and database_url:
-        return BillingUrls(redis_url, database_url, None)
-    services = await ensure_services(
-        data_dir(cfg), redis_port=b.embedded_redis_port, pg_port=b.embedded_postgres_port,
-        redis_url=redis_url or None, database_url=database_url or None,
-    )
-    return BillingUrls(services.redis_url, services.database_url, services)
 
 
 async def prepare_database(cfg: Config, database_url: str) -> None:
@@ -66,25 +41,31 @@ async def prepare_database(cfg: Config, database_url: str) -> None:
         await store.close()
 
 
-async def ensure_dev_tenant(cfg: Config, billing: BillingService) -> str:
-    """The dev tenant's API key: reused from <data_dir>/dev-api-key while still valid."""
+async def ensure_dev_tenant(cfg: Config, billing: BillingService, key_file: Path) -> str:
+    """The dev tenant's API key: reused from `key_file` while still valid."""
     store = billing.store
     assert store is not None
     if await store.tenant(DEV_TENANT) is None:
         await store.create_tenant(DEV_TENANT, "development tenant")
     await billing.topup(DEV_TENANT, cfg.billing.dev_topup_micros, "dev-initial-funding")
-    key_file = data_dir(cfg) / "dev-api-key"
-    if key_file.exists():
-        key = key_file.read_text().strip()
+    key = await asyncio.to_thread(_read_key, key_file)
+    if key is not None:
         record = await store.lookup_key(key_digest(key))
         if record is not None and not record.revoked and record.tenant_id == DEV_TENANT:
             return key
     issued = await store.issue_key(DEV_TENANT)
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.touch(mode=0o600)
-    key_file.write_text(issued.key + "\n")
+    await asyncio.to_thread(_write_key, key_file, issued.key)
     return issued.key
 
 
-__all__ = ["DEV_TENANT", "BillingUrls", "UnknownTenant", "data_dir", "ensure_dev_tenant",
-           "prepare_database", "resolve_urls"]
+def _read_key(key_file: Path) -> str | None:
+    return key_file.read_text().strip() if key_file.exists() else None
+
+
+def _write_key(key_file: Path, key: str) -> None:
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.touch(mode=0o600)
+    key_file.write_text(key + "\n")
+
+
+__all__ = ["DEV_TENANT", "UnknownTenant", "ensure_dev_tenant", "prepare_database"]

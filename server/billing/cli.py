@@ -1,23 +1,26 @@
 """`streamgate` billing subcommands: migrate, flusher, reconcile, tenant, key, topup, balance,
 usage. They talk to Postgres (and Redis, for top-ups and reconcile) directly, at the URLs the
-server would use: config, then REDIS_URL/DATABASE_URL, then the embedded servers."""
+server would use: config, then REDIS_URL/DATABASE_URL, then the embedded servers. Finding them
+(`locate`) is handed in by the command line's root (server/__main__.py): billing does not start
+the development servers itself."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.billing.bootstrap import prepare_database, resolve_urls
+from server.billing.bootstrap import prepare_database
 from server.billing.flusher import flusher_main
 from server.billing.reconcile import reconcile_main
 from server.billing.service import BillingService
@@ -31,12 +34,25 @@ _UNREACHABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError,
                 RedisTimeoutError)
 
 
+class StoreUrls(Protocol):
+    @property
+    def redis_url(self) -> str: ...
+
+    @property
+    def database_url(self) -> str: ...
+
+
+# Where Redis and PostgreSQL are for this config (starting the embedded ones if need be).
+Locate = Callable[[Config], Awaitable[StoreUrls]]
+
+
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-async def _with_service(cfg: Config, fn: Callable[[BillingService], Awaitable[int]]) -> int:
-    urls = await resolve_urls(cfg)
+async def _with_service(cfg: Config, locate: Locate,
+                        fn: Callable[[BillingService], Awaitable[int]]) -> int:
+    urls = await locate(cfg)
     await prepare_database(cfg, urls.database_url)
     service = BillingService(cfg.billing, report_interval_s=cfg.asr.session.usage_interval_s)
     await service.start(urls.redis_url, urls.database_url, background=False)
@@ -46,15 +62,15 @@ async def _with_service(cfg: Config, fn: Callable[[BillingService], Awaitable[in
         await service.stop()
 
 
-async def _run(args: argparse.Namespace, cfg: Config) -> int:
+async def _run(args: argparse.Namespace, cfg: Config, locate: Locate) -> int:
     cmd = args.billing_command
     if cmd == "migrate":
-        urls = await resolve_urls(cfg)
+        urls = await locate(cfg)
         await prepare_database(cfg, urls.database_url)
         print("database migrated")
         return 0
     if cmd == "flusher":
-        urls = await resolve_urls(cfg)
+        urls = await locate(cfg)
         def make_refund(redis: Any) -> Callable[[str, str, int], Awaitable[None]]:
             cache = WalletCache(redis)
 
@@ -65,7 +81,7 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
 
         return await flusher_main(urls.redis_url, urls.database_url, make_refund=make_refund)
     if cmd == "reconcile":
-        urls = await resolve_urls(cfg)
+        urls = await locate(cfg)
         return await reconcile_main(urls.redis_url, urls.database_url)
 
     async def act(svc: BillingService) -> int:
@@ -100,7 +116,7 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
         return 0
 
     try:
-        return await _with_service(cfg, act)
+        return await _with_service(cfg, locate, act)
     except (BillingError, ValueError, TypeError) as exc:
         # BillingError: "no such tenant: x", a reused idempotency key; ValueError: a bound.
         print(f"streamgate: {exc}", file=sys.stderr)
@@ -110,13 +126,13 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
         return 1
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, *, locate: Locate) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         print(f"streamgate: {exc}", file=sys.stderr)
         return 2
-    return uvloop.run(_run(args, cfg))
+    return uvloop.run(_run(args, cfg, locate))
 
 
 def _day(value: str) -> dt.date:
@@ -126,11 +142,11 @@ def _day(value: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"{value!r} is not a date: use YYYY-MM-DD") from None
 
 
-def add_subcommands(sub: Any) -> None:
+def add_subcommands(sub: Any, locate: Locate) -> None:
     def command(name: str, help_: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--config", type=Path, help="TOML file layered over config/default.toml")
-        p.set_defaults(func=main, billing_command=name)
+        p.set_defaults(func=functools.partial(main, locate=locate), billing_command=name)
         return p
 
     tenant_help = "tenant id (e.g. dev, the tenant `./scripts/run.sh` creates)"

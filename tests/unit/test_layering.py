@@ -62,9 +62,18 @@ def edges_into(package: str, forbidden: str) -> dict[str, list[str]]:
     ("server.protocol", "server.ws"),
     ("server.protocol", "server.billing"),
     ("server.protocol", "server.sessions"),
+    # The embedded Redis/PostgreSQL supervisor is development tooling: billing is handed URLs.
+    ("server.billing", "server.infra"),
 ])
 def test_no_import_edge(package: str, forbidden: str) -> None:
     assert edges_into(package, forbidden) == {}
+
+
+def test_only_the_composition_roots_start_the_embedded_servers() -> None:
+    importers = {module for module, names in package_imports("server").items()
+                 if not module.startswith("server.infra")
+                 and any(n == "server.infra" or n.startswith("server.infra.") for n in names)}
+    assert importers == {"server.app", "server.__main__"}
 
 
 def test_the_checker_resolves_relative_and_aliased_imports() -> None:
