@@ -42,7 +42,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.http11 import Response
 
-from server.audio.codecs import (
+from server.protocol.audio import (
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
     AudioFormatError,
@@ -51,7 +51,7 @@ from server.audio.codecs import (
     pcm16_to_ulaw,
     wav_header,
 )
-from server.sessions.messages import (
+from server.protocol.messages import (
     Close,
     Credit,
     Error,
@@ -325,7 +325,7 @@ async def stream_audio(
     """Stream ``audio`` (already in ``encoding`` at ``sample_rate``, mono) to an ASR endpoint.
 
     Honours the credit window, sends ``close`` after the audio and returns every server message
-    in order (msgspec Structs from :mod:`server.sessions.messages`; a dict for a message type
+    in order (msgspec Structs from :mod:`server.protocol.messages`; a dict for a message type
     this client does not know) once the server has closed with 1000. ``on_event`` sees each
     message as it arrives. ``extra_params`` are further query parameters (``model``,
     ``language``, ``interim_results``, ``endpointing_ms``, ``vad``, ``overflow``).

@@ -43,7 +43,6 @@ from typing import Any, Final, TextIO
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from server.audio.codecs import ulaw_to_pcm16
 from server.client.asr_client import (
     API_KEY_ENV,
     CLOSE_CODE_NAMES,
@@ -51,6 +50,7 @@ from server.client.asr_client import (
     dev_key,
     load_audio,
 )
+from server.protocol.audio import ulaw_to_pcm16
 
 __all__ = ["DEFAULT_URL", "CallSim", "add_arguments", "main"]
 

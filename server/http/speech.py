@@ -20,7 +20,6 @@ import msgspec
 from aiohttp import BodyPartReader, web
 from websockets.datastructures import Headers
 
-from server.audio.codecs import AudioFormatError, StreamDecoder
 from server.audio.containers import (
     SNIFF_BYTES,
     AudioFormat,
@@ -44,8 +43,9 @@ from server.http.errors import ApiError
 from server.http.openapi import error_responses, register
 from server.llm.idempotency import IdempotencyCache, IdempotencyConflict
 from server.models.base import EngineError
+from server.protocol import messages as m
+from server.protocol.audio import AudioFormatError, StreamDecoder
 from server.protocol.errors import http_status_of_close
-from server.sessions import messages as m
 from server.sessions.asr_params import BadParams
 from server.sessions.asr_runner import AsrEndpoint
 from server.sessions.tts import EndInput, GrantCredit, SubmitText, tts_params

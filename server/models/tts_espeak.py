@@ -21,15 +21,15 @@ import shutil
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
-from server.audio.codecs import (
+from server.audio.text_chunker import count_tokens
+from server.config import EspeakModelConfig
+from server.models.base import EngineError, EngineUnavailable
+from server.protocol.audio import (
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
     AudioFormatError,
     StreamDecoder,
 )
-from server.audio.text_chunker import count_tokens
-from server.config import EspeakModelConfig
-from server.models.base import EngineError, EngineUnavailable
 
 log = logging.getLogger(__name__)
 

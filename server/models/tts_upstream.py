@@ -30,12 +30,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import aiohttp
 import msgspec
 
-from server.audio.codecs import (
-    MAX_SAMPLE_RATE,
-    MIN_SAMPLE_RATE,
-    AudioFormatError,
-    StreamDecoder,
-)
 from server.audio.text_chunker import count_tokens
 from server.config import UpstreamTtsConfig
 from server.models.base import EngineError, EngineUnavailable
@@ -51,6 +45,12 @@ from server.models.upstream_errors import (
     rejected,
     transport_cause,
     unavailable,
+)
+from server.protocol.audio import (
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    AudioFormatError,
+    StreamDecoder,
 )
 
 log = logging.getLogger(__name__)

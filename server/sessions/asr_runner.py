@@ -33,8 +33,8 @@ from server.billing.meter import (
 )
 from server.config import Config
 from server.models.base import EngineError, Transcriber, TranscriptionStream
+from server.protocol import messages as m
 from server.protocol.errors import rejection
-from server.sessions import messages as m
 from server.sessions.asr import (
     CONTINUE,
     FINALS_TIMEOUT_S,

@@ -30,7 +30,6 @@ from typing import Any, Final, Literal
 import msgspec
 import numpy as np
 
-from server.audio.codecs import StreamEncoder
 from server.audio.resample import Resampler
 from server.audio.text_chunker import TextChunker
 from server.billing.meter import (
@@ -43,7 +42,8 @@ from server.config import TtsSessionConfig
 from server.flow_control.audio_backlog import AudioBacklogBound
 from server.flow_control.credit import CreditWindow
 from server.flow_control.text_backlog import TextBacklogBound
-from server.sessions import messages as m
+from server.protocol import messages as m
+from server.protocol.audio import StreamEncoder
 from server.sessions.asr import CloseAction
 from server.sessions.asr_params import BadParams
 

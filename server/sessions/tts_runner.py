@@ -34,8 +34,8 @@ from server.billing.meter import (
 )
 from server.config import Config
 from server.models.base import EngineError, Synthesizer
+from server.protocol import messages as m
 from server.protocol.errors import rejection
-from server.sessions import messages as m
 from server.sessions.asr_params import BadParams
 from server.sessions.tts import (
     Close,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from server.billing.meter import SessionMeter
 from server.flow_control.mark_window import MarkWindow
 from server.models.base import EngineError, Synthesizer
-from server.sessions import messages as m
+from server.protocol import messages as m
 from server.sessions.tts import (
     EngineAudio,
     EngineDone,

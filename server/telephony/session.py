@@ -34,7 +34,7 @@ from server.billing.meter import (
     report_delays,
 )
 from server.flow_control.byte_queue import ByteQueue
-from server.sessions import messages as m
+from server.protocol import messages as m
 from server.sessions.asr import AsrSession
 from server.sessions.asr_params import AsrParams
 from server.sessions.asr_runner import FINALS_TIMEOUT_S, AsrSessionRunner

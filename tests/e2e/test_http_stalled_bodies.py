@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import pytest
 from aiohttp import web
 
-from server.audio.codecs import wav_header
 from server.http.app import build_http_app
+from server.protocol.audio import wav_header
 from server.telemetry.metrics import Metrics
 from tests.e2e.conftest import TEST_KEY, ServerProcess, espeak_pcm16, silence, start_server
 

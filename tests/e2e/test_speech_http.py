@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from server.audio.codecs import wav_header
+from server.protocol.audio import wav_header
 from tests.e2e.conftest import TEST_KEY, ServerProcess
 from tests.speech import espeak_pcm16, silence
 

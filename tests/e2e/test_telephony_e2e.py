@@ -27,7 +27,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from server.audio.codecs import pcm16_to_ulaw
+from server.protocol.audio import pcm16_to_ulaw
 from tests.e2e.conftest import TEST_KEY, ServerProcess, espeak_pcm16, silence, start_server
 
 pytestmark = pytest.mark.e2e

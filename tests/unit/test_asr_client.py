@@ -36,7 +36,7 @@ from server.client.asr_client import (
     main,
     stream_audio,
 )
-from server.sessions.messages import Credit, Error, Ready, Summary, Transcript
+from server.protocol.messages import Credit, Error, Ready, Summary, Transcript
 
 
 @dataclass

@@ -20,7 +20,7 @@ from server.billing.auth import ANONYMOUS, StaticKeyAuthenticator
 from server.billing.meter import UsageReport
 from server.config import Config, load_config
 from server.models.base import EngineError, Hypothesis
-from server.sessions import messages as m
+from server.protocol import messages as m
 from server.sessions.asr import FINALS_TIMEOUT_S, AsrSession, IllegalTransition
 from server.sessions.asr_params import AsrParams
 from server.sessions.asr_runner import AsrEndpoint, AsrSessionRunner

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from server.audio.codecs import wav_header
 from server.billing.meter import UsageReport
 from server.config import AsrSessionConfig
 from server.models.base import EngineError, Hypothesis, WordTiming
-from server.sessions import messages as m
+from server.protocol import messages as m
+from server.protocol.audio import wav_header
 from server.sessions.asr import AsrSession, EngineFeed, EngineFinish
 from server.sessions.asr_params import AsrParams
 from tests.speech import espeak_pcm16, silence
@@ -338,7 +338,7 @@ def test_engine_gets_speech_at_its_rate_in_chunks(rate: int) -> None:
 def test_cached_credit_frames_are_the_encoded_message_framed() -> None:
     from websockets.frames import Frame, Opcode
 
-    from server.sessions import messages as msgs
+    from server.protocol import messages as msgs
     from server.sessions.asr_runner import CreditPayloads
     from server.ws.connection import frame_header
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
-from server.sessions import messages as m
+from server.protocol import messages as m
 
 
 def depth(value: Any) -> int:

@@ -76,6 +76,18 @@ def test_only_the_composition_roots_start_the_embedded_servers() -> None:
     assert importers == {"server.app", "server.__main__"}
 
 
+def test_the_client_depends_only_on_the_protocol() -> None:
+    """server/client is a complete client to copy from: besides the standard library and
+    third-party packages it uses the wire contract (server.protocol) and itself only."""
+    hits = {}
+    for module, names in package_imports("server.client").items():
+        inside = sorted(n for n in names if n == "server" or n.startswith("server.")
+                        if not n.startswith(("server.protocol", "server.client")))
+        if inside:
+            hits[module] = inside
+    assert hits == {}
+
+
 def test_the_checker_resolves_relative_and_aliased_imports() -> None:
     source = ("import server.ws.handshake as hs\nfrom ..ws import server\nfrom . import meter\n"
               "from server import ws\nfrom typing import TYPE_CHECKING\n"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from server.billing.meter import PricedMeter
 from server.config import TtsSessionConfig
 from server.flow_control.mark_window import MarkWindow
-from server.sessions import messages as m
+from server.protocol import messages as m
 from server.sessions.tts import TtsParams, TtsSession
 from server.telephony.events import ClearAudio, Command, PlayAudio
 from server.telephony.playback import Playback, Reply

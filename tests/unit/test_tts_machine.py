@@ -19,7 +19,7 @@ from server.config import TtsSessionConfig, load_config
 from server.flow_control.audio_backlog import SLACK_MS, AudioBacklogBound
 from server.flow_control.credit import CreditWindow
 from server.models.base import Synthesizer
-from server.sessions import messages as m
+from server.protocol import messages as m
 from server.sessions.asr_params import BadParams
 from server.sessions.tts import (
     TRANSITIONS,

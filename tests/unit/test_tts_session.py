@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.config import TtsSessionConfig
-from server.sessions import messages as m
+from server.protocol import messages as m
 from server.sessions.tts import (
     EngineAudio,
     EngineDone,

@@ -16,7 +16,7 @@ from server.billing.meter import PricedMeterFactory
 from server.config import TtsSessionConfig, load_config
 from server.flow_control.text_backlog import READ_SLACK_CHARS, TextBacklogBound
 from server.models.base import Synthesizer
-from server.sessions import messages as m
+from server.protocol import messages as m
 from server.sessions.tts import (
     EngineAudio,
     Interrupt,

@@ -15,9 +15,9 @@ import numpy.typing as npt
 import pytest
 import webrtcvad
 
-from server.audio.codecs import StreamDecoder
 from server.audio.resample import Resampler
 from server.audio.vad import Endpointer, SpeechAudio, SpeechEnd, SpeechStart, VadEvent
+from server.protocol.audio import StreamDecoder
 
 Int16Array = npt.NDArray[np.int16]
 

@@ -1,0 +1,240 @@
+"""Wire messages of the streaming sessions: one msgspec Struct per message, tagged by `type`.
+
+Names and fields follow docs/protocol.md, which is binding. Encoders and decoders are built once
+and reused: constructing them per message costs more than the encoding itself.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+import msgspec
+
+from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
+
+Encoding = Literal["pcm_s16le", "mulaw", "alaw", "wav"]
+VadMode = Literal["off", "low", "medium", "high"]
+Overflow = Literal["block", "drop"]
+
+
+class Msg(msgspec.Struct, tag_field="type", kw_only=True):
+    pass
+
+
+T = TypeVar("T")
+
+
+# --- client -> server (ASR) -------------------------------------------------------------------
+
+
+class Config(Msg, tag="config", forbid_unknown_fields=True):
+    model: str | None = None
+    language: str | None = None
+    encoding: Encoding | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    interim_results: bool | None = None
+    endpointing_ms: int | None = None
+    vad: VadMode | None = None
+    overflow: Overflow | None = None
+
+
+class Finalize(Msg, tag="finalize"):
+    pass
+
+
+class KeepAlive(Msg, tag="keepalive"):
+    pass
+
+
+class Close(Msg, tag="close"):
+    pass
+
+
+AsrClientMessage = Config | Finalize | KeepAlive | Close
+
+# --- server -> client (ASR) -------------------------------------------------------------------
+
+
+class AudioFormat(msgspec.Struct, kw_only=True):
+    encoding: Encoding
+    sample_rate: int
+
+
+class Limits(msgspec.Struct, kw_only=True):
+    max_frame_bytes: int
+    idle_timeout_s: float
+    usage_interval_s: float
+    max_utterance_ms: int
+
+
+class Ready(Msg, tag="ready"):
+    session_id: str
+    resume_token: str
+    audio: AudioFormat
+    credit_bytes: int
+    limits: Limits
+    model: str
+
+
+class Credit(Msg, tag="credit"):
+    bytes: int
+
+
+class SpeechStarted(Msg, tag="speech_started"):
+    at_ms: int
+
+
+class Word(msgspec.Struct, kw_only=True):
+    word: str
+    start_ms: int
+    end_ms: int
+    confidence: float
+
+
+class Transcript(Msg, tag="transcript"):
+    utterance_id: int
+    is_final: bool
+    text: str
+    start_ms: int
+    end_ms: int
+    words: list[Word] = msgspec.field(default_factory=list)
+
+
+class UtteranceEnd(Msg, tag="utterance_end"):
+    utterance_id: int
+    end_ms: int
+
+
+class Usage(Msg, tag="usage"):
+    audio_ms: int
+    billed_ms: int
+    cost_micros: int
+    balance_micros: int | None = None
+    dropped_ms: int = 0
+
+
+class Warning(Msg, tag="warning", omit_defaults=True):
+    code: str
+    message: str
+    dropped_ms: int | None = None
+
+
+class Error(Msg, tag="error"):
+    code: str
+    message: str
+    retryable: bool = False
+    retry_after_s: float | None = None
+
+
+class Summary(Msg, tag="summary"):
+    audio_ms: int
+    billed_ms: int
+    cost_micros: int
+    utterances: int
+    dropped_ms: int
+
+
+AsrServerMessage = (
+    Ready
+    | Credit
+    | SpeechStarted
+    | Transcript
+    | UtteranceEnd
+    | Usage
+    | Warning
+    | Error
+    | Summary
+)
+
+encoder = msgspec.json.Encoder()
+asr_client_decoder = msgspec.json.Decoder(AsrClientMessage)
+asr_server_decoder = msgspec.json.Decoder(AsrServerMessage)  # for clients and tests
+
+
+class BadMessage(Exception):
+    """A client text frame that is not a valid message; the session answers `bad_message`."""
+
+
+_any_decoder = msgspec.json.Decoder()
+
+
+def decode_client_message(data: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    # Before any parsing: msgspec recurses per level, even into fields it skips.
+    if nests_deeper_than(data):
+        raise BadMessage(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        # Tell "not JSON" from "JSON of the wrong shape": clients debug these differently.
+        try:
+            obj = _any_decoder.decode(data)
+        except msgspec.DecodeError:
+            raise BadMessage(f"malformed JSON: {exc}") from None
+        if not isinstance(obj, dict) or "type" not in obj:
+            raise BadMessage("a message must be a JSON object with a 'type' field") from None
+        raise BadMessage(f"invalid message: {exc}") from None
+
+
+# --- TTS ----------------------------------------------------------------------------------------
+
+
+class TtsConfigMsg(Msg, tag="config", forbid_unknown_fields=True):
+    model: str | None = None
+    voice: str | None = None
+    language: str | None = None
+    encoding: Encoding | None = None
+    sample_rate: int | None = None
+
+
+class Text(Msg, tag="text"):
+    text: str
+
+
+class Flush(Msg, tag="flush"):
+    pass
+
+
+class Clear(Msg, tag="clear"):
+    pass
+
+
+class CreditGrant(Msg, tag="credit"):
+    bytes: int
+
+
+TtsClientMessage = TtsConfigMsg | Text | Flush | Clear | CreditGrant | KeepAlive | Close
+
+
+class AudioDone(Msg, tag="audio_done"):
+    chunk_id: int
+    text: str
+    duration_ms: int
+
+
+class Flushed(Msg, tag="flushed"):
+    pass
+
+
+class Cleared(Msg, tag="cleared"):
+    played_ms: int | None = None
+
+
+class TtsUsage(Msg, tag="usage"):
+    characters: int
+    audio_ms: int
+    cost_micros: int
+    balance_micros: int | None = None
+
+
+class TtsSummary(Msg, tag="summary"):
+    characters: int
+    audio_ms: int
+    cost_micros: int
+    chunks: int
+
+
+TtsServerMessage = Ready | AudioDone | Flushed | Cleared | TtsUsage | Warning | Error | TtsSummary
+
+tts_client_decoder = msgspec.json.Decoder(TtsClientMessage)
+tts_server_decoder = msgspec.json.Decoder(TtsServerMessage)  # for clients and tests
