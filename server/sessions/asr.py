@@ -52,15 +52,12 @@ from server.billing.meter import (
 from server.config import AsrSessionConfig
 from server.flow_control.byte_queue import ByteQueue
 from server.flow_control.credit import CreditWindow
+from server.flow_control.finals import FINALS_TIMEOUT_S
 from server.flow_control.ingest_queue import ControlLaneFull, IngestQueue
 from server.flow_control.outbox import Outbox
 from server.models.base import EngineError, Hypothesis
 from server.sessions import messages as m
 from server.sessions.asr_params import AsrParams, BadParams, params_with_config
-
-# After the input ended (close, drain), finals still owed are waited for this long (wall time);
-# then they are abandoned and the session settles and closes without them.
-FINALS_TIMEOUT_S: Final = 10.0
 
 # --- work for the invoke stage ----------------------------------------------------------------
 
