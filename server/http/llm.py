@@ -20,7 +20,7 @@ from server.config import LlmConfig
 from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
 from server.http.auth import principal
 from server.http.errors import ApiError
-from server.http.openapi import error_responses, register
+from server.http.openapi import components, error_responses, ref, register
 from server.llm.idempotency import IdempotencyCache, IdempotencyConflict
 from server.llm.metering import RequestMeter
 from server.llm.router import RouteError
@@ -29,8 +29,6 @@ from server.llm.schema import (
     ChatCompletionRequest,
     TranslateRequest,
     TranslateResponse,
-    openapi_components,
-    ref,
 )
 from server.llm.service import LlmService, new_request_id
 from server.telemetry.metrics import Metrics
@@ -193,7 +191,7 @@ def add_llm_routes(app: web.Application, *, config: LlmConfig, metrics: Metrics 
 
 
 def _register_openapi(app: web.Application, config: LlmConfig) -> None:
-    schemas = openapi_components(ChatCompletionRequest, ChatCompletion, TranslateRequest,
+    schemas = components(ChatCompletionRequest, ChatCompletion, TranslateRequest,
                                  TranslateResponse)
     for field in ("max_tokens", "max_completion_tokens"):
         schemas["ChatCompletionRequest"]["properties"][field]["maximum"] = config.max_tokens_limit

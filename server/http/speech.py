@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from tempfile import SpooledTemporaryFile
-from typing import Final, Protocol, runtime_checkable
+from typing import Annotated, Final, Protocol, runtime_checkable
 
 import msgspec
 from aiohttp import BodyPartReader, web
@@ -40,11 +40,16 @@ from server.flow_control.http_upload import (
 from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
 from server.http.auth import api_error, principal
 from server.http.errors import ApiError
-from server.http.openapi import error_responses, register
+from server.http.openapi import components, error_responses, ref, register
 from server.llm.idempotency import IdempotencyCache, IdempotencyConflict
 from server.models.base import EngineError
 from server.protocol import messages as m
-from server.protocol.audio import AudioFormatError, StreamDecoder
+from server.protocol.audio import (
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    AudioFormatError,
+    StreamDecoder,
+)
 from server.protocol.errors import http_status_of_close
 from server.sessions.asr_params import BadParams
 from server.sessions.asr_runner import AsrEndpoint
@@ -265,19 +270,42 @@ async def _audio_format(upload: _Upload, query: dict[str, str],
     return fmt
 
 
-class _SynthesizeBody(msgspec.Struct):
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class SynthesizeRequest(msgspec.Struct):
+    """The body of POST /v1/tts/synthesize: it validates the request and, through
+    server/http/openapi.py, documents it."""
+
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=TEXT_LIMIT)]
+    model: NonEmpty | None = None
+    voice: NonEmpty | None = None
+    language: NonEmpty | None = None
+    encoding: m.Encoding | None = None
+    sample_rate: Annotated[int, msgspec.Meta(ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)] | None = None
+
+
+class TranscribedUtterance(msgspec.Struct):
+    utterance_id: int
     text: str
-    model: str | None = None
-    voice: str | None = None
-    language: str | None = None
-    encoding: str | None = None
-    sample_rate: int | None = None
+    start_ms: int
+    end_ms: int
+    words: list[m.Word]
 
 
-_SYNTHESIZE_BODY: Final = msgspec.json.Decoder(_SynthesizeBody)
+class TranscribeResponse(msgspec.Struct):
+    """The answer of POST /v1/asr/transcribe: the final transcripts and what they cost."""
+
+    text: str
+    utterances: list[TranscribedUtterance]
+    audio_ms: int
+    cost_micros: int
 
 
-def _synthesize_body(raw: bytes) -> _SynthesizeBody:
+_SYNTHESIZE_BODY: Final = msgspec.json.Decoder(SynthesizeRequest)
+
+
+def _synthesize_body(raw: bytes) -> SynthesizeRequest:
     # Unknown fields are skipped, and skipping recurses: bound the nesting before the parser.
     if nests_deeper_than(raw):
         raise ApiError(400, "bad_request",
@@ -379,16 +407,15 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
             raise ApiError(http_status_of_close(wire.close_code), error.code, error.message)
         finals = [e for e in wire.messages if isinstance(e, m.Transcript) and e.is_final]
         summary = next((e for e in wire.messages if isinstance(e, m.Summary)), None)
-        response = web.json_response({
-            "text": " ".join(f.text for f in finals if f.text).strip(),
-            "utterances": [{"utterance_id": f.utterance_id, "text": f.text,
-                            "start_ms": f.start_ms, "end_ms": f.end_ms,
-                            "words": msgspec.to_builtins(f.words)} for f in finals],
-            "audio_ms": summary.audio_ms if summary is not None else 0,
-            "cost_micros": summary.cost_micros if summary is not None else 0,
-        })
-        assert isinstance(response.body, bytes)
-        return response, b"application/json\n" + response.body
+        body = msgspec.json.encode(TranscribeResponse(
+            text=" ".join(f.text for f in finals if f.text).strip(),
+            utterances=[TranscribedUtterance(f.utterance_id, f.text, f.start_ms, f.end_ms,
+                                             f.words) for f in finals],
+            audio_ms=summary.audio_ms if summary is not None else 0,
+            cost_micros=summary.cost_micros if summary is not None else 0,
+        ))
+        response = web.Response(body=body, content_type="application/json", charset="utf-8")
+        return response, b"application/json\n" + body
 
     async def transcribe_upload(request: web.Request, caller: Principal,
                                 upload: _Upload) -> HttpWire:
@@ -505,31 +532,16 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
             "multipart/form-data": {"schema": {"type": "object", "properties": {
                 "file": {"type": "string", "format": "binary"}}, "required": ["file"]}}}},
         "responses": {"200": {"description": "transcript", "content": {"application/json": {
-            "schema": {"type": "object", "required": ["text", "utterances", "audio_ms",
-                                                      "cost_micros"],
-                       "properties": {"text": {"type": "string"},
-                                      "utterances": {"type": "array", "items": {
-                                          "type": "object"}},
-                                      "audio_ms": {"type": "integer"},
-                                      "cost_micros": {"type": "integer"}}}}}},
+            "schema": ref(TranscribeResponse)}}},
                       **error_responses(400, 401, 402, 413, 415, 429, 502, 503)},
-    })
+    }, components(TranscribeResponse))
     register(app, "/v1/tts/synthesize", "post", {
         "summary": "synthesize text; the audio streams back as it is produced",
         "security": [{"bearer": []}],
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "required": ["text"],
-            "properties": {"text": {"type": "string", "minLength": 1, "maxLength": TEXT_LIMIT},
-                           "model": {"type": "string", "minLength": 1, "nullable": True},
-                           "voice": {"type": "string", "minLength": 1, "nullable": True},
-                           "language": {"type": "string", "minLength": 1, "nullable": True},
-                           "encoding": {"type": "string",
-                                        "enum": ["wav", "pcm_s16le", "mulaw", "alaw", None],
-                                        "nullable": True},
-                           "sample_rate": {"type": "integer", "minimum": 8000,
-                                           "maximum": 48000, "nullable": True}}}}}},
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": ref(SynthesizeRequest)}}},
         "responses": {"200": {"description": "audio", "content": {
             ctype: {"schema": {"type": "string", "format": "binary"}}
             for ctype in ("audio/wav", "audio/l16", "audio/basic", "audio/x-alaw")}},
                       **error_responses(400, 401, 402, 413, 429, 502, 503)},
-    })
+    }, components(SynthesizeRequest))

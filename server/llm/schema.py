@@ -1,5 +1,6 @@
-"""Wire types of the LLM proxy, validated with msgspec, and the OpenAPI schemas made from them
-(one definition, so the documented contract and the validation cannot drift apart).
+"""Wire types of the LLM proxy, validated with msgspec; the OpenAPI schemas are made from them
+(server/http/openapi.py: one definition, so the documented contract and the validation cannot
+drift apart).
 
 Client requests keep fields they do not name (temperature, tools, response_format, ...): they
 are passed to the upstream as sent. Upstream answers are checked for the shape clients rely on;
@@ -128,45 +129,3 @@ class UpstreamChunk(msgspec.Struct):
     @property
     def text(self) -> str:
         return "".join(c.delta.content or "" for c in self.choices)
-
-
-# --- OpenAPI ---------------------------------------------------------------------------------
-
-REF_TEMPLATE = "#/components/schemas/{name}"
-
-
-def openapi_components(*types: type[msgspec.Struct]) -> dict[str, Any]:
-    """Component schemas for `types` in OpenAPI 3.0 dialect (msgspec emits JSON Schema 2020-12:
-    `{"type": "null"}` alternatives become `nullable`, empty `required` lists go)."""
-    _, components = msgspec.json.schema_components(types, ref_template=REF_TEMPLATE)
-    converted: dict[str, Any] = _to_openapi30(components)
-    return converted
-
-
-def ref(struct: type[msgspec.Struct]) -> dict[str, str]:
-    return {"$ref": REF_TEMPLATE.format(name=struct.__name__)}
-
-
-def _to_openapi30(node: Any) -> Any:
-    if isinstance(node, list):
-        return [_to_openapi30(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {key: _to_openapi30(value) for key, value in node.items()}
-    if out.get("required") == []:
-        del out["required"]
-    enum = out.get("enum")
-    if "type" not in out and isinstance(enum, list) and all(isinstance(e, str) for e in enum):
-        out["type"] = "string"
-    alternatives = out.get("anyOf")
-    if isinstance(alternatives, list) and {"type": "null"} in alternatives:
-        rest = [a for a in alternatives if a != {"type": "null"}]
-        del out["anyOf"]
-        if len(rest) == 1 and "$ref" in rest[0]:
-            out["allOf"] = rest  # siblings of a bare $ref are ignored in OpenAPI 3.0
-        elif len(rest) == 1:
-            out.update(rest[0])
-        else:
-            out["anyOf"] = rest
-        out["nullable"] = True
-    return out

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import ClassVar, Final
 
+import msgspec
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorCode:
@@ -63,6 +65,17 @@ def close_code(code: str) -> int:
 def http_status(code: str) -> int:
     row = CATALOGUE.get(code)
     return row.http_status if row is not None else UNKNOWN_HTTP_STATUS
+
+
+class ErrorBody(msgspec.Struct):
+    code: str  # a catalogue code
+    message: str
+
+
+class ErrorEnvelope(msgspec.Struct):
+    """The body of every refusal, HTTP or upgrade: `{"error": {"code", "message"}}`."""
+
+    error: ErrorBody
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,21 +18,13 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 # The refusal is the error catalogue's (server/protocol/errors.py), shared with HTTP routes.
+from server.protocol.errors import ErrorBody, ErrorEnvelope
 from server.protocol.errors import Rejected as Rejected
 
 if TYPE_CHECKING:
     from server.ws.connection import SessionHandler, WsConnection
 
 _encoder = msgspec.json.Encoder()
-
-
-class _ErrorBody(msgspec.Struct):
-    code: str
-    message: str
-
-
-class _ErrorEnvelope(msgspec.Struct):
-    error: _ErrorBody
 
 
 class _ErrorFrame(msgspec.Struct, tag="error", tag_field="type"):
@@ -48,7 +40,7 @@ def error_frame_payload(code: str, message: str, retryable: bool = False) -> byt
 def json_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> Response:
-    body = _encoder.encode(_ErrorEnvelope(_ErrorBody(code, message)))
+    body = _encoder.encode(ErrorEnvelope(ErrorBody(code, message)))
     hdrs = Headers(
         [
             ("Date", email.utils.formatdate(usegmt=True)),

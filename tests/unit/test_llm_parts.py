@@ -10,11 +10,12 @@ import msgspec
 import pytest
 
 from server.config import ConfigError, LlmConfig, load_config
+from server.http.openapi import components as openapi_components
 from server.llm.idempotency import IdempotencyCache, IdempotencyConflict
 from server.llm.metering import estimate_chat, message_chars, settle, token_prices
 from server.llm.provider import AttemptFailed, parse_chunk, parse_completion
 from server.llm.router import RouteError
-from server.llm.schema import ChatCompletionRequest, ChatMessage, openapi_components
+from server.llm.schema import ChatCompletionRequest, ChatMessage
 from server.llm.sse import SseError, SseParser
 
 # --- SSE ---------------------------------------------------------------------------------------
