@@ -34,7 +34,6 @@ from typing import Final, Literal
 
 import numpy as np
 
-from server.audio.codecs import AudioFormatError, StreamDecoder
 from server.audio.resample import Resampler, UtteranceResampler
 from server.audio.vad import (
     SAMPLE_RATES,
@@ -56,7 +55,8 @@ from server.flow_control.finals import FINALS_TIMEOUT_S
 from server.flow_control.ingest_queue import ControlLaneFull, IngestQueue
 from server.flow_control.outbox import Outbox
 from server.models.base import EngineError, Hypothesis
-from server.sessions import messages as m
+from server.protocol import messages as m
+from server.protocol.audio import AudioFormatError, StreamDecoder
 from server.sessions.asr_params import AsrParams, BadParams, params_with_config
 
 # --- work for the invoke stage ----------------------------------------------------------------
@@ -790,7 +790,10 @@ class AsrSession:
         )
         self._to("closed")
         self._close_action = CloseAction(code, error_code)
+        # Engine work is pointless now; freeing its queue also wakes a stage waiting for room
+        # (a stuck engine must not hold the close).
         self._requests.clear()
+        self._engine_work.clear()
 
     def _error(self, code: str, message: str) -> None:
         if self._state != "closed":

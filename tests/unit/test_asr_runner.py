@@ -399,6 +399,16 @@ async def test_engine_backlog_pauses_reading_until_the_engine_catches_up() -> No
     assert s.meter.accepted > accepted and s.wire.closed == (1000, "")
 
 
+async def test_a_stuck_engine_does_not_hold_the_close() -> None:
+    s = await open_session(engine=FakeEngine(feed_gate=asyncio.Semaphore(0)),
+                           invoke_queue_ms=200, ingest_queue_ms=200)
+    await s.feed(frames(TWO_UTTERANCES), respect_pause=True)
+    assert s.wire.reading_paused  # the stage waits for engine room that never comes
+    s.runner.on_idle()
+    await s.ended()
+    assert s.wire.closed == (4008, "idle_timeout") and s.types()[-1] == "Error"
+
+
 async def test_exhausted_lease_holds_the_audio_until_the_top_up_answers() -> None:
     answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
     s = await open_session(meter=FakeMeter(lease_ms=200, top_up_answer=answer))
