@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tests.hostile.conftest import Harness, case_timeout, hostile_settings, start_harness
 from tests.hostile.strategies import (
+    MAX_FRAME,
     WS_PATHS,
     FrameSpec,
     Mutation,
@@ -87,6 +88,10 @@ def assert_json_refusal(out: Outcome, case: str) -> None:
 
 def valid_client_close(payload: bytes) -> int | None:
     """The code of a close frame the server must echo (RFC 6455 5.5.1, 7.4), else None."""
+    if not payload:
+        # A close without a body is valid; its echo has none either, which reads as 1005
+        # ("no status code", RFC 6455 7.1.5): the client's own close, not one of ours.
+        return 1005
     if len(payload) < 2 or len(payload) > 125:
         return None
     code = int.from_bytes(payload[:2], "big")
@@ -253,16 +258,20 @@ def test_hostile_twilio_messages(harness: Harness, before_start: list[Any],
     the call still ends with close 1000 at our `stop`."""
     harness.begin()
     case = f"/v1/telephony/twilio {before_start!r} start {after_start!r}"[:2000]
+    sent = [*before_start, {"event": "connected", "protocol": "Call", "version": "1.0.0"},
+            twilio_start(), *after_start, {"event": "stop", "streamSid": STREAM_SID}]
+    # A message over the frame limit is not a malformed message but a frame the WebSocket layer
+    # refuses: docs/protocol.md closes a provider socket 1009 for it (no `error` frame there).
+    too_big = any(len(encode(msg)) > MAX_FRAME for msg in sent)
     with open_session(harness.server.ws_port, "/v1/telephony/twilio",
                       harness.paid.key) as client:
-        sent = [*before_start, {"event": "connected", "protocol": "Call", "version": "1.0.0"},
-                twilio_start(), *after_start, {"event": "stop", "streamSid": STREAM_SID}]
         for msg in sent:
             if not client.send(frame(0x1, encode(msg))):
                 break
         out = client.read_frames()
     assert not out.timed_out and out.close_code is not None, (case, out.describe())
-    assert out.close_code == 1000, (case, out.describe())
+    # (A `stop` the provider codec accepts before the big frame ends the call 1000 first.)
+    assert out.close_code in ((1000, 1009) if too_big else (1000,)), (case, out.describe())
     assert all("event" in m for m in out.messages()), (case, out.messages())
     harness.check(case)
 
