@@ -90,7 +90,13 @@ class ByteQueue(Generic[T]):
             item, c = items.popleft()
             run.append(item)
             cost += c
-        self._taken(cost)
+        # _taken(cost), inlined: one engine hand-off per 100 ms of speech per session.
+        was_over = self.total > self.capacity
+        self.total -= cost
+        if not items:
+            self.item_available.clear()
+        if was_over and self.total <= self.capacity:
+            self.space_available.set()
         return run
 
     def shed_oldest(self, keep_newest: bool = True) -> list[T]:

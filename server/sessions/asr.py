@@ -191,7 +191,8 @@ class AsrSession:
         self._emit = self._outbox.push
         self._held = self._outbox.held
         self.messages = self._outbox.drain
-        self._requests: list[EngineRequest] = []  # produced by this step, not yet queued
+        # Engine work this step produced (with its cost in bytes), not yet queued.
+        self._requests: list[tuple[EngineRequest, int]] = []
         # Engine work waiting for the invoke stage, bounded in bytes of engine-rate PCM16.
         self._engine_work: ByteQueue[EngineRequest] = ByteQueue(
             max(1, settings.invoke_queue_ms * engine_rate * 2 // 1000))
@@ -379,7 +380,8 @@ class AsrSession:
             if self.dropped_bytes:
                 self._report_drops()
             if self._requests:
-                self._queue_requests()
+                requests, self._requests = self._requests, []
+                work.put_many(requests)
             if self._state == "open":  # the usual case: nothing ends, nothing owed
                 if work.total > work.capacity:
                     return _WAIT_ENGINE
@@ -393,8 +395,7 @@ class AsrSession:
 
     def _queue_requests(self) -> None:
         requests, self._requests = self._requests, []
-        self._engine_work.put_many([(r, len(r.pcm) if type(r) is EngineFeed else 0)
-                                    for r in requests])
+        self._engine_work.put_many(requests)
 
     def _step_closing(self, now: float) -> Step:
         """The input ended: deliver the finals still owed, until FINALS_TIMEOUT_S."""
@@ -514,7 +515,7 @@ class AsrSession:
                 if utt is not None:
                     pcm = utt.audio.feed(ev.pcm)
                     if pcm:
-                        self._requests.append(EngineFeed(utt.utterance_id, pcm))
+                        self._requests.append((EngineFeed(utt.utterance_id, pcm), len(pcm)))
             elif isinstance(ev, SpeechStart):
                 self.utterance_count += 1
                 audio = self._speech_audio
@@ -532,8 +533,8 @@ class AsrSession:
                 self._awaiting_final[utt.utterance_id] = utt
                 pcm = utt.audio.finish()
                 if pcm:
-                    self._requests.append(EngineFeed(utt.utterance_id, pcm))
-                self._requests.append(EngineFinish(utt.utterance_id))
+                    self._requests.append((EngineFeed(utt.utterance_id, pcm), len(pcm)))
+                self._requests.append((EngineFinish(utt.utterance_id), 0))
 
     # --- the invoke stage -----------------------------------------------------------------------
 
