@@ -245,6 +245,7 @@ class AsrSession:
         )
         self.queue.protect_head = params.encoding == "wav"
         self.credit.resize(capacity)
+        self._sniff_first_audio = params.encoding != "wav"
         self.decoder = StreamDecoder(
             params.encoding,
             params.sample_rate,
@@ -480,6 +481,14 @@ class AsrSession:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if self._state == "closed":
             return len(data)
+        if self._sniff_first_audio:
+            # A WAV file streamed as raw samples would be decoded header and all at the declared
+            # rate: a wrong transcript, billed at the wrong duration. Refuse it, charged nothing.
+            self._sniff_first_audio = False
+            if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+                self.fail(4400, "bad_audio", "the audio is a WAV file: stream it with "
+                          "encoding=wav, or send raw samples")
+                return len(data)
         try:
             pcm = self.decoder.decode_pcm(data)
         except AudioFormatError as exc:

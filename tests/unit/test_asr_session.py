@@ -270,6 +270,26 @@ def test_bad_wav_header_closes_4400() -> None:
     assert s.close_action is not None and s.close_action.code == 4400
 
 
+@pytest.mark.parametrize("encoding", ["pcm_s16le", "mulaw"])
+def test_a_wav_file_streamed_as_raw_samples_is_refused_and_not_metered(encoding: str) -> None:
+    """Decoded as raw samples, a 22 kHz WAV was transcribed as noise and billed +38 %."""
+    s = make(encoding=encoding)
+    s.messages()
+    pcm = espeak_pcm16("hello")
+    events = run_test(s, frames(wav_header(22050, 1, len(pcm) // 2) + pcm))
+    errors = [e for e in events if isinstance(e, m.Error)]
+    assert [e.code for e in errors] == ["bad_audio"] and "encoding=wav" in errors[0].message
+    assert s.close_action is not None and s.close_action.code == 4400
+    assert s.accepted_ms == 0 and s.take_metered_ms() == (0, 0)
+
+
+def test_raw_samples_that_merely_start_like_riff_are_not_refused() -> None:
+    s = make()
+    s.messages()
+    run_test(s, [b"RIFF" + b"\x00" * 636, *frames(silence(500))])
+    assert s.close_action is None and s.accepted_ms > 500
+
+
 def test_engine_error_reports_and_session_continues() -> None:
     s = make()
     s.messages()
