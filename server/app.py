@@ -129,7 +129,7 @@ class Gateway:
         ws.router.add("/v1/asr/stream", asr_endpoint)
         self.telephony = TelephonyEndpoint(
             config=cfg, asr=asr_endpoint, tts_engines=self.synthesizers, meters=meters,
-            authenticator=auth, server=ws, metrics=self.metrics,
+            authenticator=auth, server=ws, metrics=self.metrics, policy=self.billing,
         )
         ws.router.add_in_band("/v1/telephony/twilio", self.telephony)
         tts_endpoint = TtsEndpoint(

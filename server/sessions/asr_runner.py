@@ -45,10 +45,10 @@ from server.sessions.asr import (
     encode_event,
 )
 from server.sessions.asr_params import BadParams, params_from_query
+from server.sessions.host import SessionHost
 from server.sessions.wire import Clock, Wire
 from server.telemetry.metrics import Metrics
 from server.ws.handshake import Admitted, Rejected, UpgradeRequest
-from server.ws.server import WsServer
 
 log = logging.getLogger("streamgate.asr")
 
@@ -89,7 +89,7 @@ class AsrEndpoint:
         config: Config,
         engines: dict[str, Transcriber],
         meters: MeterFactory,
-        server: WsServer,
+        server: SessionHost,
         metrics: Metrics,
     ) -> None:
         self.config = config
@@ -244,7 +244,7 @@ class AsrSessionRunner:
         self.metrics.sessions_active.labels(KIND).inc()
         log.info("session started", extra={**self._log_extra, "model": self.machine.params.model,
                                             "encoding": self.machine.params.encoding})
-        self.endpoint.server.session_count += 1
+        self.endpoint.server.session_opened()
         self.endpoint.runners.add(self)
         self.endpoint.server.spawn(self._run())
 
@@ -333,7 +333,7 @@ class AsrSessionRunner:
             code = self._close_code if self._close_code is not None else 1006
             self.metrics.sessions_active.labels(KIND).dec()
             self.metrics.sessions_total.labels(KIND, str(code)).inc()
-            self.endpoint.server.session_count -= 1
+            self.endpoint.server.session_closed()
             self.endpoint.runners.discard(self)
             log.info("session ended", extra={**self._log_extra, "close_code": code,
                                               "audio_ms": report.audio_ms,

@@ -37,6 +37,7 @@ from server.models.base import EngineError, Synthesizer
 from server.protocol import messages as m
 from server.protocol.errors import rejection
 from server.sessions.asr_params import BadParams
+from server.sessions.host import SessionHost
 from server.sessions.tts import (
     Close,
     Command,
@@ -56,7 +57,6 @@ from server.sessions.wire import Wire
 from server.telemetry.metrics import Metrics
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, Rejected, UpgradeRequest
-from server.ws.server import WsServer
 
 log = logging.getLogger("streamgate.tts")
 KIND = "tts"
@@ -83,7 +83,7 @@ class TtsEndpoint:
     kind = KIND
 
     def __init__(self, *, config: Config, engines: dict[str, Synthesizer], meters: MeterFactory,
-                 server: WsServer, metrics: Metrics) -> None:
+                 server: SessionHost, metrics: Metrics) -> None:
         self.config = config
         self.engines = engines
         self.meters = meters
@@ -181,7 +181,7 @@ class TtsSessionRunner:
         self.machine.handle(Start())
         self._pump()
         self.metrics.sessions_active.labels(KIND).inc()
-        self.endpoint.server.session_count += 1
+        self.endpoint.server.session_opened()
         self.endpoint.server.spawn(self._run())
         log.info("session started", extra={**self._log, "model": self.machine.params.model})
 
@@ -318,7 +318,7 @@ class TtsSessionRunner:
             code = self._close_code if self._close_code is not None else 1006
             self.metrics.sessions_active.labels(KIND).dec()
             self.metrics.sessions_total.labels(KIND, str(code)).inc()
-            self.endpoint.server.session_count -= 1
+            self.endpoint.server.session_closed()
             log.info("session ended", extra={
                 **self._log, "close_code": code,
                 "characters": self.machine.characters_synthesized,

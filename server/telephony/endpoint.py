@@ -24,8 +24,10 @@ from server.billing.auth import Authenticator, Principal
 from server.billing.meter import METER_ERRORS, MeterFactory, SessionMeter
 from server.config import Config, ConfigError
 from server.models.base import Synthesizer
+from server.protocol.admission import AdmissionPolicy
 from server.protocol.errors import rejection
 from server.sessions.asr_runner import AsrEndpoint
+from server.sessions.host import SessionHost
 from server.telemetry.metrics import Metrics
 from server.telephony import PROVIDERS
 from server.telephony.agents import Agent, build_agent
@@ -33,7 +35,6 @@ from server.telephony.meters import CallMeters, MeterRefused, ObservedMeter
 from server.telephony.session import TelephonySession
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, Rejected, UpgradeRequest
-from server.ws.server import WsServer
 
 log = logging.getLogger("streamgate.telephony")
 KIND = "telephony"
@@ -52,9 +53,10 @@ class TelephonyEndpoint:
         tts_engines: dict[str, Synthesizer],
         meters: MeterFactory,
         authenticator: Authenticator,
-        server: WsServer,
+        server: SessionHost,
         metrics: Metrics,
         agent: Agent | None = None,
+        policy: AdmissionPolicy | None = None,
     ) -> None:
         cfg = config.telephony
         self.config = config
@@ -69,6 +71,8 @@ class TelephonyEndpoint:
         self.meters = meters
         self.authenticator = authenticator
         self.server = server
+        # Per-key checks for a key that comes in-band (the router applies it at the upgrade).
+        self.policy = policy
         self.metrics = metrics
         self.agent = agent if agent is not None else build_agent(cfg.agent)
 

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import msgspec
 
@@ -39,6 +39,7 @@ from server.sessions.asr import AsrSession
 from server.sessions.asr_params import AsrParams
 from server.sessions.asr_runner import FINALS_TIMEOUT_S, AsrSessionRunner
 from server.sessions.tts import TtsParams, TtsSession, default_frame_bytes
+from server.sessions.wire import Wire
 from server.telephony import (
     CallStarted,
     CallStopped,
@@ -54,7 +55,6 @@ from server.telephony import (
 from server.telephony.conversation import MAX_DIGITS, Conversation
 from server.telephony.meters import CallMeters, MeterRefused
 from server.telephony.playback import Playback, Reply
-from server.ws.connection import WsConnection
 
 if TYPE_CHECKING:
     from server.telephony.endpoint import TelephonyEndpoint
@@ -64,8 +64,15 @@ KIND = "telephony"
 State = Literal["waiting", "authorizing", "live", "ending"]
 
 
+class CallWire(Wire, Protocol):
+    """The provider's socket as a call sees it: a `Wire`, and who is on the other end (logs)."""
+
+    @property
+    def peer(self) -> str: ...
+
+
 class TelephonySession:
-    def __init__(self, endpoint: TelephonyEndpoint, conn: WsConnection, *,
+    def __init__(self, endpoint: TelephonyEndpoint, conn: CallWire, *,
                  provider: str | None, principal: Principal | None,
                  meters: CallMeters | None) -> None:
         self.endpoint = endpoint
@@ -184,7 +191,7 @@ class TelephonySession:
                     log.warning("start event without a valid api_key", extra=self._log)
                     self._end("unauthorized", 4001)
                     return
-                policy = ep.server.router.policy
+                policy = ep.policy
                 refused = await policy.check_upgrade(principal) if policy is not None else None
                 if refused is not None:
                     log.warning("call refused: %s", refused.code, extra=self._log)

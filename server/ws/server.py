@@ -128,6 +128,7 @@ class WsServer:
         self.connections: set[WsConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
+        # Live sessions on every route, WebSocket or HTTP; only session_opened/closed change it.
         self.session_count = 0
         self.now = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -233,6 +234,12 @@ class WsServer:
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
+
+    def session_opened(self) -> None:
+        self.session_count += 1
+
+    def session_closed(self) -> None:
+        self.session_count -= 1
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)

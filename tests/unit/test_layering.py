@@ -41,7 +41,8 @@ def imports_of(source: str, module: str, *, is_package: bool = False) -> set[str
 
 def package_imports(package: str) -> dict[str, set[str]]:
     folder = ROOT.joinpath(*package.split("."))
-    files = sorted(folder.rglob("*.py"))
+    module_file = folder.with_suffix(".py")  # a single module is checked as well as a package
+    files = [module_file] if module_file.is_file() else sorted(folder.rglob("*.py"))
     assert files, f"no modules under {folder}"
     return {module_name(f): imports_of(f.read_text(), module_name(f),
                                        is_package=f.name == "__init__.py") for f in files}
@@ -64,9 +65,29 @@ def edges_into(package: str, forbidden: str) -> dict[str, list[str]]:
     ("server.protocol", "server.sessions"),
     # The embedded Redis/PostgreSQL supervisor is development tooling: billing is handed URLs.
     ("server.billing", "server.infra"),
+    # Runners and calls are hosted through the SessionHost port (server/sessions/host.py), not
+    # the WebSocket listener: an HTTP request or a test hosts them just as well.
+    ("server.sessions", "server.ws.server"),
+    ("server.telephony", "server.ws.server"),
+    # A call runs on a Wire; only its endpoint's upgrade hook sees the WebSocket connection.
+    ("server.telephony.session", "server.ws"),
 ])
 def test_no_import_edge(package: str, forbidden: str) -> None:
     assert edges_into(package, forbidden) == {}
+
+
+def test_only_the_listener_assigns_its_session_count() -> None:
+    """Sessions are counted through `SessionHost.session_opened/closed`; an assignment from
+    outside would let the count drift from what the listener's admission bound reads."""
+    assigners = set()
+    for path in sorted(ROOT.joinpath("server").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = (node.targets if isinstance(node, ast.Assign)
+                       else [node.target] if isinstance(node, ast.AugAssign | ast.AnnAssign)
+                       else [])
+            if any(isinstance(t, ast.Attribute) and t.attr == "session_count" for t in targets):
+                assigners.add(module_name(path))
+    assert assigners == {"server.ws.server"}
 
 
 def test_only_the_composition_roots_start_the_embedded_servers() -> None:

@@ -46,7 +46,6 @@ from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.telemetry.metrics import Metrics
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, UpgradeRequest
-from server.ws.server import WsServer
 from tests.unit.virtual_time import run
 
 LIMITS = m.Limits(max_frame_bytes=65536, idle_timeout_s=10.0, usage_interval_s=5.0,
@@ -404,12 +403,18 @@ class FakeServer:
         self.tasks.add(task)
         return task
 
+    def session_opened(self) -> None:
+        self.session_count += 1
+
+    def session_closed(self) -> None:
+        self.session_count -= 1
+
 
 async def open_runner(engine: StallingEngine) -> tuple[TtsSessionRunner, FakeWire, FakeServer]:
     config = load_config(environ={}, overrides={"billing": {"enabled": False}})
     server = FakeServer()
     endpoint = TtsEndpoint(config=config, engines={"fake": cast(Synthesizer, engine)},
-                           meters=PricedMeterFactory({}), server=cast(WsServer, server),
+                           meters=PricedMeterFactory({}), server=server,
                            metrics=Metrics())
     decision = await endpoint.admit(
         UpgradeRequest(path="/v1/tts/stream", query={"model": "fake"}, api_key=None,

@@ -28,7 +28,6 @@ from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.telemetry.metrics import Metrics
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, UpgradeRequest
-from server.ws.server import WsServer
 
 SENTENCE = "One short sentence to speak. "
 
@@ -159,7 +158,7 @@ class FakeWire:
 
 
 class FakeServer:
-    """What the endpoint needs of WsServer: tracked tasks and the session count."""
+    """The endpoint's SessionHost: tracked tasks and the session count."""
 
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -170,6 +169,12 @@ class FakeServer:
         self.tasks.add(task)
         return task
 
+    def session_opened(self) -> None:
+        self.session_count += 1
+
+    def session_closed(self) -> None:
+        self.session_count -= 1
+
 
 async def open_runner(max_pending_chars: int) -> tuple[TtsSessionRunner, FakeWire, FakeServer]:
     config = load_config(environ={}, overrides={
@@ -178,7 +183,7 @@ async def open_runner(max_pending_chars: int) -> tuple[TtsSessionRunner, FakeWir
     })
     server = FakeServer()
     endpoint = TtsEndpoint(config=config, engines={"fake": cast(Synthesizer, FakeEngine())},
-                           meters=PricedMeterFactory({}), server=cast(WsServer, server),
+                           meters=PricedMeterFactory({}), server=server,
                            metrics=Metrics())
     decision = await endpoint.admit(
         UpgradeRequest(path="/v1/tts/stream", query={"model": "fake"}, api_key=None,
