@@ -53,12 +53,18 @@ class DropQueueModel(RuleBasedStateMachine):
         self.put_total = 0  # audio bytes put since the start
         self.out_total = 0  # audio bytes drained
         self.dropped_total = 0  # audio bytes the queue said it dropped
+        # Frames (by identity) holding header bytes: these frames are not RIFF, so the header
+        # is "pending" until max_header_bytes have been put, as a stream cut inside its header.
+        self.header_left = 0
+        self.header_frames: list[bytes] = []
 
     @initialize(capacity=st.integers(1, 200), max_control=st.integers(1, 4),
-                protect_head=st.booleans())
-    def configure(self, capacity: int, max_control: int, protect_head: bool) -> None:
-        self.queue = IngestQueue(capacity, "drop", max_control)
+                protect_head=st.booleans(), max_header=st.integers(1, 300))
+    def configure(self, capacity: int, max_control: int, protect_head: bool,
+                  max_header: int) -> None:
+        self.queue = IngestQueue(capacity, "drop", max_control, max_header_bytes=max_header)
         self.queue.protect_head = protect_head
+        self.header_left = max_header if protect_head else 0
 
     def _next(self) -> int:
         self.serial += 1
@@ -68,8 +74,8 @@ class DropQueueModel(RuleBasedStateMachine):
         """The contract: shed the oldest droppable audio (not the protected head, not the newest
         frame) one frame at a time, and stop as soon as the audio fits."""
         items = list(self.model)
-        first = 1 if self.queue.protect_head else 0
-        droppable = [i for i in items[first:-1] if isinstance(i, bytes)]
+        kept = {id(f) for f in self.header_frames}
+        droppable = [i for i in items[:-1] if isinstance(i, bytes) and id(i) not in kept]
         for victim in droppable:
             if audio_size(items) <= self.queue.capacity:
                 break
@@ -80,6 +86,9 @@ class DropQueueModel(RuleBasedStateMachine):
     def put_audio(self, size: int) -> None:
         data = frame(self._next(), size)
         self.model.append(data)
+        if self.header_left > 0:
+            self.header_frames.append(data)
+            self.header_left -= size
         self.put_total += size
         expected = self._expected_after_drop()
         dropped = self.queue.put_audio(data)
@@ -104,6 +113,7 @@ class DropQueueModel(RuleBasedStateMachine):
     def drain(self) -> None:
         out = self.queue.drain()
         assert out == self.model
+        self.header_frames = []
         self.out_total += audio_size(out)
         self.model = []
 
@@ -112,6 +122,7 @@ class DropQueueModel(RuleBasedStateMachine):
     def drain_audio(self) -> None:
         out = self.queue.drain_audio()
         assert out == self.model
+        self.header_frames = []
         self.out_total += audio_size(list(out))
         self.model = []
 
@@ -131,9 +142,7 @@ class DropQueueModel(RuleBasedStateMachine):
             return
         # Over the bound only when nothing droppable is left: the newest frame, and the head.
         audio = [i for i in self.model if isinstance(i, bytes)]
-        keep = {id(audio[-1])}
-        if q.protect_head:
-            keep.add(id(self.model[0]))
+        keep = {id(audio[-1])} | {id(f) for f in self.header_frames}
         assert all(id(a) in keep for a in audio), (q.capacity, [len(a) for a in audio])
 
     @invariant()
@@ -214,3 +223,70 @@ def test_the_control_lane_bound_resets_when_drained() -> None:
     assert queue.drain() == [Control(1)]
     queue.put_control(Control(3))
     assert queue.drain() == [Control(3)]
+
+
+# --- a WAV stream's header --------------------------------------------------------------------
+
+def wav_bytes(audio_size: int, extra_chunk: int = 0) -> bytes:
+    """A streaming WAV header (optionally with a LIST chunk before `data`) and its audio."""
+    fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, 1, 16000, 32000, 2, 16)
+    extra = struct.pack("<4sI", b"LIST", extra_chunk) + b"\x00" * (extra_chunk + extra_chunk % 2)
+    data = struct.pack("<4sI", b"data", 0xFFFFFFFF)
+    body = fmt + (extra if extra_chunk else b"") + data
+    return b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + body + b"\x01" * audio_size
+
+
+def wav_queue(capacity: int) -> IngestQueue[Control]:
+    queue: IngestQueue[Control] = IngestQueue(capacity, "drop", max_control=1)
+    queue.protect_head = True  # what the ASR session sets for encoding=wav
+    return queue
+
+
+def test_a_wav_header_split_over_frames_is_kept_whole_before_the_first_drain() -> None:
+    stream = wav_bytes(16000 - 4)  # 44 B header: 16 + 24 in their own frames, 4 in the third
+    frames = [stream[:16], stream[16:40], stream[40:]]
+    queue = wav_queue(16000)
+    assert [queue.put_audio(f) for f in frames] == [0, 0, 0]
+    assert queue.drain_audio() == frames
+
+
+def test_once_the_header_is_through_the_oldest_frame_is_dropped_and_the_bound_holds() -> None:
+    queue = wav_queue(16000)
+    assert queue.put_audio(wav_bytes(0)) == 0
+    assert queue.drain_audio() == [wav_bytes(0)]
+    first, second = frame(1, 10000), frame(2, 10000)
+    assert queue.put_audio(first) == 0
+    assert queue.put_audio(second) == 10000
+    assert queue.audio_bytes == 10000
+    assert queue.drain_audio() == [second]
+
+
+@given(st.integers(0, 120), st.lists(st.integers(1, 60), min_size=1, max_size=8),
+       st.lists(st.tuples(st.integers(SERIAL.size, 90), st.booleans()), max_size=30),
+       st.integers(1, 200))
+def test_a_wav_header_is_never_dropped_and_the_bound_holds_once_it_is_through(
+    extra_chunk: int, cuts: list[int], audio: list[tuple[int, bool]], capacity: int,
+) -> None:
+    """However the header is split and drained, all its bytes come out in order; after the
+    frame that ends it, the queue is back to the plain bound (only the newest frame may exceed)."""
+    header = wav_bytes(0, extra_chunk)
+    queue = wav_queue(capacity)
+    out: list[bytes] = []
+    pos = 0
+    for cut in [*cuts, len(header)]:
+        piece = header[pos : pos + cut]
+        pos += len(piece)
+        if piece:
+            queue.put_audio(piece)
+        if cut % 2:  # drain now and then, as the ingest stage does
+            out.extend(queue.drain_audio())
+    header_through = False
+    for serial, (size, drain) in enumerate(audio):
+        queue.put_audio(frame(serial, size))
+        if header_through or len(queue) == 1:
+            header_through = True
+            assert queue.audio_bytes <= max(capacity, size)
+        if drain:
+            out.extend(queue.drain_audio())
+    out.extend(queue.drain_audio())
+    assert b"".join(out).startswith(header)
