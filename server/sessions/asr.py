@@ -241,7 +241,8 @@ class AsrSession:
         self.params = params
         capacity = self._capacity(params)
         self.queue: IngestQueue[_Control] = IngestQueue(
-            capacity, params.overflow, self.settings.max_control_messages
+            capacity, params.overflow, self.settings.max_control_messages,
+            max_header_bytes=self.settings.max_wav_header_bytes,
         )
         self.queue.protect_head = params.encoding == "wav"
         self.credit.resize(capacity)
