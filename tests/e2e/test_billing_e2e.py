@@ -450,13 +450,16 @@ class Billing:
     dsn: str
 
 
-@pytest.fixture(scope="module")
-def billing(redis_url: str, database_url: str) -> Iterator[Billing]:
-    """One billing-enabled server for the module, on a database and a Redis db of its own."""
+@contextlib.contextmanager
+def billing_server(redis_url: str, database_url: str, redis_db: int,
+                   **extra: Any) -> Iterator[Billing]:
+    """A billing-enabled server on a database and a Redis logical database of its own (`extra`
+    as for billing_env); on exit it is stopped (exit 0 asserted: no leaked task), the tenants'
+    Redis keys deleted and the database dropped."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     dsn = run_sync(create_database(database_url, name))
-    rurl = with_redis_db(redis_url, E2E_REDIS_DB)
-    srv = start_server(billing_env(rurl, dsn))
+    rurl = with_redis_db(redis_url, redis_db)
+    srv = start_server(billing_env(rurl, dsn, **extra))
     admin = Admin(srv.http)
     code: int | None = None
     try:
@@ -469,6 +472,13 @@ def billing(redis_url: str, database_url: str) -> Iterator[Billing]:
             run_sync(drop_database(database_url, name))
     tail = "\n".join(srv.stderr_lines[-40:])
     assert code == 0, f"server exited with {code}:\n{tail}"
+
+
+@pytest.fixture(scope="module")
+def billing(redis_url: str, database_url: str) -> Iterator[Billing]:
+    """One billing-enabled server for the module."""
+    with billing_server(redis_url, database_url, E2E_REDIS_DB) as env:
+        yield env
 
 
 # --- authentication ------------------------------------------------------------------------------

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -18,18 +16,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from server.billing.store import BillingStore
-from server.infra.embedded import create_database, drop_database
-from tests.e2e.conftest import ServerProcess, start_server
 from tests.e2e.test_billing_e2e import (
-    Admin,
+    Billing,
     Live,
     Tenant,
     assert_books_balance,
-    billing_env,
-    cleanup_redis,
+    billing_server,
     cost,
-    run_sync,
-    with_redis_db,
 )
 from tests.e2e.test_telephony_e2e import Peer, log_line
 
@@ -43,38 +36,23 @@ BOUND_S = KEY_CACHE_TTL_S + USAGE_INTERVAL_S + 3.0
 TTS_PRICE_PER_1K = 2000
 
 
-@dataclass
-class Revocation:
-    server: ServerProcess
-    admin: Admin
-    redis_url: str
-    dsn: str
+Revocation = Billing
 
 
 @pytest.fixture(scope="module")
 def revocation(redis_url: str, database_url: str) -> Iterator[Revocation]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    dsn = run_sync(create_database(database_url, name))
-    rurl = with_redis_db(redis_url, REVOCATION_REDIS_DB)
-    srv = start_server(billing_env(
-        rurl, dsn, billing__key_cache_ttl_s=KEY_CACHE_TTL_S,
-        asr__session__usage_interval_s=USAGE_INTERVAL_S,
-        tts__session__usage_interval_s=USAGE_INTERVAL_S, telephony__tts_model="synthetic"))
-    admin = Admin(srv.http)
-    code: int | None = None
-    try:
-        status, body, _ = admin.call("PUT", "/admin/prices/synthetic/characters",
-                                     {"micros_per_block": TTS_PRICE_PER_1K, "block_units": 1000})
+    with billing_server(
+            redis_url, database_url, REVOCATION_REDIS_DB,
+            billing__key_cache_ttl_s=KEY_CACHE_TTL_S,
+            asr__session__usage_interval_s=USAGE_INTERVAL_S,
+            tts__session__usage_interval_s=USAGE_INTERVAL_S,
+            telephony__tts_model="synthetic") as env:
+        status, body, _ = env.admin.call("PUT", "/admin/prices/synthetic/characters",
+                                         {"micros_per_block": TTS_PRICE_PER_1K,
+                                          "block_units": 1000})
         assert status == 200, body
-        yield Revocation(srv, admin, rurl, dsn)
-    finally:
-        try:
-            code = srv.stop()
-        finally:
-            run_sync(cleanup_redis(rurl, admin.tenants, admin.key_ids))
-            run_sync(drop_database(database_url, name))
-    assert code == 0, "\n".join(srv.stderr_lines[-40:])
-    assert not any("Traceback" in line for line in srv.stderr_lines)
+        yield env
+    assert not any("Traceback" in line for line in env.server.stderr_lines)
 
 
 @pytest_asyncio.fixture

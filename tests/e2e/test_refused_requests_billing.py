@@ -16,24 +16,19 @@ import os
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 from websockets.asyncio.client import connect
 
-from server.infra.embedded import create_database, drop_database
-from tests.e2e.conftest import ServerProcess, start_server
+from tests.e2e.conftest import ServerProcess
 from tests.e2e.test_billing_e2e import (
-    Admin,
+    Billing,
     Tenant,
-    billing_env,
-    cleanup_redis,
+    billing_server,
     redis_state,
-    run_sync,
     wait_settled_and_flushed,
-    with_redis_db,
 )
 
 pytestmark = pytest.mark.e2e
@@ -60,33 +55,14 @@ REFUSALS = (
 )
 
 
-@dataclass
-class Env:
-    server: ServerProcess
-    admin: Admin
-    redis_url: str
-    dsn: str
+Env = Billing
 
 
 @pytest.fixture(scope="module")
 def env(redis_url: str, database_url: str) -> Iterator[Env]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    dsn = run_sync(create_database(database_url, name))
-    rurl = with_redis_db(redis_url, REDIS_DB)
-    srv = start_server(billing_env(rurl, dsn, telephony__tts_model="synthetic",
-                                   telephony__start_timeout_s=1))
-    admin = Admin(srv.http)
-    code: int | None = None
-    try:
-        yield Env(srv, admin, rurl, dsn)
-    finally:
-        try:
-            code = srv.stop()
-        finally:
-            run_sync(cleanup_redis(rurl, admin.tenants, admin.key_ids))
-            run_sync(drop_database(database_url, name))
-    tail = "\n".join(srv.stderr_lines[-40:])
-    assert code == 0, f"server exited with {code}:\n{tail}"
+    with billing_server(redis_url, database_url, REDIS_DB, telephony__tts_model="synthetic",
+                        telephony__start_timeout_s=1) as env:
+        yield env
 
 
 async def raw_upgrade(server: ServerProcess, path: str, method: str, key: str,

@@ -22,19 +22,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from server.infra.embedded import create_database, drop_database
-from tests.e2e.conftest import TEST_KEY, ServerProcess, start_server
+from tests.e2e.conftest import TEST_KEY, ServerProcess
 from tests.e2e.test_billing_e2e import (
     Admin,
     Tenant,
     assert_books_balance,
-    billing_env,
-    cleanup_redis,
+    billing_server,
     cost,
     pg_state,
-    run_sync,
     wait_settled_and_flushed,
-    with_redis_db,
 )
 from tests.e2e.test_speech_http import post
 from tests.speech import espeak_pcm16, silence
@@ -241,21 +237,8 @@ def test_unsupported_or_mislabelled_audio_is_refused(server: ServerProcess, case
 
 @pytest.fixture(scope="module")
 def billed(redis_url: str, database_url: str) -> Iterator[tuple[ServerProcess, Admin, str, str]]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    dsn = run_sync(create_database(database_url, name))
-    rurl = with_redis_db(redis_url, INPUT_TYPES_REDIS_DB)
-    srv = start_server(billing_env(rurl, dsn))
-    admin = Admin(srv.http)
-    code: int | None = None
-    try:
-        yield srv, admin, rurl, dsn
-    finally:
-        try:
-            code = srv.stop()
-        finally:
-            run_sync(cleanup_redis(rurl, admin.tenants, admin.key_ids))
-            run_sync(drop_database(database_url, name))
-    assert code == 0, "\n".join(srv.stderr_lines[-40:])
+    with billing_server(redis_url, database_url, INPUT_TYPES_REDIS_DB) as env:
+        yield env.server, env.admin, env.redis_url, env.dsn
 
 
 FUNDS = 1_000_000

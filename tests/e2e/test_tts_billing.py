@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,17 +16,12 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from server.infra.embedded import create_database, drop_database
-from tests.e2e.conftest import ServerProcess, start_server
+from tests.e2e.conftest import ServerProcess
 from tests.e2e.test_billing_e2e import (
-    Admin,
     Billing,
     Tenant,
     assert_books_balance,
-    billing_env,
-    cleanup_redis,
-    run_sync,
-    with_redis_db,
+    billing_server,
 )
 
 pytestmark = pytest.mark.e2e
@@ -46,22 +40,10 @@ def char_cost(chars: int) -> int:
 def tts_billing(redis_url: str, database_url: str) -> Iterator[Billing]:
     """A billing server whose synthetic voice makes 1 ms of audio per character (15,000
     characters are 15 s of audio, not 15 minutes) and reports TTS usage every 0.5 s."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    dsn = run_sync(create_database(database_url, name))
-    rurl = with_redis_db(redis_url, TTS_REDIS_DB)
-    srv = start_server(billing_env(rurl, dsn, tts__models__synthetic__ms_per_char=1,
-                                   tts__session__usage_interval_s=0.5))
-    admin = Admin(srv.http)
-    code: int | None = None
-    try:
-        yield Billing(srv, admin, rurl, dsn)
-    finally:
-        try:
-            code = srv.stop()
-        finally:
-            run_sync(cleanup_redis(rurl, admin.tenants, admin.key_ids))
-            run_sync(drop_database(database_url, name))
-    assert code == 0, "\n".join(srv.stderr_lines[-40:])
+    with billing_server(redis_url, database_url, TTS_REDIS_DB,
+                        tts__models__synthetic__ms_per_char=1,
+                        tts__session__usage_interval_s=0.5) as env:
+        yield env
 
 
 async def speak(server: ServerProcess, tenant: Tenant, text: str
