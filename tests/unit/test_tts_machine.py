@@ -5,7 +5,7 @@ fake clock (no real sleeps)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import pytest
@@ -46,6 +46,7 @@ from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.telemetry.metrics import Metrics
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, UpgradeRequest
+from tests.unit.session_fakes import FakeSessionHost, RecordingWire
 from tests.unit.virtual_time import run
 
 LIMITS = m.Limits(max_frame_bytes=65536, idle_timeout_s=10.0, usage_interval_s=5.0,
@@ -365,54 +366,10 @@ class StallingEngine:
                 raise
 
 
-class FakeWire:
-    def __init__(self) -> None:
-        self.write_paused = False
-        self.reading_paused = False
-        self.activity = False
-        self.audio = 0
-        self.events: list[m.TtsServerMessage] = []
-        self.close_code: int | None = None
-
-    def send_binary(self, data: bytes) -> None:
-        self.audio += len(data)
-
-    def send_text(self, data: bytes) -> None:
-        self.events.append(m.tts_server_decoder.decode(data))
-
-    def flush(self) -> None:
-        return None
-
-    def close(self, code: int, reason: str = "") -> None:
-        self.close_code = code
-
-    def pause_reading(self) -> None:
-        self.reading_paused = True
-
-    def resume_reading(self) -> None:
-        self.reading_paused = False
-
-
-class FakeServer:
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.session_count = 0
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        return task
-
-    def session_opened(self) -> None:
-        self.session_count += 1
-
-    def session_closed(self) -> None:
-        self.session_count -= 1
-
-
-async def open_runner(engine: StallingEngine) -> tuple[TtsSessionRunner, FakeWire, FakeServer]:
+async def open_runner(
+        engine: StallingEngine) -> tuple[TtsSessionRunner, RecordingWire, FakeSessionHost]:
     config = load_config(environ={}, overrides={"billing": {"enabled": False}})
-    server = FakeServer()
+    server = FakeSessionHost()
     endpoint = TtsEndpoint(config=config, engines={"fake": cast(Synthesizer, engine)},
                            meters=PricedMeterFactory({}), server=server,
                            metrics=Metrics())
@@ -420,13 +377,13 @@ async def open_runner(engine: StallingEngine) -> tuple[TtsSessionRunner, FakeWir
         UpgradeRequest(path="/v1/tts/stream", query={"model": "fake"}, api_key=None,
                        headers=Headers()), ANONYMOUS)
     assert isinstance(decision, Admitted)
-    wire = FakeWire()
+    wire = RecordingWire(m.tts_server_decoder.decode)
     runner = decision.start(cast(WsConnection, wire))
     assert isinstance(runner, TtsSessionRunner)
     return runner, wire, server
 
 
-def types(wire: FakeWire) -> list[str]:
+def types(wire: RecordingWire) -> list[str]:
     return [type(e).__name__ for e in wire.events]
 
 
@@ -437,7 +394,7 @@ def test_runner_clear_cancels_the_synthesis_in_flight() -> None:
         runner.on_text(b'{"type":"text","text":"Hello there."}')
         runner.on_text(b'{"type":"flush"}')
         await asyncio.sleep(0.01)
-        assert wire.audio > 0 and runner._current is not None
+        assert wire.audio_bytes > 0 and runner._current is not None
         runner.on_text(b'{"type":"clear"}')
         await asyncio.sleep(0.01)
         assert engine.cancelled == 1 and "Cleared" in types(wire)

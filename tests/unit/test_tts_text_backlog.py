@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 from websockets.datastructures import Headers
@@ -28,6 +28,7 @@ from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.telemetry.metrics import Metrics
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, UpgradeRequest
+from tests.unit.session_fakes import FakeSessionHost, RecordingWire
 
 SENTENCE = "One short sentence to speak. "
 
@@ -125,63 +126,13 @@ class FakeEngine:
         yield b"\x01\x00" * 160 * len(text)
 
 
-class FakeWire:
-    """The part of WsConnection the runner uses; `write_paused` is the client not reading."""
-
-    def __init__(self) -> None:
-        self.write_paused = False
-        self.reading_paused = False
-        self.activity = False
-        self.audio_bytes = 0
-        self.events: list[dict[str, Any]] = []
-        self.close_code: int | None = None
-        self.pauses = 0
-
-    def send_binary(self, data: bytes) -> None:
-        self.audio_bytes += len(data)
-
-    def send_text(self, data: bytes) -> None:
-        self.events.append(json.loads(data))
-
-    def flush(self) -> None:
-        return None
-
-    def close(self, code: int, reason: str = "") -> None:
-        self.close_code = code
-
-    def pause_reading(self) -> None:
-        self.reading_paused = True
-        self.pauses += 1
-
-    def resume_reading(self) -> None:
-        self.reading_paused = False
-
-
-class FakeServer:
-    """The endpoint's SessionHost: tracked tasks and the session count."""
-
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.session_count = 0
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        return task
-
-    def session_opened(self) -> None:
-        self.session_count += 1
-
-    def session_closed(self) -> None:
-        self.session_count -= 1
-
-
-async def open_runner(max_pending_chars: int) -> tuple[TtsSessionRunner, FakeWire, FakeServer]:
+async def open_runner(
+        max_pending_chars: int) -> tuple[TtsSessionRunner, RecordingWire, FakeSessionHost]:
     config = load_config(environ={}, overrides={
         "billing": {"enabled": False},
         "tts": {"session": {"max_pending_chars": max_pending_chars}},
     })
-    server = FakeServer()
+    server = FakeSessionHost()
     endpoint = TtsEndpoint(config=config, engines={"fake": cast(Synthesizer, FakeEngine())},
                            meters=PricedMeterFactory({}), server=server,
                            metrics=Metrics())
@@ -189,7 +140,7 @@ async def open_runner(max_pending_chars: int) -> tuple[TtsSessionRunner, FakeWir
         UpgradeRequest(path="/v1/tts/stream", query={"model": "fake"}, api_key=None,
                        headers=Headers()), ANONYMOUS)
     assert isinstance(decision, Admitted)
-    wire = FakeWire()
+    wire = RecordingWire(json.loads)
     runner = decision.start(cast(WsConnection, wire))
     assert isinstance(runner, TtsSessionRunner)
     return runner, wire, server
@@ -200,7 +151,7 @@ async def settle(steps: int = 50) -> None:
         await asyncio.sleep(0)
 
 
-async def end(runner: TtsSessionRunner, server: FakeServer) -> None:
+async def end(runner: TtsSessionRunner, server: FakeSessionHost) -> None:
     runner.on_connection_closed(1006)
     await asyncio.gather(*server.tasks)
 
