@@ -37,7 +37,7 @@ from server.sessions.asr_runner import AsrEndpoint
 from server.sessions.tts_runner import TtsEndpoint
 from server.telemetry.logging import setup_logging
 from server.telemetry.metrics import Metrics
-from server.telephony.endpoint import TelephonyEndpoint
+from server.telephony.call.endpoint import TelephonyEndpoint
 from server.ws.port_guard import BoundPort, PortInUse, bind_port, deployment_id
 from server.ws.server import WsServer
 

@@ -202,7 +202,7 @@ class BillingConfig(Base):
 
 
 class TelephonyAgentConfig(Base):
-    """Who answers the caller (server/telephony/agents.py)."""
+    """Who answers the caller (server/telephony/call/agents.py)."""
 
     kind: Literal["echo", "webhook", "chat"] = "echo"
     url: str = ""  # webhook: the POST target; chat: base URL of an OpenAI-compatible API

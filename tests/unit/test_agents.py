@@ -1,4 +1,4 @@
-"""Telephony agents (server/telephony/agents.py) against real HTTP servers on loopback, and the
+"""Telephony agents (server/telephony/call/agents.py) against real HTTP servers on loopback, and the
 played-text estimate that goes into an agent's history after a barge-in."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from server.config import TelephonyAgentConfig
-from server.telephony.agents import (
+from server.telephony.call.agents import (
     AgentError,
     AgentTurn,
     ChatAgent,
@@ -21,7 +21,7 @@ from server.telephony.agents import (
     WebhookAgent,
     build_agent,
 )
-from server.telephony.playback import Reply, _ChunkPlay, _prefix
+from server.telephony.call.playback import Reply, _ChunkPlay, _prefix
 from tests.fakes.upstream import FakeChat, FakeUpstream
 
 HISTORY = (

@@ -70,7 +70,11 @@ def edges_into(package: str, forbidden: str) -> dict[str, list[str]]:
     ("server.sessions", "server.ws.server"),
     ("server.telephony", "server.ws.server"),
     # A call runs on a Wire; only its endpoint's upgrade hook sees the WebSocket connection.
-    ("server.telephony.session", "server.ws"),
+    ("server.telephony.call.session", "server.ws"),
+    # Provider codecs are sans-I/O dialect translators: no call, no session, no socket.
+    ("server.telephony.providers", "server.telephony.call"),
+    ("server.telephony.providers", "server.sessions"),
+    ("server.telephony.providers", "server.ws"),
 ])
 def test_no_import_edge(package: str, forbidden: str) -> None:
     assert edges_into(package, forbidden) == {}

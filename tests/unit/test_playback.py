@@ -16,8 +16,8 @@ from server.config import TtsSessionConfig
 from server.flow_control.mark_window import MarkWindow
 from server.protocol import messages as m
 from server.sessions.tts import TtsParams, TtsSession
-from server.telephony.events import ClearAudio, Command, PlayAudio
-from server.telephony.playback import Playback, Reply
+from server.telephony.call.playback import Playback, Reply
+from server.telephony.providers.events import ClearAudio, Command, PlayAudio
 from tests.unit.virtual_time import run
 
 PCM_10MS = b"\x01\x00" * 160  # the engine's 16 kHz

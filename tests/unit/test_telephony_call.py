@@ -20,8 +20,8 @@ from server.models import tts_registry
 from server.models.registry import aclose_all, build_transcribers, start_all
 from server.sessions.asr_runner import AsrEndpoint
 from server.telemetry.metrics import Metrics
-from server.telephony.endpoint import TelephonyEndpoint
-from server.telephony.session import TelephonySession
+from server.telephony.call.endpoint import TelephonyEndpoint
+from server.telephony.call.session import TelephonySession
 from server.ws.connection import WsConnection
 from server.ws.server import WsServer
 from tests.unit.virtual_time import run

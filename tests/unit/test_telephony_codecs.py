@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from server.telephony import (
+from server.telephony.providers import (
     PROVIDERS,
     CallStarted,
     CallStopped,

@@ -27,14 +27,14 @@ from typing import Final, TypeAlias
 
 import msgspec
 
-from server.telephony.base import (
+from server.telephony.providers.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     CodecBase,
     DigitBody,
     MediaBody,
     encode_json,
 )
-from server.telephony.events import (
+from server.telephony.providers.events import (
     CallStarted,
     Dtmf,
     Encoding,

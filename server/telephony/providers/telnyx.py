@@ -39,7 +39,7 @@ from typing import Final, TypeAlias
 
 import msgspec
 
-from server.telephony.base import (
+from server.telephony.providers.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DigitBody,
     MediaBody,
@@ -49,7 +49,7 @@ from server.telephony.base import (
     string_params,
     swap16,
 )
-from server.telephony.events import (
+from server.telephony.providers.events import (
     CallStarted,
     CallStopped,
     Connected,

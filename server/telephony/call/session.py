@@ -40,7 +40,10 @@ from server.sessions.asr_params import AsrParams
 from server.sessions.asr_runner import FINALS_TIMEOUT_S, AsrSessionRunner
 from server.sessions.tts import TtsParams, TtsSession, default_frame_bytes
 from server.sessions.wire import Wire
-from server.telephony import (
+from server.telephony.call.conversation import MAX_DIGITS, Conversation
+from server.telephony.call.meters import CallMeters, MeterRefused
+from server.telephony.call.playback import Playback, Reply
+from server.telephony.providers import (
     CallStarted,
     CallStopped,
     Command,
@@ -52,12 +55,9 @@ from server.telephony import (
     codec_for,
     detect_provider,
 )
-from server.telephony.conversation import MAX_DIGITS, Conversation
-from server.telephony.meters import CallMeters, MeterRefused
-from server.telephony.playback import Playback, Reply
 
 if TYPE_CHECKING:
-    from server.telephony.endpoint import TelephonyEndpoint
+    from server.telephony.call.endpoint import TelephonyEndpoint
 
 log = logging.getLogger("streamgate.telephony")
 KIND = "telephony"

@@ -27,15 +27,15 @@ from typing import Final, TypeAlias
 
 import msgspec
 
-from server.telephony.base import (
+from server.telephony.providers.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DigitBody,
     NameBody,
     Scalar,
     TwilioStyleCodec,
 )
-from server.telephony.base import string_params as _params
-from server.telephony.events import (
+from server.telephony.providers.base import string_params as _params
+from server.telephony.providers.events import (
     CallStarted,
     CallStopped,
     Connected,

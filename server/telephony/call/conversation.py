@@ -17,10 +17,10 @@ from typing import Any
 
 from server.billing.meter import KEY_REVOKED_CLOSE, KEY_REVOKED_CODE, KeyRevoked
 from server.config import TelephonyConfig
-from server.telephony.agents import Agent, AgentError, AgentTurn, HistoryEntry
-from server.telephony.events import CallStarted
-from server.telephony.meters import ObservedMeter
-from server.telephony.playback import Playback, Reply
+from server.telephony.call.agents import Agent, AgentError, AgentTurn, HistoryEntry
+from server.telephony.call.meters import ObservedMeter
+from server.telephony.call.playback import Playback, Reply
+from server.telephony.providers.events import CallStarted
 
 log = logging.getLogger("streamgate.telephony")
 MAX_REPLY_CHARS = 4000  # one agent reply; beyond it the rest is not spoken (runaway agents)

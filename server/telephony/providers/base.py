@@ -22,7 +22,7 @@ from typing import ClassVar, Final, Generic, Protocol, TypeAlias, TypeVar
 import msgspec
 
 from server.flow_control.json_depth import TOO_DEEP
-from server.telephony.events import (
+from server.telephony.providers.events import (
     CallStarted,
     ClearAudio,
     Command,

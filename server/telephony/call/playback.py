@@ -36,7 +36,7 @@ from server.sessions.tts import (
     SynthRequest,
     TtsSession,
 )
-from server.telephony.events import ClearAudio, Command, PlayAudio
+from server.telephony.providers.events import ClearAudio, Command, PlayAudio
 
 log = logging.getLogger("streamgate.telephony")
 

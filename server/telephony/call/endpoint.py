@@ -29,10 +29,10 @@ from server.protocol.errors import rejection
 from server.sessions.asr_runner import AsrEndpoint
 from server.sessions.host import SessionHost
 from server.telemetry.metrics import Metrics
-from server.telephony import PROVIDERS
-from server.telephony.agents import Agent, build_agent
-from server.telephony.meters import CallMeters, MeterRefused, ObservedMeter
-from server.telephony.session import TelephonySession
+from server.telephony.call.agents import Agent, build_agent
+from server.telephony.call.meters import CallMeters, MeterRefused, ObservedMeter
+from server.telephony.call.session import TelephonySession
+from server.telephony.providers import PROVIDERS
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, Rejected, UpgradeRequest
 
