@@ -12,7 +12,7 @@ from pathlib import Path
 
 from server.infra.embedded import EmbeddedPostgres, EmbeddedRedis, Services
 
-__all__ = ["test_services"]
+__all__ = ["embedded_services", "test_services"]
 
 
 def test_services(tmp_root: Path) -> Services:
@@ -27,7 +27,12 @@ def test_services(tmp_root: Path) -> Services:
     database_url = os.environ.get("DATABASE_URL")
     if redis_url and database_url:
         return Services(redis_url, database_url)
+    return embedded_services(tmp_root)
 
+
+def embedded_services(tmp_root: Path) -> Services:
+    """A fresh EmbeddedRedis and EmbeddedPostgres of our own, whatever REDIS_URL/DATABASE_URL
+    say: for a test that stops its servers. Call `.stop()` at the end."""
     redis = EmbeddedRedis(tmp_root / "redis", port=0)
     postgres = EmbeddedPostgres(tmp_root / "postgres", port=0)
     services = Services(redis.url, postgres.url, redis, postgres, discard_data=True)

@@ -26,21 +26,18 @@ from server.infra.embedded import (
     EmbeddedPostgres,
     EmbeddedRedis,
     Services,
-    create_database,
-    drop_database,
 )
 from tests.e2e.conftest import ServerProcess, start_server
 from tests.e2e.test_billing_e2e import (
     ADMIN_TOKEN,
     Admin,
+    Billing,
     billing_env,
-    cleanup_redis,
+    billing_server,
     pg_state,
-    run_sync,
     try_open,
-    with_redis_db,
 )
-from tests.infra import test_services
+from tests.infra import embedded_services
 
 pytestmark = pytest.mark.e2e
 ADMIN_ERRORS_REDIS_DB = 6  # a Redis logical database of this module alone
@@ -108,30 +105,13 @@ def assert_no_request_traceback(srv: ServerProcess) -> None:
             assert "exc" not in record and "Traceback" not in line, line
 
 
-@dataclass
-class AdminServer:
-    server: ServerProcess
-    admin: Admin
-    dsn: str
+AdminServer = Billing
 
 
 @pytest.fixture(scope="module")
-def admin_server(redis_url: str, database_url: str) -> Iterator[AdminServer]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    dsn = run_sync(create_database(database_url, name))
-    rurl = with_redis_db(redis_url, ADMIN_ERRORS_REDIS_DB)
-    srv = start_server(billing_env(rurl, dsn))
-    admin = Admin(srv.http)
-    code: int | None = None
-    try:
-        yield AdminServer(srv, admin, dsn)
-    finally:
-        try:
-            code = srv.stop()
-        finally:
-            run_sync(cleanup_redis(rurl, admin.tenants, admin.key_ids))
-            run_sync(drop_database(database_url, name))
-    assert code == 0, "\n".join(srv.stderr_lines[-40:])
+def admin_server(redis_url: str, database_url: str) -> Iterator[Billing]:
+    with billing_server(redis_url, database_url, ADMIN_ERRORS_REDIS_DB) as env:
+        yield env
 
 
 def topup(base: str, tenant: str, amount: Any, key: str | None = None) -> Reply:
@@ -294,9 +274,7 @@ async def test_path_values_no_row_can_have_never_reach_postgres(
 @pytest.fixture
 def own_services(tmp_path: Path) -> Iterator[Services]:
     """A PostgreSQL and a Redis for this test alone (it stops them); never the suite's."""
-    started = test_services(tmp_path)
-    if started.postgres is None or started.redis is None:
-        pytest.skip("external REDIS_URL/DATABASE_URL: this test must stop its own servers")
+    started = embedded_services(tmp_path)
     try:
         yield started
     finally:

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,14 +16,10 @@ from pathlib import Path
 import pytest
 
 from server.client.asr_client import API_KEY_ENV, DEV_KEY_FILE
-from server.infra.embedded import create_database, drop_database
-from tests.e2e.conftest import ROOT, ServerProcess, espeak_pcm16, silence, start_server
+from tests.e2e.conftest import ROOT, ServerProcess, espeak_pcm16, silence
 from tests.e2e.test_billing_e2e import (
     Admin,
-    billing_env,
-    cleanup_redis,
-    run_sync,
-    with_redis_db,
+    billing_server,
 )
 
 pytestmark = pytest.mark.e2e
@@ -47,22 +42,9 @@ def python_snippet() -> str:
 
 
 @pytest.fixture(scope="module")
-def billing_server(redis_url: str, database_url: str) -> Iterator[tuple[ServerProcess, Admin]]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    dsn = run_sync(create_database(database_url, name))
-    rurl = with_redis_db(redis_url, README_REDIS_DB)
-    srv = start_server(billing_env(rurl, dsn))
-    admin = Admin(srv.http)
-    code: int | None = None
-    try:
-        yield srv, admin
-    finally:
-        try:
-            code = srv.stop()
-        finally:
-            run_sync(cleanup_redis(rurl, admin.tenants, admin.key_ids))
-            run_sync(drop_database(database_url, name))
-    assert code == 0, "\n".join(srv.stderr_lines[-40:])
+def readme_server(redis_url: str, database_url: str) -> Iterator[tuple[ServerProcess, Admin]]:
+    with billing_server(redis_url, database_url, README_REDIS_DB) as env:
+        yield env.server, env.admin
 
 
 def test_snippet_names_the_demo_server_and_file() -> None:
@@ -71,8 +53,8 @@ def test_snippet_names_the_demo_server_and_file() -> None:
 
 
 def test_using_it_from_code_snippet_runs_as_written_with_billing_on(
-        billing_server: tuple[ServerProcess, Admin], tmp_path: Path) -> None:
-    srv, admin = billing_server
+        readme_server: tuple[ServerProcess, Admin], tmp_path: Path) -> None:
+    srv, admin = readme_server
     tenant = admin.tenant(funded=1_000_000)
     wav_path = tmp_path / "hello.wav"
     with wave.open(str(wav_path), "wb") as wav:

@@ -68,11 +68,11 @@ class Router:
 class LoopFreeServer:
     """What a WsConnection asks of its server, with admission run to completion at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, router: Any = None) -> None:
         self.config = load_config(overrides={"server": {"max_frame_bytes": MAX_SIZE}}).server
         self.now = 0.0
         self.log: list[tuple[str, Any]] = []
-        self.router = Router(self.log)
+        self.router = Router(self.log) if router is None else router
         self.metrics = Metrics()  # invalid handshakes are counted by the connection itself
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

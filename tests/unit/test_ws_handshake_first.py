@@ -9,17 +9,14 @@ No event loop: admission is a coroutine that never suspends here, driven by hand
 from __future__ import annotations
 
 import json
-from collections.abc import Coroutine
-from typing import Any
 
 import pytest
 from websockets.http11 import Request
 
 from loadtest.hotpath import MemoryTransport, upgrade_bytes
-from server.config import load_config
-from server.telemetry.metrics import Metrics
 from server.ws.connection import WsConnection
 from server.ws.handshake import Admitted, Rejected
+from tests.unit.test_ws_fast_path import LoopFreeServer
 
 GOOD = upgrade_bytes("/v1/asr/stream")
 KEY_LINE = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -70,27 +67,6 @@ class RecordingRouter:
 
     def _cancel(self) -> None:
         self.cancelled += 1
-
-
-class LoopFreeServer:
-    def __init__(self, router: RecordingRouter) -> None:
-        self.config = load_config().server
-        self.now = 0.0
-        self.router = router
-        self.metrics = Metrics()
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        try:
-            coro.send(None)
-        except StopIteration:
-            return
-        raise AssertionError("admission suspended")
-
-    def connection_opened(self, conn: WsConnection) -> None:
-        pass
-
-    def connection_closed(self, conn: WsConnection) -> None:
-        pass
 
 
 def upgrade(request: bytes, router: RecordingRouter
