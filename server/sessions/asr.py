@@ -810,12 +810,6 @@ class AsrSession:
         if self._state != "closed":
             self._emit(m.Error(code=code, message=message[:200]))
 
-    # --- outputs --------------------------------------------------------------------------------
-
-    @property
-    def outbox_len(self) -> int:
-        return len(self._held)
-
 
 def encode_event(event: m.AsrServerMessage) -> bytes:
     return m.encoder.encode(event)
