@@ -27,6 +27,7 @@ from server.http.llm import add_llm_routes
 from server.http.openapi import add_openapi_route
 from server.http.speech import add_speech_routes
 from server.http.vision import add_vision_routes
+from server.idempotency import reply_stores
 from server.infra.stores import BillingUrls, dev_key_file, resolve_urls
 from server.models.base import Synthesizer, Transcriber
 from server.models.registry import aclose_all, build_transcribers, start_all
@@ -142,10 +143,14 @@ class Gateway:
                              body_timeout_s=cfg.server.http_body_timeout_s)
         install_api_auth(app, auth, self.billing)
         add_openapi_route(app)
-        add_speech_routes(app, asr=asr_endpoint, tts=tts_endpoint)
+        # Idempotency-Key answers: in Redis (every worker and node) whenever billing has one.
+        replies = reply_stores(self.billing.redis if self.billing is not None else None)
+        add_speech_routes(app, asr=asr_endpoint, tts=tts_endpoint, replies=replies)
         self.requests = self.billing if self.billing is not None else UnmeteredRequests()
-        add_llm_routes(app, config=cfg.llm, metrics=self.metrics, requests=self.requests)
-        add_vision_routes(app, config=cfg.vision, metrics=self.metrics, requests=self.requests)
+        add_llm_routes(app, config=cfg.llm, metrics=self.metrics, requests=self.requests,
+                       replies=replies)
+        add_vision_routes(app, config=cfg.vision, metrics=self.metrics, requests=self.requests,
+                          replies=replies)
         if self.billing is not None:
             self.admin_token = cfg.billing.admin_token or secrets.token_urlsafe(24)
             add_admin_routes(app, self.billing, self.admin_token)

@@ -21,7 +21,7 @@ from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
 from server.http.auth import principal
 from server.http.errors import ApiError
 from server.http.openapi import components, error_responses, ref, register
-from server.llm.idempotency import IdempotencyCache, IdempotencyConflict
+from server.idempotency import IdempotencyCache, IdempotencyRefused, IdempotencyStore, ReplyStores
 from server.llm.metering import RequestMeter
 from server.llm.router import RouteError
 from server.llm.schema import (
@@ -99,7 +99,7 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-async def _idempotent(request: web.Request, cache: IdempotencyCache, tenant: str, raw: bytes,
+async def _idempotent(request: web.Request, cache: IdempotencyStore, tenant: str, raw: bytes,
                       request_id: str, run: Callable[[], Awaitable[bytes]]) -> web.Response:
     """Run `run` once per (tenant, route, Idempotency-Key); replay its answer after that."""
     key = idempotency_key(request)
@@ -113,9 +113,8 @@ async def _idempotent(request: web.Request, cache: IdempotencyCache, tenant: str
             body = await run()
             claim.store(200, body)  # only answers are kept: a failed request may be retried
             return _json(body, request_id)
-    except IdempotencyConflict:
-        raise ApiError(409, "idempotency_conflict",
-                       "this Idempotency-Key was used with a different request body") from None
+    except IdempotencyRefused as exc:
+        raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
 
 
 async def _stream(request: web.Request, service: LlmService, who: Any,
@@ -139,9 +138,9 @@ async def _stream(request: web.Request, service: LlmService, who: Any,
 
 
 def add_llm_routes(app: web.Application, *, config: LlmConfig, metrics: Metrics | None,
-                   requests: RequestMeter) -> LlmService:
+                   requests: RequestMeter, replies: ReplyStores = IdempotencyCache) -> LlmService:
     service = LlmService(config, requests=requests, metrics=metrics)
-    cache = IdempotencyCache(config.idempotency_ttl_s, config.idempotency_max_entries)
+    cache = replies(ttl_s=config.idempotency_ttl_s, max_entries=config.idempotency_max_entries)
     app[LLM_SERVICE_KEY] = service
     if metrics is not None:
         metrics.scrape_hooks.append(service.router.publish_metrics)

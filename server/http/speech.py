@@ -37,11 +37,12 @@ from server.flow_control.http_upload import (
     MAX_FORM_FILE_BYTES,
     MAX_FORM_PARTS,
 )
+from server.flow_control.idempotency import MAX_ANSWER_BYTES
 from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
 from server.http.auth import api_error, principal
 from server.http.errors import ApiError
 from server.http.openapi import components, error_responses, ref, register
-from server.llm.idempotency import IdempotencyCache, IdempotencyConflict
+from server.idempotency import IdempotencyCache, IdempotencyRefused, ReplyStores
 from server.models.base import EngineError
 from server.protocol import messages as m
 from server.protocol.audio import (
@@ -59,7 +60,7 @@ from server.ws.handshake import Rejected, UpgradeRequest
 
 FRAME = 32 * 1024  # body chunks fed to the pipeline: well under the WebSocket frame limit
 TEXT_LIMIT = 100_000
-REPLAY_LIMIT = 8 * 1024 * 1024  # synthesized audio kept for an Idempotency-Key replay
+REPLAY_LIMIT = MAX_ANSWER_BYTES  # synthesized audio kept for an Idempotency-Key replay
 # A response, and what an Idempotency-Key replay answers ("<content type>\n<body>"), if kept.
 Answer = tuple[web.StreamResponse, bytes | None]
 
@@ -360,8 +361,8 @@ def _fingerprint(request: web.Request, extra: bytes = b"") -> str:
 
 
 def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoint,
-                      replies: IdempotencyCache | None = None) -> None:
-    cache = replies or IdempotencyCache(ttl_s=3600.0, max_entries=1024)
+                      replies: ReplyStores = IdempotencyCache) -> None:
+    cache = replies(ttl_s=3600.0, max_entries=1024)
 
     async def idempotent(request: web.Request, run: Callable[[], Awaitable[Answer]],
                          extra: bytes = b"") -> web.StreamResponse:
@@ -383,9 +384,8 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
                 if response.status == 200 and kept is not None:
                     claim.store(200, kept)
                 return response
-        except IdempotencyConflict:
-            raise ApiError(409, "idempotency_conflict",
-                           "this Idempotency-Key was used with a different request") from None
+        except IdempotencyRefused as exc:
+            raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
 
     async def transcribe_route(request: web.Request) -> web.StreamResponse:
         return await idempotent(request, lambda: transcribe(request))

@@ -27,7 +27,7 @@ from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
 from server.http.auth import principal
 from server.http.errors import ApiError
 from server.http.openapi import register
-from server.llm.idempotency import IdempotencyCache, IdempotencyConflict
+from server.idempotency import IdempotencyCache, IdempotencyRefused, ReplyStores
 from server.telemetry.metrics import Metrics
 from server.vision.api_schema import OPERATION, SCHEMAS
 from server.vision.documents import ACCEPTED_TYPES, Document, DocumentError, DocumentTooLarge
@@ -66,12 +66,13 @@ class Upload(msgspec.Struct):
 
 
 def add_vision_routes(app: web.Application, *, config: VisionConfig, metrics: Metrics | None,
-                      requests: RequestBilling) -> VisionService:
+                      requests: RequestBilling,
+                      replies: ReplyStores = IdempotencyCache) -> VisionService:
     cfg = config
     service = VisionService(cfg, metrics)
     # Requests that charge honour Idempotency-Key: a retried upload gets the first answer
-    # back instead of being OCRed and charged again (in-process, like the LLM routes).
-    replies = IdempotencyCache(cfg.idempotency_ttl_s, cfg.idempotency_max_entries)
+    # back instead of being OCRed and charged again (shared through Redis when there is one).
+    answers = replies(ttl_s=cfg.idempotency_ttl_s, max_entries=cfg.idempotency_max_entries)
     app[SERVICE_KEY] = service
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
@@ -124,16 +125,15 @@ def add_vision_routes(app: web.Application, *, config: VisionConfig, metrics: Me
         # so the parsed upload is the fingerprint, not the raw body.
         fingerprint = await asyncio.to_thread(_fingerprint, upload)
         try:
-            async with replies.claim((who.tenant_id, PATH, key), fingerprint) as claim:
+            async with answers.claim((who.tenant_id, PATH, key), fingerprint) as claim:
                 if claim.replay is not None:
                     return _response(claim.replay.status, claim.replay.body, replayed=True)
                 status, body = await run()
                 if status in (200, 422):  # charged answers; failures may simply be retried
                     claim.store(status, body)
                 return _response(status, body)
-        except IdempotencyConflict:
-            raise ApiError(409, "idempotency_conflict", "this Idempotency-Key was used with a "
-                                                        "different upload") from None
+        except IdempotencyRefused as exc:
+            raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
 
     app.router.add_post(PATH, extract)
     register(app, PATH, "post", OPERATION, SCHEMAS)
