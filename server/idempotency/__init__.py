@@ -9,8 +9,6 @@ balancer sends to another node must not be charged twice).
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
 from server.idempotency.memory import IdempotencyCache
 from server.idempotency.port import (
     AnswerNotKept,
@@ -24,7 +22,7 @@ from server.idempotency.port import (
     Replay,
     ReplyStores,
 )
-from server.idempotency.redis_store import RedisIdempotency, RedisReplyStores
+from server.idempotency.redis_store import RedisIdempotency, RedisReplyStores, SharedRedis
 
 __all__ = [
     "AnswerNotKept",
@@ -40,10 +38,11 @@ __all__ = [
     "RedisReplyStores",
     "Replay",
     "ReplyStores",
+    "SharedRedis",
     "reply_stores",
 ]
 
 
-def reply_stores(redis: aioredis.Redis | None) -> ReplyStores:
+def reply_stores(redis: SharedRedis | None) -> ReplyStores:
     """Shared through Redis when there is one, else in this process."""
     return RedisReplyStores(redis) if redis is not None else IdempotencyCache

@@ -35,6 +35,7 @@ from typing import cast
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from server.flow_control.idempotency import (
@@ -55,6 +56,9 @@ from server.idempotency.port import (
 )
 
 log = logging.getLogger("streamgate.idempotency")
+
+# One server or a Redis Cluster: every command here touches one key.
+SharedRedis = aioredis.Redis | RedisCluster
 
 # KEYS[1] the key; ARGV[1] the owner's marker. Each acts only while the key holds that marker.
 _REFRESH = """
@@ -99,7 +103,7 @@ def redis_key(key: CacheKey) -> str:
 
 
 class RedisIdempotency:
-    def __init__(self, redis: aioredis.Redis, *, ttl_s: float, wait_s: float = WAIT_S,
+    def __init__(self, redis: SharedRedis, *, ttl_s: float, wait_s: float = WAIT_S,
                  owner_ttl_s: float = OWNER_TTL_S, max_answer_bytes: int = MAX_ANSWER_BYTES,
                  poll_first_s: float = POLL_FIRST_S, poll_max_s: float = POLL_MAX_S) -> None:
         if ttl_s <= 0 or owner_ttl_s <= 0:
@@ -187,7 +191,7 @@ class RedisReplyStores:
     """ReplyStores over one Redis client. `max_entries` is not used: Redis holds each answer
     for its TTL (memory: answers per TTL x their size, see docs/deploy.md)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: SharedRedis) -> None:
         self._r = redis
 
     def __call__(self, *, ttl_s: float, max_entries: int) -> RedisIdempotency:
