@@ -20,8 +20,6 @@ SECRET_QUERY_PARAMS = frozenset({"password", "sslpassword"})
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.app import run
-
     overrides: dict[str, dict[str, object]] = {"server": {}}
     if args.host:
         overrides["server"]["host"] = args.host
@@ -34,6 +32,15 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"streamgate: {exc}", file=sys.stderr)
         return 2
+    from server.supervisor.cores import worker_count
+
+    workers = worker_count(args.workers, config.server.workers)
+    if workers > 1:
+        from server.supervisor.workers import run_supervisor
+
+        return run_supervisor(config, workers)
+    from server.app import run
+
     return run(config)
 
 
@@ -105,6 +112,16 @@ def _call_sim(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamgate", description=__doc__,
@@ -119,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "8765; 0 = any free port, printed at start)")
     serve.add_argument("--http-port", type=int, help="HTTP port: REST, admin, /metrics "
                        "(default: server.http_port, 8080; 0 = any free port)")
+    serve.add_argument("--workers", type=_positive_int, metavar="N",
+                       help="worker processes sharing both ports, under a supervisor that "
+                       "restarts and drains them (default: server.workers, else one per "
+                       "available core; 1 = a single process, no supervisor)")
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser(

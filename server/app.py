@@ -168,6 +168,7 @@ class Gateway:
             http_bound.guard.serve()
         self.http_port = http_bound.port
         self._started = True
+        self.metrics.start_publishing()  # one of several workers: gauges for the node's /metrics
 
     def _readiness(self) -> tuple[bool, str]:
         if not self._started:
@@ -211,6 +212,7 @@ class Gateway:
         if self._stopping:
             return
         self._stopping = True
+        self.metrics.stop_publishing()
         srv = self.config.server
         drain_deadline = asyncio.get_running_loop().time() + srv.drain_timeout_s
         if self.ws is not None:

@@ -31,6 +31,9 @@ class ServerConfig(Base):
     host: str = "127.0.0.1"
     ws_port: int = 8765
     http_port: int = 8080
+    # `streamgate serve` worker processes sharing both ports (server/supervisor); 0: one per
+    # available core; 1: a single process and no supervisor. `--workers` overrides it.
+    workers: int = 0
     max_frame_bytes: int = 65536
     max_connections: int = 10000
     handshake_timeout_s: float = 5.0
@@ -426,6 +429,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("server.write_low_water_bytes must be > 0 and < write_high_water_bytes")
     if s.max_frame_bytes < 1024:
         raise ConfigError("server.max_frame_bytes must be at least 1024")
+    if s.workers < 0:
+        raise ConfigError("server.workers must be >= 0 (0: one per available core)")
     if not s.http_body_timeout_s > 0:
         raise ConfigError("server.http_body_timeout_s must be positive")
     a = cfg.asr.session

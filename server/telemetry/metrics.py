@@ -1,20 +1,64 @@
 """Prometheus metrics. Hot paths count into plain ints and the housekeeping tick publishes
-them, because a prometheus_client `inc()` per 20 ms frame costs more than decoding the frame."""
+them, because a prometheus_client `inc()` per 20 ms frame costs more than decoding the frame.
+
+Under `streamgate serve --workers N` every worker runs with PROMETHEUS_MULTIPROC_DIR set by the
+supervisor (server/supervisor): prometheus-client then keeps each value in a per-process file and
+`/metrics`, whichever worker answers, reads the files of all of them (MultiProcessCollector).
+Counters and histograms add up; each gauge says how its workers' values combine (the
+`multiprocess_mode` below, docs/decisions/13A1-workers.md). Gauges computed by scrape hooks
+would only be fresh in the worker that answers, so in that mode every worker also runs the hooks
+on a timer (start_publishing).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Callable
+from typing import cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import multiprocess as _multiprocess
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# How often each worker publishes its scrape-hook gauges in multiprocess mode: a scrape sees
+# another worker's values at most this old.
+MULTIPROCESS_PUBLISH_INTERVAL_S = 1.0
+
+
+# prometheus_client's multiprocess module has no annotations: typed views of what we call.
+_collect_from_files = cast(Callable[[CollectorRegistry], object],
+                           _multiprocess.MultiProcessCollector)
+_mark_dead = cast(Callable[[int, str], None], _multiprocess.mark_process_dead)
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of the per-process metric files, when this process is one of several."""
+    return os.environ.get(MULTIPROC_DIR_ENV) or None
+
+
+def mark_process_dead(pid: int, directory: str) -> None:
+    """Drop a dead worker's live gauges from `directory` (its counters stay: node totals never
+    go backwards). Called by the supervisor when it reaps the worker."""
+    _mark_dead(pid, directory)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        self.multiprocess = registry is None and multiprocess_dir() is not None
+        if self.multiprocess:
+            # The metrics below still register in a registry of their own (names stay unique),
+            # but what /metrics exposes (`self.registry`) is read from every worker's files.
+            self.registry = CollectorRegistry()
+            _collect_from_files(self.registry)
         # Gauges summed over live sessions are computed when scraped, not kept up to date.
         self.scrape_hooks: list[Callable[[], None]] = []
+        self._publisher: asyncio.TimerHandle | None = None
+        # Per worker (a `pid` label in multiprocess mode): how the kernel spread the load.
         self.sessions_active = Gauge(
-            "streamgate_sessions_active", "Live sessions", ["kind"], registry=r
+            "streamgate_sessions_active", "Live sessions", ["kind"], registry=r,
+            multiprocess_mode="liveall",
         )
         self.sessions_total = Counter(
             "streamgate_sessions_total", "Sessions ended, by close code", ["kind", "code"],
@@ -26,7 +70,7 @@ class Metrics:
         )
         self.connections_open = Gauge(
             "streamgate_connections_open", "Open TCP connections on the WebSocket port",
-            registry=r,
+            registry=r, multiprocess_mode="liveall",
         )
         self.frames_in = Counter(
             "streamgate_frames_in_total", "WebSocket data frames received", ["kind"], registry=r
@@ -42,7 +86,7 @@ class Metrics:
         )
         self.queue_depth_ms = Gauge(
             "streamgate_queue_depth_ms", "Audio waiting per stage, summed over sessions",
-            ["stage"], registry=r,
+            ["stage"], registry=r, multiprocess_mode="livesum",
         )
         self.stage_seconds = Histogram(
             "streamgate_stage_seconds", "Time spent per stage batch", ["stage"], registry=r,
@@ -61,10 +105,11 @@ class Metrics:
         )
         self.breaker_open = Gauge(
             "streamgate_engine_breaker_open", "1 while a model's circuit breaker is open",
-            ["model"], registry=r,
+            ["model"], registry=r, multiprocess_mode="livemax",  # open in any worker
         )
         self.credit_outstanding = Gauge(
-            "streamgate_credit_outstanding_bytes", "Audio credit held by clients", registry=r
+            "streamgate_credit_outstanding_bytes", "Audio credit held by clients", registry=r,
+            multiprocess_mode="livesum",
         )
         self.audio_ms = Counter(
             "streamgate_audio_accepted_ms_total", "Decoded audio accepted at ingest", ["kind"],
@@ -79,7 +124,7 @@ class Metrics:
         self.llm_breaker_state = Gauge(
             "streamgate_llm_upstream_breaker_state",
             "LLM upstream circuit breaker: 0 closed, 1 half-open, 2 open", ["provider"],
-            registry=r,
+            registry=r, multiprocess_mode="livemax",  # the worst state of any worker
         )
         self.llm_attempts = Counter(
             "streamgate_llm_upstream_attempts_total",
@@ -94,3 +139,22 @@ class Metrics:
     def before_scrape(self) -> None:
         for hook in self.scrape_hooks:
             hook()
+
+    def start_publishing(self, interval_s: float = MULTIPROCESS_PUBLISH_INTERVAL_S) -> None:
+        """In multiprocess mode, run the scrape hooks every `interval_s` from the running loop
+        (a timer, not a task: nothing to await at shutdown). A no-op in a single process, where
+        the scrape itself runs them."""
+        if not self.multiprocess or self._publisher is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            self.before_scrape()
+            self._publisher = loop.call_later(interval_s, tick)
+
+        tick()
+
+    def stop_publishing(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            self._publisher = None

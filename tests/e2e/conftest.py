@@ -59,7 +59,9 @@ class ServerProcess:
             raise AssertionError(f"server did not stop within {timeout} s:\n{tail}") from None
 
 
-def start_server(extra_env: dict[str, str] | None = None) -> ServerProcess:
+def start_server(extra_env: dict[str, str] | None = None, *, workers: int = 1) -> ServerProcess:
+    """`streamgate serve` on free ports; `workers` > 1 starts a supervisor and its workers
+    (tests/e2e/test_workers.py), 1 the single process every other test talks to."""
     env = {
         **os.environ,
         "STREAMGATE_SERVER__WS_PORT": "0",
@@ -68,7 +70,8 @@ def start_server(extra_env: dict[str, str] | None = None) -> ServerProcess:
         **(extra_env or {}),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--config", str(HERE / "server.toml")],
+        [sys.executable, "-m", "server", "serve", "--config", str(HERE / "server.toml"),
+         "--workers", str(workers)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None and proc.stderr is not None
