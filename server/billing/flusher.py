@@ -24,10 +24,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError, ResponseError
 
 from server.billing import keys
+from server.billing.redis_client import BillingRedis
+from server.billing.redis_client import connect as connect_redis
 from server.billing.store import (
     UNITS,
     BillingStore,
@@ -110,7 +111,7 @@ def parse_entry(
 class UsageFlusher:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: BillingRedis,
         store: BillingStore,
         *,
         consumer: str,
@@ -341,7 +342,7 @@ async def flusher_main(
     database_url: str,
     *,
     consumer: str | None = None,
-    make_refund: Callable[[aioredis.Redis], ReplayConflict] | None = None,
+    make_refund: Callable[[BillingRedis], ReplayConflict] | None = None,
     tenants_key: str = keys.TENANTS_SET,
 ) -> int:
     """`streamgate flusher`: flush until SIGTERM/SIGINT. `make_refund` builds the REFUND hook."""
@@ -349,7 +350,7 @@ async def flusher_main(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    client = aioredis.from_url(redis_url)
+    client = connect_redis(redis_url)
     store: BillingStore | None = None
     try:
         backoff = 0.1

@@ -63,6 +63,34 @@ def gcra_key(key_id: str) -> str:
     return f"sg:{{key:{_check_tag(key_id)}}}:gcra"
 
 
+# --- KEYS of each script (lua/<name>.lua), in the order the script reads them ------------------
+# Redis Cluster runs a script only if every key it touches is in KEYS and all of them are in one
+# slot; these lists are what WalletCache and RateLimiter pass, and tests check their slots.
+
+
+def wallet_ids_keys(tenant: str, ids_key: str) -> list[str]:
+    """SEED, TOPUP (ids_key = topups_key) and REFUND (ids_key = refunds_key)."""
+    return [wallet_key(tenant), ids_key]
+
+
+def reserve_keys(tenant: str, lease_id: str) -> list[str]:
+    return [wallet_key(tenant), lease_key(tenant, lease_id), leases_key(tenant),
+            settled_key(tenant, lease_id)]
+
+
+def lease_script_keys(tenant: str, lease_id: str) -> list[str]:
+    """REPORT, REPLAY and SETTLE."""
+    return [*reserve_keys(tenant, lease_id), usage_stream(tenant)]
+
+
+def sweep_keys(tenant: str, lease_ids: list[str]) -> list[str]:
+    """SWEEP: the wallet, the leases zset, then (lease, tombstone) per lease id."""
+    out = [wallet_key(tenant), leases_key(tenant)]
+    for lease_id in lease_ids:
+        out += [lease_key(tenant, lease_id), settled_key(tenant, lease_id)]
+    return out
+
+
 def tenant_pattern(tenant: str) -> str:
     """SCAN pattern for every key of one tenant (tests, admin tooling); braces escaped for glob."""
     return f"sg:\\{{{_check_tag(tenant)}\\}}:*"

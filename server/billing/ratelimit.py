@@ -23,18 +23,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.exceptions import ClusterDownError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.billing import keys
+from server.billing.redis_client import BillingRedis
 from server.billing.wallet_cache import LuaScript
 
 log = logging.getLogger("streamgate.ratelimit")
 
 # OSError covers refused/reset sockets that escape redis-py's wrapping; TimeoutError covers our
-# own deadline (asyncio.timeout raises the builtin TimeoutError).
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+# own deadline (asyncio.timeout raises the builtin TimeoutError). A Redis Cluster failing over
+# answers CLUSTERDOWN / TRYAGAIN for a while: for rate limits that is an outage too.
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError,
+                ClusterDownError, TryAgainError)
 _PRUNE_AT = 10_000  # local fallback entries before expired ones are dropped
 
 
@@ -52,7 +55,7 @@ _ALLOW_FALLBACK = Decision(True, fallback=True)
 class RateLimiter:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: BillingRedis,
         *,
         fallback_fraction: float = 0.5,
         retry_interval_s: float = 1.0,

@@ -13,11 +13,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from server.billing import keys
 from server.billing.flusher import as_str, parse_entry
+from server.billing.redis_client import BillingRedis
+from server.billing.redis_client import connect as connect_redis
 from server.billing.store import BillingStore, UsageEvent
 
 _EXAMPLES = 5  # ids listed per finding; the count says how many there are in all
@@ -100,7 +101,7 @@ _MATCHING = [
 
 async def reconcile(
     store: BillingStore,
-    redis: aioredis.Redis | None,
+    redis: BillingRedis | None,
     *,
     redis_attempts: int = 3,
     retry_delay_s: float = 0.2,
@@ -143,7 +144,7 @@ async def reconcile(
 
 async def _check_redis(
     store: BillingStore,
-    redis: aioredis.Redis,
+    redis: BillingRedis,
     known: set[str],
     report: ReconcileReport,
     attempts: int,
@@ -180,7 +181,7 @@ class _CacheSnapshot:
     topups: set[str]  # top-up ids already in spendable
 
 
-async def _cache_snapshot(redis: aioredis.Redis, tenant_id: str) -> _CacheSnapshot | None:
+async def _cache_snapshot(redis: BillingRedis, tenant_id: str) -> _CacheSnapshot | None:
     """Wallet, leases, usage stream and refunds of one tenant as of one instant (WATCH/MULTI,
     retried when a script changes them in between)."""
     wallet_k, leases_k = keys.wallet_key(tenant_id), keys.leases_key(tenant_id)
@@ -295,7 +296,7 @@ async def _check_cache(store: BillingStore, tenant_id: str, snap: _CacheSnapshot
 async def reconcile_main(redis_url: str | None, database_url: str) -> int:
     """Print the report; exit status 0 when every invariant holds, 1 otherwise."""
     store = await BillingStore.connect(database_url, min_size=1, max_size=2)
-    client = aioredis.from_url(redis_url) if redis_url else None
+    client = connect_redis(redis_url) if redis_url else None
     try:
         report = await reconcile(store, client)
     finally:

@@ -9,12 +9,7 @@ import logging
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.billing import keys
 from server.billing.auth import Principal, TenantLimits, key_digest
@@ -27,6 +22,8 @@ from server.billing.meter import (
     SessionMeter,
 )
 from server.billing.ratelimit import RateLimiter
+from server.billing.redis_client import BillingRedis
+from server.billing.redis_client import connect as connect_redis
 from server.billing.store import BillingStore, KeyRecord, Price, TopupResult
 from server.billing.wallet_cache import WalletCache
 from server.billing.wallet_meter import AudioLimit, LeasePolicy, WalletMeter
@@ -35,24 +32,6 @@ from server.protocol.errors import Rejected, rejection
 
 log = logging.getLogger("streamgate.billing")
 AUDIO_UNIT = "audio_ms"
-
-
-def redis_client(url: str) -> aioredis.Redis:
-    """Few, short retries (every script is idempotent) and a pool that waits instead of failing:
-    a Redis outage must turn into a quick, clear decision, not seconds of backoff per call.
-
-    The pool is sized for a process's sessions (~1000 per core), not for Redis: with the event
-    loop saturated a call holds its connection until the loop gets round to the reply, and 256
-    connections ran out under `make bench` (reports deferred, settles retried). Connections
-    are opened on demand, so an idle server holds a few."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=1024, timeout=2.0, socket_timeout=2.0, socket_connect_timeout=1.0,
-    )
-    return aioredis.Redis(
-        connection_pool=pool,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
 
 
 class _SettlingMeter(WalletMeter):
@@ -106,7 +85,7 @@ class BillingService:
         self.cfg = cfg
         self.report_interval_s = report_interval_s
         self.store: BillingStore | None = None
-        self.redis: aioredis.Redis | None = None
+        self.redis: BillingRedis | None = None
         self.cache: WalletCache | None = None
         self.limits: RateLimiter
         self.prices: dict[tuple[str, str], Price] = {}
@@ -121,7 +100,7 @@ class BillingService:
     async def start(self, redis_url: str, database_url: str, *, background: bool = True) -> None:
         """Connect; with `background`, also run the flusher (if configured) and the sweeper."""
         self.store = await BillingStore.connect(database_url)
-        self.redis = redis_client(redis_url)
+        self.redis = connect_redis(redis_url)
         self.cache = WalletCache(self.redis)
         self.limits = RateLimiter(self.redis, fallback_fraction=self.cfg.fallback_fraction)
         await self.refresh_prices()

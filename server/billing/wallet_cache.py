@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, WatchError
 
 from server.billing import keys
+from server.billing.redis_client import BillingRedis
 
 MAX_MICROS = 2**50  # also the bound for units and seq; matches MAX in lua/_common.lua
 _LUA_DIR = Path(__file__).with_name("lua")
@@ -144,12 +144,12 @@ class LuaScript:
         self.text = LuaScript._prelude + "\n" + (_LUA_DIR / f"{name}.lua").read_text()
         self.sha: str | None = None
 
-    async def load(self, r: aioredis.Redis) -> str:
+    async def load(self, r: BillingRedis) -> str:
         sha: str = await r.script_load(self.text)
         self.sha = sha
         return sha
 
-    async def __call__(self, r: aioredis.Redis, keys_: Sequence[str], args: Iterable[Any]) -> Any:
+    async def __call__(self, r: BillingRedis, keys_: Sequence[str], args: Iterable[Any]) -> Any:
         argv = [str(a) for a in args]
         sha = self.sha if self.sha is not None else await self.load(r)
         try:
@@ -163,7 +163,7 @@ _NAMES = ("seed", "reserve", "report", "settle", "expired", "sweep", "topup", "r
 
 
 class WalletCache:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: BillingRedis) -> None:
         self._r = redis
         self._s = {name: LuaScript(name) for name in _NAMES}
 
@@ -181,7 +181,7 @@ class WalletCache:
         epoch = uuid.uuid4().hex
         created = await self._s["seed"](
             self._r,
-            [keys.wallet_key(tenant), keys.topups_key(tenant)],
+            keys.wallet_ids_keys(tenant, keys.topups_key(tenant)),
             [balance, overdraft, epoch, *topup_ids],
         )
         # Outside the script: sg:tenants has no hash tag (another slot). SADD is idempotent, and
@@ -209,12 +209,7 @@ class WalletCache:
         _check("ttl_ms", ttl_ms, lo=1)
         res = await self._s["reserve"](
             self._r,
-            [
-                keys.wallet_key(tenant),
-                keys.lease_key(tenant, lease_id),
-                keys.leases_key(tenant),
-                keys.settled_key(tenant, lease_id),
-            ],
+            keys.reserve_keys(tenant, lease_id),
             [lease_id, min_micros, want_micros, ttl_ms, session_id, model, unit],
         )
         status = _str(res[0])
@@ -225,15 +220,6 @@ class WalletCache:
         if status == "insufficient":
             return None
         return Reservation(_int(res[1]), _int(res[2]), _int(res[3]), _str(res[4]))
-
-    def _lease_keys(self, tenant: str, lease_id: str) -> list[str]:
-        return [
-            keys.wallet_key(tenant),
-            keys.lease_key(tenant, lease_id),
-            keys.leases_key(tenant),
-            keys.settled_key(tenant, lease_id),
-            keys.usage_stream(tenant),
-        ]
 
     async def report(
         self,
@@ -256,7 +242,7 @@ class WalletCache:
         _check("ttl_ms", ttl_ms, lo=1)
         res = await self._s["report"](
             self._r,
-            self._lease_keys(tenant, lease_id),
+            keys.lease_script_keys(tenant, lease_id),
             [lease_id, seq, cum_units, cum_cost, topup_want, low_water, ttl_ms],
         )
         return ReportResult(_report_status(res[0]), *(_int(v) for v in res[1:5]))
@@ -273,7 +259,7 @@ class WalletCache:
         for ev in sorted(events, key=lambda e: e.seq):
             args += [_check("seq", ev.seq, lo=1), _check("units", ev.units)]
             args.append(_check("cost", ev.cost))
-        res = await self._s["replay"](self._r, self._lease_keys(tenant, lease_id), args)
+        res = await self._s["replay"](self._r, keys.lease_script_keys(tenant, lease_id), args)
         return ReplayResult(_report_status(res[0]), *(_int(v) for v in res[1:5]))
 
     async def settle(
@@ -284,7 +270,7 @@ class WalletCache:
         _check("cum_units", cum_units)
         _check("cum_cost", cum_cost)
         res = await self._s["settle"](
-            self._r, self._lease_keys(tenant, lease_id), [lease_id, seq, cum_units, cum_cost]
+            self._r, keys.lease_script_keys(tenant, lease_id), [lease_id, seq, cum_units, cum_cost]
         )
         status = _str(res[0])
         if status not in ("ok", "settled", "unknown"):
@@ -299,16 +285,13 @@ class WalletCache:
         )]
         if not ids:
             return 0
-        lease_keys: list[str] = [keys.wallet_key(tenant), keys.leases_key(tenant)]
-        for lease_id in ids:
-            lease_keys += [keys.lease_key(tenant, lease_id), keys.settled_key(tenant, lease_id)]
-        return _int(await self._s["sweep"](self._r, lease_keys, ids))
+        return _int(await self._s["sweep"](self._r, keys.sweep_keys(tenant, ids), ids))
 
     async def topup(self, tenant: str, topup_id: str, amount: int) -> bool:
         """Credit a top-up committed in Postgres; False if already applied or no wallet."""
         _check("amount", amount, lo=1)
         res = await self._s["topup"](
-            self._r, [keys.wallet_key(tenant), keys.topups_key(tenant)], [topup_id, amount]
+            self._r, keys.wallet_ids_keys(tenant, keys.topups_key(tenant)), [topup_id, amount]
         )
         return _str(res[0]) == "ok"
 
@@ -316,7 +299,7 @@ class WalletCache:
         """Give back a replayed event's cost once; False if already refunded or no wallet."""
         _check("cost", cost)
         res = await self._s["refund"](
-            self._r, [keys.wallet_key(tenant), keys.refunds_key(tenant)], [event_id, cost]
+            self._r, keys.wallet_ids_keys(tenant, keys.refunds_key(tenant)), [event_id, cost]
         )
         return _str(res[0]) == "ok"
 

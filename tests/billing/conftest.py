@@ -10,11 +10,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-import redis.asyncio as aioredis
 
 from server.billing import keys
 from server.billing.migrate import migrate
+from server.billing.redis_client import BillingRedis, connect
 from server.billing.store import BillingStore
+from tests.redis_cluster import session_cluster
 
 
 @pytest.fixture
@@ -27,9 +28,17 @@ async def billing_store(fresh_database: str) -> AsyncIterator[BillingStore]:
         await store.close()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url(request: pytest.FixtureRequest,
+                      tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The session's 3-master Redis Cluster (tests/redis_cluster.py), as a `redis+cluster://`
+    URL."""
+    return session_cluster(request, tmp_path_factory).url
+
+
 @pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
+async def redis_client(redis_url: str) -> AsyncIterator[BillingRedis]:
+    client = connect(redis_url)
     try:
         yield client
     finally:
@@ -37,7 +46,7 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-async def tenants_key(redis_client: aioredis.Redis) -> AsyncIterator[str]:
+async def tenants_key(redis_client: BillingRedis) -> AsyncIterator[str]:
     """A tenants set of this test only: flushers and reconcile of this test read it instead of
     the shared `sg:tenants`, so tests of others on the same Redis are neither seen nor touched.
     Every tenant added to it has its keys deleted after the test."""

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -36,6 +36,7 @@ from server.billing import keys
 from server.billing.flusher import UsageFlusher
 from server.billing.migrate import migrate
 from server.billing.reconcile import reconcile
+from server.billing.redis_client import connect
 from server.billing.store import BillingStore, IdempotencyConflict
 from server.billing.wallet_cache import LeaseSettled, WalletCache
 from tests.billing_redis.wallet_model import WalletModel
@@ -56,7 +57,7 @@ class FlushMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.r = aioredis.Redis.from_url(self.redis_url)
+        self.r = connect(self.redis_url)
         self.wc = WalletCache(self.r)
         self.store: BillingStore | None = None
         self.store = self.run(BillingStore.connect(self.dsn, min_size=1, max_size=2))
@@ -277,7 +278,15 @@ class FlushMachine(RuleBasedStateMachine):
         assert snap.spendable == balance - sum(e.cost for e in unflushed) - held
 
 
-def test_wallet_model_with_flush_to_postgres(redis_url: str, fresh_database: str) -> None:
+@pytest.mark.parametrize("redis_kind", ["single", "cluster"])
+def test_wallet_model_with_flush_to_postgres(
+    redis_kind: str, request: pytest.FixtureRequest, fresh_database: str
+) -> None:
+    """Also on a 3-master Redis Cluster, with fewer examples (the cluster run repeats what the
+    one-server run explores; it checks the same scripts, flusher and reconcile through the
+    cluster client)."""
+    cluster = redis_kind == "cluster"
+    redis_url: str = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(migrate(fresh_database))
@@ -285,6 +294,7 @@ def test_wallet_model_with_flush_to_postgres(redis_url: str, fresh_database: str
         loop.close()
     machine = type("Machine", (FlushMachine,), {"redis_url": redis_url, "dsn": fresh_database})
     run_state_machine_as_test(machine, settings=settings(
-        max_examples=25, stateful_step_count=60, deadline=None, database=None,
+        max_examples=12 if cluster else 25, stateful_step_count=60, deadline=None,
+        database=None,
         suppress_health_check=[HealthCheck.too_slow],
     ))

@@ -17,13 +17,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.billing import keys
 from server.billing.ratelimit import RateLimiter
+from server.billing.redis_client import BillingRedis, connect
 
 
 @asynccontextmanager
 async def limiter_env(redis_url: str, **kw: Any) -> AsyncIterator[tuple[RateLimiter, str]]:
     """A limiter and a fresh id (used as tenant and API key id); keys deleted and the client
     closed inside the test body."""
-    r = aioredis.Redis.from_url(redis_url)
+    r = connect(redis_url)
     ident = f"test-{uuid.uuid4().hex[:12]}"
     try:
         yield RateLimiter(r, **kw), ident
@@ -81,7 +82,7 @@ async def test_concurrent_sessions_limit_release_and_ageing(redis_url: str) -> N
         assert not (await rl.acquire_session(tenant, "e", limit=2, ttl_s=5)).allowed
 
 
-async def _at_window_offset(r: aioredis.Redis, window_ms: int, offset_ms: int) -> None:
+async def _at_window_offset(r: BillingRedis, window_ms: int, offset_ms: int) -> None:
     """Sleep until Redis TIME is `offset_ms` into the next window (the scripts' clock)."""
     sec, usec = await r.time()
     now_ms = sec * 1000 + usec // 1000

@@ -1,0 +1,124 @@
+"""The Redis client billing talks to: one server, or a Redis Cluster (docs/decisions/13B1).
+
+The URL says which: `redis://` / `rediss://` (and `unix://`) is one server, `redis+cluster://`
+/ `rediss+cluster://` a cluster, reached through any of its nodes (several seed nodes may be
+given, comma-separated: `redis+cluster://10.0.0.1:7000,10.0.0.2:7000`); the client discovers
+the rest with CLUSTER SLOTS and follows MOVED/ASK redirections.
+
+Billing code uses only what both clients do the same way: EVALSHA/SCRIPT LOAD, single-key
+commands, and WATCH/MULTI on keys of one tenant (one hash tag, so one slot: keys.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterUnreachableError, SlotNotCoveredError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class ClusterClient(RedisCluster):
+    """RedisCluster that reports an unreachable cluster as redis' ConnectionError, like the
+    one-server client does: with no node answering, redis-py raises RedisClusterUnreachableError
+    (no RedisError at all), which every `except RedisError` (503 billing_unavailable, the
+    sweeper, rate limits failing open) would let through as a crash."""
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> ClusterClient:
+        try:
+            await super().initialize(*args, **kwargs)
+        except _UNREACHABLE as exc:
+            raise RedisConnectionError(f"Redis Cluster unreachable: {exc}") from exc
+        return self
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except _UNREACHABLE as exc:
+            raise RedisConnectionError(f"Redis Cluster unreachable: {exc}") from exc
+
+
+_UNREACHABLE = (RedisClusterUnreachableError, SlotNotCoveredError)
+
+# Either client; redis-py gives both the same command methods.
+BillingRedis = aioredis.Redis | RedisCluster
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+_MAX_CONNECTIONS = 1024  # per process (one server) or per process and node (cluster)
+_SOCKET_TIMEOUT_S = 2.0
+_CONNECT_TIMEOUT_S = 1.0
+
+
+def is_cluster_url(url: str) -> bool:
+    return urlsplit(url).scheme.lower() in CLUSTER_SCHEMES
+
+
+def _retry() -> Retry:
+    # Few, short retries: every billing script is idempotent, and a Redis outage must turn into
+    # a quick, clear decision, not seconds of backoff per call.
+    return Retry(ExponentialBackoff(cap=0.2, base=0.02), 2)
+
+
+def cluster_seed_nodes(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """A cluster URL as a plain one-node URL (credentials, TLS and options kept) and every seed
+    node it names. Refuses a database other than 0: a cluster has only database 0."""
+    parts = urlsplit(url)
+    scheme = CLUSTER_SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        raise ValueError(f"not a Redis Cluster URL (redis+cluster://host:port): {url!r}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    nodes: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep:
+            host, port = port, "6379"
+        host = host.strip("[]")  # an IPv6 literal
+        if not host or not port.isdigit():
+            raise ValueError(f"bad node {item!r} in Redis Cluster URL")
+        nodes.append((host, int(port)))
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError("a Redis Cluster has only database 0; drop the /<db> from the URL")
+    first = f"{nodes[0][0]}:{nodes[0][1]}" if ":" not in nodes[0][0] else \
+        f"[{nodes[0][0]}]:{nodes[0][1]}"
+    netloc = f"{userinfo}@{first}" if userinfo else first
+    plain = urlunsplit(SplitResult(scheme, netloc, "", parts.query, ""))
+    return plain, nodes
+
+
+def connect(url: str, *, max_connections: int = _MAX_CONNECTIONS) -> BillingRedis:
+    """A client for `url` (no I/O yet: a cluster client maps the slots on first use).
+
+    One server: a pool that waits instead of failing. It is sized for a process's sessions
+    (~1000 per core), not for Redis: with the event loop saturated a call holds its connection
+    until the loop gets round to the reply, and 256 connections ran out under `make bench`.
+    Connections are opened on demand, so an idle server holds a few."""
+    if is_cluster_url(url):
+        plain, nodes = cluster_seed_nodes(url)
+        options = {
+            "max_connections": max_connections,
+            "socket_timeout": _SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": _CONNECT_TIMEOUT_S,
+            "retry": _retry(),
+        }
+        client = ClusterClient.from_url(plain, **options)
+        if len(nodes) == 1:
+            return client
+        # More seed nodes: they need the first one's connection options (credentials, TLS),
+        # which redis-py works out from the URL; a client that never connected holds nothing.
+        seeds = [ClusterNode(host, port, **client.connection_kwargs) for host, port in nodes[1:]]
+        return ClusterClient.from_url(plain, startup_nodes=seeds, **options)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=2.0, socket_timeout=_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=_CONNECT_TIMEOUT_S,
+    )
+    return aioredis.Redis(
+        connection_pool=pool,
+        retry=_retry(),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
