@@ -1,5 +1,6 @@
 """A second `streamgate serve` on the ports of a running one is refused by name, and the first
-is unaffected; processes of one deployment (STREAMGATE_DEPLOYMENT_ID) may share the ports."""
+is unaffected; processes of one deployment (STREAMGATE_DEPLOYMENT_ID) may share the ports, and
+the workers of one supervisor (`--workers N`) are such a deployment, of their own."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import urllib.request
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.e2e.conftest import HERE, ROOT, TEST_KEY, ServerProcess, start_server
+from tests.e2e.conftest import HERE, ROOT, TEST_KEY, ServerProcess, start_server, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -34,9 +35,10 @@ def ports_env(ws_port: int, http_port: int, **extra: str) -> dict[str, str]:
             "STREAMGATE_SERVER__HTTP_PORT": str(http_port), **extra}
 
 
-def run_second(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_second(env: dict[str, str], workers: int = 1) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--config", str(HERE / "server.toml")],
+        [sys.executable, "-m", "server", "serve", "--config", str(HERE / "server.toml"),
+         "--workers", str(workers)],
         cwd=ROOT, env={**os.environ, "STREAMGATE_STRICT_TASKS": "1", **env},
         capture_output=True, text=True, timeout=60,
     )
@@ -104,3 +106,29 @@ async def test_workers_of_one_deployment_share_the_ports() -> None:
         await assert_serves(first)
     finally:
         stop_cleanly(first)
+
+
+async def test_a_second_supervisor_is_refused_while_the_first_ones_workers_share() -> None:
+    ws_port, http_port = free_ports(2)
+    first = start_server(ports_env(ws_port, http_port), workers=2)
+    try:
+        wait_for(lambda: sum(line.get("msg") == "worker listening"
+                             for line in first.logs()) == 2)
+        # The supervisor holds both claims; its two workers joined them.
+        second = run_second(ports_env(ws_port, http_port), workers=2)
+        assert second.returncode == 2
+        assert (f"streamgate: port {ws_port} is already served by streamgate pid "
+                f"{first.proc.pid}") in second.stderr
+        assert second.stdout == "" and "Traceback" not in second.stderr
+        assert "worker started" not in second.stderr  # refused before it started anything
+        # Nor does a single process get in, even one claiming some deployment id: the
+        # supervisor's is fresh and secret.
+        single = run_second(ports_env(ws_port, http_port, STREAMGATE_DEPLOYMENT_ID="guess"))
+        assert single.returncode == 2
+        assert f"port {ws_port} is already served by streamgate pid {first.proc.pid}" \
+            in single.stderr
+        for _ in range(4):  # new connections: each is hashed to a worker
+            await assert_serves(first)
+    finally:
+        stop_cleanly(first)
+    assert not any("Traceback" in line for line in first.stderr_lines)
