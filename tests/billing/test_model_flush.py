@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import pytest
@@ -69,7 +69,7 @@ class FlushMachine(RuleBasedStateMachine):
         self.flushed = 0  # events of m.stream already flushed to Postgres
         self.topups: dict[str, tuple[int, int]] = {}  # idempotency key -> (topup_id, amount)
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def run(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coro)
 
     def lease(self, i: int) -> str:
