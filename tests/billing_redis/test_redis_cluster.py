@@ -5,6 +5,7 @@ builds from a `redis+cluster://` URL."""
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.billing import keys
 from server.billing.redis_client import cluster_seed_nodes, connect, is_cluster_url
+from server.billing.wallet_cache import WalletCache
 
 LUA_DIR = Path(keys.__file__).with_name("lua")
 TENANTS = ["t-1", "acme", "tenant:with:colons", "ünïcode", "x" * 200, "t-2b9c"]
@@ -116,4 +118,29 @@ async def test_an_unreachable_cluster_is_a_connection_error() -> None:
         with pytest.raises(RedisConnectionError, match="unreachable"):
             await r.get("x")
     finally:
+        await r.aclose()
+
+
+async def test_scan_reaches_every_master(redis_cluster_url: str) -> None:
+    """Key sweeps by SCAN (test and admin clean-up by keys.tenant_pattern) must walk every
+    master: a tenant's keys live on whichever master owns its slot. (The lease sweeper needs no
+    SCAN: it walks `sg:tenants` and runs EXPIRED/SWEEP in each tenant's own slot.)"""
+    r = connect(redis_cluster_url)
+    assert isinstance(r, RedisCluster)
+    run = uuid.uuid4().hex[:8]
+    tenants = [f"scan-{run}-{i}" for i in range(12)]
+    wc = WalletCache(r)
+    try:
+        for t in tenants:
+            await wc.seed(t, 1_000, 0)
+        owners = {str(r.get_node_from_key(keys.wallet_key(t))) for t in tenants}
+        assert len(owners) >= 2, owners  # 12 tenants over 3 masters: never all on one
+        found = {k.decode() async for k in r.scan_iter(match=f"sg:{{scan-{run}-*", count=1000)}
+        assert {keys.wallet_key(t) for t in tenants} <= found
+        for t in tenants[:3]:
+            assert [k async for k in r.scan_iter(match=keys.tenant_pattern(t))] != []
+    finally:
+        for t in tenants:
+            await r.delete(keys.wallet_key(t), keys.topups_key(t))
+            await r.srem(keys.TENANTS_SET, t)
         await r.aclose()
