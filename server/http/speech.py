@@ -18,7 +18,6 @@ from typing import Annotated, Final, Protocol, runtime_checkable
 
 import msgspec
 from aiohttp import BodyPartReader, web
-from websockets.datastructures import Headers
 
 from server.audio.containers import (
     SNIFF_BYTES,
@@ -51,12 +50,12 @@ from server.protocol.audio import (
     AudioFormatError,
     StreamDecoder,
 )
-from server.protocol.errors import http_status_of_close
+from server.protocol.errors import Rejected, http_status_of_close
 from server.sessions.asr_params import BadParams
 from server.sessions.asr_runner import AsrEndpoint
 from server.sessions.tts import EndInput, GrantCredit, SubmitText, tts_params
 from server.sessions.tts_runner import TtsEndpoint
-from server.ws.handshake import Rejected, UpgradeRequest
+from server.sessions.upgrade import UpgradeRequest
 
 FRAME = 32 * 1024  # body chunks fed to the pipeline: well under the WebSocket frame limit
 TEXT_LIMIT = 100_000
@@ -107,7 +106,7 @@ class HttpWire:
 
 
 def _upgrade(query: dict[str, str]) -> UpgradeRequest:
-    return UpgradeRequest(path="", query=query, api_key=None, headers=Headers())
+    return UpgradeRequest(path="", query=query, api_key=None)
 
 
 def _final_error(messages: list[m.AsrServerMessage]) -> m.Error | None:

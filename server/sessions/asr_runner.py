@@ -22,19 +22,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from server.billing.auth import Principal
-from server.billing.meter import (
-    METER_ERRORS,
-    KeyRevoked,
-    MeterFactory,
-    SessionMeter,
-    UsageReport,
-    cancel_requested,
-    report_delays,
-)
+from server.billing.meter import METER_ERRORS, MeterFactory, SessionMeter, UsageReport
 from server.config import Config
 from server.models.base import EngineError, Transcriber, TranscriptionStream
 from server.protocol import messages as m
-from server.protocol.errors import rejection
+from server.protocol.errors import Rejected, rejection
 from server.sessions.asr import (
     CONTINUE,
     FINALS_TIMEOUT_S,
@@ -46,9 +38,10 @@ from server.sessions.asr import (
 )
 from server.sessions.asr_params import BadParams, params_from_query
 from server.sessions.host import SessionHost
+from server.sessions.lifecycle import MeteredUsage, SessionLifecycle
+from server.sessions.upgrade import Admitted, UpgradeRequest
 from server.sessions.wire import Clock, Wire
 from server.telemetry.metrics import Metrics
-from server.ws.handshake import Admitted, Rejected, UpgradeRequest
 
 log = logging.getLogger("streamgate.asr")
 
@@ -200,6 +193,7 @@ class AsrSessionRunner:
         *,
         on_events: EventSink | None = None,
         clock: Clock | None = None,
+        counted: bool = True,
     ) -> None:
         self.endpoint = endpoint
         self.conn = conn
@@ -232,6 +226,12 @@ class AsrSessionRunner:
         self._finished = False
         self._steps = 0
         self._log_extra = {"session_id": machine.session_id, "tenant_id": principal.tenant_id}
+        # `counted=False`: the caller-audio side of a call, which counts as the call.
+        self.lifecycle = SessionLifecycle(kind=KIND, host=endpoint.server,
+                                          metrics=endpoint.metrics, log=log,
+                                          log_extra=self._log_extra, counted=counted)
+        self.usage = MeteredUsage(meter, log=log, log_extra=self._log_extra,
+                                  usage_interval_s=endpoint.config.asr.session.usage_interval_s)
 
     # --- SessionHandler (called from the connection, synchronously) ----------------------------
 
@@ -241,10 +241,8 @@ class AsrSessionRunner:
         self._time = self._clock.time
         self.machine.start()
         self._send_events()
-        self.metrics.sessions_active.labels(KIND).inc()
-        log.info("session started", extra={**self._log_extra, "model": self.machine.params.model,
-                                            "encoding": self.machine.params.encoding})
-        self.endpoint.server.session_opened()
+        self.lifecycle.opened(model=self.machine.params.model,
+                              encoding=self.machine.params.encoding)
         self.endpoint.runners.add(self)
         self.endpoint.server.spawn(self._run())
 
@@ -312,7 +310,7 @@ class AsrSessionRunner:
 
     async def _run(self) -> None:
         invoke = asyncio.get_running_loop().create_task(self._invoke_loop())
-        usage = asyncio.get_running_loop().create_task(self._usage_loop())
+        usage = self.usage.start_reports(self._on_usage, before=self._meter_deltas)
         try:
             await self._ingest_loop()
         except Exception:
@@ -323,21 +321,12 @@ class AsrSessionRunner:
             if action is not None:
                 self._close(action)
         finally:
-            for task in (invoke, usage):
-                task.cancel()
-            for task in (invoke, usage):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await SessionLifecycle.stop(invoke, usage)
             report = await self._settle()
             self._publish_metrics()
-            code = self._close_code if self._close_code is not None else 1006
-            self.metrics.sessions_active.labels(KIND).dec()
-            self.metrics.sessions_total.labels(KIND, str(code)).inc()
-            self.endpoint.server.session_closed()
             self.endpoint.runners.discard(self)
-            log.info("session ended", extra={**self._log_extra, "close_code": code,
-                                              "audio_ms": report.audio_ms,
-                                              "dropped_ms": report.dropped_ms})
+            self.lifecycle.closed(self._close_code if self._close_code is not None else 1006,
+                                  audio_ms=report.audio_ms, dropped_ms=report.dropped_ms)
 
     async def _ingest_loop(self) -> None:
         conn, wake, clock = self.conn, self._wake, self._clock
@@ -417,18 +406,13 @@ class AsrSessionRunner:
 
     async def _extend_lease(self) -> None:
         machine = self.machine
-        try:
-            extended = await self.meter.top_up()
-        except KeyRevoked:
+        verdict = await self.usage.top_up()
+        if verdict == "extended":
+            self._perform(machine.lease_extended())
+        elif verdict == "revoked":
             machine.key_revoked()
-        except Exception:
-            log.exception("lease top-up failed", extra=self._log_extra)
-            machine.out_of_balance()
         else:
-            if extended:
-                self._perform(machine.lease_extended())
-            else:
-                machine.out_of_balance()
+            machine.out_of_balance()
         self._wake.set()
 
     def _close(self, action: CloseAction) -> None:
@@ -438,10 +422,8 @@ class AsrSessionRunner:
 
     async def _settle(self) -> UsageReport:
         self._meter_deltas()
-        try:
-            report = await self.meter.settle()
-        except Exception:
-            log.exception("meter settle failed", extra=self._log_extra)
+        report = await self.usage.settle()
+        if report is None:  # the wallet failed: the machine's own counts for the summary
             report = UsageReport(self.machine.accepted_ms, self.machine.accepted_ms,
                                  self.machine.dropped_ms, 0, None)
         if self._settle_owed and not self._gone:
@@ -502,17 +484,11 @@ class AsrSessionRunner:
 
     # --- usage ----------------------------------------------------------------------------------
 
-    async def _usage_loop(self) -> None:
-        for delay in report_delays(self.endpoint.config.asr.session.usage_interval_s):
-            await asyncio.sleep(delay)
-            self._meter_deltas()
-            report = await self.meter.report()
-            if cancel_requested():
-                return
-            self.machine.usage(report)
-            self._send_events()
-            self._wake.set()  # a usage verdict (exhausted, rate limited) may close it
-            self._publish_metrics()
+    def _on_usage(self, report: UsageReport) -> None:
+        self.machine.usage(report)
+        self._send_events()
+        self._wake.set()  # a usage verdict (exhausted, rate limited) may close it
+        self._publish_metrics()
 
     def _meter_deltas(self) -> None:
         accepted, dropped = self.machine.take_metered_ms()

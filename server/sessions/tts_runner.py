@@ -25,19 +25,17 @@ from server.billing.meter import (
     KEY_REVOKED_CODE,
     KEY_REVOKED_MESSAGE,
     METER_ERRORS,
-    KeyRevoked,
     MeterFactory,
     SessionMeter,
     UsageReport,
-    cancel_requested,
-    report_delays,
 )
 from server.config import Config
 from server.models.base import EngineError, Synthesizer
 from server.protocol import messages as m
-from server.protocol.errors import rejection
+from server.protocol.errors import Rejected, rejection
 from server.sessions.asr_params import BadParams
 from server.sessions.host import SessionHost
+from server.sessions.lifecycle import MeteredUsage, SessionLifecycle
 from server.sessions.tts import (
     Close,
     Command,
@@ -53,10 +51,9 @@ from server.sessions.tts import (
     Usage,
     tts_params,
 )
+from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
 from server.sessions.wire import Wire
 from server.telemetry.metrics import Metrics
-from server.ws.connection import WsConnection
-from server.ws.handshake import Admitted, Rejected, UpgradeRequest
 
 log = logging.getLogger("streamgate.tts")
 KIND = "tts"
@@ -96,7 +93,7 @@ class TtsEndpoint:
             return decision
         start_on_wire = decision.start
 
-        def start(conn: WsConnection) -> TtsSessionRunner:
+        def start(conn: SessionSocket) -> TtsSessionRunner:
             def peer_alive() -> None:
                 # It takes our audio, though its pongs wait unread behind its text.
                 conn.activity = True
@@ -174,16 +171,18 @@ class TtsSessionRunner:
             1, endpoint.config.billing.lease_chars)
         self._reading_paused_once = False
         self._log = {"session_id": machine.session_id, "tenant_id": principal.tenant_id}
+        self.lifecycle = SessionLifecycle(kind=KIND, host=endpoint.server,
+                                          metrics=endpoint.metrics, log=log, log_extra=self._log)
+        self.usage = MeteredUsage(meter, log=log, log_extra=self._log,
+                                  usage_interval_s=endpoint.config.tts.session.usage_interval_s)
 
     # --- SessionHandler -------------------------------------------------------------------------
 
     def start(self) -> None:
         self.machine.handle(Start())
         self._pump()
-        self.metrics.sessions_active.labels(KIND).inc()
-        self.endpoint.server.session_opened()
+        self.lifecycle.opened(model=self.machine.params.model)
         self.endpoint.server.spawn(self._run())
-        log.info("session started", extra={**self._log, "model": self.machine.params.model})
 
     def on_text(self, data: bytes) -> None:
         self.machine.receive_text(data)
@@ -239,15 +238,13 @@ class TtsSessionRunner:
         for _ in range(self._top_ups_per_chunk):
             if not self.meter.exhausted:
                 return True
-            try:
-                await self.meter.top_up()
-            except KeyRevoked:
+            verdict = await self.usage.top_up()
+            if verdict == "revoked":
                 self.machine.handle(Close(KEY_REVOKED_CLOSE, KEY_REVOKED_CODE,
                                           KEY_REVOKED_MESSAGE))
                 return False
-            except Exception:
-                log.exception("lease top-up failed", extra=self._log)
-                return False
+            if verdict == "refused":
+                break
         return not self.meter.exhausted
 
     def _pump(self) -> None:
@@ -294,8 +291,7 @@ class TtsSessionRunner:
             self._wake.set()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        usage = loop.create_task(self._usage_loop())
+        usage = self.usage.start_reports(self._on_usage)
         try:
             await self._synth_loop()
         except Exception:
@@ -303,26 +299,18 @@ class TtsSessionRunner:
             self.machine.handle(Close(1011, "internal_error", "internal error", retryable=True))
             self._pump()
         finally:
-            usage.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await usage
-            if self._current is not None:
-                self._current.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._current
-            report = await self.meter.settle()
+            await SessionLifecycle.stop(usage, self._current)
+            report = await self.usage.settle()
+            if report is None:  # the wallet failed: what this session counted, unpriced
+                chars = self.machine.characters_synthesized
+                report = UsageReport(chars, chars, 0, 0, None, unit=CHARACTERS)
             if not self._gone and self.machine.state != "closed":
                 code, reason = (1001, "draining") if self._draining else (1000, "")
                 self.machine.handle(Finish(report, code, reason, "server is draining; reconnect"))
                 self._pump()
-            code = self._close_code if self._close_code is not None else 1006
-            self.metrics.sessions_active.labels(KIND).dec()
-            self.metrics.sessions_total.labels(KIND, str(code)).inc()
-            self.endpoint.server.session_closed()
-            log.info("session ended", extra={
-                **self._log, "close_code": code,
-                "characters": self.machine.characters_synthesized,
-                "text_backlog_peak": self.machine.pending_peak})
+            self.lifecycle.closed(self._close_code if self._close_code is not None else 1006,
+                                  characters=self.machine.characters_synthesized,
+                                  text_backlog_peak=self.machine.pending_peak)
 
     async def _synth_loop(self) -> None:
         """Back pressure applies between chunks: a listener slow to grant credit must not hold
@@ -370,12 +358,7 @@ class TtsSessionRunner:
             machine.handle(EngineFailed(req, str(exc), exc.retryable))
         self._pump()
 
-    async def _usage_loop(self) -> None:
-        for delay in report_delays(self.endpoint.config.tts.session.usage_interval_s):
-            await asyncio.sleep(delay)
-            report: UsageReport = await self.meter.report()
-            if cancel_requested():
-                return
-            if self.machine.state != "closed":
-                self.machine.handle(Usage(report))
-                self._pump()
+    def _on_usage(self, report: UsageReport) -> None:
+        if self.machine.state != "closed":
+            self.machine.handle(Usage(report))
+            self._pump()

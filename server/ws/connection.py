@@ -13,7 +13,7 @@ import codecs
 import logging
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
@@ -22,7 +22,9 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import StatusLike, Subprotocol
 
-from server.ws.handshake import Admitted, Rejected, error_frame_payload, json_response
+from server.protocol.errors import Rejected
+from server.sessions.upgrade import Admitted, SessionHandler
+from server.ws.handshake import error_frame_payload, json_response
 
 try:
     from websockets.speedups import apply_mask
@@ -118,26 +120,6 @@ class Utf8ServerProtocol(ServerProtocol):
 
 
 _recv_frame = ServerProtocol.recv_frame
-
-
-class SessionHandler(Protocol):
-    """What a connection drives once the upgrade is accepted."""
-
-    def on_text(self, data: bytes) -> None: ...
-
-    def on_binary(self, data: bytes) -> None: ...
-
-    def on_read_done(self) -> None:
-        """All frames of one socket read were delivered: a good moment to process them."""
-        ...
-
-    def on_writable(self) -> None: ...
-
-    def on_idle(self) -> None: ...
-
-    def on_drain(self) -> None: ...
-
-    def on_connection_closed(self, code: int) -> None: ...
 
 
 class WsConnection(asyncio.Protocol):

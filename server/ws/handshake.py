@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import email.utils
 import http
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
@@ -20,9 +17,7 @@ from websockets.http11 import Request, Response
 # The refusal is the error catalogue's (server/protocol/errors.py), shared with HTTP routes.
 from server.protocol.errors import ErrorBody, ErrorEnvelope
 from server.protocol.errors import Rejected as Rejected
-
-if TYPE_CHECKING:
-    from server.ws.connection import SessionHandler, WsConnection
+from server.sessions.upgrade import UpgradeRequest
 
 _encoder = msgspec.json.Encoder()
 
@@ -54,14 +49,6 @@ def json_response(
     return Response(status, http.HTTPStatus(status).phrase, hdrs, body)
 
 
-@dataclass(slots=True)
-class Admitted:
-    """The upgrade is accepted: `start` builds the session once 101 is on the wire."""
-
-    start: Callable[[WsConnection], SessionHandler]
-    cancel: Callable[[], None] = lambda: None
-
-
 class BadUpgrade(ValueError):
     """The upgrade request itself is malformed (HTTP 400 `bad_request`)."""
 
@@ -69,14 +56,6 @@ class BadUpgrade(ValueError):
 # Headers we read that may appear once: with two, which one is meant is ambiguous (and a proxy
 # may have added one), so the request is refused instead of guessed at.
 SINGLE_VALUED_HEADERS = ("Authorization",)
-
-
-@dataclass(frozen=True, slots=True)
-class UpgradeRequest:
-    path: str
-    query: dict[str, str]
-    api_key: str | None
-    headers: Headers
 
 
 def parse_upgrade(request: Request) -> UpgradeRequest:

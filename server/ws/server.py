@@ -19,11 +19,12 @@ from websockets.http11 import Request
 
 from server.config import ServerConfig
 from server.protocol.admission import AdmissionPolicy, Authenticator, Principal
-from server.protocol.errors import refuse
+from server.protocol.errors import Rejected, refuse
+from server.sessions.upgrade import Admitted, UpgradeRequest
 from server.telemetry.metrics import Metrics
 from server.ws.acceptor import BatchAcceptor
 from server.ws.connection import WsConnection
-from server.ws.handshake import Admitted, BadUpgrade, Rejected, UpgradeRequest, parse_upgrade
+from server.ws.handshake import BadUpgrade, parse_upgrade
 from server.ws.port_guard import BoundPort, bind_port, deployment_id
 
 log = logging.getLogger("streamgate.ws")

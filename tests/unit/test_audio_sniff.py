@@ -64,8 +64,10 @@ def test_a_declared_type_we_do_not_decode_is_refused_without_its_bytes() -> None
     for ctype in ("audio/mpeg", "application/json", "text/plain"):
         with pytest.raises(UnsupportedMediaType, match=ctype):
             refuse_unsupported(MediaType.parse(ctype))
-    for ctype in ("audio/wav", "audio/L16;rate=8000", "application/octet-stream", None):
-        refuse_unsupported(MediaType.parse(ctype))
+    accepted: tuple[str | None, ...] = ("audio/wav", "audio/L16;rate=8000",
+                                        "application/octet-stream", None)
+    for declared in accepted:
+        refuse_unsupported(MediaType.parse(declared))
 
 
 def test_generic_type_needs_a_wav_header_a_file_name_or_an_encoding() -> None:

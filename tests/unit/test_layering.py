@@ -69,8 +69,12 @@ def edges_into(package: str, forbidden: str) -> dict[str, list[str]]:
     # the WebSocket listener: an HTTP request or a test hosts them just as well.
     ("server.sessions", "server.ws.server"),
     ("server.telephony", "server.ws.server"),
-    # A call runs on a Wire; only its endpoint's upgrade hook sees the WebSocket connection.
-    ("server.telephony.call.session", "server.ws"),
+    # Sessions own the upgrade contract (server/sessions/upgrade.py: UpgradeRequest, Admitted,
+    # SessionSocket, SessionHandler) and the listener implements it: no session, call or HTTP
+    # speech route sees the WebSocket code, so each runs on an HTTP request or a fake alike.
+    ("server.sessions", "server.ws"),
+    ("server.telephony", "server.ws"),
+    ("server.http", "server.ws"),
     # Provider codecs are sans-I/O dialect translators: no call, no session, no socket.
     ("server.telephony.providers", "server.telephony.call"),
     ("server.telephony.providers", "server.sessions"),
@@ -98,7 +102,10 @@ def test_only_the_composition_roots_start_the_embedded_servers() -> None:
     importers = {module for module, names in package_imports("server").items()
                  if not module.startswith("server.infra")
                  and any(n == "server.infra" or n.startswith("server.infra.") for n in names)}
-    assert importers == {"server.app", "server.__main__"}
+    # The worker supervisor (`serve --workers N`) is the composition root of a node: it
+    # starts the stores once and hands every worker their URLs.
+    roots = {m for m in importers if m.startswith("server.supervisor.")}
+    assert importers - roots == {"server.app", "server.__main__"}
 
 
 def test_the_client_depends_only_on_the_protocol() -> None:

@@ -39,18 +39,23 @@ def test_a_key_that_comes_in_band_meets_the_policy_the_endpoint_was_given() -> N
     run(scenario())
 
 
-def test_the_listener_counts_sessions_through_the_port() -> None:
+def test_the_listener_counts_a_call_once_through_the_port() -> None:
     async def scenario() -> None:
         call = await open_call()
         server = call.server
-        assert server.session_count == 0
-        call.session.on_text(START)  # the call's ASR runner starts: one live session
+        assert server.session_count == 1  # the accepted socket is a call from the start
+        call.session.on_text(START)  # its ASR runner starts: part of the call, not a session
         for _ in range(100):
-            if server.session_count == 1:
+            if call.session.state == "live":
                 break
             await asyncio.sleep(0.01)
+        assert call.session.state == "live"
         assert server.session_count == 1
+        active = call.endpoint.metrics.sessions_active
+        assert active.labels("telephony")._value.get() == 1
+        assert active.labels("asr")._value.get() == 0  # not a second session of its own
         await call.end()
         assert server.session_count == 0
+        assert active.labels("telephony")._value.get() == 0
 
     run(scenario())

@@ -43,9 +43,8 @@ from server.sessions.tts import (
     tts_params,
 )
 from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
+from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
 from server.telemetry.metrics import Metrics
-from server.ws.connection import WsConnection
-from server.ws.handshake import Admitted, UpgradeRequest
 from tests.unit.session_fakes import FakeSessionHost, RecordingWire
 from tests.unit.virtual_time import run
 
@@ -378,7 +377,7 @@ async def open_runner(
                        headers=Headers()), ANONYMOUS)
     assert isinstance(decision, Admitted)
     wire = RecordingWire(m.tts_server_decoder.decode)
-    runner = decision.start(cast(WsConnection, wire))
+    runner = decision.start(cast(SessionSocket, wire))
     assert isinstance(runner, TtsSessionRunner)
     return runner, wire, server
 

@@ -25,9 +25,8 @@ from server.sessions.tts import (
     TtsSession,
 )
 from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
+from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
 from server.telemetry.metrics import Metrics
-from server.ws.connection import WsConnection
-from server.ws.handshake import Admitted, UpgradeRequest
 from tests.unit.session_fakes import FakeSessionHost, RecordingWire
 
 SENTENCE = "One short sentence to speak. "
@@ -141,7 +140,7 @@ async def open_runner(
                        headers=Headers()), ANONYMOUS)
     assert isinstance(decision, Admitted)
     wire = RecordingWire(json.loads)
-    runner = decision.start(cast(WsConnection, wire))
+    runner = decision.start(cast(SessionSocket, wire))
     assert isinstance(runner, TtsSessionRunner)
     return runner, wire, server
 

@@ -22,9 +22,9 @@ from websockets.utils import apply_mask
 
 from loadtest.hotpath import MemoryTransport, upgrade_bytes
 from server.config import load_config
+from server.sessions.upgrade import Admitted
 from server.telemetry.metrics import Metrics
 from server.ws.connection import WsConnection
-from server.ws.handshake import Admitted
 
 MAX_SIZE = 2048
 

@@ -14,8 +14,9 @@ import pytest
 from websockets.http11 import Request
 
 from loadtest.hotpath import MemoryTransport, upgrade_bytes
+from server.protocol.errors import Rejected
+from server.sessions.upgrade import Admitted, SessionSocket
 from server.ws.connection import WsConnection
-from server.ws.handshake import Admitted, Rejected
 from tests.unit.test_ws_fast_path import LoopFreeServer
 
 GOOD = upgrade_bytes("/v1/asr/stream")
@@ -61,7 +62,7 @@ class RecordingRouter:
             return self.refusal
         return Admitted(start=self._start, cancel=self._cancel)
 
-    def _start(self, conn: WsConnection) -> Session:
+    def _start(self, conn: SessionSocket) -> Session:
         self.started += 1
         return Session()
 

@@ -15,10 +15,10 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-from server.billing.meter import KEY_REVOKED_CLOSE, KEY_REVOKED_CODE, KeyRevoked
+from server.billing.meter import KEY_REVOKED_CLOSE, KEY_REVOKED_CODE
 from server.config import TelephonyConfig
+from server.sessions.lifecycle import MeteredUsage
 from server.telephony.call.agents import Agent, AgentError, AgentTurn, HistoryEntry
-from server.telephony.call.meters import ObservedMeter
 from server.telephony.call.playback import Playback, Reply
 from server.telephony.providers.events import CallStarted
 
@@ -31,13 +31,13 @@ Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 class Conversation:
     def __init__(self, *, agent: Agent, playback: Playback, call: CallStarted,
-                 cfg: TelephonyConfig, meter: ObservedMeter, spawn: Spawn,
+                 cfg: TelephonyConfig, usage: MeteredUsage, spawn: Spawn,
                  end: Callable[[str, int], None], log_extra: dict[str, str]) -> None:
         self.agent = agent
         self.playback = playback
         self.call = call
         self.cfg = cfg
-        self.meter = meter  # agent speech (characters)
+        self.usage = usage  # agent speech (characters)
         self._spawn = spawn
         self._end = end
         self._log = log_extra
@@ -109,7 +109,7 @@ class Conversation:
                                 extra=self._log)
                     break
                 self.playback.say(piece)
-                if self.meter.exhausted and self._top_up is None:
+                if self.usage.exhausted and self._top_up is None:
                     self._top_up = self._spawn(self._extend_lease())
         except AgentError as exc:
             log.warning("agent failed: %s", exc, extra=self._log)
@@ -122,17 +122,11 @@ class Conversation:
         self.playback.end_reply()
 
     async def _extend_lease(self) -> None:
-        try:
-            extended = await self.meter.top_up()
-        except KeyRevoked:
-            self._top_up = None
-            self._end(KEY_REVOKED_CODE, KEY_REVOKED_CLOSE)
-            return
-        except Exception:
-            log.exception("agent-speech lease top-up failed", extra=self._log)
-            extended = False
+        verdict = await self.usage.top_up()
         self._top_up = None
-        if not extended:
+        if verdict == "revoked":
+            self._end(KEY_REVOKED_CODE, KEY_REVOKED_CLOSE)
+        elif verdict == "refused":
             self._end("insufficient_balance", 4002)
 
     def _barge_in(self, cause: str) -> None:

@@ -25,16 +25,15 @@ from server.billing.meter import METER_ERRORS, MeterFactory, SessionMeter
 from server.config import Config, ConfigError
 from server.models.base import Synthesizer
 from server.protocol.admission import AdmissionPolicy
-from server.protocol.errors import rejection
+from server.protocol.errors import Rejected, rejection
 from server.sessions.asr_runner import AsrEndpoint
 from server.sessions.host import SessionHost
+from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
 from server.telemetry.metrics import Metrics
 from server.telephony.call.agents import Agent, build_agent
 from server.telephony.call.meters import CallMeters, MeterRefused, ObservedMeter
 from server.telephony.call.session import TelephonySession
 from server.telephony.providers import PROVIDERS
-from server.ws.connection import WsConnection
-from server.ws.handshake import Admitted, Rejected, UpgradeRequest
 
 log = logging.getLogger("streamgate.telephony")
 KIND = "telephony"
@@ -110,7 +109,7 @@ class TelephonyEndpoint:
 
     def _admitted(self, provider: str | None, principal: Principal | None,
                   meters: CallMeters | None) -> Admitted:
-        def start(conn: WsConnection) -> TelephonySession:
+        def start(conn: SessionSocket) -> TelephonySession:
             conn.error_frames = False  # a provider's socket takes only the provider's messages
             session = TelephonySession(self, conn, provider=provider, principal=principal,
                                        meters=meters)

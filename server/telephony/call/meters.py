@@ -8,7 +8,7 @@ import contextlib
 from dataclasses import dataclass
 
 from server.billing.meter import SessionMeter, UsageReport
-from server.ws.handshake import Rejected
+from server.protocol.errors import Rejected
 
 __all__ = ["CallMeters", "MeterRefused", "ObservedMeter"]
 

@@ -26,18 +26,13 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import msgspec
 
 from server.billing.auth import Principal
-from server.billing.meter import (
-    KEY_REVOKED_CLOSE,
-    KEY_REVOKED_CODE,
-    UsageReport,
-    cancel_requested,
-    report_delays,
-)
+from server.billing.meter import KEY_REVOKED_CLOSE, KEY_REVOKED_CODE, UsageReport
 from server.flow_control.byte_queue import ByteQueue
 from server.protocol import messages as m
 from server.sessions.asr import AsrSession
 from server.sessions.asr_params import AsrParams
 from server.sessions.asr_runner import FINALS_TIMEOUT_S, AsrSessionRunner
+from server.sessions.lifecycle import MeteredUsage, SessionLifecycle
 from server.sessions.tts import TtsParams, TtsSession, default_frame_bytes
 from server.sessions.wire import Wire
 from server.telephony.call.conversation import MAX_DIGITS, Conversation
@@ -95,11 +90,15 @@ class TelephonySession:
         self._gone = False
         self._bad_messages = 0
         self._log: dict[str, str] = {"peer": conn.peer}
+        # A call counts once, as a call, from the accepted socket to its `call ended` line.
+        self.lifecycle = SessionLifecycle(kind=KIND, host=endpoint.server,
+                                          metrics=endpoint.metrics, log=log, log_extra=self._log)
+        self.agent_usage: MeteredUsage | None = None  # the agent-speech meter, once live
 
     # --- SessionHandler -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.endpoint.metrics.sessions_active.labels(KIND).inc()
+        self.lifecycle.opened(None)  # `call started` is logged once it goes live
         loop = asyncio.get_running_loop()
         self._start_timer = loop.call_later(self.cfg.start_timeout_s, self._start_timeout)
 
@@ -155,9 +154,6 @@ class TelephonySession:
         if self.runner is not None:
             self.runner.on_connection_closed(code)
         self._end("socket closed", code)
-        metrics = self.endpoint.metrics
-        metrics.sessions_active.labels(KIND).dec()
-        metrics.sessions_total.labels(KIND, str(code)).inc()
 
     # --- admission ------------------------------------------------------------------------------
 
@@ -234,7 +230,7 @@ class TelephonySession:
                          max_frame_bytes=config.server.max_frame_bytes,
                          idle_timeout_s=config.server.idle_timeout_s)
         self.runner = AsrSessionRunner(ep.asr, self.conn, asr, engine, meters.asr, principal,
-                                       on_events=self._asr_events)
+                                       on_events=self._asr_events, counted=False)
         synth = ep.tts_engine
         tts_params = TtsParams(model=ep.tts_model, voice=cfg.voice or None,
                                language=cfg.language, encoding=call.encoding,
@@ -258,8 +254,11 @@ class TelephonySession:
         self.playback = Playback(machine=tts, engine=synth, meter=meters.tts, send=self._send,
                                  can_write=lambda: not self.conn.write_paused,
                                  on_played=self._reply_played, log_extra=self._log)
+        self.agent_usage = MeteredUsage(
+            meters.tts, usage_interval_s=config.tts.session.usage_interval_s, log=log,
+            log_extra=self._log)
         self.conversation = Conversation(
-            agent=ep.agent, playback=self.playback, call=call, cfg=cfg, meter=meters.tts,
+            agent=ep.agent, playback=self.playback, call=call, cfg=cfg, usage=self.agent_usage,
             spawn=self._spawn, end=self._end, log_extra=self._log)
         self.state = "live"
         if self._start_timer is not None:
@@ -267,7 +266,7 @@ class TelephonySession:
             self._start_timer = None
         self.runner.start()
         self._spawn(self.playback.run())
-        self._spawn(self._tts_usage())
+        self._track(self.agent_usage.start_reports(self._agent_speech_report))
         pending, self._pending = self._pending, None
         while pending and (payload := pending.take()) is not None:
             self.runner.on_binary(payload)
@@ -329,19 +328,14 @@ class TelephonySession:
                 conn.send_text(frame.encode())
         conn.flush()
 
-    async def _tts_usage(self) -> None:
-        assert self._meters is not None
-        for delay in report_delays(self.endpoint.config.tts.session.usage_interval_s):
-            if self.state != "live":
-                break
-            await asyncio.sleep(delay)
-            report = await self._meters.tts.report()  # also tops the lease up
-            if cancel_requested():
-                return
-            if report.revoked:
-                self._end(KEY_REVOKED_CODE, KEY_REVOKED_CLOSE)
-            elif report.exhausted:
-                self._end("insufficient_balance", 4002)
+    def _agent_speech_report(self, report: UsageReport) -> None:
+        # A report also tops the lease up: its verdict may end the call.
+        if self.state != "live":
+            return
+        if report.revoked:
+            self._end(KEY_REVOKED_CODE, KEY_REVOKED_CLOSE)
+        elif report.exhausted:
+            self._end("insufficient_balance", 4002)
 
     # --- the end --------------------------------------------------------------------------------
 
@@ -370,13 +364,12 @@ class TelephonySession:
         if admitting:
             # An admission in flight settles the meters it opens once it sees the call ended.
             await asyncio.wait(admitting)
-        extra = {**self._log, "reason": reason, "close_code": code, "started": False}
         if self._principal is not None:
-            extra["tenant_id"] = self._principal.tenant_id
+            self._log["tenant_id"] = self._principal.tenant_id
         if self._meters is not None:
             await self._meters.settle()
-            extra["session_id"] = self._meters.session_id  # its usage events carry this id
-        log.info("call ended", extra=extra)
+            self._log["session_id"] = self._meters.session_id  # its usage events carry this id
+        self.lifecycle.closed(code, "call ended", reason=reason, started=False)
 
     async def _finish(self, reason: str, code: int) -> None:
         runner, playback, meters = self.runner, self.playback, self._meters
@@ -390,11 +383,8 @@ class TelephonySession:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        try:
-            tts: UsageReport | None = await meters.tts.settle()
-        except Exception:
-            log.exception("agent-speech meter settle failed", extra=self._log)
-            tts = None
+        assert self.agent_usage is not None
+        tts = await self.agent_usage.settle()
         if runner.machine.state == "open" and not self._gone:
             if code == 1001:
                 runner.on_drain()
@@ -408,22 +398,24 @@ class TelephonySession:
         except TimeoutError:
             log.error("caller-audio meter not settled", extra=self._log)
         asr = meters.asr.final
-        log.info("call ended", extra={
-            **self._log, "reason": reason, "close_code": code, "started": True,
-            "turns": conversation.turns,
-            "barge_ins": conversation.barge_ins, "played_ms": int(playback.played_ms),
-            "sent_ms": int(playback.sent_ms),
-            "asr_audio_ms": asr.audio_ms if asr else None,
-            "asr_dropped_ms": asr.dropped_ms if asr else None,
-            "asr_cost_micros": asr.cost_micros if asr else None,
-            "tts_characters": tts.units if tts else None,  # its meter counts characters
-            "tts_cost_micros": tts.cost_micros if tts else None,
-        })
+        self.lifecycle.closed(
+            code, "call ended", reason=reason, started=True, turns=conversation.turns,
+            barge_ins=conversation.barge_ins, played_ms=int(playback.played_ms),
+            sent_ms=int(playback.sent_ms),
+            asr_audio_ms=asr.audio_ms if asr else None,
+            asr_dropped_ms=asr.dropped_ms if asr else None,
+            asr_cost_micros=asr.cost_micros if asr else None,
+            tts_characters=tts.units if tts else None,  # its meter counts characters
+            tts_cost_micros=tts.cost_micros if tts else None)
 
     # --- helpers --------------------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = self.endpoint.server.spawn(coro)
+        return self._track(task)
+
+    def _track(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        """The call's own tasks: cancelled and awaited when it ends."""
         self._tasks.append(task)
         task.add_done_callback(self._tasks.remove)
         return task
