@@ -79,7 +79,8 @@ async def _run(args: argparse.Namespace, cfg: Config, locate: Locate) -> int:
 
             return refund
 
-        return await flusher_main(urls.redis_url, urls.database_url, make_refund=make_refund)
+        return await flusher_main(urls.redis_url, urls.database_url, make_refund=make_refund,
+                                  until_empty=args.until_empty)
     if cmd == "reconcile":
         urls = await locate(cfg)
         return await reconcile_main(urls.redis_url, urls.database_url)
@@ -151,7 +152,10 @@ def add_subcommands(sub: Any, locate: Locate) -> None:
 
     tenant_help = "tenant id (e.g. dev, the tenant `./scripts/run.sh` creates)"
     command("migrate", "apply database migrations and default price plans")
-    command("flusher", "run the usage flusher alone (Redis stream -> Postgres)")
+    p = command("flusher", "run the usage flusher alone (Redis stream -> Postgres)")
+    p.add_argument("--until-empty", action="store_true",
+                   help="exit once every usage stream is flushed (0), or 1 with entries left "
+                   "after the claim delay; before moving to another Redis (docs/billing.md)")
     command("reconcile", "check the billing invariants; exit 1 if any is broken")
     p = command("tenant-create", "create a tenant (and its empty wallet); prints its id")
     p.add_argument("name", help="display name")

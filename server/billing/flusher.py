@@ -48,6 +48,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_BACKOFF_S = 5.0
 _ERROR_LOG_EVERY_S = 60.0
 _MAX_CLAIM_PAGES = 10  # per tenant per round; the rest is claimed next round
+_UNTIL_EMPTY_MARGIN_S = 30.0  # --until-empty gives up this long after the claim delay
 
 ReplayConflict = Callable[[str, str, int], Awaitable[None]]
 Entry = tuple[str, dict[str, str]]
@@ -126,7 +127,7 @@ class UsageFlusher:
         self._consumer = consumer
         self._batch = batch
         self._block_ms = block_ms
-        self._claim_idle_ms = claim_idle_ms
+        self.claim_idle_ms = claim_idle_ms
         self._on_replay_conflict = on_replay_conflict
         # Another set only to confine a flusher to some tenants (tests on a shared Redis).
         self._tenants_key = tenants_key
@@ -179,6 +180,36 @@ class UsageFlusher:
             if processed == 0:
                 await _wait(stop, self._block_ms / 1000)
 
+    async def unflushed(self) -> int:
+        """Entries left in the usage streams of every cached tenant (acknowledged entries are
+        deleted, so this is what Postgres has not got yet, pending or not)."""
+        members: Any = await self._redis.smembers(self._tenants_key)
+        total = 0
+        for tenant_id in (as_str(m) for m in members):
+            total += int(await self._redis.xlen(keys.usage_stream(tenant_id)))
+        return total
+
+    async def run_until_empty(self, stop: asyncio.Event, give_up_s: float) -> int:
+        """Flush until every usage stream is empty (0 returned) or `give_up_s` passed or `stop`
+        is set (the entries left returned). For moving to another Redis (decision 13B1): the
+        old Redis's streams must reach Postgres first. Entries still pending with another
+        consumer are claimed once idle for `claim_idle_ms`, so give it longer than that."""
+        deadline = time.monotonic() + give_up_s
+        while True:
+            try:
+                if await self.flush_once():
+                    continue
+                left = await self.unflushed()
+            except Exception:
+                if stop.is_set() or time.monotonic() > deadline:
+                    raise
+                log.exception("usage flush failed; retrying in %.1f s", _MAX_BACKOFF_S)
+                await _wait(stop, _MAX_BACKOFF_S)
+                continue
+            if left == 0 or stop.is_set() or time.monotonic() > deadline:
+                return left
+            await _wait(stop, self._block_ms / 1000)
+
     async def _flush_tenant(self, tenant_id: str) -> int:
         try:
             return await self._flush_stream(tenant_id)
@@ -227,7 +258,7 @@ class UsageFlusher:
         start = "0-0"
         for _ in range(_MAX_CLAIM_PAGES):
             reply: Any = await self._redis.xautoclaim(
-                key, GROUP, self._consumer, self._claim_idle_ms, start_id=start,
+                key, GROUP, self._consumer, self.claim_idle_ms, start_id=start,
                 count=self._batch, justid=False,
             )
             # [next cursor, claimed entries, deleted ids]; the claimed entries are now in
@@ -344,8 +375,13 @@ async def flusher_main(
     consumer: str | None = None,
     make_refund: Callable[[BillingRedis], ReplayConflict] | None = None,
     tenants_key: str = keys.TENANTS_SET,
+    until_empty: bool = False,
 ) -> int:
-    """`streamgate flusher`: flush until SIGTERM/SIGINT. `make_refund` builds the REFUND hook."""
+    """`streamgate flusher`: flush until SIGTERM/SIGINT. `make_refund` builds the REFUND hook.
+
+    `until_empty` (`--until-empty`): flush until every usage stream is empty, then exit 0; exit
+    1 if entries are left after the claim delay plus a margin (malformed entries, or Postgres
+    refusing a tenant's rows: the log says which)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -367,7 +403,14 @@ async def flusher_main(
                 on_replay_conflict=make_refund(client) if make_refund else None,
                 tenants_key=tenants_key,
             )
-            await flusher.run(stop)
+            if not until_empty:
+                await flusher.run(stop)
+            else:
+                left = await flusher.run_until_empty(stop, _UNTIL_EMPTY_MARGIN_S
+                                                     + flusher.claim_idle_ms / 1000)
+                print(f"usage streams: {left} entries not flushed" if left
+                      else "usage streams: empty")
+                return 1 if left else 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

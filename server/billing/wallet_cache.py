@@ -11,6 +11,7 @@ lie within +-2^50, where doubles are exact (the scripts check again).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -131,9 +132,10 @@ def _report_status(v: Any) -> ReportStatus:
 
 
 class LuaScript:
-    """One script from `lua/` (with the shared prelude) run by EVALSHA. SCRIPT LOAD happens on
-    first use and again on NOSCRIPT: a restarted (or SCRIPT FLUSHed) Redis has forgotten every
-    script, and callers must not notice."""
+    """One script from `lua/` (with the shared prelude) run by EVALSHA. Its SHA1 is computed
+    here, so a server that has the script already (another process loaded it) runs it at once;
+    SCRIPT LOAD happens on NOSCRIPT: a restarted (or SCRIPT FLUSHed) Redis, or a cluster master
+    that never saw it, and callers must not notice."""
 
     _prelude: str | None = None
 
@@ -142,7 +144,7 @@ class LuaScript:
             LuaScript._prelude = (_LUA_DIR / "_common.lua").read_text()
         self.name = name
         self.text = LuaScript._prelude + "\n" + (_LUA_DIR / f"{name}.lua").read_text()
-        self.sha: str | None = None
+        self.sha = hashlib.sha1(self.text.encode(), usedforsecurity=False).hexdigest()
 
     async def load(self, r: BillingRedis) -> str:
         sha: str = await r.script_load(self.text)
@@ -151,9 +153,8 @@ class LuaScript:
 
     async def __call__(self, r: BillingRedis, keys_: Sequence[str], args: Iterable[Any]) -> Any:
         argv = [str(a) for a in args]
-        sha = self.sha if self.sha is not None else await self.load(r)
         try:
-            return await r.evalsha(sha, len(keys_), *keys_, *argv)
+            return await r.evalsha(self.sha, len(keys_), *keys_, *argv)
         except NoScriptError:
             sha = await self.load(r)
             return await r.evalsha(sha, len(keys_), *keys_, *argv)

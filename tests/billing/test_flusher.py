@@ -24,6 +24,7 @@ from server.billing.flusher import (
     UsageFlusher,
     as_str,
     entry_source,
+    flusher_main,
     parse_entry,
 )
 from server.billing.reconcile import reconcile
@@ -512,3 +513,37 @@ def test_entry_source_names_the_entry() -> None:
                                       "unit": "audio_ms", "units": "1", "cost": "1"},
                                 entry_id="1740830400001-0")
     assert replay and event.source == entry_source("1740830400001-0", fields)
+
+
+async def test_until_empty_flushes_every_stream_then_exits_0(
+    billing_store: BillingStore, fresh_database: str, redis_url: str,
+    redis_client: aioredis.Redis, tenants_key: str, new_tenant_id: Callable[[], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`streamgate flusher --until-empty`: the flush barrier before moving to another Redis
+    (docs/decisions/13B1-redis-cluster.md)."""
+    t, u = new_tenant_id(), new_tenant_id()
+    for tenant in (t, u):
+        await add_tenant(billing_store, redis_client, tenants_key, tenant)
+        for seq in (1, 2):
+            await xadd(redis_client, tenant, "s", seq, 10)
+    code = await flusher_main(redis_url, fresh_database, consumer="barrier",
+                              tenants_key=tenants_key, until_empty=True)
+    assert (code, capsys.readouterr().out.strip()) == (0, "usage streams: empty")
+    for tenant in (t, u):
+        assert await redis_client.xlen(keys.usage_stream(tenant)) == 0
+        assert await billing_store.balance(tenant) == 1_000_000 - 20
+
+
+async def test_until_empty_gives_up_on_entries_it_cannot_flush(
+    billing_store: BillingStore, redis_client: aioredis.Redis, tenants_key: str,
+    new_tenant_id: Callable[[], str],
+) -> None:
+    t = new_tenant_id()
+    await add_tenant(billing_store, redis_client, tenants_key, t)
+    await redis_client.xadd(keys.usage_stream(t), {"event_id": "x:1", "cost": "a lot"})
+    await xadd(redis_client, t, "s", 1, 5)
+    flusher = UsageFlusher(redis_client, billing_store, consumer="c1", tenants_key=tenants_key,
+                           block_ms=10)
+    assert await flusher.run_until_empty(asyncio.Event(), give_up_s=0.1) == 1  # the bad one
+    assert await billing_store.balance(t) == 1_000_000 - 5
