@@ -4,12 +4,13 @@ prepaid wallets. Run the server, its clients, and the billing administration:"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from server.config import ConfigError, load_config
+from server.config import Config, ConfigError, load_config
 
 MASK = "***"
 # Config values that are credentials themselves. `*_env` keys name environment variables and are
@@ -19,7 +20,8 @@ SECRET_KEYS = frozenset({"admin_token", "key_sha256"})
 SECRET_QUERY_PARAMS = frozenset({"password", "sslpassword"})
 
 
-def _serve(args: argparse.Namespace) -> int:
+def load_serve_config(args: argparse.Namespace) -> Config | None:
+    """The configuration `serve` runs with (None: it is invalid, and the reason was printed)."""
     overrides: dict[str, dict[str, object]] = {"server": {}}
     if args.host:
         overrides["server"]["host"] = args.host
@@ -28,20 +30,48 @@ def _serve(args: argparse.Namespace) -> int:
     if args.http_port is not None:
         overrides["server"]["http_port"] = args.http_port
     try:
-        config = load_config(args.config, overrides=overrides)
+        return load_config(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"streamgate: {exc}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_serve_config(args)
+    if config is None:
         return 2
     from server.supervisor.cores import worker_count
 
     workers = worker_count(args.workers, config.server.workers)
     if workers > 1:
-        from server.supervisor.workers import run_supervisor
-
-        return run_supervisor(config, workers)
+        # The same process becomes the supervisor (server/supervisor/__main__.py): exec sheds
+        # the modules this CLI imported for its other commands (~30 MB it would otherwise keep
+        # for the node's lifetime).
+        argv = [sys.executable, "-m", "server.supervisor", "--workers", str(workers)]
+        for flag, value in (("--config", args.config), ("--host", args.host),
+                            ("--ws-port", args.ws_port), ("--http-port", args.http_port)):
+            if value is not None:
+                argv += [flag, str(value)]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, argv)
     from server.app import run
 
     return run(config)
+
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--config", type=Path, help="TOML file layered over config/default.toml")
+    serve.add_argument("--host", help="listen address of both ports (default: server.host, "
+                       "127.0.0.1)")
+    serve.add_argument("--ws-port", type=int, help="WebSocket port (default: server.ws_port, "
+                       "8765; 0 = any free port, printed at start)")
+    serve.add_argument("--http-port", type=int, help="HTTP port: REST, admin, /metrics "
+                       "(default: server.http_port, 8080; 0 = any free port)")
+    serve.add_argument("--workers", type=_positive_int, metavar="N",
+                       help="worker processes sharing both ports, under a supervisor that "
+                       "restarts and drains them (default: server.workers, else one per "
+                       "available core; 1 = a single process, no supervisor)")
 
 
 def _mask_url(value: str) -> str:
@@ -129,17 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the gateway (WebSocket + HTTP)")
-    serve.add_argument("--config", type=Path, help="TOML file layered over config/default.toml")
-    serve.add_argument("--host", help="listen address of both ports (default: server.host, "
-                       "127.0.0.1)")
-    serve.add_argument("--ws-port", type=int, help="WebSocket port (default: server.ws_port, "
-                       "8765; 0 = any free port, printed at start)")
-    serve.add_argument("--http-port", type=int, help="HTTP port: REST, admin, /metrics "
-                       "(default: server.http_port, 8080; 0 = any free port)")
-    serve.add_argument("--workers", type=_positive_int, metavar="N",
-                       help="worker processes sharing both ports, under a supervisor that "
-                       "restarts and drains them (default: server.workers, else one per "
-                       "available core; 1 = a single process, no supervisor)")
+    add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser(

@@ -182,10 +182,13 @@ class Gateway:
             self.ws.end_notice()  # a second signal: no more waiting for load balancers
         self._stop.set()
 
-    async def serve_until_stopped(self) -> None:
+    def handle_stop_signals(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+
+    async def serve_until_stopped(self) -> None:
+        self.handle_stop_signals()
         await self._stop.wait()
         await self.stop()
         log.info("drain complete")
@@ -246,6 +249,9 @@ async def serve(config: Config) -> int:
         print(f"streamgate: {exc}", file=sys.stderr, flush=True)
         return 2
     assert gateway.ws is not None
+    # Before announcing ourselves: whoever saw `listening` may stop us at once (a supervisor's
+    # worker), and must get a drain rather than the default action of the signal.
+    gateway.handle_stop_signals()
     # One machine-readable line on stdout: scripts and tests learn the bound ports from it.
     print(json.dumps({"event": "listening", "host": config.server.host,
                       "ws_port": gateway.ws.port, "http_port": gateway.http_port}), flush=True)

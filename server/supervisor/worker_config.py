@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from server.config import Config
-from server.infra.stores import BillingUrls
+
+if TYPE_CHECKING:
+    from server.infra.stores import BillingUrls
 
 
 def shared_worker_config(cfg: Config, *, ws_port: int, http_port: int, admin_token: str,

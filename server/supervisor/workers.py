@@ -22,16 +22,18 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.config import Config
-from server.infra.stores import dev_key_file
-from server.supervisor.node_stores import NodeStores, prepare_node_stores
 from server.supervisor.ports import ReservedPort, reserve_port
 from server.supervisor.restart_backoff import RestartBackoff
 from server.supervisor.worker_config import shared_worker_config, write_worker_config
 from server.telemetry.logging import setup_logging
 from server.telemetry.metrics import MULTIPROC_DIR_ENV, mark_process_dead
 from server.ws.port_guard import DEPLOYMENT_ENV, PortInUse
+
+if TYPE_CHECKING:
+    from server.supervisor.node_stores import NodeStores
 
 log = logging.getLogger("streamgate.supervisor")
 WORKER_MODULE = "server.supervisor.worker"
@@ -93,9 +95,12 @@ class WorkerPool:
 
     async def _keep_running(self, slot: WorkerSlot) -> None:
         while not self.stopping:
-            code = await self._run_once(slot)
+            listened, code = await self._run_once(slot)
             if self.stopping:
-                slot.final_code = code
+                # A worker still starting dies of the forwarded signal (its handler comes with
+                # `listening`): it had nothing to drain, which is a clean stop.
+                stopped_early = not listened and -code in (signal.SIGTERM, signal.SIGINT)
+                slot.final_code = 0 if stopped_early else code
                 return
             if not self.up.is_set():
                 # It died before the node came up (bad configuration, a port taken): restarting
@@ -109,7 +114,8 @@ class WorkerPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_requested.wait(), delay)
 
-    async def _run_once(self, slot: WorkerSlot) -> int:
+    async def _run_once(self, slot: WorkerSlot) -> tuple[bool, int]:
+        """Run one process in `slot` to its end: whether it got to listen, and its exit code."""
         proc = await asyncio.create_subprocess_exec(
             *self._argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             env=self._env, pass_fds=(self._lifeline_fd,),
@@ -129,6 +135,7 @@ class WorkerPool:
             # A grandchild holding the pipe must not keep us waiting for its end of file.
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(reader, 1.0)
+        listened = slot.listening
         slot.proc, slot.listening = None, False
         # Its live gauges (sessions, connections) leave the node's /metrics with it; its
         # counters stay, so the node's totals never go backwards.
@@ -140,7 +147,7 @@ class WorkerPool:
             log.info("worker exited", extra=extra)
         else:
             log.warning("worker exited", extra=extra)
-        return code
+        return listened, code
 
     async def _read_stdout(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> None:
         """A worker prints one `listening` line when it serves; anything else passes through."""
@@ -160,10 +167,30 @@ class WorkerPool:
             sys.stdout.flush()
 
 
+RUNTIME_PREFIX = "streamgate-node-"
+
+
 def _runtime_dir() -> Path:
-    """A private (0700) directory for the node: the workers' configuration and metric files."""
-    parent = SHARED_MEMORY_DIR if os.access(SHARED_MEMORY_DIR, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="streamgate-node-", dir=parent))
+    """A private (0700) directory for the node: the workers' configuration and metric files.
+    Its name carries the supervisor's pid, so the next supervisor can remove what one that was
+    SIGKILLed left behind."""
+    parent = SHARED_MEMORY_DIR if os.access(SHARED_MEMORY_DIR, os.W_OK) else \
+        Path(tempfile.gettempdir())
+    _remove_orphaned(parent)
+    return Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{os.getpid()}-", dir=parent))
+
+
+def _remove_orphaned(parent: Path) -> None:
+    for path in parent.glob(f"{RUNTIME_PREFIX}*-*"):
+        pid_text = path.name[len(RUNTIME_PREFIX):].partition("-")[0]
+        try:
+            if not pid_text.isdigit() or path.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)  # its supervisor is gone
+        except OSError:
+            continue  # alive under another user, or the directory vanished meanwhile
 
 
 def _reserve_ports(cfg: Config, deployment: str) -> tuple[ReservedPort, ReservedPort]:
@@ -208,6 +235,10 @@ async def supervise(config: Config, count: int) -> int:
                 reserved.guard.serve()
         admin_token = config.billing.admin_token or secrets.token_urlsafe(24)
         if config.billing.enabled:
+            # Imported only here: billing's clients (redis, asyncpg) would otherwise stay in
+            # the supervisor's memory for nothing.
+            from server.supervisor.node_stores import prepare_node_stores
+
             stores = await prepare_node_stores(config)
         write_worker_config(shared_worker_config(
             config, ws_port=ws_port.port, http_port=http_port.port, admin_token=admin_token,
@@ -227,8 +258,17 @@ async def supervise(config: Config, count: int) -> int:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     log.info("supervisor exited", extra={
         "code": code, "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-        "max_rss_kb": usage.ru_maxrss})
+        "rss_kb": _rss_kb()})
     return code
+
+
+def _rss_kb() -> int | None:
+    """Resident memory now (ru_maxrss would report the CLI's peak from before the exec)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 async def _serve(config: Config, pool: WorkerPool, count: int, ws_port: int, http_port: int,
@@ -248,6 +288,8 @@ async def _serve(config: Config, pool: WorkerPool, count: int, ws_port: int, htt
         if config.billing.enabled and not config.billing.admin_token:
             _print_event(event="admin_token", admin_token=admin_token)
         if stores is not None and stores.dev_key is not None:
+            from server.infra.stores import dev_key_file
+
             _print_event(event="dev_api_key", tenant_id="dev", api_key=stores.dev_key,
                          saved_in=str(dev_key_file(config)))
         log.info("listening", extra={"ws_port": ws_port, "http_port": http_port,

@@ -286,3 +286,19 @@ async def test_one_admin_token_one_dev_key_one_pair_of_stores(
     assert kids.count("redis-server") == 1 and kids.count("postgres") == 1, kids
     for pid in worker_pids(srv).values():
         assert not {"redis-server", "postgres"} & set(children(pid))
+
+
+async def test_workers_of_a_killed_supervisor_drain_and_exit() -> None:
+    srv = start_node()
+    pids = list(worker_pids(srv).values())
+    try:
+        srv.proc.kill()  # no signal to forward: the workers see their lifeline pipe end
+        srv.proc.wait(5)
+        await asyncio.to_thread(wait_until, lambda: not any(alive(p) for p in pids), 15,
+                                "the orphaned workers exited")
+        drained = [line for line in srv.logs() if line.get("msg") == "drain complete"]
+        assert len(drained) == 2, "\n".join(srv.stderr_lines[-30:])
+    finally:
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
