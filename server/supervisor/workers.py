@@ -30,7 +30,7 @@ from server.supervisor.restart_backoff import RestartBackoff
 from server.supervisor.worker_config import shared_worker_config, write_worker_config
 from server.telemetry.logging import setup_logging
 from server.telemetry.metrics import MULTIPROC_DIR_ENV, mark_process_dead
-from server.ws.port_guard import DEPLOYMENT_ENV, PortInUse
+from server.ws.port_guard import DEPLOYMENT_ENV, PortInUse, deployment_id
 
 if TYPE_CHECKING:
     from server.supervisor.node_stores import NodeStores
@@ -209,8 +209,9 @@ def _print_event(**fields: object) -> None:
 
 async def supervise(config: Config, count: int) -> int:
     setup_logging(config.logging.level, config.logging.json)
-    # Fresh for every node: only this supervisor's workers may share its ports.
-    deployment = secrets.token_hex(16)
+    # Fresh for every node, so only this supervisor's workers may share its ports; unless the
+    # operator names the deployment (several nodes on one host, on different addresses).
+    deployment = deployment_id() or secrets.token_hex(16)
     try:
         ws_port, http_port = _reserve_ports(config, deployment)
     except PortInUse as exc:

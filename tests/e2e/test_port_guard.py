@@ -132,3 +132,29 @@ async def test_a_second_supervisor_is_refused_while_the_first_ones_workers_share
     finally:
         stop_cleanly(first)
     assert not any("Traceback" in line for line in first.stderr_lines)
+
+
+def readyz_at(host: str, http_port: int) -> int:
+    with urllib.request.urlopen(f"http://{host}:{http_port}/readyz", timeout=5) as resp:
+        return int(resp.status)
+
+
+async def test_supervisors_of_one_named_deployment_share_a_host() -> None:
+    """Two nodes on one host (distinct loopback addresses, the same ports), as the load-balanced
+    tests run them: an operator-set STREAMGATE_DEPLOYMENT_ID makes both supervisors members."""
+    ws_port, http_port = free_ports(2)
+    nodes = []
+    try:
+        for host in ("127.0.0.2", "127.0.0.3"):
+            nodes.append(start_server(ports_env(ws_port, http_port, STREAMGATE_SERVER__HOST=host,
+                                                STREAMGATE_DEPLOYMENT_ID="two-nodes"),
+                                      workers=2))
+        for host in ("127.0.0.2", "127.0.0.3"):
+            assert await asyncio.to_thread(readyz_at, host, http_port) == 200
+        stranger = run_second(ports_env(ws_port, http_port, STREAMGATE_SERVER__HOST="127.0.0.2"),
+                              workers=2)
+        assert stranger.returncode == 2
+        assert f"port {ws_port} is already served by streamgate pid" in stranger.stderr
+    finally:
+        for node in nodes:
+            stop_cleanly(node)
