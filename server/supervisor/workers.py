@@ -106,6 +106,8 @@ class WorkerPool:
                 # It died before the node came up (bad configuration, a port taken): restarting
                 # would fail the same way. The node does not start.
                 self.failed_start = code
+                log.error("worker failed before the node was up: stopping the node",
+                          extra={"worker": slot.index, "code": code})
                 self.forward(signal.SIGTERM)
                 return
             delay = slot.backoff.delay_after(self._clock() - slot.started_at)
@@ -296,7 +298,8 @@ async def _serve(config: Config, pool: WorkerPool, count: int, ws_port: int, htt
         log.info("listening", extra={"ws_port": ws_port, "http_port": http_port,
                                      "workers": count, "pid": os.getpid()})
     await running
-    log.info("drain complete" if pool.failed_start is None else "workers failed to start")
+    if pool.failed_start is None:
+        log.info("drain complete")
     return pool.exit_code()
 
 

@@ -302,3 +302,10 @@ async def test_workers_of_a_killed_supervisor_drain_and_exit() -> None:
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_that_cannot_start_stops_the_node() -> None:
+    # Valid configuration, but the engine refuses it when the worker starts it.
+    with pytest.raises(RuntimeError, match=r"did not start \(exit 1\)") as failed:
+        start_node({"STREAMGATE_ASR__MODELS__SPHINX-EN__LANGUAGE": "xx-XX"})
+    assert "worker failed before the node was up" in str(failed.value)
