@@ -24,6 +24,7 @@ from server.http.admin import add_admin_routes
 from server.http.app import build_http_app
 from server.http.auth import install_api_auth
 from server.http.llm import add_llm_routes
+from server.http.openai_audio import add_openai_audio_routes
 from server.http.openapi import add_openapi_route
 from server.http.speech import add_speech_routes
 from server.http.vision import add_vision_routes
@@ -35,6 +36,8 @@ from server.models.tts_registry import aclose_all as close_synthesizers
 from server.models.tts_registry import build_synthesizers
 from server.models.tts_registry import start_all as start_synthesizers
 from server.sessions.asr_runner import AsrEndpoint
+from server.sessions.resume import MemoryResumeStore, ResumeStore
+from server.sessions.resume_redis import RedisResumeStore
 from server.sessions.tts_runner import TtsEndpoint
 from server.telemetry.logging import setup_logging
 from server.telemetry.metrics import Metrics
@@ -124,8 +127,12 @@ class Gateway:
             meters = PricedMeterFactory(prices)
         ws = self.ws = WsServer(cfg.server, self.metrics, auth)
         ws.router.policy = self.billing
+        # Resume points in Redis (any node can resume a session) when billing has one.
+        resume_store: ResumeStore = (RedisResumeStore(self.billing.redis)
+                                     if self.billing is not None else MemoryResumeStore())
         asr_endpoint = AsrEndpoint(
             config=cfg, engines=self.engines, meters=meters, server=ws, metrics=self.metrics,
+            resume_store=resume_store,
         )
         ws.router.add("/v1/asr/stream", asr_endpoint)
         self.telephony = TelephonyEndpoint(
@@ -146,6 +153,8 @@ class Gateway:
         # Idempotency-Key answers: in Redis (every worker and node) whenever billing has one.
         replies = reply_stores(self.billing.redis if self.billing is not None else None)
         add_speech_routes(app, asr=asr_endpoint, tts=tts_endpoint, replies=replies)
+        add_openai_audio_routes(app, asr=asr_endpoint, tts=tts_endpoint, llm_models={
+            name for provider in cfg.llm.providers for name in provider.models})
         self.requests = self.billing if self.billing is not None else UnmeteredRequests()
         add_llm_routes(app, config=cfg.llm, metrics=self.metrics, requests=self.requests,
                        replies=replies)
