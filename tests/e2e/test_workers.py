@@ -185,7 +185,9 @@ async def sample_upgrade(srv: ServerProcess) -> str:
 
 
 async def test_sigterm_drains_every_worker_and_everything_exits() -> None:
-    srv = start_node({"STREAMGATE_SERVER__DRAIN_NOTICE_S": "2.0"})
+    # The whole drain window as notice: sampling must not race the listeners' close. A second
+    # SIGTERM, forwarded like the first, ends it once the samples are taken.
+    srv = start_node({"STREAMGATE_SERVER__DRAIN_NOTICE_S": "5.0"})
     pids = list(worker_pids(srv).values())
     speech = silence(300) + espeak_pcm16("finish me before you go")
     try:
@@ -211,6 +213,7 @@ async def test_sigterm_drains_every_worker_and_everything_exits() -> None:
                 assert ws.close_code == 1001
                 assert [m["type"] for m in s][-2:] == ["summary", "error"], s[-3:]
                 assert any(m["type"] == "transcript" and m["is_final"] for m in s), s
+        srv.proc.send_signal(signal.SIGTERM)
         code = srv.proc.wait(20)
         assert code == 0, "\n".join(srv.stderr_lines[-40:])
         assert not [pid for pid in pids if alive(pid)]
