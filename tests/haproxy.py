@@ -5,8 +5,8 @@ shows) with fast health checks on /readyz.
 
 Both nodes carry one STREAMGATE_DEPLOYMENT_ID: on one host the port guard (server/ws/port_guard.py)
 claims a port number for every address, so two unrelated servers on 127.0.0.2:P and 127.0.0.3:P
-would refuse each other; on separate machines, as in production, nothing is shared. That works
-for single-process nodes (WORKERS_PER_NODE); a supervisor picks a deployment id of its own.
+would refuse each other; on separate machines, as in production, nothing is shared. A
+supervisor passes an operator-set id on to its workers.
 """
 
 from __future__ import annotations
@@ -45,10 +45,7 @@ CHECK_INTER_MS = 100
 CHECK_FALL = 1
 CHECK_RISE = 2
 CHECK_BOUND_S = 2.0  # CHECK_INTER_MS x CHECK_FALL plus a check's own timeout, with slack
-# One process per node. Two (issue 13 item 5) needs both nodes' supervisors to share their port
-# numbers on this one host: the supervisor takes a fresh deployment id per node, and the port
-# guard claims a port number for every address (see the module docstring).
-WORKERS_PER_NODE = 1
+WORKERS_PER_NODE = 2  # each node is a supervisor and its workers, as in production
 
 __all__ = ["CHECK_BOUND_S", "Balancer", "LoadBalanced", "Node", "haproxy_binary",
            "load_balanced"]
@@ -100,7 +97,7 @@ class Node:
         return f"http://{self.host}:{self.http_port}"
 
     def start(self) -> None:
-        self.server = start_server(self.env)
+        self.server = start_server(self.env, workers=WORKERS_PER_NODE)
 
     def stop(self) -> int:
         return 0 if self.server is None else self.server.stop(30)
@@ -229,7 +226,6 @@ def load_balanced(redis_url: str, database_url: str, redis_db: int, workdir: Pat
             "STREAMGATE_SERVER__WS_PORT": str(ws_port),
             "STREAMGATE_SERVER__HTTP_PORT": str(http_port),
             "STREAMGATE_DEPLOYMENT_ID": deployment,
-            "STREAMGATE_SERVER__WORKERS": str(WORKERS_PER_NODE),
         })
         for letter, host in zip("ab", NODE_HOSTS, strict=True)
     ]

@@ -1,10 +1,8 @@
 """Two nodes behind a real HAProxy (issue 13 item 5; tests/haproxy.py starts it all): sessions
 and requests go through the balancer and land on both nodes, the money adds up across them,
 an Idempotency-Key holds across them, and a node that is told to stop (SIGTERM) is taken out by
-its /readyz before it closes, while its live sessions finish.
-
-Nodes run one process each for now; `--workers 2` per node is a one-flag change in
-tests/haproxy.py once the workers supervisor lands."""
+its /readyz before it closes, while its live sessions finish. Each node is a supervisor with
+two workers (tests/haproxy.py)."""
 
 from __future__ import annotations
 
