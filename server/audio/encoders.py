@@ -9,6 +9,7 @@ at the end stay "unknown", which every decoder accepts for a stream).
 
 from __future__ import annotations
 
+import threading
 from typing import Final, Literal
 
 import numpy as np
@@ -64,7 +65,10 @@ class _Sink:
 
 
 class StreamEncoder:
-    """PCM16 mono in, encoded bytes out as they are completed; `finish` flushes the rest."""
+    """PCM16 mono in, encoded bytes out as they are completed; `finish` flushes the rest.
+
+    Thread-safe: a request encodes in a worker thread (libsndfile releases the GIL), and its
+    cleanup may `close` while a cancelled request's last `encode` still runs there."""
 
     def __init__(self, fmt: CompressedFormat, sample_rate: int) -> None:
         if fmt == "opus" and sample_rate not in OPUS_RATES:
@@ -79,21 +83,27 @@ class StreamEncoder:
         self._file = soundfile.SoundFile(self._sink, mode="w", samplerate=sample_rate,
                                          channels=1, format=major, subtype=subtype, **extra)
         self._pending = b""  # an odd byte left over between pieces
+        self._lock = threading.Lock()
 
     def encode(self, pcm: bytes) -> bytes:
-        data = self._pending + pcm
-        whole = len(data) - len(data) % 2
-        self._pending = data[whole:]
-        if whole:
-            self._file.write(np.frombuffer(data[:whole], dtype="<i2"))
-        return self._sink.take()
+        with self._lock:
+            if self._file.closed:
+                return b""
+            data = self._pending + pcm
+            whole = len(data) - len(data) % 2
+            self._pending = data[whole:]
+            if whole:
+                self._file.write(np.frombuffer(data[:whole], dtype="<i2"))
+            return self._sink.take()
 
     def finish(self) -> bytes:
-        if not self._file.closed:
-            self._file.close()
-        return self._sink.take()
+        with self._lock:
+            if not self._file.closed:
+                self._file.close()
+            return self._sink.take()
 
     def close(self) -> None:
         """Release the encoder without wanting its tail (the client went away)."""
-        if not self._file.closed:
-            self._file.close()
+        with self._lock:
+            if not self._file.closed:
+                self._file.close()

@@ -642,7 +642,7 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
         return response
 
     app.router.add_get("/v1/models", models)
-    app.router.add_get("/v1/models/{model}", model)
+    app.router.add_get("/v1/models/{model:.+}", model)  # LLM names may hold a slash
     app.router.add_post("/v1/audio/transcriptions", transcriptions)
     app.router.add_post("/v1/audio/translations", translations)
     app.router.add_post("/v1/audio/speech", speech)
