@@ -1,9 +1,10 @@
 """A worker process of `streamgate serve --workers N`, as the supervisor starts it:
 
-    python -m server.supervisor.worker CONFIG_JSON LIFELINE_FD
+    python -m server.supervisor.worker CONFIG_JSON LIFELINE_FD WORKER_INDEX
 
-It is an ordinary single-process gateway (server/app.py) with the node's shared configuration,
-plus a lifeline: the read end of a pipe whose write end only the supervisor holds. When the
+It is an ordinary single-process gateway (server/app.py) with the node's shared configuration;
+its log lines carry `"worker": WORKER_INDEX` (the supervisor's lines name the same index), and it
+has a lifeline: the read end of a pipe whose write end only the supervisor holds. When the
 supervisor dies without telling anyone (kill -9), the pipe reaches end of file and the worker
 drains as on SIGTERM instead of serving on as an orphan that no one will ever stop.
 """
@@ -11,6 +12,7 @@ drains as on SIGTERM instead of serving on as an orphan that no one will ever st
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -31,12 +33,26 @@ def watch_lifeline(fd: int) -> None:
     threading.Thread(target=wait_for_end, name="supervisor-lifeline", daemon=True).start()
 
 
+def tag_log_records(index: int) -> None:
+    """Every log record of this process carries the worker's index (the JSON formatter prints
+    a record's extra attributes): N workers write to one stderr."""
+    make_record = logging.getLogRecordFactory()
+
+    def tagged(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        record.worker = index
+        return record
+
+    logging.setLogRecordFactory(tagged)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m server.supervisor.worker CONFIG_JSON LIFELINE_FD",
+    if len(argv) != 3:
+        print("usage: python -m server.supervisor.worker CONFIG_JSON LIFELINE_FD WORKER_INDEX",
               file=sys.stderr)
         return 2
     config = read_worker_config(Path(argv[0]))
+    tag_log_records(int(argv[2]))
     watch_lifeline(int(argv[1]))
     from server.app import run
 

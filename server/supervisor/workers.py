@@ -119,8 +119,8 @@ class WorkerPool:
     async def _run_once(self, slot: WorkerSlot) -> tuple[bool, int]:
         """Run one process in `slot` to its end: whether it got to listen, and its exit code."""
         proc = await asyncio.create_subprocess_exec(
-            *self._argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            env=self._env, pass_fds=(self._lifeline_fd,),
+            *self._argv, str(slot.index), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, env=self._env, pass_fds=(self._lifeline_fd,),
             # Its own process group: a Ctrl-C in the terminal reaches the supervisor only, which
             # forwards it once; otherwise every worker would see it twice.
             start_new_session=True,
