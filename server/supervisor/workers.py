@@ -144,7 +144,10 @@ class WorkerPool:
         mark_process_dead(proc.pid, str(self._metrics_dir))
         extra: dict[str, object] = {"worker": slot.index, "pid": proc.pid, "code": code}
         if code < 0:
-            extra["signal"] = signal.Signals(-code).name
+            try:
+                extra["signal"] = signal.Signals(-code).name
+            except ValueError:  # a real-time signal has no name
+                extra["signal"] = str(-code)
         if self.stopping and code == 0:
             log.info("worker exited", extra=extra)
         else:
