@@ -5,6 +5,7 @@ a transcription charged its audio once and a refused one nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -19,13 +20,14 @@ import pytest
 import soundfile
 
 from server.protocol.audio import wav_header
-from tests.e2e.conftest import TEST_KEY, ServerProcess
+from tests.e2e.conftest import TEST_KEY, ServerProcess, wait_for
 from tests.e2e.test_billing_e2e import (
     Billing,
     assert_books_balance,
     billing_server,
     pg_state,
 )
+from tests.e2e.test_tts_billing import charged_units
 from tests.speech import espeak_pcm16, silence
 
 pytestmark = pytest.mark.e2e
@@ -253,3 +255,26 @@ async def test_a_transcription_is_charged_its_audio_once_and_a_refused_one_nothi
     assert error_body(no_quota.value)["code"] == "insufficient_quota"
     assert no_quota.value.response.headers["x-should-retry"] == "false"
     assert (await pg_state(billed.dsn, broke.tenant_id)).events == 0
+
+
+async def test_speech_is_charged_its_characters(billed: Billing) -> None:
+    tenant = billed.admin.tenant(funded=1_000_000)
+    sdk = client(billed.server, key=tenant.key)
+    audio = sdk.audio.speech.create(model="espeak-en", voice="alloy", input=SPEECH_TEXT,
+                                    response_format="opus").read()
+    assert duration_s(audio)[0] > 2.0
+    with pytest.raises(openai.NotFoundError):
+        sdk.audio.speech.create(model="tts-9", voice="alloy", input=SPEECH_TEXT)
+    pg = await assert_books_balance(billed.dsn, billed.redis_url, tenant.tenant_id)
+    units, charged = await charged_units(billed.dsn, tenant.tenant_id)
+    # What the session synthesized (the text chunker drops the space between sentences), as its
+    # one "session ended" line says; the refused request left none.
+    def ended_lines() -> list[dict[str, object]]:
+        return [e for e in billed.server.logs()
+                if e.get("msg") == "session ended" and e.get("tenant_id") == tenant.tenant_id]
+
+    await asyncio.to_thread(wait_for, ended_lines, 10.0)
+    ended = ended_lines()
+    assert len(ended) == 1, ended
+    assert units == int(str(ended[0]["characters"])) >= len(SPEECH_TEXT) - 2
+    assert charged == pg.usage > 0
