@@ -474,8 +474,10 @@ def write_config(workdir: Path, name: str, args: argparse.Namespace) -> tuple[Pa
 
 def server_argv(name: str, config_path: Path | None) -> list[str]:
     if config_path is not None:
+        # One process: the bench pins the server to one core (`--workers` defaults to one
+        # worker per core, under a supervisor).
         return [sys.executable, "-m", "server", "serve", "--config", str(config_path),
-                "--host", HOST, "--ws-port", "0", "--http-port", "0"]
+                "--host", HOST, "--ws-port", "0", "--http-port", "0", "--workers", "1"]
     return [sys.executable, "-m", "loadtest.echo_servers", name, "--host", HOST, "--port", "0"]
 
 

@@ -18,7 +18,7 @@ set -euo pipefail
 
 # System packages the server and its tests need (Debian/Ubuntu names). Python itself is handled
 # separately below because the package name depends on the distribution.
-SYSTEM_PACKAGES="espeak-ng redis-server postgresql tesseract-ocr tesseract-ocr-eng tesseract-ocr-hin poppler-utils fonts-dejavu-core fonts-lohit-deva libfribidi0"
+SYSTEM_PACKAGES="espeak-ng redis-server postgresql tesseract-ocr tesseract-ocr-eng tesseract-ocr-hin poppler-utils fonts-dejavu-core fonts-lohit-deva libfribidi0 haproxy"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

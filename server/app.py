@@ -36,6 +36,8 @@ from server.models.tts_registry import aclose_all as close_synthesizers
 from server.models.tts_registry import build_synthesizers
 from server.models.tts_registry import start_all as start_synthesizers
 from server.sessions.asr_runner import AsrEndpoint
+from server.sessions.resume import MemoryResumeStore, ResumeStore
+from server.sessions.resume_redis import RedisResumeStore
 from server.sessions.tts_runner import TtsEndpoint
 from server.telemetry.logging import setup_logging
 from server.telemetry.metrics import Metrics
@@ -125,8 +127,12 @@ class Gateway:
             meters = PricedMeterFactory(prices)
         ws = self.ws = WsServer(cfg.server, self.metrics, auth)
         ws.router.policy = self.billing
+        # Resume points in Redis (any node can resume a session) when billing has one.
+        resume_store: ResumeStore = (RedisResumeStore(self.billing.redis)
+                                     if self.billing is not None else MemoryResumeStore())
         asr_endpoint = AsrEndpoint(
             config=cfg, engines=self.engines, meters=meters, server=ws, metrics=self.metrics,
+            resume_store=resume_store,
         )
         ws.router.add("/v1/asr/stream", asr_endpoint)
         self.telephony = TelephonyEndpoint(

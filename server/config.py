@@ -75,6 +75,9 @@ class AsrSessionConfig(Base):
     vad_frame_ms: int = 20
     resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ"] = "HQ"
     max_wav_header_bytes: int = 4096
+    # How long a session cut off (drain, lost connection, a node that died) can be resumed with
+    # its `resume_token` (docs/protocol.md, "Resuming a session"); 0: no resume tokens.
+    resume_window_s: float = 60.0
 
 
 class PocketsphinxModelConfig(Base, tag="pocketsphinx", tag_field="engine"):

@@ -13,6 +13,12 @@ What a well-behaved client does (docs/protocol.md is the contract):
 3. Send binary frames of ``chunk_ms`` of audio (paced at real time with ``--realtime``, as a live
    microphone or phone call would be), then ``{"type": "close"}``.
 4. Keep reading: the server flushes the last finals, sends ``summary`` and closes with 1000.
+5. If the connection is cut (the server drains: ``error`` ``draining`` and 1001; the network or
+   the node fails: no close frame), reconnect within ``ready.limits``' resume window with
+   ``resume_token`` (from ``ready``) and ``last_utterance_id`` (the newest final received),
+   through the same load balancer or to another node: the new ``ready`` says from which byte
+   (``resume_offset``) to send the audio again; finals the client missed are replayed first,
+   and none it has is sent twice (docs/protocol.md, "Resuming a session").
 
 The reusable piece is :func:`stream_audio`; :func:`add_arguments` and :func:`main` are the CLI.
 Exit codes of :func:`main`: 0 normal close (1000), 2 unusable input or arguments, 3 upgrade
@@ -28,7 +34,7 @@ import shutil
 import sys
 import time
 import wave
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
@@ -88,6 +94,10 @@ ENCODINGS: Final = ("pcm_s16le", "mulaw", "alaw", "wav")
 DEV_KEY_FILE: Final = Path(".streamgate") / "dev-api-key"
 
 READY_TIMEOUT_S: Final = 10.0
+# A cut session is resumed this many times at most, the first retry at once and then with a
+# growing pause: a node that died leaves its sessions to the others within a few seconds.
+RESUME_ATTEMPTS: Final = 8
+RESUME_BACKOFF_S: Final = (0.0, 0.1, 0.25, 0.5, 1.0, 1.0, 2.0, 2.0)
 # While the server withholds credit the client sends nothing; a keepalive every few seconds keeps
 # the session clear of the server's idle timeout (default 10 s).
 KEEPALIVE_EVERY_S: Final = 4.0
@@ -98,6 +108,7 @@ _KEEPALIVE_FRAME: Final = encoder.encode(KeepAlive()).decode()
 CLOSE_CODE_NAMES: Final[Mapping[int, str]] = {
     1000: "normal",
     1001: "server draining, reconnect",
+    4409: "session resumed on another connection",
     1006: "connection lost without a close frame",
     1008: "policy violation",
     1009: "frame too big",
@@ -267,11 +278,14 @@ async def _send_audio(
     align: int,
     bytes_per_second: int,
     realtime: bool,
+    start_offset: int = 0,
+    started_at: float | None = None,
 ) -> bool:
-    """Send the audio within the window; False if the connection ended first."""
+    """Send the audio from byte `start_offset` within the window; False if the connection
+    ended first. Real-time pacing runs from `started_at` (the session's first connection)."""
     view = memoryview(audio)
-    start = time.monotonic()
-    for offset in range(0, len(audio), chunk_bytes):
+    start = time.monotonic() if started_at is None else started_at
+    for offset in range(start_offset, len(audio), chunk_bytes):
         if realtime:
             # Absolute schedule: the chunk starting at byte `offset` is due when that much audio
             # would have been captured live. Late chunks (credit stalls) go out at once.
@@ -310,6 +324,23 @@ def _with_query(url: str, params: Mapping[str, str]) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+@dataclass
+class _Resume:
+    """What a client needs to carry a cut session on: the token, the newest final it has, and
+    where in its audio the server said to continue."""
+
+    token: str = ""
+    last_utterance_id: int = 0
+    offset: int = 0
+
+    def seen(self, msg: object) -> None:
+        if isinstance(msg, Ready):
+            self.token = msg.resume_token
+            self.offset = msg.resume_offset
+        elif isinstance(msg, Transcript) and msg.is_final:
+            self.last_utterance_id = max(self.last_utterance_id, msg.utterance_id)
+
+
 async def stream_audio(
     url: str,
     audio: bytes,
@@ -321,6 +352,8 @@ async def stream_audio(
     chunk_ms: int = 20,
     on_event: Callable[[object], None] | None = None,
     extra_params: dict[str, str] | None = None,
+    resume: bool = True,
+    resume_urls: Sequence[str] = (),
 ) -> list[object]:
     """Stream ``audio`` (already in ``encoding`` at ``sample_rate``, mono) to an ASR endpoint.
 
@@ -329,6 +362,10 @@ async def stream_audio(
     this client does not know) once the server has closed with 1000. ``on_event`` sees each
     message as it arrives. ``extra_params`` are further query parameters (``model``,
     ``language``, ``interim_results``, ``endpointing_ms``, ``vad``, ``overflow``).
+
+    With ``resume`` (the default) a session cut off by a drain (1001) or a lost connection is
+    resumed, on ``url`` (a load balancer) or on the next of ``resume_urls`` (other nodes), and
+    the messages of every connection are returned as one session's.
 
     Raises :class:`Rejected` if the upgrade is refused, :class:`AbnormalClose` for any other
     close code, and ``OSError``/``TimeoutError``/``WebSocketException`` if it cannot connect.
@@ -343,13 +380,64 @@ async def stream_audio(
     params = dict(extra_params or {})
     params.update(encoding=encoding, sample_rate=str(sample_rate))
     headers = {"Authorization": f"Bearer {key}"} if key else None
+    state = _Resume()
+    targets = [url, *resume_urls]
+    messages: list[object] = []
+    started_at = time.monotonic()
+
+    def seen(msg: object) -> None:
+        state.seen(msg)
+        if on_event is not None:
+            on_event(msg)
+
+    attempt = 0
+    while True:
+        if attempt == 0:
+            target, query = url, params
+        else:
+            target = targets[(attempt - 1) % len(targets)] if len(targets) > 1 else url
+            query = {"resume_token": state.token,
+                     "last_utterance_id": str(state.last_utterance_id)}
+        try:
+            code, reason = await _one_connection(
+                _with_query(target, query), headers, audio, state, messages, seen,
+                chunk_bytes=chunk_bytes, align=align, bytes_per_second=bytes_per_second,
+                realtime=realtime, started_at=started_at)
+        except (Rejected, OSError, TimeoutError, WebSocketException) as exc:
+            # A resume that lands on a node that is draining or gone: try again (elsewhere).
+            retry = attempt > 0 and (not isinstance(exc, Rejected) or exc.status >= 500)
+            if not retry or attempt >= RESUME_ATTEMPTS:
+                raise
+            code, reason = 1006, str(exc)
+        if code == 1000:
+            return messages
+        if not (resume and state.token and code in (1001, 1006)) or attempt >= RESUME_ATTEMPTS:
+            raise AbnormalClose(code, reason, messages)
+        await asyncio.sleep(RESUME_BACKOFF_S[min(attempt, len(RESUME_BACKOFF_S) - 1)])
+        attempt += 1
+
+
+async def _one_connection(
+    url: str,
+    headers: dict[str, str] | None,
+    audio: bytes,
+    state: _Resume,
+    messages: list[object],
+    on_event: Callable[[object], None],
+    *,
+    chunk_bytes: int,
+    align: int,
+    bytes_per_second: int,
+    realtime: bool,
+    started_at: float,
+) -> tuple[int, str]:
+    """One connection of a session, from `ready` (its `resume_offset`) to the close."""
     try:
         # Audio does not compress with deflate; compression would only cost CPU on both ends.
-        ws = await connect(_with_query(url, params), additional_headers=headers, compression=None)
+        ws = await connect(url, additional_headers=headers, compression=None)
     except InvalidStatus as exc:
         raise Rejected.from_response(exc.response) from exc
 
-    messages: list[object] = []
     window = _Window()
     async with ws:
         reader = asyncio.create_task(_read_messages(ws, window, messages, on_event))
@@ -372,6 +460,8 @@ async def stream_audio(
                     align=align,
                     bytes_per_second=bytes_per_second,
                     realtime=realtime,
+                    start_offset=state.offset,
+                    started_at=started_at,
                 )
                 if sent_all:
                     await ws.send(_CLOSE_FRAME)
@@ -382,11 +472,7 @@ async def stream_audio(
             await asyncio.gather(reader, return_exceptions=True)
             raise
         await reader  # until the server closes (after `summary`); re-raises on_event errors
-
-    code = ws.close_code if ws.close_code is not None else 1006
-    if code != 1000:
-        raise AbnormalClose(code, ws.close_reason or "", messages)
-    return messages
+    return (ws.close_code if ws.close_code is not None else 1006), ws.close_reason or ""
 
 
 # --- audio input ----------------------------------------------------------------------------------

@@ -37,6 +37,11 @@ CATALOGUE: Final = _table(
     ErrorCode("key_revoked", 401, 4001, False),
     ErrorCode("insufficient_balance", 402, 4002, False),
     ErrorCode("not_found", 404, 1008, False),
+    # A resume token that is unknown, expired, or another tenant's (one answer for all three:
+    # a token's existence is not revealed); or a client that missed finals no longer kept.
+    ErrorCode("resume_not_found", 404, 1008, False),  # refused at the upgrade only
+    # The session was resumed on another connection: this one is superseded.
+    ErrorCode("session_resumed", 409, 4409, False),
     ErrorCode("rate_limited", 429, 4029, True, 1),
     ErrorCode("internal_error", 500, 1011, True),
     ErrorCode("billing_unavailable", 503, 1011, True, 2),

@@ -75,6 +75,10 @@ class Ready(Msg, tag="ready"):
     credit_bytes: int
     limits: Limits
     model: str
+    # A resumed session (docs/protocol.md, "Resuming a session"): the client re-sends its audio
+    # from byte `resume_offset` of the stream. 0 and false for a new session.
+    resumed: bool = False
+    resume_offset: int = 0
 
 
 class Credit(Msg, tag="credit"):
@@ -106,6 +110,15 @@ class UtteranceEnd(Msg, tag="utterance_end"):
     end_ms: int
 
 
+class Checkpoint(Msg, tag="checkpoint"):
+    """The server has taken in the client's audio up to byte `offset` of the stream for good: a
+    resume continues from there (or later), so a client may forget the audio before it. Every
+    final up to `utterance_id` is kept for replay."""
+
+    offset: int
+    utterance_id: int
+
+
 class Usage(Msg, tag="usage"):
     audio_ms: int
     billed_ms: int
@@ -125,6 +138,8 @@ class Error(Msg, tag="error"):
     message: str
     retryable: bool = False
     retry_after_s: float | None = None
+    # Only on `draining` of a resumable session: resume with it on any node (omitted otherwise).
+    resume_token: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class Summary(Msg, tag="summary"):
@@ -141,6 +156,7 @@ AsrServerMessage = (
     | SpeechStarted
     | Transcript
     | UtteranceEnd
+    | Checkpoint
     | Usage
     | Warning
     | Error

@@ -54,10 +54,12 @@ from server.flow_control.credit import CreditWindow
 from server.flow_control.finals import FINALS_TIMEOUT_S
 from server.flow_control.ingest_queue import ControlLaneFull, IngestQueue
 from server.flow_control.outbox import Outbox
+from server.flow_control.replay import FinalsReplay
 from server.models.base import EngineError, Hypothesis
 from server.protocol import messages as m
 from server.protocol.audio import AudioFormatError, StreamDecoder
 from server.sessions.asr_params import AsrParams, BadParams, params_with_config
+from server.sessions.resume import FinalMessage, ResumeStart
 
 # --- work for the invoke stage ----------------------------------------------------------------
 
@@ -144,6 +146,15 @@ _Control = m.Finalize | m.Close
 ENGINE_CHUNK_MS = 100
 
 
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A quiet point of the client's stream, where a resumed session can start afresh."""
+
+    offset: int  # client stream byte
+    at_ms: int  # audio time there
+    next_utterance_id: int
+
+
 @dataclass(slots=True)
 class _Utterance:
     utterance_id: int
@@ -171,6 +182,7 @@ class AsrSession:
         engine_interim: bool,
         max_frame_bytes: int,
         idle_timeout_s: float,
+        resume: ResumeStart | None = None,
     ) -> None:
         self.session_id = session_id
         self.resume_token = resume_token
@@ -212,8 +224,20 @@ class AsrSession:
         self._lease_pending = False
         self._draining = False
         self._closing_since: float | None = None
+        # Resuming: the stream and audio time go on from the point, utterance ids too; finals
+        # the client has are never sent again, audio already paid for is not metered again.
+        self._resume = resume
+        self._base_offset = resume.offset if resume else 0
+        self._base_ms = resume.at_ms if resume else 0
+        self._seen_through = resume.last_utterance_id if resume else 0
+        self.replay: FinalsReplay[FinalMessage] = FinalsReplay(resume.finals if resume else ())
+        self._last_end_ms = 0  # where the last utterance ended (this connection's audio time)
+        if resume is not None:
+            self.utterance_count = resume.next_utterance_id - 1
         self.credit = CreditWindow(self._capacity(params))
         self._configure(params)
+        if resume is not None and resume.billed_offset > resume.offset:
+            self._metered_ms = int((resume.billed_offset - resume.offset) / params.bytes_per_ms)
 
     # --- state --------------------------------------------------------------------------------
 
@@ -282,19 +306,63 @@ class AsrSession:
         )
 
     def start(self) -> None:
-        """Announce the session; called once the meter granted it."""
+        """Announce the session; called once the meter granted it. A resumed session replays
+        the finals the client missed right after `ready`."""
+        resume = self._resume
         self._emit(
             m.Ready(
                 session_id=self.session_id,
-                resume_token=self.resume_token,
+                resume_token=self.resume_token if self.resumable else "",
                 audio=m.AudioFormat(
                     encoding=self.params.encoding, sample_rate=self.params.sample_rate
                 ),
                 credit_bytes=self.credit.window,
                 limits=self._limits,
                 model=self.params.model,
+                resumed=resume is not None,
+                resume_offset=self._base_offset,
             )
         )
+        if resume is not None:
+            self._resume = None  # announced once (a `config` answers with `ready` again)
+            for msg in self.replay.after(self._seen_through):
+                self._emit(msg)
+            self._seen_through = max(self._seen_through, resume.next_utterance_id - 1)
+
+    # --- resume ---------------------------------------------------------------------------------
+
+    @property
+    def resumable(self) -> bool:
+        """Raw audio only: a WAV stream's header cannot be picked up mid-stream."""
+        return bool(self.resume_token) and self.params.encoding != "wav"
+
+    def position(self) -> Position | None:
+        """Where a resume could start now: only at a quiet point (no utterance open or owed,
+        nothing queued), backed off by the VAD's pre-roll so the next utterance's onset is
+        found again; None elsewhere."""
+        if self._open is not None or self._awaiting_final or len(self.queue) or self._requests:
+            return None
+        decoder = self.decoder
+        width = 1 if self.params.encoding in ("mulaw", "alaw") else 2
+        decoded_ms = decoder.samples_decoded * 1000 // decoder.sample_rate
+        back_ms = max(0, min(self.settings.preroll_ms, decoded_ms - self._last_end_ms))
+        samples = decoder.samples_decoded - back_ms * decoder.sample_rate // 1000
+        return Position(
+            offset=self._base_offset + samples * width + self.dropped_bytes,
+            at_ms=self._base_ms + samples * 1000 // decoder.sample_rate,
+            next_utterance_id=self.utterance_count + 1,
+        )
+
+    @property
+    def billed_offset(self) -> int:
+        """The client stream bytes the meter was told about (what a report pays for)."""
+        return self._base_offset + int(self._metered_ms * self.params.bytes_per_ms)
+
+    def checkpointed(self, position: Position) -> None:
+        """`position` was stored: tell the client it may forget the audio before it."""
+        if self._state in ("open", "closing"):
+            self._emit(m.Checkpoint(offset=position.offset,
+                                    utterance_id=position.next_utterance_id - 1))
 
     # --- frames from the client (called from the socket's data path: keep it cheap) ----------
 
@@ -535,11 +603,14 @@ class AsrSession:
                         self.endpointer.sample_rate, self.engine_rate,
                         self.settings.resample_quality, ENGINE_CHUNK_MS)
                 audio.start()
-                self._open = _Utterance(self.utterance_count, ev.at_ms, audio)
-                self._emit(m.SpeechStarted(at_ms=ev.at_ms))
+                at_ms = self._base_ms + ev.at_ms
+                self._open = _Utterance(self.utterance_count, at_ms, audio)
+                if self.utterance_count > self._seen_through:
+                    self._emit(m.SpeechStarted(at_ms=at_ms))
             elif self._open is not None:
                 utt, self._open = self._open, None
-                utt.end_ms = ev.end_ms
+                utt.end_ms = self._base_ms + ev.end_ms
+                self._last_end_ms = ev.end_ms
                 self._awaiting_final[utt.utterance_id] = utt
                 pcm = utt.audio.finish()
                 if pcm:
@@ -582,19 +653,25 @@ class AsrSession:
             return  # the close is decided: nothing more goes out
         if final:
             utt = self._awaiting_final.pop(utterance_id, None)
-            if utt is None:
-                return
-            self._emit(self._transcript(utt, hyp, final=True, end_ms=utt.end_ms))
-            self._emit(m.UtteranceEnd(utterance_id=utterance_id, end_ms=utt.end_ms))
+            if utt is None or utterance_id <= self._seen_through:
+                return  # resumed: the client has this one already
+            final_msg = self._transcript(utt, hyp, final=True, end_ms=utt.end_ms)
+            end = m.UtteranceEnd(utterance_id=utterance_id, end_ms=utt.end_ms)
+            self._emit(final_msg)
+            self._emit(end)
+            if self.resumable:
+                self.replay.add(utterance_id, final_msg)
+                self.replay.add(utterance_id, end)
             return
         utt = self._open if self._open and self._open.utterance_id == utterance_id else None
-        if utt is None or not self.params.interim_results or hyp.text == utt.last_interim:
+        if (utt is None or not self.params.interim_results or hyp.text == utt.last_interim
+                or utterance_id <= self._seen_through):
             return
         utt.last_interim = hyp.text
         # The latest voiced frame, not the read position: a final ends at its last voiced
         # frame, and an interim must never claim to reach past the final that follows it.
         voiced = self.endpointer.last_voiced_ms if self.endpointer is not None else 0
-        end_ms = max(utt.start_ms, voiced)
+        end_ms = max(utt.start_ms, self._base_ms + voiced)
         # Only the newest interim of an utterance matters to a client slow to read.
         self._outbox.push_latest(utterance_id, self._transcript(utt, hyp, final=False,
                                                                 end_ms=end_ms))
@@ -752,6 +829,10 @@ class AsrSession:
         self._draining = True
         self.end_of_input()
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def idle_timeout(self, timeout_s: float) -> None:
         if self._state == "open":
             self.fail(4008, "idle_timeout", f"no audio or keepalive for {timeout_s:g} s")
@@ -784,8 +865,12 @@ class AsrSession:
             )
         )
         if code != 1000:
-            # Every close other than 1000 carries an `error` with the same reason first.
-            self._emit(m.Error(code=reason, message=message, retryable=True))
+            # Every close other than 1000 carries an `error` with the same reason first; a
+            # resumable session's carries the token to resume with, on any node.
+            error = m.Error(code=reason, message=message, retryable=True)
+            if self.resumable:
+                error.resume_token = self.resume_token
+            self._emit(error)
         self._to("closed")
         self._close_action = CloseAction(code, reason)
         return Step(close=self._close_action)

@@ -26,19 +26,22 @@ from server.billing.meter import METER_ERRORS, MeterFactory, SessionMeter, Usage
 from server.config import Config
 from server.models.base import EngineError, Transcriber, TranscriptionStream
 from server.protocol import messages as m
-from server.protocol.errors import Rejected, rejection
+from server.protocol.errors import Rejected, refuse, rejection
 from server.sessions.asr import (
     CONTINUE,
     FINALS_TIMEOUT_S,
     AsrSession,
     CloseAction,
     EngineFeed,
+    Position,
     Step,
     encode_event,
 )
 from server.sessions.asr_params import BadParams, params_from_query
 from server.sessions.host import SessionHost
 from server.sessions.lifecycle import MeteredUsage, SessionLifecycle
+from server.sessions.resume import ResumePoint, ResumeStart, ResumeStore
+from server.sessions.resume_writer import ResumeWriter, SaveOutcome
 from server.sessions.upgrade import Admitted, UpgradeRequest
 from server.sessions.wire import Clock, Wire
 from server.telemetry.metrics import Metrics
@@ -84,12 +87,15 @@ class AsrEndpoint:
         meters: MeterFactory,
         server: SessionHost,
         metrics: Metrics,
+        resume_store: ResumeStore | None = None,
     ) -> None:
         self.config = config
         self.engines = engines
         self.meters = meters
         self.server = server
         self.metrics = metrics
+        # Resume points: None (or `resume_window_s = 0`) issues no resume tokens.
+        self.resume_store = resume_store if config.asr.session.resume_window_s > 0 else None
         self.models = frozenset(engines)
         self.runners: set[AsrSessionRunner] = set()
         metrics.scrape_hooks.append(self._publish_gauges)
@@ -122,6 +128,9 @@ class AsrEndpoint:
                            principal: Principal) -> AsrAdmission | Rejected:
         """Admit a session on any `Wire` (the WebSocket upgrade, an HTTP request)."""
         settings = self.config.asr.session
+        token = upgrade.query.get("resume_token")
+        if token is not None:
+            return await self._resume(upgrade, principal, token)
         try:
             params = params_from_query(
                 upgrade.query, default_model=settings.default_model, models=self.models
@@ -129,16 +138,60 @@ class AsrEndpoint:
         except BadParams as exc:
             return Rejected(400, "bad_request", str(exc))
         session_id = uuid.uuid4().hex
+        token = secrets.token_urlsafe(18) if self.resume_store is not None else ""
+        point = ResumePoint(session_id=session_id, tenant_id=principal.tenant_id, params=params)
+        return await self._admit(principal, point, token, None, meter_id=session_id)
+
+    async def _resume(self, upgrade: UpgradeRequest, principal: Principal,
+                      token: str) -> AsrAdmission | Rejected:
+        """A client carries on a session it lost (docs/protocol.md, "Resuming a session")."""
+        store = self.resume_store
+        try:
+            last = int(upgrade.query.get("last_utterance_id", "0"))
+        except ValueError:
+            last = -1
+        if last < 0:
+            return refuse("bad_request", "last_utterance_id must be a whole number >= 0")
+        if store is None or not token:
+            return refuse("resume_not_found", "this server keeps no resumable sessions")
+        window = self.config.asr.session.resume_window_s
+        try:
+            point = await store.claim(token, principal.tenant_id, window)
+        except Exception:
+            log.exception("resume store unavailable")
+            return refuse("internal_error", "resume store unavailable; retry")
+        if point is None:
+            return refuse("resume_not_found",
+                          "unknown or expired resume_token; start a new session")
+        if point.params.model not in self.models:
+            return refuse("resume_not_found", "the session's model is not served here")
+        kept = [u for u, _ in point.finals]
+        if kept and last < kept[0] - 1:
+            return refuse("resume_not_found", "finals this client missed are no longer kept; "
+                          "start a new session")
+        start = ResumeStart(offset=point.offset, at_ms=point.at_ms,
+                            next_utterance_id=point.next_utterance_id,
+                            billed_offset=point.billed_offset, last_utterance_id=last,
+                            finals=point.finals)
+        # Each connection of a session is its own usage session (usage events are keyed
+        # `id:seq`); audio already paid for is not metered again (ResumeStart.billed_offset).
+        return await self._admit(principal, point, token, start,
+                                 meter_id=f"{point.session_id}-r{point.epoch}")
+
+    async def _admit(self, principal: Principal, point: ResumePoint, token: str,
+                     resume: ResumeStart | None, *, meter_id: str) -> AsrAdmission | Rejected:
+        settings = self.config.asr.session
+        params = point.params
         try:
             meter = await self.meters.open(
-                session_id=session_id, principal=principal, model=params.model
+                session_id=meter_id, principal=principal, model=params.model
             )
         except METER_ERRORS as exc:
             return rejection(exc)
         engine = self.engines[params.model]
         machine = AsrSession(
-            session_id=session_id,
-            resume_token=secrets.token_urlsafe(18),
+            session_id=point.session_id,
+            resume_token=token,
             params=params,
             settings=settings,
             models=self.models,
@@ -146,11 +199,19 @@ class AsrEndpoint:
             engine_interim=engine.supports_interim,
             max_frame_bytes=self.config.server.max_frame_bytes,
             idle_timeout_s=self.config.server.idle_timeout_s,
+            resume=resume,
         )
+        store = self.resume_store
 
         def start(wire: Wire, on_events: EventSink | None = None) -> AsrSessionRunner:
+            writer = None
+            if store is not None and machine.resumable and on_events is None:
+                writer = ResumeWriter(store, token, session_id=point.session_id,
+                                      tenant_id=principal.tenant_id, params=params,
+                                      epoch=point.epoch, ttl_s=settings.resume_window_s,
+                                      log=log, log_extra={"session_id": point.session_id})
             runner = AsrSessionRunner(self, wire, machine, engine, meter, principal,
-                                      on_events=on_events)
+                                      on_events=on_events, resume=writer)
             runner.start()
             return runner
 
@@ -194,6 +255,7 @@ class AsrSessionRunner:
         on_events: EventSink | None = None,
         clock: Clock | None = None,
         counted: bool = True,
+        resume: ResumeWriter | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.conn = conn
@@ -232,6 +294,12 @@ class AsrSessionRunner:
                                           log_extra=self._log_extra, counted=counted)
         self.usage = MeteredUsage(meter, log=log, log_extra=self._log_extra,
                                   usage_interval_s=endpoint.config.asr.session.usage_interval_s)
+        # A resumable session writes where it could be picked up again (server/sessions/resume.py).
+        self.resume = resume
+        self._position: Position | None = None  # the newest quiet point
+        self._checkpoint_wanted = False  # a final went out since the last resume point
+        if resume is not None:
+            resume.on_saved = self._resume_saved
 
     # --- SessionHandler (called from the connection, synchronously) ----------------------------
 
@@ -243,6 +311,9 @@ class AsrSessionRunner:
         self._send_events()
         self.lifecycle.opened(model=self.machine.params.model,
                               encoding=self.machine.params.encoding)
+        if self.resume is not None:
+            self._position = self.machine.position()
+            self._save_resume_point()  # resumable from `ready` on
         self.endpoint.runners.add(self)
         self.endpoint.server.spawn(self._run())
 
@@ -310,7 +381,7 @@ class AsrSessionRunner:
 
     async def _run(self) -> None:
         invoke = asyncio.get_running_loop().create_task(self._invoke_loop())
-        usage = self.usage.start_reports(self._on_usage, before=self._meter_deltas)
+        usage = self.usage.start_reports(self._on_usage, before=self._before_report)
         try:
             await self._ingest_loop()
         except Exception:
@@ -323,6 +394,7 @@ class AsrSessionRunner:
         finally:
             await SessionLifecycle.stop(invoke, usage)
             report = await self._settle()
+            await self._end_resume()
             self._publish_metrics()
             self.endpoint.runners.discard(self)
             self.lifecycle.closed(self._close_code if self._close_code is not None else 1006,
@@ -380,6 +452,8 @@ class AsrSessionRunner:
         if self.meter.exhausted and machine.lease_exhausted().top_up:
             self.conn.pause_reading()
             self.endpoint.server.spawn(self._extend_lease())
+        if self._checkpoint_wanted:
+            self._checkpoint()
         self._send_events()
 
     def _perform(self, out: Step) -> None:
@@ -422,6 +496,11 @@ class AsrSessionRunner:
 
     async def _settle(self) -> UsageReport:
         self._meter_deltas()
+        if self.resume is not None and self.machine.draining and not self._gone:
+            # The client resumes on another node: what it finished here must be there first.
+            self._position = self.machine.position() or self._position
+            if self._position is not None:
+                await self.resume.save(self._resume_point())
         report = await self.usage.settle()
         if report is None:  # the wallet failed: the machine's own counts for the summary
             report = UsageReport(self.machine.accepted_ms, self.machine.accepted_ms,
@@ -469,6 +548,7 @@ class AsrSessionRunner:
                         del streams[utt]
                         engine_seconds.labels(model, "finish").observe(time.perf_counter() - t0)
                         machine.receive_result(utt, hyp, final=True)
+                        self._checkpoint_wanted = self.resume is not None
                 except EngineError as exc:
                     self.metrics.engine_errors.labels(model).inc()
                     dead = streams.pop(utt, None)
@@ -483,6 +563,63 @@ class AsrSessionRunner:
                     await stream.aclose()
 
     # --- usage ----------------------------------------------------------------------------------
+
+    async def _before_report(self) -> None:
+        """What the report pays for is in the resume point first: a client that resumes
+        elsewhere is not charged for it again (a failed save is logged; the report goes on)."""
+        self._meter_deltas()
+        if self.resume is not None:
+            self._position = self.machine.position() or self._position
+            if self._position is not None:
+                point = self._resume_point()
+                self._resume_saved(point, await self.resume.save(point))
+
+    # --- resume ---------------------------------------------------------------------------------
+
+    def _resume_point(self) -> ResumePoint:
+        assert self.resume is not None and self._position is not None
+        pos, machine = self._position, self.machine
+        return self.resume.point(offset=pos.offset, at_ms=pos.at_ms,
+                                 next_utterance_id=pos.next_utterance_id,
+                                 billed_offset=machine.billed_offset,
+                                 finals=machine.replay.items())
+
+    def _checkpoint(self) -> None:
+        """A final went out: save the newest quiet point with it, once there is one."""
+        position = self.machine.position()
+        if position is None:
+            return  # mid-utterance: the next step tries again
+        self._checkpoint_wanted = False
+        self._position = position
+        self._save_resume_point()
+
+    def _save_resume_point(self) -> None:
+        if self.resume is not None and self._position is not None:
+            self.resume.request(self._resume_point())
+
+    def _resume_saved(self, point: ResumePoint, outcome: SaveOutcome) -> None:
+        if outcome == "saved":
+            self.machine.checkpointed(Position(point.offset, point.at_ms,
+                                               point.next_utterance_id))
+        elif outcome == "superseded":
+            self.machine.fail(4409, "session_resumed",
+                              "this session was resumed on another connection")
+        else:
+            return
+        self._send_events()
+        self._wake.set()
+
+    async def _end_resume(self) -> None:
+        """A session that ended for good cannot be resumed; one cut off (1001 draining, a lost
+        connection) stays resumable until its point expires."""
+        writer = self.resume
+        if writer is None:
+            return
+        code = self._close_code
+        if code in (1001, 1006, None) or (code == 1011 and self._gone):
+            await writer.aclose()
+        else:
+            await writer.forget()
 
     def _on_usage(self, report: UsageReport) -> None:
         self.machine.usage(report)

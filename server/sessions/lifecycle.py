@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 from server.billing.meter import (
@@ -104,7 +104,7 @@ class MeteredUsage:
         return self.meter.exhausted
 
     def start_reports(self, on_report: Callable[[UsageReport], None],
-                      before: Callable[[], None] | None = None) -> asyncio.Task[None]:
+                      before: Callable[[], Awaitable[None]] | None = None) -> asyncio.Task[None]:
         """A task reporting usage every `usage_interval_s` (the first after a random part of
         it, so sessions opened together do not report together): `before` hands the meter
         what was counted since, `on_report` applies the wallet's verdict. Cancel it
@@ -113,11 +113,11 @@ class MeteredUsage:
         return asyncio.get_running_loop().create_task(self._reports(on_report, before))
 
     async def _reports(self, on_report: Callable[[UsageReport], None],
-                       before: Callable[[], None] | None) -> None:
+                       before: Callable[[], Awaitable[None]] | None) -> None:
         for delay in report_delays(self._interval_s):
             await asyncio.sleep(delay)
             if before is not None:
-                before()
+                await before()
             report = await self.meter.report()
             if cancel_requested():
                 return  # see cancel_requested: a cancel may come out of redis as its own error

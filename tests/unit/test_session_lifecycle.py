@@ -90,7 +90,7 @@ def test_reports_come_every_interval_with_the_counts_handed_over_first() -> None
         usage = usage_of(meter, interval_s=5.0)
         seen: list[int] = []
 
-        def before() -> None:
+        async def before() -> None:
             meter.accept(100)
 
         task = usage.start_reports(lambda r: seen.append(r.audio_ms), before=before)

@@ -1,0 +1,71 @@
+"""The resume store on Redis: every node sees every session's resume point.
+
+One hash per session, `sg:resume:{<digest of the token>}` (the hash tag keeps its one key in one
+slot of a Redis Cluster; the digest keeps tokens out of Redis): `epoch`, `tenant`, `point`
+(msgspec JSON). Each operation is one Lua script, so a save under an older epoch can never
+overwrite a resume's claim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgspec
+
+from server.sessions.resume import ResumePoint
+
+_SAVE = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch and tonumber(epoch) > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'tenant', ARGV[2], 'point', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+_CLAIM = """
+local tenant = redis.call('HGET', KEYS[1], 'tenant')
+if not tenant or tenant ~= ARGV[1] then return false end
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {epoch, redis.call('HGET', KEYS[1], 'point')}
+"""
+
+_FORGET = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch and tonumber(epoch) == tonumber(ARGV[1]) then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+_decoder = msgspec.json.Decoder(ResumePoint)
+_encoder = msgspec.json.Encoder()
+
+
+def resume_key(token: str) -> str:
+    digest = hashlib.sha256(token.encode()).hexdigest()[:32]
+    return f"sg:resume:{{{digest}}}"
+
+
+class RedisResumeStore:
+    def __init__(self, redis: Any) -> None:
+        # redis.asyncio.Redis or RedisCluster: both register scripts the same way.
+        self._save = redis.register_script(_SAVE)
+        self._claim = redis.register_script(_CLAIM)
+        self._forget = redis.register_script(_FORGET)
+
+    async def save(self, token: str, point: ResumePoint, ttl_s: float) -> bool:
+        saved = await self._save(keys=[resume_key(token)], args=[
+            point.epoch, point.tenant_id, _encoder.encode(point), max(1, int(ttl_s * 1000))])
+        return bool(saved)
+
+    async def claim(self, token: str, tenant_id: str, ttl_s: float) -> ResumePoint | None:
+        answer = await self._claim(keys=[resume_key(token)],
+                                   args=[tenant_id, max(1, int(ttl_s * 1000))])
+        if not answer:
+            return None
+        epoch, raw = answer
+        point = _decoder.decode(raw)
+        return msgspec.structs.replace(point, epoch=int(epoch))
+
+    async def forget(self, token: str, epoch: int) -> None:
+        await self._forget(keys=[resume_key(token)], args=[epoch])

@@ -1,0 +1,94 @@
+"""A resumable session's writes of its resume point (server/sessions/resume.py): one save in
+flight at a time and the newest point wins, so a session that ends utterances faster than the
+store answers never queues writes; a save refused because a resume took the session over is
+reported as `superseded`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from server.sessions.asr_params import AsrParams
+from server.sessions.resume import FinalMessage, ResumePoint, ResumeStore
+
+SaveOutcome = Literal["saved", "superseded", "failed"]
+
+
+class ResumeWriter:
+    __slots__ = ("_epoch", "_extra", "_log", "_params", "_pending", "_session_id", "_store",
+                 "_task", "_tenant_id", "_ttl_s", "on_saved", "superseded", "token")
+
+    def __init__(self, store: ResumeStore, token: str, *, session_id: str, tenant_id: str,
+                 params: AsrParams, epoch: int, ttl_s: float, log: logging.Logger,
+                 log_extra: Mapping[str, Any]) -> None:
+        self._store = store
+        self.token = token
+        self._session_id = session_id
+        self._tenant_id = tenant_id
+        self._params = params
+        self._epoch = epoch
+        self._ttl_s = ttl_s
+        self._log = log
+        self._extra = log_extra
+        self._pending: ResumePoint | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.superseded = False
+        # Called with each point and how its save went (background saves only).
+        self.on_saved: Callable[[ResumePoint, SaveOutcome], None] | None = None
+
+    def point(self, *, offset: int, at_ms: int, next_utterance_id: int, billed_offset: int,
+              finals: list[tuple[int, FinalMessage]]) -> ResumePoint:
+        return ResumePoint(session_id=self._session_id, tenant_id=self._tenant_id,
+                           params=self._params, epoch=self._epoch, offset=offset, at_ms=at_ms,
+                           next_utterance_id=next_utterance_id, billed_offset=billed_offset,
+                           finals=finals)
+
+    async def save(self, point: ResumePoint) -> SaveOutcome:
+        if self.superseded:
+            return "superseded"
+        try:
+            saved = await self._store.save(self.token, point, self._ttl_s)
+        except Exception as exc:  # the store is down: the session goes on, less resumable
+            self._log.warning("resume point not saved: %s", exc, extra=dict(self._extra))
+            return "failed"
+        if not saved:
+            self.superseded = True
+            return "superseded"
+        return "saved"
+
+    def request(self, point: ResumePoint) -> None:
+        """Save `point` in the background (replacing one not yet written)."""
+        self._pending = point
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while self._pending is not None:
+                point, self._pending = self._pending, None
+                outcome = await self.save(point)
+                if self.on_saved is not None:
+                    self.on_saved(point, outcome)
+        finally:
+            self._task = None
+
+    async def forget(self) -> None:
+        """The session ended for good: a resume is refused from now on."""
+        await self.aclose()
+        if self.superseded:
+            return
+        try:
+            await self._store.forget(self.token, self._epoch)
+        except Exception as exc:
+            self._log.warning("resume point not forgotten: %s", exc, extra=dict(self._extra))
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        self._pending = None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -1,0 +1,88 @@
+"""The resume store (server/sessions/resume.py, resume_redis.py): a resume claims a session
+once per epoch, a writer with an older epoch is refused, a finished session is forgotten, a
+point expires, another tenant never sees one; the same rules in memory and in Redis (one server
+and a real Redis Cluster: this package runs every test on both)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from server.billing.redis_client import connect
+from server.protocol import messages as m
+from server.sessions.asr_params import AsrParams
+from server.sessions.resume import MemoryResumeStore, ResumePoint, ResumeStore
+from server.sessions.resume_redis import RedisResumeStore, resume_key
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[ResumeStore]:
+    if request.param == "memory":
+        yield MemoryResumeStore()
+        return
+    client = connect(redis_url)
+    try:
+        yield RedisResumeStore(client)
+    finally:
+        await client.aclose()
+
+
+def point(epoch: int = 0, offset: int = 0, tenant: str = "acme") -> ResumePoint:
+    final = m.Transcript(utterance_id=1, is_final=True, text="hello", start_ms=0, end_ms=400)
+    return ResumePoint(session_id="s1", tenant_id=tenant, params=AsrParams(model="synthetic"),
+                       epoch=epoch, offset=offset, at_ms=offset // 32, next_utterance_id=2,
+                       billed_offset=offset, finals=[(1, final)])
+
+
+async def test_a_resume_claims_the_point_once_and_the_old_writer_is_refused(
+        store: ResumeStore) -> None:
+    token = uuid.uuid4().hex
+    assert await store.save(token, point(offset=6400), 60)
+    claimed = await store.claim(token, "acme", 60)
+    assert claimed is not None and claimed.epoch == 1
+    assert claimed.offset == 6400 and claimed.finals == point().finals  # round trip, typed
+    assert not await store.save(token, point(epoch=0, offset=9600), 60)  # superseded
+    assert await store.save(token, point(epoch=1, offset=9600), 60)  # the new holder writes
+    again = await store.claim(token, "acme", 60)
+    assert again is not None and again.epoch == 2 and again.offset == 9600
+
+
+async def test_another_tenant_an_unknown_token_and_a_finished_session_find_nothing(
+        store: ResumeStore) -> None:
+    token = uuid.uuid4().hex
+    assert await store.claim(token, "acme", 60) is None
+    assert await store.save(token, point(), 60)
+    assert await store.claim(token, "intruder", 60) is None
+    await store.forget(token, epoch=5)  # not the holder: nothing happens
+    claimed = await store.claim(token, "acme", 60)
+    assert claimed is not None
+    await store.forget(token, claimed.epoch)
+    assert await store.claim(token, "acme", 60) is None
+
+
+async def test_a_point_expires_after_its_window(store: ResumeStore) -> None:
+    token = uuid.uuid4().hex
+    assert await store.save(token, point(), 0.05)
+    await asyncio.sleep(0.15)
+    assert await store.claim(token, "acme", 60) is None
+
+
+def test_the_redis_key_keeps_the_token_out_and_one_slot_per_session() -> None:
+    token = "secret-token"
+    key = resume_key(token)
+    assert token not in key
+    assert key.startswith("sg:resume:{") and key.endswith("}")
+
+
+def test_memory_store_is_bounded() -> None:
+    async def scenario() -> None:
+        store = MemoryResumeStore(max_entries=3)
+        for n in range(5):
+            await store.save(f"t{n}", point(), 60)
+        assert await store.claim("t0", "acme", 60) is None  # the oldest went first
+        assert await store.claim("t4", "acme", 60) is not None
+
+    asyncio.run(scenario())
