@@ -29,13 +29,13 @@ from server.flow_control.http_upload import (
     MAX_FORM_FILE_BYTES,
     MAX_FORM_PARTS,
 )
+from server.flow_control.openai_speech import MAX_SPEECH_BODY_BYTES, MAX_SPEECH_TEXT_CHARS
 from server.http.auth import principal
 from server.http.errors import ApiError
 from server.http.llm import SSE_EVENT_SCHEMA, read_body
 from server.http.openapi import components, ref, register
 from server.http.speech import (
     FRAME,
-    TEXT_LIMIT,
     HttpWire,
     _Audio,
     _audio_format,
@@ -65,7 +65,6 @@ STREAMABLE_FORMATS: Final = ("json", "text")
 SPEECH_RATE: Final = 24000  # OpenAI's `pcm` is 24 kHz 16-bit mono; its other formats too
 SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                       "X-Accel-Buffering": "no"}
-MAX_SPEECH_BODY: Final = 4 * TEXT_LIMIT + 4096  # JSON-escaped text and the other fields
 
 
 class OpenAiError(ApiError):
@@ -325,7 +324,7 @@ class SpeechRequest(msgspec.Struct):
     """The body of POST /v1/audio/speech (OpenAI's fields; see docs/compat.md)."""
 
     model: Annotated[str, msgspec.Meta(min_length=1)]
-    input: Annotated[str, msgspec.Meta(min_length=1, max_length=TEXT_LIMIT)]
+    input: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SPEECH_TEXT_CHARS)]
     voice: str | dict[str, str] | None = None
     instructions: str | None = None  # accepted, not applied: no engine takes directions
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
@@ -555,7 +554,7 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
 
     async def synthesize(request: web.Request) -> web.StreamResponse:
         caller = await principal(request)
-        body = _speech_body(await read_body(request, MAX_SPEECH_BODY))
+        body = _speech_body(await read_body(request, MAX_SPEECH_BODY_BYTES))
         model = tts.config.tts.session.default_model if body.model in TTS_ALIASES \
             else body.model
         if model not in tts.engines:
@@ -642,7 +641,7 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
         return response
 
     app.router.add_get("/v1/models", models)
-    app.router.add_get("/v1/models/{model:.+}", model)  # LLM names may hold a slash
+    app.router.add_get(r"/v1/models/{model:[\s\S]+}", model)  # any name, slashes too
     app.router.add_post("/v1/audio/transcriptions", transcriptions)
     app.router.add_post("/v1/audio/translations", translations)
     app.router.add_post("/v1/audio/speech", speech)

@@ -208,6 +208,9 @@ def test_errors_are_the_sdks_own_exceptions(server: ServerProcess,
         sdk.audio.speech.create(model="espeak-en", voice="alloy", input="hi",
                                 response_format="aac")
     assert error_body(aac.value)["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError) as too_long:  # its length, not its size (413)
+        sdk.audio.speech.create(model="espeak-en", voice="alloy", input="\U0001f600" * 100_001)
+    assert error_body(too_long.value)["param"] == "input"
 
 
 # --- with billing on ------------------------------------------------------------------------
