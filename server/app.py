@@ -18,6 +18,13 @@ from server.billing.auth import Authenticator, StaticKeyAuthenticator
 from server.billing.bootstrap import ensure_dev_tenant, prepare_database
 from server.billing.meter import MeterFactory, PricedMeterFactory
 from server.billing.service import BillingService, UnmeteredRequests
+from server.compat.sarvam.endpoint import (
+    STT_PATH,
+    TTS_PATH,
+    SarvamSttEndpoint,
+    SarvamTtsEndpoint,
+    SubscriptionKeys,
+)
 from server.config import Config
 from server.flow_control.http_body import HTTP_SHUTDOWN_MIN_GRACE_S
 from server.http.admin import add_admin_routes
@@ -144,6 +151,10 @@ class Gateway:
             config=cfg, engines=self.synthesizers, meters=meters, server=ws, metrics=self.metrics,
         )
         ws.router.add("/v1/tts/stream", tts_endpoint)
+        # Sarvam's streaming paths; its key comes in its own header (docs/compat.md, "Sarvam").
+        sarvam_keys = SubscriptionKeys(auth, self.billing)
+        ws.router.add_in_band(STT_PATH, SarvamSttEndpoint(asr=asr_endpoint, keys=sarvam_keys))
+        ws.router.add_in_band(TTS_PATH, SarvamTtsEndpoint(tts=tts_endpoint, keys=sarvam_keys))
         await ws.start(bound=self._ws_port)
         self._ws_port = None  # the WebSocket server owns it now
         app = build_http_app(self.metrics, self._readiness,
@@ -230,10 +241,13 @@ class Gateway:
         if self.ws is not None:
             # From here /readyz answers 503 and upgrades 503 `draining` until the listeners
             # close at the end of the window (WsServer.drain).
-            log.info("drain started", extra={"timeout_s": srv.drain_timeout_s,
-                                             "notice_s": min(srv.drain_notice_s,
-                                                             srv.drain_timeout_s)})
-            await self.ws.drain(srv.drain_timeout_s, srv.drain_notice_s)
+            log.info("drain started", extra={
+                "timeout_s": srv.drain_timeout_s,
+                "telephony_timeout_s": srv.telephony_drain_timeout_s,
+                "notice_s": min(srv.drain_notice_s,
+                                max(srv.drain_timeout_s, srv.telephony_drain_timeout_s))})
+            await self.ws.drain(srv.drain_timeout_s, srv.drain_notice_s,
+                                {"telephony": srv.telephony_drain_timeout_s})
         if self.telephony is not None:
             await self.telephony.aclose()  # the agent's HTTP client, after the calls ended
         if self._http is not None:
@@ -278,6 +292,12 @@ async def serve(config: Config) -> int:
     gc.collect()
     gc.freeze()
     await gateway.serve_until_stopped()
+    # Drained: a late signal (an operator's second one, forwarded by the supervisor just as this
+    # worker finished) must not end the process on its way out with a signal's exit status.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     return _leaked_tasks()
 
 

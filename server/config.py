@@ -42,7 +42,11 @@ class ServerConfig(Base):
     idle_timeout_s: float = 10.0
     write_high_water_bytes: int = 65536
     write_low_water_bytes: int = 16384
+    # SIGTERM: a live session runs on up to its kind's drain timeout, then is told to drain
+    # (finals, `error draining` with its resume token, 1001); telephony calls cannot resume, so
+    # they get longer (docs/deploy.md, "Readiness and drain"; docs/decisions/13M2).
     drain_timeout_s: float = 10.0
+    telephony_drain_timeout_s: float = 600.0
     # SIGTERM: listeners keep answering (503 draining) at least this long, so load balancers
     # polling /readyz see the node leave; capped at drain_timeout_s (docs/decisions/0602)
     drain_notice_s: float = 10.0

@@ -140,6 +140,7 @@ class WsConnection(asyncio.Protocol):
         "closed",
         "error_frames",
         "handshake_deadline",
+        "kind",
         "last_activity",
         "last_pong",
         "path",
@@ -173,6 +174,7 @@ class WsConnection(asyncio.Protocol):
         self.path = ""
         now = server.now
         self.handshake_deadline = now + cfg.handshake_timeout_s
+        self.kind = ""  # the endpoint's kind (asr, tts, telephony, ...) once routed
         self.last_activity = now
         self.activity = False
         self.ping_sent_at: float | None = None

@@ -11,13 +11,14 @@ import contextlib
 import enum
 import logging
 import socket
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from websockets.http11 import Request
 
 from server.config import ServerConfig
+from server.flow_control.finals import FINALS_TIMEOUT_S
 from server.protocol.admission import AdmissionPolicy, Authenticator, Principal
 from server.protocol.errors import Rejected, refuse
 from server.sessions.upgrade import Admitted, UpgradeRequest
@@ -28,6 +29,10 @@ from server.ws.handshake import BadUpgrade, parse_upgrade
 from server.ws.port_guard import BoundPort, bind_port, deployment_id
 
 log = logging.getLogger("streamgate.ws")
+
+# A session told to drain has this long to deliver the finals it owes (FINALS_TIMEOUT_S), settle
+# and close before the listener cuts it.
+DRAIN_FINISH_S: Final = FINALS_TIMEOUT_S + 5.0
 
 
 class Endpoint(Protocol):
@@ -80,7 +85,7 @@ class Router:
         self.routes[path] = Route(endpoint, endpoint)
 
     async def admit(self, request: Request, conn: WsConnection) -> Admitted | Rejected:
-        decision = await self._decide(request)
+        decision = await self._decide(request, conn)
         if isinstance(decision, Rejected):
             self._server.metrics.upgrades_rejected.labels(str(decision.status)).inc()
             log.info(
@@ -90,7 +95,7 @@ class Router:
             )
         return decision
 
-    async def _decide(self, request: Request) -> Admitted | Rejected:
+    async def _decide(self, request: Request, conn: WsConnection) -> Admitted | Rejected:
         server = self._server
         if server.draining:
             return refuse("draining", "server is draining; reconnect elsewhere")
@@ -101,6 +106,7 @@ class Router:
         route = self.routes.get(upgrade.path)
         if route is None:
             return refuse("not_found", f"no WebSocket endpoint at {upgrade.path[:64]}")
+        conn.kind = route.endpoint.kind  # its drain timeout is its kind's
         if server.session_count >= server.config.max_connections:
             return refuse("overloaded", "too many sessions on this node")
         if upgrade.api_key is None and route.in_band is not None:
@@ -170,35 +176,59 @@ class WsServer:
         self._bound = None
 
     def end_notice(self) -> None:
-        """Skip what is left of the drain notice (a second SIGTERM/SIGINT: the operator wants
-        the process gone); sessions still get their drain."""
+        """Skip what is left of the drain: every session is told to drain now and the notice
+        ends (a second SIGTERM/SIGINT: the operator wants the process gone)."""
         self._notice_over.set()
+        self._closed_one.set()  # wakes the drain loop, which sees the notice is over
 
     def _live_sessions(self) -> int:
         return sum(1 for conn in self.connections if conn.session is not None)
 
-    async def drain(self, timeout_s: float, notice_s: float = 0.0) -> None:
-        """Refuse new upgrades (503 `draining`), ask every session to finish (finals, then
-        1001), and keep the listeners open until the sessions have ended and at least
-        `notice_s` has passed, at most `timeout_s`: a load balancer that polls /readyz or
-        retries an upgrade sees 503 for the whole window, never a refused connection, until
-        the listeners close at its end. Then what is left is cut."""
+    async def drain(self, timeout_s: float, notice_s: float = 0.0,
+                    timeouts_by_kind: Mapping[str, float] | None = None) -> None:
+        """Refuse new upgrades (503 `draining`); let every live session run on, up to its
+        kind's drain timeout (`timeouts_by_kind`, else `timeout_s`: a phone call may need
+        minutes, a resumable stream is better resumed elsewhere soon), then ask it to finish
+        (finals, then 1001) and give it DRAIN_FINISH_S to do so; keep the listeners open until
+        the sessions have ended and at least `notice_s` has passed: a load balancer that polls
+        /readyz or retries an upgrade sees 503 for the whole window, never a refused
+        connection, until the listeners close at its end. Then what is left is cut."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + timeout_s
-        notice_end = started + min(notice_s, timeout_s)
+        by_kind = dict(timeouts_by_kind or {})
+        notice_end = started + min(notice_s, max([timeout_s, *by_kind.values()]))
         self.draining = True
         for conn in list(self.connections):
-            if conn.session is not None:
-                conn.session.on_drain()
-            else:
+            if conn.session is None:
                 conn.close(1001)
+        told: set[WsConnection] = set()
+        finish_by = started  # the last told session's end of its finishing time
         # Connections come and go during the window (each refused upgrade is one): count the
         # sessions at every close rather than wait for "no connection at all".
-        while self._live_sessions() and loop.time() < deadline:
+        while True:
+            now = loop.time()
+            now_for_all = self._notice_over.is_set()  # a second signal: no more running on
+            next_due: float | None = None
+            for conn in list(self.connections):
+                session = conn.session
+                if session is None or conn in told:
+                    continue
+                due = started + by_kind.get(conn.kind, timeout_s)
+                if now_for_all or now >= due:
+                    told.add(conn)
+                    finish_by = max(finish_by, now + DRAIN_FINISH_S)
+                    session.on_drain()
+                elif next_due is None or due < next_due:
+                    next_due = due
+            if not self._live_sessions():
+                break
+            wake = next_due if next_due is not None else finish_by
+            if next_due is None and now >= finish_by:
+                break
             self._closed_one.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closed_one.wait(), deadline - loop.time())
+                await asyncio.wait_for(self._closed_one.wait(), max(0.0, wake - now))
+        deadline = max(finish_by, loop.time())
         left = self._live_sessions()
         log.info("drain: sessions ended" if not left else "drain: deadline reached",
                  extra={"sessions_left": left,

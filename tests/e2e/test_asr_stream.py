@@ -330,7 +330,7 @@ def test_health_ready_and_metrics(server: ServerProcess) -> None:
 
 
 async def test_sigterm_drains_with_1001() -> None:
-    srv = start_server({"STREAMGATE_SERVER__DRAIN_TIMEOUT_S": "5"})
+    srv = start_server({"STREAMGATE_SERVER__DRAIN_TIMEOUT_S": "0.2"})
     try:
         # A slow engine keeps the session's finals pending, so the drain takes a while.
         async with connect(url(srv, model="synthetic-stuck"), additional_headers=AUTH) as ws:

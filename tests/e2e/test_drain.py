@@ -70,9 +70,10 @@ def check_sequence(name: str, samples: list[tuple[str, bool]]) -> None:
 
 
 async def test_drain_window_is_visible_to_a_load_balancer() -> None:
-    # Longer than the live session holds the drain (1.5-4.5 s here), shorter than the timeout.
-    notice_s = 6.0
-    srv = start_server({"STREAMGATE_SERVER__DRAIN_TIMEOUT_S": "12",
+    # Longer than the live session holds the drain (0.5 s of running on, then 1.5-4.5 s for
+    # its finals here).
+    notice_s = 7.0
+    srv = start_server({"STREAMGATE_SERVER__DRAIN_TIMEOUT_S": "0.5",
                         "STREAMGATE_SERVER__DRAIN_NOTICE_S": str(notice_s)})
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http, \
@@ -120,3 +121,42 @@ async def test_drain_window_is_visible_to_a_load_balancer() -> None:
         if srv.proc.poll() is None:
             srv.proc.kill()
             srv.proc.wait()
+
+
+async def test_each_kind_runs_on_for_its_own_drain_timeout() -> None:
+    """A resumable stream is told to drain after `drain_timeout_s`; a phone call, which cannot
+    resume, keeps running up to `telephony_drain_timeout_s`, then ends with 1001."""
+    from tests.e2e.test_telephony_e2e import Peer
+
+    srv = start_server({"STREAMGATE_SERVER__DRAIN_TIMEOUT_S": "0.3",
+                        "STREAMGATE_SERVER__TELEPHONY_DRAIN_TIMEOUT_S": "4",
+                        "STREAMGATE_SERVER__DRAIN_NOTICE_S": "0.2"})
+    try:
+        async with connect(f"{srv.ws}/v1/asr/stream?model=synthetic",
+                           additional_headers=AUTH) as stream:
+            await recv_json(stream)
+            call = await Peer.open(srv, "?provider=twilio", headers=AUTH)
+            await call.start()  # media every 20 ms from here: the call is live and busy
+            await wait_for_log(srv, "call started")
+            srv.proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            seen = await drain_to_close(stream, timeout=10)
+            stream_closed = time.monotonic() - t0
+            assert stream.close_code == 1001 and seen[-1]["code"] == "draining"
+            assert call.ws.close_code is None  # the call goes on after the stream was drained
+            async with asyncio.timeout(20):
+                await call.ws.wait_closed()
+            call_closed = time.monotonic() - t0
+            assert call.ws.close_code == 1001
+            await call.close()
+        assert stream_closed < 3.0, stream_closed
+        assert 3.5 <= call_closed < 15.0, call_closed
+        assert srv.proc.wait(20) == 0
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+
+
+async def wait_for_log(srv: ServerProcess, message: str, timeout: float = 10.0) -> None:
+    await wait_logged(srv, message, timeout)

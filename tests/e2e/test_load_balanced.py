@@ -42,7 +42,7 @@ def lb(redis_url: str, database_url: str,
        tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadBalanced]:
     with load_balanced(redis_url, database_url, REDIS_DB, tmp_path_factory.mktemp("haproxy"),
                        billing__lease_s=LEASE_MS // 1000, billing__min_lease_s=LEASE_MS // 1000,
-                       server__idle_timeout_s=10, server__drain_timeout_s=20,
+                       server__idle_timeout_s=10, server__drain_timeout_s=2,
                        server__drain_notice_s=1,
                        tts__models__synthetic__ms_per_char=1) as env:
         yield env

@@ -187,7 +187,8 @@ async def sample_upgrade(srv: ServerProcess) -> str:
 async def test_sigterm_drains_every_worker_and_everything_exits() -> None:
     # The whole drain window as notice: sampling must not race the listeners' close. A second
     # SIGTERM, forwarded like the first, ends it once the samples are taken.
-    srv = start_node({"STREAMGATE_SERVER__DRAIN_NOTICE_S": "5.0"})
+    srv = start_node({"STREAMGATE_SERVER__DRAIN_NOTICE_S": "5.0",
+                      "STREAMGATE_SERVER__DRAIN_TIMEOUT_S": "0.2"})  # drained before idle
     pids = list(worker_pids(srv).values())
     speech = silence(300) + espeak_pcm16("finish me before you go")
     try:
