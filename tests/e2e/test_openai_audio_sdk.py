@@ -9,6 +9,7 @@ import asyncio
 import base64
 import io
 import json
+import urllib.request
 import warnings
 import wave
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.protocol.audio import wav_header
 from tests.e2e.conftest import TEST_KEY, ServerProcess, wait_for
@@ -132,18 +134,38 @@ def test_speech_wav_pcm_and_compressed_formats(server: ServerProcess) -> None:
         assert np.abs(decoded).max() > 1000, fmt  # speech, not silence
 
 
+def tts_sessions_active(server: ServerProcess) -> float:
+    with urllib.request.urlopen(f"{server.http}/metrics", timeout=10) as resp:
+        page = resp.read().decode()
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.name == "streamgate_sessions_active" and sample.labels["kind"] == "tts":
+                return sample.value
+    return 0.0
+
+
 def test_speech_streams_as_it_is_synthesized(server: ServerProcess) -> None:
     sdk = client(server)
-    long_text = " ".join([SPEECH_TEXT] * 6)
+    long_text = " ".join([SPEECH_TEXT] * 12)  # about a minute of speech, 2.9 MB of PCM
     with sdk.audio.speech.with_streaming_response.create(
-            model="espeak-en", voice="alloy", input=long_text, response_format="mp3") as resp:
+            model="espeak-en", voice="alloy", input=long_text, response_format="pcm") as resp:
         assert resp.headers.get("transfer-encoding") == "chunked"
         assert "content-length" not in resp.headers
+        chunks = resp.iter_bytes()
+        first = next(chunks)
+        # The first bytes are here while the session still runs: the answer streams as it is
+        # synthesized (and, its credit granted as the response is written, at this reader's pace).
+        assert first and tts_sessions_active(server) == 1
+        pcm = first + b"".join(chunks)
+    wait_for(lambda: tts_sessions_active(server) == 0, 10.0)
+    assert len(pcm) / 2 / 24000 > 30
+    with sdk.audio.speech.with_streaming_response.create(
+            model="espeak-en", voice="alloy", input=long_text, response_format="mp3") as resp:
         assert resp.headers["content-type"] == "audio/mpeg"
         pieces = [p for p in resp.iter_bytes() if p]
     assert len(pieces) > 1
     seconds, _ = duration_s(b"".join(pieces))
-    assert seconds > 10
+    assert abs(seconds - len(pcm) / 2 / 24000) < 0.12
     # stream_format=sse: base64 audio deltas, then `speech.audio.done` with the characters.
     with sdk.audio.speech.with_streaming_response.create(
             model="espeak-en", voice="alloy", input=SPEECH_TEXT, response_format="pcm",
