@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from tempfile import SpooledTemporaryFile
@@ -49,7 +49,7 @@ from server.http.speech import (
 from server.protocol import messages as m
 from server.protocol.admission import Principal
 from server.protocol.errors import Rejected, http_status_of_close
-from server.sessions.asr_runner import AsrEndpoint
+from server.sessions.asr_runner import AsrEndpoint, AsrSessionRunner, StartSession
 from server.sessions.tts import EndInput, GrantCredit, SubmitText
 from server.sessions.tts_runner import TtsEndpoint
 
@@ -119,13 +119,25 @@ def _error_event(exc: ApiError) -> bytes:
     return _sse(openai_error(exc)[1])
 
 
-def _as_openai(exc: Exception) -> web.Response | None:
-    if isinstance(exc, ApiError):
-        return openai_error_response(exc)
-    if isinstance(exc, web.HTTPException) and exc.status >= 400:
-        return openai_error_response(ApiError(exc.status, f"http_{exc.status}",
-                                              exc.text or exc.reason))
-    return None
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _in_openai_shape(handler: Handler) -> Handler:
+    """The route's errors (ours, from admission, metering and the shared upload code, and
+    aiohttp's) answered in OpenAI's shape rather than by the API error middleware."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return openai_error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return openai_error_response(ApiError(exc.status, f"http_{exc.status}",
+                                                  exc.text or exc.reason))
+
+    return answer
 
 
 def _refusal(refused: Rejected) -> OpenAiError:
@@ -379,11 +391,16 @@ class ModelList(msgspec.Struct):
     object: str = "list"
 
 
+class DurationUsage(msgspec.Struct):
+    seconds: float
+    type: str = "duration"
+
+
 class TranscriptionJson(msgspec.Struct):
     """`response_format=json`; `usage.seconds` is the audio charged."""
 
     text: str
-    usage: dict[str, Any]
+    usage: DurationUsage
 
 
 def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoint,
@@ -393,51 +410,23 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
         return sorted({*asr.engines, *tts.engines, *llm_models})
 
     async def models(request: web.Request) -> web.StreamResponse:
-        try:
-            await principal(request)
-            body = ModelList([ModelCard(name) for name in model_ids()])
-            return web.Response(body=msgspec.json.encode(body), content_type="application/json")
-        except Exception as exc:
-            if (answer := _as_openai(exc)) is None:
-                raise
-            return answer
+        await principal(request)
+        body = ModelList([ModelCard(name) for name in model_ids()])
+        return web.Response(body=msgspec.json.encode(body), content_type="application/json")
 
     async def model(request: web.Request) -> web.StreamResponse:
-        try:
-            await principal(request)
-            name = request.match_info["model"]
-            if name not in model_ids():
-                raise _model_not_found(name)
-            return web.Response(body=msgspec.json.encode(ModelCard(name)),
-                                content_type="application/json")
-        except Exception as exc:
-            if (answer := _as_openai(exc)) is None:
-                raise
-            return answer
+        await principal(request)
+        name = request.match_info["model"]
+        if name not in model_ids():
+            raise _model_not_found(name)
+        return web.Response(body=msgspec.json.encode(ModelCard(name)),
+                            content_type="application/json")
 
     async def transcriptions(request: web.Request) -> web.StreamResponse:
-        try:
-            return await transcribe(request, translate=False)
-        except Exception as exc:
-            if (answer := _as_openai(exc)) is None:
-                raise
-            return answer
+        return await transcribe(request, translate=False)
 
     async def translations(request: web.Request) -> web.StreamResponse:
-        try:
-            return await transcribe(request, translate=True)
-        except Exception as exc:
-            if (answer := _as_openai(exc)) is None:
-                raise
-            return answer
-
-    async def speech(request: web.Request) -> web.StreamResponse:
-        try:
-            return await synthesize(request)
-        except Exception as exc:
-            if (answer := _as_openai(exc)) is None:
-                raise
-            return answer
+        return await transcribe(request, translate=True)
 
     async def transcribe(request: web.Request, *, translate: bool) -> web.StreamResponse:
         caller = await principal(request)
@@ -471,7 +460,7 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
                 await upload.audio.aclose()
         return transcript_answer(wire, ask)
 
-    async def feed(wire: HttpWire, handler: Any, audio: _Audio) -> None:
+    async def feed(wire: HttpWire, handler: AsrSessionRunner, audio: _Audio) -> None:
         """The upload through the session as fast as it drains; the session's end awaited."""
         try:
             async with aclosing(audio.chunks()) as chunks:
@@ -503,12 +492,12 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
             return web.Response(text=srt(finals), content_type="text/plain")
         if fmt == "vtt":
             return web.Response(text=vtt(finals), content_type="text/vtt")
-        document: Any = (verbose_json(finals, ask, audio_ms, text) if fmt == "verbose_json"
-                         else TranscriptionJson(text, {"type": "duration",
-                                                       "seconds": audio_ms / 1000}))
+        document: dict[str, Any] | TranscriptionJson = (
+            verbose_json(finals, ask, audio_ms, text) if fmt == "verbose_json"
+            else TranscriptionJson(text, DurationUsage(audio_ms / 1000)))
         return web.Response(body=msgspec.json.encode(document), content_type="application/json")
 
-    async def stream_transcript(request: web.Request, start: Any, audio: _Audio
+    async def stream_transcript(request: web.Request, start: StartSession, audio: _Audio
                                 ) -> web.StreamResponse:
         """`transcript.text.delta` per final utterance as the session produces it, then
         `transcript.text.done`; a session that fails midway ends with an `error` event."""
@@ -640,11 +629,12 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
         await response.write_eof()
         return response
 
-    app.router.add_get("/v1/models", models)
-    app.router.add_get(r"/v1/models/{model:[\s\S]+}", model)  # any name, slashes too
-    app.router.add_post("/v1/audio/transcriptions", transcriptions)
-    app.router.add_post("/v1/audio/translations", translations)
-    app.router.add_post("/v1/audio/speech", speech)
+    app.router.add_get("/v1/models", _in_openai_shape(models))
+    app.router.add_get(r"/v1/models/{model:[\s\S]+}",  # any name, slashes too
+                       _in_openai_shape(model))
+    app.router.add_post("/v1/audio/transcriptions", _in_openai_shape(transcriptions))
+    app.router.add_post("/v1/audio/translations", _in_openai_shape(translations))
+    app.router.add_post("/v1/audio/speech", _in_openai_shape(synthesize))
     _register_openapi(app)
 
 
@@ -689,7 +679,7 @@ def _register_openapi(app: web.Application) -> None:
         "security": [{"bearer": []}],
         "requestBody": {"required": True, "content": form},
         "responses": {**transcript, **_errors(400, 401, 404, 413, 429, 502, 503)},
-    }, components(TranscriptionJson))
+    }, components(TranscriptionJson, DurationUsage))
     register(app, "/v1/audio/translations", "post", {
         "summary": "OpenAI-compatible translation: no model served here translates speech, so "
                    "a known model is 400 `translation_unsupported` (an unknown one 404)",
