@@ -1,0 +1,150 @@
+"""Deepgram's live speech-to-text socket (`/v1/listen`) on our ASR sessions.
+
+Not a second pipeline: the upgrade is admitted by `AsrEndpoint.open_session` (same keys,
+limits, meter and billing as `/v1/asr/stream`) and the session is our `AsrSessionRunner` with
+its events handed here (`on_events`) instead of written as our JSON; codec.py translates both
+ways. Deepgram's clients know no credit: the session runs with `overflow=block`, so audio sent
+past the ingest bound pauses reading the socket (TCP back pressure) and memory per stream stays
+what our own protocol's is.
+
+A client slow to read its results: the runner stops stepping while the socket's write buffer
+is above its high mark, and interim results are coalesced here meanwhile (only the newest is
+kept; a final makes it stale), as our own outbox does.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from server.billing.auth import Principal
+from server.compat.deepgram.codec import (
+    BadClientMessage,
+    ConfigureFailure,
+    ConfigureSuccess,
+    DialectError,
+    ListenCodec,
+    ListenError,
+    listen_options,
+)
+from server.compat.deepgram.wire import DeepgramWire
+from server.protocol import messages as m
+from server.protocol.errors import Rejected, refuse
+from server.sessions.asr_runner import AsrEndpoint, AsrSessionRunner
+from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
+
+# Our control messages as our runner reads them (it takes client JSON; these are constants).
+_CONTROL: Final[dict[type, bytes]] = {
+    m.Finalize: m.encoder.encode(m.Finalize()),
+    m.Close: m.encoder.encode(m.Close()),
+}
+
+
+class DeepgramListenEndpoint:
+    kind = "asr"
+
+    def __init__(self, asr: AsrEndpoint) -> None:
+        self.asr = asr
+
+    async def admit(self, upgrade: UpgradeRequest, principal: Principal) -> Admitted | Rejected:
+        try:
+            options = listen_options(upgrade.query, models=self.asr.models,
+                                     default_model=self.asr.config.asr.session.default_model)
+        except DialectError as exc:
+            return refuse("bad_request", str(exc))
+        ours = UpgradeRequest(path=upgrade.path, query=options.query, api_key=upgrade.api_key,
+                              headers=upgrade.headers)
+        decision = await self.asr.open_session(ours, principal)
+        if isinstance(decision, Rejected):
+            return decision
+        open_session = decision.start
+
+        def start(socket: SessionSocket) -> ListenSession:
+            socket.error_frames = False  # the client takes Deepgram's messages only
+            session = ListenSession(socket, ListenCodec(options))
+            session.runner = open_session(DeepgramWire(socket), on_events=session.on_events)
+            return session
+
+        return Admitted(start=start, cancel=decision.cancel)
+
+
+class ListenSession:
+    """The SessionHandler of one `/v1/listen` socket: Deepgram in, our runner behind."""
+
+    __slots__ = ("_held", "codec", "runner", "socket")
+
+    def __init__(self, socket: SessionSocket, codec: ListenCodec) -> None:
+        self.socket = socket
+        self.codec = codec
+        self.runner: AsrSessionRunner | None = None
+        self._held: m.Transcript | None = None  # the newest interim, while the client lags
+
+    def _runner(self) -> AsrSessionRunner:
+        assert self.runner is not None, "started before its runner"
+        return self.runner
+
+    # --- SessionHandler -------------------------------------------------------------------------
+
+    def on_binary(self, data: bytes) -> None:
+        self.codec.audio(data)
+        self._runner().on_binary(data)
+
+    def on_text(self, data: bytes) -> None:
+        try:
+            msg = self.codec.decode(data)
+        except BadClientMessage as exc:
+            # Deepgram's answer to a text frame it cannot parse; the stream goes on.
+            error = ListenError(variant="SchemaError", description=f"bad message: {exc}"[:200],
+                                message=data[:200].decode("utf-8", "replace"))
+            self._send([m.encoder.encode(error)])
+            return
+        if isinstance(msg, (ConfigureSuccess, ConfigureFailure)):
+            self._send([self.codec.encode_reply(msg)])
+            return
+        control = _CONTROL.get(type(msg))
+        if control is not None:  # a KeepAlive has done its work: the connection saw activity
+            self._runner().on_text(control)
+
+    def on_read_done(self) -> None:
+        self._runner().on_read_done()
+
+    def on_writable(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._send([self.codec.encode(held)])
+        self._runner().on_writable()
+
+    def on_idle(self) -> None:
+        self._runner().on_idle()
+
+    def on_drain(self) -> None:
+        self._runner().on_drain()
+
+    def on_connection_closed(self, code: int) -> None:
+        self._held = None
+        self._runner().on_connection_closed(code)
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def on_events(self, events: list[m.AsrServerMessage]) -> None:
+        codec = self.codec
+        out: list[bytes | None] = []
+        for ev in events:
+            if type(ev) is m.Transcript:
+                if not ev.is_final:
+                    if self.socket.write_paused:
+                        self._held = ev  # coalesced: only the newest interim matters
+                        continue
+                else:
+                    self._held = None  # its final supersedes it
+            out.append(codec.encode(ev))
+        self._send(out)
+
+    def _send(self, payloads: list[bytes | None]) -> None:
+        socket = self.socket
+        sent = False
+        for payload in payloads:
+            if payload is not None:
+                socket.send_text(payload)
+                sent = True
+        if sent:
+            socket.flush()
