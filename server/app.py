@@ -18,6 +18,8 @@ from server.billing.auth import Authenticator, StaticKeyAuthenticator
 from server.billing.bootstrap import ensure_dev_tenant, prepare_database
 from server.billing.meter import MeterFactory, PricedMeterFactory
 from server.billing.service import BillingService, UnmeteredRequests
+from server.compat.deepgram.listen import DeepgramListenEndpoint
+from server.compat.deepgram.speak import DeepgramSpeakEndpoint
 from server.compat.sarvam.endpoint import (
     STT_PATH,
     TTS_PATH,
@@ -151,6 +153,9 @@ class Gateway:
             config=cfg, engines=self.synthesizers, meters=meters, server=ws, metrics=self.metrics,
         )
         ws.router.add("/v1/tts/stream", tts_endpoint)
+        # Deepgram's live STT and streaming TTS sockets (docs/compat.md, "Deepgram").
+        ws.router.add("/v1/listen", DeepgramListenEndpoint(asr_endpoint))
+        ws.router.add("/v1/speak", DeepgramSpeakEndpoint(tts_endpoint))
         # Sarvam's streaming paths; its key comes in its own header (docs/compat.md, "Sarvam").
         sarvam_keys = SubscriptionKeys(auth, self.billing)
         ws.router.add_in_band(STT_PATH, SarvamSttEndpoint(asr=asr_endpoint, keys=sarvam_keys))
