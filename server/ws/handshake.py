@@ -74,11 +74,12 @@ def parse_upgrade(request: Request) -> UpgradeRequest:
 
 
 def extract_api_key(headers: Headers, query: dict[str, str]) -> str | None:
-    """Bearer header, then `Sec-WebSocket-Protocol: token, <key>` (browsers), then ?api_key=."""
+    """Bearer header (or `Token`, Deepgram's scheme), then `Sec-WebSocket-Protocol: token,
+    <key>` (browsers), then ?api_key=."""
     auth = headers.get("Authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
+        if scheme.lower() in ("bearer", "token") and value.strip():
             return value.strip()
     protocols = [
         p.strip()
