@@ -86,6 +86,19 @@ class TtsEndpoint:
         self.meters = meters
         self.server = server
         self.metrics = metrics
+        self.runners: set[TtsSessionRunner] = set()
+        metrics.scrape_hooks.append(self._publish_gauges)
+
+    def _publish_gauges(self) -> None:
+        pending = backlog_ms = credit = 0
+        for runner in self.runners:
+            machine = runner.machine
+            pending += machine.pending_chars
+            backlog_ms += int(machine.backlog_bytes / machine.params.bytes_per_ms)
+            credit += max(0, machine.credit.outstanding)
+        self.metrics.tts_pending_chars.set(pending)
+        self.metrics.queue_depth_ms.labels("tts_out").set(backlog_ms)
+        self.metrics.tts_playback_credit.set(credit)
 
     async def admit(self, upgrade: UpgradeRequest, principal: Principal) -> Admitted | Rejected:
         decision = await self.open_session(upgrade, principal)
@@ -182,6 +195,7 @@ class TtsSessionRunner:
         self.machine.handle(Start())
         self._pump()
         self.lifecycle.opened(model=self.machine.params.model)
+        self.endpoint.runners.add(self)
         self.endpoint.server.spawn(self._run())
 
     def on_text(self, data: bytes) -> None:
@@ -308,6 +322,7 @@ class TtsSessionRunner:
                 code, reason = (1001, "draining") if self._draining else (1000, "")
                 self.machine.handle(Finish(report, code, reason, "server is draining; reconnect"))
                 self._pump()
+            self.endpoint.runners.discard(self)
             self.lifecycle.closed(self._close_code if self._close_code is not None else 1006,
                                   characters=self.machine.characters_synthesized,
                                   text_backlog_peak=self.machine.pending_peak)

@@ -111,6 +111,15 @@ class Metrics:
             "streamgate_credit_outstanding_bytes", "Audio credit held by clients", registry=r,
             multiprocess_mode="livesum",
         )
+        # TTS, the other direction: text waiting for the engine, audio waiting for the client.
+        self.tts_pending_chars = Gauge(
+            "streamgate_tts_pending_chars", "Text accepted and not yet synthesized, summed over "
+            "TTS sessions", registry=r, multiprocess_mode="livesum",
+        )
+        self.tts_playback_credit = Gauge(
+            "streamgate_tts_playback_credit_bytes", "Playback credit TTS clients have granted "
+            "and the server has not yet filled", registry=r, multiprocess_mode="livesum",
+        )
         self.audio_ms = Counter(
             "streamgate_audio_accepted_ms_total", "Decoded audio accepted at ingest", ["kind"],
             registry=r,

@@ -468,3 +468,29 @@ def test_a_meter_reports_usage_in_its_own_unit() -> None:
     assert (asr.unit, asr.units, asr.audio_ms) == ("audio_ms", 20, 20)
     with pytest.raises(ValueError):
         asr.characters  # noqa: B018
+
+
+def test_tts_sessions_publish_their_queues_to_the_metrics() -> None:
+    """What waits in a TTS session shows on /metrics like the ASR stages do: text not yet
+    synthesized, audio not yet sent (queue_depth_ms{stage="tts_out"}), credit not yet filled;
+    all back to zero once the session ended."""
+    async def scenario() -> None:
+        engine = StallingEngine(stall=True)
+        runner, _, server = await open_runner(engine)
+        metrics = runner.endpoint.metrics
+        runner.on_text(b'{"type":"text","text":"One sentence here. ' + b"And more text. " * 20
+                       + b'"}')
+        runner.on_text(b'{"type":"flush"}')
+        await asyncio.sleep(0.01)
+        metrics.before_scrape()
+        assert metrics.tts_pending_chars._value.get() > 0
+        assert metrics.tts_playback_credit._value.get() >= 0
+        runner.on_text(b'{"type":"close"}')
+        runner.on_text(b'{"type":"clear"}')
+        runner.on_connection_closed(1000)
+        await asyncio.gather(*server.tasks, return_exceptions=True)
+        metrics.before_scrape()
+        assert metrics.tts_pending_chars._value.get() == 0
+        assert metrics.queue_depth_ms.labels("tts_out")._value.get() == 0
+
+    run(scenario())
