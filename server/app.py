@@ -20,6 +20,13 @@ from server.billing.meter import MeterFactory, PricedMeterFactory
 from server.billing.service import BillingService, UnmeteredRequests
 from server.compat.deepgram.listen import DeepgramListenEndpoint
 from server.compat.deepgram.speak import DeepgramSpeakEndpoint
+from server.compat.sarvam.endpoint import (
+    STT_PATH,
+    TTS_PATH,
+    SarvamSttEndpoint,
+    SarvamTtsEndpoint,
+    SubscriptionKeys,
+)
 from server.config import Config
 from server.flow_control.http_body import HTTP_SHUTDOWN_MIN_GRACE_S
 from server.http.admin import add_admin_routes
@@ -146,6 +153,10 @@ class Gateway:
             config=cfg, engines=self.synthesizers, meters=meters, server=ws, metrics=self.metrics,
         )
         ws.router.add("/v1/tts/stream", tts_endpoint)
+        # Sarvam's streaming paths; its key comes in its own header (docs/compat.md, "Sarvam").
+        sarvam_keys = SubscriptionKeys(auth, self.billing)
+        ws.router.add_in_band(STT_PATH, SarvamSttEndpoint(asr=asr_endpoint, keys=sarvam_keys))
+        ws.router.add_in_band(TTS_PATH, SarvamTtsEndpoint(tts=tts_endpoint, keys=sarvam_keys))
         # Deepgram's live STT and streaming TTS sockets (docs/compat.md, "Deepgram").
         ws.router.add("/v1/listen", DeepgramListenEndpoint(asr_endpoint))
         ws.router.add("/v1/speak", DeepgramSpeakEndpoint(tts_endpoint))
