@@ -249,6 +249,33 @@ async def test_an_unsupported_codec_is_refused_in_sarvams_error_shape(
     assert reply.data.details == {"code": "bad_config", "retryable": False}
 
 
+async def test_pipecats_tts_messages(server: ServerProcess) -> None:
+    """What Pipecat's SarvamTTSService sends on its own socket (it takes a `url`): numbers as
+    strings in its config, the config again on a settings change, text, flush, ping."""
+    cfg: dict[str, Any] = {"type": "config", "data": {
+        "target_language_code": "en-IN", "speaker": "anushka", "speech_sample_rate": "16000",
+        "enable_preprocessing": False, "min_buffer_size": 50, "max_chunk_length": 150,
+        "output_audio_codec": "linear16", "output_audio_bitrate": "128k", "pace": 1.0,
+        "model": "bulbul:v2"}}
+    url = f"{server.ws}/text-to-speech/ws?model=bulbul:v2&send_completion_event=true"
+    async with connect(url, additional_headers={"api-subscription-key": TEST_KEY}) as ws:
+        await ws.send(json.dumps(cfg))
+        await ws.send(json.dumps({"type": "text", "data": {"text": "Hello from Pipecat."}}))
+        cfg["data"]["pace"] = 1.2  # a settings change: the config comes again
+        await ws.send(json.dumps(cfg))
+        await ws.send(json.dumps({"type": "flush"}))
+        await ws.send(json.dumps({"type": "ping"}))
+        kinds: list[str] = []
+        pcm = b""
+        async with asyncio.timeout(20):
+            while not kinds or kinds[-1] != "event":
+                msg = json.loads(await ws.recv())
+                kinds.append(msg["type"])
+                if msg["type"] == "audio":
+                    pcm += base64.b64decode(msg["data"]["audio"])
+    assert set(kinds[:-1]) == {"audio"} and len(pcm) / 32000 > 0.5
+
+
 # --- billing ------------------------------------------------------------------------------------
 
 

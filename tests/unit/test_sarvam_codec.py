@@ -49,6 +49,8 @@ def test_raw_pcm_takes_the_connection_rate_before_the_messages() -> None:
         AudioIn(b"\0\0" * 80, 8000)
     assert stt().decode(audio_msg(b"\0\0" * 80, rate=24000), 0.0) == AudioIn(b"\0\0" * 80, 24000)
     assert stt().decode(audio_msg(b"\0\0", rate=None), 0.0) == AudioIn(b"\0\0", 16000)
+    as_text = b'{"audio": {"data": "AAA=", "sample_rate": "8000"}}'
+    assert stt().decode(as_text, 0.0) == AudioIn(b"\0\0", 8000)
 
 
 def test_the_first_audio_fixes_the_rate() -> None:
@@ -185,12 +187,24 @@ def test_text_flush_and_ping() -> None:
         assert isinstance(got, TtsRefused) and got.code == "bad_message", raw
 
 
-def test_a_config_after_text_is_refused_unless_unchanged() -> None:
+def test_pipecats_config_with_numbers_as_strings() -> None:
+    got = tts().decode(json.dumps({"type": "config", "data": {
+        "target_language_code": "hi-IN", "speaker": "anushka", "speech_sample_rate": "16000",
+        "enable_preprocessing": False, "min_buffer_size": 50, "max_chunk_length": 150,
+        "output_audio_codec": "linear16", "output_audio_bitrate": "128k", "pace": 1.0,
+        "model": "bulbul:v2"}}).encode())
+    assert got == Reconfigure(m.TtsConfigMsg(language="hi-IN", encoding="pcm_s16le",
+                                             sample_rate=16000))
+
+
+def test_a_config_after_text_may_change_only_what_is_ignored() -> None:
     codec = tts()
     codec.decode(config())
     codec.decode(b'{"type": "text", "data": {"text": "Hi."}}')
     assert codec.decode(config()) is None
+    assert codec.decode(config(speaker="vidya", pace=1.5)) is None
     assert isinstance(codec.decode(config(speech_sample_rate=8000)), TtsRefused)
+    assert isinstance(codec.decode(config(language_code="hi-IN")), TtsRefused)
 
 
 def audio_of(raw: bytes) -> tuple[str, bytes]:

@@ -46,7 +46,7 @@ class _ClientMessage(msgspec.Struct):
     prompt: str | None = None
 
 
-_decoder: Final = msgspec.json.Decoder(_ClientMessage)
+_decoder: Final = msgspec.json.Decoder(_ClientMessage, strict=False)  # "16000" is a rate too
 
 
 # --- what the codec makes of a client message ---------------------------------------------------

@@ -78,7 +78,9 @@ class _Ping(msgspec.Struct, tag="ping", tag_field="type"):
     pass
 
 
-_decoder: Final = msgspec.json.Decoder(_Config | _Text | _Flush | _Ping)
+# Not strict: clients send numbers as strings too (Pipecat's SarvamTTSService sends
+# `"speech_sample_rate": "22050"`), which Sarvam accepts.
+_decoder: Final = msgspec.json.Decoder(_Config | _Text | _Flush | _Ping, strict=False)
 
 
 class _AudioData(msgspec.Struct):
@@ -145,7 +147,7 @@ class TtsCodec:
         self.sample_rate = DEFAULT_RATE
         self.language = language
         self.request_id = ""
-        self._configured: _ConfigData | None = None
+        self._configured: tuple[str, int, str | None] | None = None
         self._texts = 0
         self._compressor: StreamEncoder | None = None
 
@@ -175,23 +177,26 @@ class TtsCodec:
         return None
 
     def _config(self, data: _ConfigData) -> ClientInput:
-        if self._texts:
-            if data == self._configured:
-                return None  # the same again: nothing changes
-            return Refused("bad_message", "a config after the first text is not supported "
-                           "here; open a new connection for other settings")
         codec = data.output_audio_codec or DEFAULT_CODEC
+        rate = data.speech_sample_rate or DEFAULT_RATE
+        language = data.language_code or data.target_language_code or self.language
+        if self._texts:
+            # A client may send its config again (Pipecat does on every settings change):
+            # what this server ignores may change; the audio format and language may not.
+            if (codec, rate, language) == self._configured:
+                return None
+            return Refused("bad_message", "a config after the first text may not change the "
+                           "codec, sample rate or language here; open a new connection")
         if codec not in _SESSION_ENCODING:
             supported = ", ".join(_SESSION_ENCODING)
             return BadConfig(f"output_audio_codec {codec[:16]!r} is not served here; "
                              f"use one of {supported}")
-        rate = data.speech_sample_rate or DEFAULT_RATE
         if codec == "opus" and rate not in OPUS_RATES:
             return BadConfig(f"Opus is made at {OPUS_RATES} Hz, not {rate}")
         self.codec = codec  # type: ignore[assignment]  # checked against the table above
         self.sample_rate = rate
-        self.language = data.language_code or data.target_language_code or self.language
-        self._configured = data
+        self.language = language
+        self._configured = (codec, rate, language)
         # The speaker is not passed on: our engines' voices have other names (the model's
         # configured voice speaks; docs/compat.md).
         return Reconfigure(m.TtsConfigMsg(language=self.language,
