@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -50,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,8 +61,10 @@ from loadtest.bench_report import (
     CLOSED_LOOP_NAMES,
     P99_LIMIT_MS,
     REALTIME_CEILING,
+    WORKERS_RUN,
     ServerRun,
     analyse_stderr,
+    format_node_run,
     observation_lines,
     render_markdown,
     result_sections,
@@ -77,8 +80,11 @@ from loadtest.loadgen import (
     run_closed_loop,
     run_idle,
 )
+from loadtest.node_probe import NodeProbe
 from loadtest.pin import raise_nofile_limit
+from loadtest.procfs import cpu_seconds, cpu_stat, descendants, proc_stat
 from loadtest.tts_probe import measure_ttfa
+from loadtest.workers_compare import measure_node
 from server.config import SyntheticTtsConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +96,8 @@ ASR_PATH = (
     "&interim_results=false"
 )
 TTS_PATH = "/v1/tts/stream?model=synthetic&encoding=pcm_s16le&sample_rate=16000"
-PHASES = ("ws-echo", "raw-echo", "streamgate", "idle", "tts", "realtime", "echo-realtime")
+PHASES = ("ws-echo", "raw-echo", "streamgate", "idle", "tts", "realtime", "echo-realtime",
+          "workers")
 ECHO_START_TIMEOUT_S = 30.0
 STREAMGATE_START_TIMEOUT_S = 150.0  # initdb of a fresh PostgreSQL cluster, migrations
 STOP_TIMEOUT_S = 30.0  # streamgate drains (5 s), flushes billing, stops Redis and PostgreSQL
@@ -99,8 +106,13 @@ TTS_LEVELS = ((1, 100), (20, 10))  # (concurrent sessions, measured requests per
 # --quick: every part for a few seconds (the smoke test); the numbers mean nothing.
 QUICK = {"connections": 40, "seconds": 1.0, "warmup": 0.5, "idle_sessions": 40, "rt_step": 20,
          "rt_resolution": 20, "rt_max": 40, "rt_ramp": 0.5, "rt_warmup": 0.5, "rt_seconds": 1.0,
-         "rt_budget": 15.0, "tts_levels": ((1, 4), (4, 2)), "quiet_wait": 0.0}
+         "rt_budget": 15.0, "tts_levels": ((1, 4), (4, 2)), "quiet_wait": 0.0,
+         "workers_sessions": 20, "workers_seconds": 1.0}
 TTS_FIRST_AUDIO_MS = 50.0
+# --workers 2 beside --workers 1: about half of what one pinned worker holds at p99 < 20 ms
+# (350 sessions, docs/benchmarks.md): well below saturation for both (13H1).
+WORKERS_SESSIONS = 200
+WORKERS_SECONDS = 15.0
 
 # ingest_queue_ms = 80 -> a credit window of 640 bytes of 8 kHz mu-law = 4 frames; credit is
 # returned once a quarter window (160 bytes, one 20 ms frame) has drained: one credit per frame.
@@ -112,6 +124,7 @@ ws_port = 0
 http_port = 0
 idle_timeout_s = 60
 drain_timeout_s = 5.0
+drain_notice_s = 0.0  # no load balancer to tell: a stop after the sessions ended is at once
 max_connections = {max_connections}
 
 [logging]
@@ -153,43 +166,6 @@ sample_rate = 16000
 
 
 # --- server processes ----------------------------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat fields after "pid (comm)": [state, ppid, ...]; None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def descendants(root: int) -> dict[int, str]:
-    """Every descendant of `root`: pid -> its start time (to tell a reused pid)."""
-    children: dict[int, list[int]] = {}
-    starts: dict[int, str] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                fields = _proc_stat(int(entry.name))
-                if fields is not None:
-                    children.setdefault(int(fields[1]), []).append(int(entry.name))
-                    starts[int(entry.name)] = fields[19]
-    found: dict[int, str] = {}
-    todo = [root]
-    while todo:
-        for kid in children.get(todo.pop(), []):
-            found[kid] = starts[kid]
-            todo.append(kid)
-    return found
-
-
-def cpu_seconds(pid: int, clk_tck: int) -> tuple[float, float]:
-    """(user, system) seconds of one process."""
-    fields = _proc_stat(pid)
-    if fields is None:
-        return 0.0, 0.0
-    return int(fields[11]) / clk_tck, int(fields[12]) / clk_tck
 
 
 class ServerProcess:
@@ -352,7 +328,7 @@ class ServerProcess:
         deadline = time.monotonic() + grace_s
         while True:
             left = {pid: start for pid, start in self._helpers.items()
-                    if (f := _proc_stat(pid)) is not None and f[19] == start and f[0] != "Z"}
+                    if (f := proc_stat(pid)) is not None and f[19] == start and f[0] != "Z"}
             if not left or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -363,20 +339,6 @@ class ServerProcess:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         self._helpers.clear()
-
-
-def cpu_stat() -> dict[int, tuple[float, float]]:
-    """Per CPU from /proc/stat: (user + nice + system seconds, steal seconds)."""
-    tck = os.sysconf("SC_CLK_TCK")
-    out: dict[int, tuple[float, float]] = {}
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/stat") as fh:
-            for line in fh:
-                if not line.startswith("cpu") or line.startswith("cpu "):
-                    continue
-                f = line.split()
-                out[int(f[0][3:])] = ((int(f[1]) + int(f[2]) + int(f[3])) / tck, int(f[8]) / tck)
-    return out
 
 
 async def wait_for_quiet(cpus: list[int], max_wait_s: float, busy_pct: float = 10.0) -> str:
@@ -472,25 +434,48 @@ def write_config(workdir: Path, name: str, args: argparse.Namespace) -> tuple[Pa
     return path, token
 
 
-def server_argv(name: str, config_path: Path | None) -> list[str]:
+def server_argv(name: str, config_path: Path | None, workers: int = 1) -> list[str]:
     if config_path is not None:
-        # One process: the bench pins the server to one core (`--workers` defaults to one
-        # worker per core, under a supervisor).
+        # One process unless asked (`--workers` defaults to one worker per core, under a
+        # supervisor): the bench pins it to one core. With N > 1 the started process execs
+        # the supervisor in place, so its pid is the supervisor's.
         return [sys.executable, "-m", "server", "serve", "--config", str(config_path),
-                "--host", HOST, "--ws-port", "0", "--http-port", "0", "--workers", "1"]
+                "--host", HOST, "--ws-port", "0", "--http-port", "0", "--workers", str(workers)]
     return [sys.executable, "-m", "loadtest.echo_servers", name, "--host", HOST, "--port", "0"]
 
 
 async def with_server(name: str, args: argparse.Namespace, workdir: Path,
-                      measure: Measure) -> ServerRun:
-    """Start one server (streamgate: with its bench tenant), measure, stop, check its health."""
+                      measure: Measure, workers: int = 1) -> ServerRun:
+    """Start one server (streamgate: with its bench tenant), measure, stop, check its health.
+    A node of several workers is not pinned: it and the generator share the bench's CPUs."""
     run = ServerRun(name)
     streamgate = name.startswith("streamgate")
     config, token = write_config(workdir, name, args) if streamgate else (None, "")
     kind = "streamgate" if streamgate else "raw-echo" if name == REALTIME_CEILING else name
-    server = ServerProcess(name, server_argv(kind, config),
-                           args.server_cpu if args.pinned else None, workdir,
-                           args.client_cpu if args.pinned else None)
+    pinned = args.pinned and workers == 1
+    server = ServerProcess(name, server_argv(kind, config, workers),
+                           args.server_cpu if pinned else None, workdir,
+                           args.client_cpu if pinned else None)
+    with shared_cpus(args, not pinned):
+        return await _with_server(server, run, config, token, args, measure)
+
+
+@contextlib.contextmanager
+def shared_cpus(args: argparse.Namespace, share: bool) -> Iterator[None]:
+    """While a node runs unpinned, the generator (this process) may run on both of the bench's
+    CPUs too, and so may the node (its processes inherit this mask)."""
+    if not (share and args.pinned):
+        yield
+        return
+    os.sched_setaffinity(0, {args.server_cpu, args.client_cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, {args.client_cpu})
+
+
+async def _with_server(server: ServerProcess, run: ServerRun, config: Path | None, token: str,
+                       args: argparse.Namespace, measure: Measure) -> ServerRun:
     if args.pinned and args.quiet_wait > 0:
         warning = await wait_for_quiet([args.server_cpu, args.client_cpu], args.quiet_wait)
         if warning:
@@ -521,7 +506,7 @@ async def start_server(server: ServerProcess, config: Path | None, token: str,
         live.admin = Admin(int(info["http_port"]), token, HOST)
         live.api_key = await live.admin.create_bench_tenant()
     print(f"bench: {server.name} pid {server.pid}"
-          + (f" on CPU {args.server_cpu}" if args.pinned else "")
+          + (f" on CPU {server.cpu}" if server.cpu is not None else "")
           + f", ready in {time.monotonic() - started:.1f} s"
           + (" (billing on: embedded Redis + PostgreSQL, bench tenant funded)"
              if live.admin else ""), flush=True)
@@ -630,6 +615,35 @@ async def measure_capacity(live: LiveServer, run: ServerRun, args: argparse.Name
         args.rt_budget + connect_budget(args, fixed or args.rt_max))
 
 
+async def measure_workers(live: LiveServer, run: ServerRun, args: argparse.Namespace,
+                          workers: int) -> None:
+    """The same real-time sessions as every other node of the comparison (issue 13)."""
+    cpus = ({args.server_cpu, args.client_cpu} if args.pinned
+            else set(os.sched_getaffinity(0)))
+    probe = NodeProbe(live.process.pid, supervised=workers > 1, cpus=cpus)
+    search = CapacitySearch(
+        live.target(ASR_PATH, "credit"), probe, signal=args.signal, batch=args.batch,
+        warmup_s=args.rt_warmup, seconds=args.workers_seconds, ramp_s=args.rt_ramp,
+        p99_limit_ms=P99_LIMIT_MS)
+    http_port = live.admin.http_port if live.admin else None
+
+    async def scrape() -> str:
+        assert http_port is not None
+        return await http_get(http_port, "/metrics")
+
+    n = args.workers_sessions
+    # One worker also at n/2: the load each of two workers carries (13H1).
+    counts = [n, n // 2] if workers == 1 and n >= 2 else [n]
+    found = await phase(
+        run, f"{' then '.join(map(str, counts))} real-time sessions, --workers {workers}",
+        measure_node(search, probe, workers, counts, scrape if http_port else None),
+        len(counts) * (args.rt_ramp + args.rt_warmup + args.workers_seconds + 10.0) + 20.0
+        + connect_budget(args, n))
+    for node in found or []:
+        run.nodes.append(node)
+        print(f"bench: {run.name}: {format_node_run(node)}", flush=True)
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -655,6 +669,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="real time: the search stops before a step would end after this")
     p.add_argument("--realtime-sessions", type=int, default=0, metavar="N",
                    help="real time: measure N sessions only, no search")
+    p.add_argument("--workers-sessions", type=int, default=WORKERS_SESSIONS, metavar="N",
+                   help="--workers 2 beside --workers 1: real-time sessions against each "
+                        "(docs/decisions/13H1-workers-bench.md says why this many)")
+    p.add_argument("--workers-seconds", type=float, default=WORKERS_SECONDS, metavar="S",
+                   help="--workers 2 beside --workers 1: the measured window")
     p.add_argument("--only", action="append", choices=PHASES,
                    help="run only this part (repeatable); docs/benchmarks.md is not written")
     p.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
@@ -673,7 +692,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--client-cpu", type=int, default=1)
     args = p.parse_args(argv)
     if (min(args.connections, args.batch, args.idle_sessions, args.rt_step, args.rt_resolution,
-            args.rt_max) < 1 or args.seconds <= 0 or args.warmup < 0 or args.rt_seconds <= 0
+            args.rt_max, args.workers_sessions) < 1 or args.seconds <= 0
+            or args.workers_seconds <= 0 or args.warmup < 0 or args.rt_seconds <= 0
             or args.rt_warmup < 0 or args.rt_ramp < 0 or args.realtime_sessions < 0):
         p.error("counts must be >= 1, measured windows > 0, warm-ups >= 0")
     args.phases = set(args.only or PHASES)
@@ -722,6 +742,11 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> list[ServerRun]:
         runs.append(await with_server(
             "streamgate-realtime", args, workdir,
             lambda live, run: measure_capacity(live, run, args)))
+    if "workers" in args.phases:
+        for workers in (1, 2):
+            runs.append(await with_server(
+                f"{WORKERS_RUN}{workers}", args, workdir,
+                functools.partial(measure_workers, args=args, workers=workers), workers))
     return runs
 
 
@@ -763,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     command = "python -m loadtest.bench" + (" " + shlex.join(given) if given else "")
-    need = max(args.connections, args.idle_sessions, args.rt_max, args.realtime_sessions) + 256
+    need = max(args.connections, args.idle_sessions, args.rt_max, args.realtime_sessions,
+               args.workers_sessions) + 256
     limit = raise_nofile_limit()
     if limit < need:
         print(f"bench: open-files limit {limit} < {need} needed; raise `ulimit -n`",

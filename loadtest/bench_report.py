@@ -18,6 +18,7 @@ from loadtest.bench_tenant import Balance
 from loadtest.capacity import Capacity, Step
 from loadtest.loadgen import FRAME_BYTES, FRAME_MS, IdleResult, RunResult
 from loadtest.tts_probe import TTS_TEXT, TtfaRun
+from loadtest.workers_compare import NodeRun, efficiency
 
 ECHO_NAMES = ("ws-echo", "raw-echo")
 CLOSED_LOOP_NAMES = (*ECHO_NAMES, "streamgate")
@@ -25,6 +26,9 @@ REALTIME_RUN = "streamgate-realtime"
 # A fresh raw-echo under the same real-time search: what a server of this design holds on
 # this machine when it does no work at all.
 REALTIME_CEILING = "raw-echo-realtime"
+# The same real-time sessions against `--workers 1` (pinned) and `--workers 2` (both CPUs):
+# streamgate-workers-1, streamgate-workers-2.
+WORKERS_RUN = "streamgate-workers-"
 
 # Issue 5's targets (one run, one server core).
 MIN_VS_RAW_ECHO = 0.6
@@ -33,6 +37,8 @@ MIN_REALTIME_SESSIONS = 1000
 P99_LIMIT_MS = 20.0
 MAX_IDLE_KIB = 50.0
 MAX_TTFA_OVERHEAD_P99_MS = 5.0
+# Issue 13's: two workers' CPU per session within 1/0.9 of one worker's.
+MIN_WORKERS_EFFICIENCY = 0.9
 
 
 # --- what a server run found ---------------------------------------------------------------------
@@ -75,6 +81,7 @@ class ServerRun:
     idle: IdleResult | None = None
     tts: list[TtfaRun] = field(default_factory=list)
     capacity: Capacity | None = None
+    nodes: list[NodeRun] = field(default_factory=list)  # --workers 1 or 2, N sessions
     balances: tuple[Balance, Balance] | None = None  # the bench tenant's, before and after
 
     def closed_loops(self) -> list[RunResult]:
@@ -99,6 +106,9 @@ class ServerRun:
         out.extend(f"TTS x{t.concurrency}: {e}" for t in self.tts for e in t.errors[:3])
         if self.capacity is not None and self.capacity.refused:
             out.append(f"real time: {self.capacity.stopped}")
+        for node in self.nodes:
+            out.extend(f"--workers {node.workers}, {node.sessions} sessions: {p}"
+                       for p in node.problems())
         if not self.health.alive_after_close:
             out.append("server died")
         elif self.health.exit_code not in (0, None):
@@ -106,7 +116,8 @@ class ServerRun:
         return out
 
     def has_results(self) -> bool:
-        return bool(self.closed_loops() or self.idle or self.tts or self.capacity)
+        return bool(self.closed_loops() or self.idle or self.tts or self.capacity
+                    or self.nodes)
 
 
 def analyse_stderr(path: Path, json_logs: bool) -> Health:
@@ -212,11 +223,23 @@ def cpu_per_session(step: Step) -> tuple[float, float] | None:
 # --- targets -------------------------------------------------------------------------------------
 
 
+def node_runs(runs: list[ServerRun]) -> dict[int, NodeRun]:
+    """The --workers comparison by worker count: the same N sessions against each."""
+    first = [run.nodes[0] for run in runs if run.nodes]
+    return {node.workers: node for node in first}
+
+
+def half_load_run(runs: list[ServerRun]) -> NodeRun | None:
+    """One worker at N/2 sessions: the load each of two workers carries."""
+    return next((node for run in runs for node in run.nodes[1:] if node.workers == 1), None)
+
+
 @dataclass
 class Goal:
     what: str
     measured: str
     met: bool | None  # None: not measured in this run
+    reported: bool = False  # no target: the number is what is asked for
 
 
 def goals(runs: list[ServerRun]) -> list[Goal]:
@@ -250,13 +273,41 @@ def goals(runs: list[ServerRun]) -> list[Goal]:
         f"gateway overhead on TTS time-to-first-audio < {MAX_TTFA_OVERHEAD_P99_MS:g} ms p99",
         "-" if worst is None else f"{worst.overhead_p99_ms:.1f} ms (x{worst.concurrency})",
         None if worst is None else worst.overhead_p99_ms < MAX_TTFA_OVERHEAD_P99_MS))
+    return out + workers_goals(runs)
+
+
+def workers_goals(runs: list[ServerRun]) -> list[Goal]:
+    nodes = node_runs(runs)
+    one, two = nodes.get(1), nodes.get(2)
+    shape = "the same real-time sessions for the same time"
+    if one is not None:
+        shape = (f"the same {one.sessions} real-time sessions for {one.window.seconds:.0f} s")
+    ratio = None if one is None or two is None else efficiency(one, two)
+    measured = "-"
+    if ratio is not None and one is not None and two is not None:
+        measured = (f"{ratio:.2f}x: {one.cpu_us_per_session_s():,.0f} us of CPU per "
+                    f"session-second with 1 worker, {two.cpu_us_per_session_s():,.0f} with 2; "
+                    f"the generator took {_pct(one.pct(one.window.generator_cpu_s))} of a core "
+                    f"beside 1 worker, {_pct(two.pct(two.window.generator_cpu_s))} of the same "
+                    f"two cores beside 2")
+    out = [Goal(f"`--workers 2` per-core efficiency >= {MIN_WORKERS_EFFICIENCY:g}x `--workers "
+                f"1`'s (CPU per session-second; {shape})", measured,
+                None if ratio is None else ratio >= MIN_WORKERS_EFFICIENCY)]
+    sup = None if two is None else two.window
+    out.append(Goal(
+        "the supervisor's own cost while its node carries them (`--workers 2`)",
+        "-" if sup is None or two is None else
+        f"{two.pct(sup.supervisor_cpu_s) or 0:.2f}% of a core, "
+        f"{(sup.supervisor_rss_kb or 0) / 1024:.0f} MB RSS",
+        None if sup is None else True, reported=True))
     return out
 
 
 def goals_table(runs: list[ServerRun]) -> list[str]:
     lines = ["| target | measured | met |", "|---|---|---|"]
     for g in goals(runs):
-        met = "not measured" if g.met is None else "yes" if g.met else "**NO**"
+        met = ("not measured" if g.met is None else "(reported)" if g.reported
+               else "yes" if g.met else "**NO**")
         lines.append(f"| {g.what} | {g.measured} | {met} |")
     return lines
 
@@ -333,6 +384,91 @@ def capacity_lines(cap: Capacity, billing: bool = True) -> list[str]:
     return lines
 
 
+def _us(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def format_node_run(node: NodeRun) -> str:
+    """One line for the console."""
+    r, w = node.step.result, node.window
+    sup = ("" if w.supervisor_cpu_s is None else
+           f"; supervisor {_pct(node.pct(w.supervisor_cpu_s))} CPU, "
+           f"{(w.supervisor_rss_kb or 0) / 1024:.0f} MB")
+    return (f"--workers {node.workers}: {r.opened}/{node.sessions} sessions, p99 "
+            f"{r.latency.p99_ms:.1f} ms, workers {_pct(node.pct(w.workers_cpu_s))} CPU = "
+            f"{_us(node.cpu_us_per_session_s())} us per session-second{sup}; generator "
+            f"{_pct(node.pct(w.generator_cpu_s))}; other processes "
+            f"{_pct(node.pct(w.others_cpu_s))}")
+
+
+def _node_row(node: NodeRun, label: str, pinned: bool) -> str:
+    r, w = node.step.result, node.window
+    where = ("1 pinned (generator on the other)" if node.workers == 1 and pinned
+             else f"{w.cpus} shared with the generator" if pinned else f"{w.cpus} unpinned")
+    sup = ("-" if w.supervisor_cpu_s is None else
+           f"{node.pct(w.supervisor_cpu_s) or 0:.2f}% / {(w.supervisor_rss_kb or 0) / 1024:.0f}")
+    sys_pct = node.pct(sum(x.sys_s for x in w.workers)) or 0
+    return (f"| {label} | {where} | {r.opened}/{node.sessions} | {r.fps:,.0f} / "
+            f"{r.target_fps or 0:,.0f} | {r.latency.p50_ms:.2f} | {r.latency.p99_ms:.2f} | "
+            f"{_pct(node.pct(w.workers_cpu_s))} ({sys_pct:.0f}% sys) | "
+            f"**{_us(node.cpu_us_per_session_s())}** | {_pct(node.pct(w.helpers_cpu_s))} | {sup} "
+            f"| {_pct(node.pct(w.generator_cpu_s))} | {_pct(node.pct(w.others_cpu_s))} "
+            f"| {_pct(node.pct(w.cpus_busy_s))} of {100 * w.cpus}% |")
+
+
+def workers_lines(nodes: dict[int, NodeRun], half: NodeRun | None, pinned: bool) -> list[str]:
+    lines = [
+        "| workers | CPUs | sessions | frames/s credited / due | p50 ms | p99 ms | workers' CPU "
+        "| us CPU per session-second | Redis+PG CPU | supervisor CPU / RSS MB | generator CPU "
+        "| other processes | CPUs busy |",
+        "|---" * 13 + "|",
+    ]
+    for count in sorted(nodes):
+        lines.append(_node_row(nodes[count], str(count), pinned))
+        if count == 1 and half is not None:
+            lines.append(_node_row(half, "1, at half the sessions", pinned))
+    lines.append("")
+    for count in sorted(nodes):
+        node = nodes[count]
+        if count < 2:
+            continue
+        shares = []
+        for x in node.window.workers:
+            per = ("" if not x.sessions or node.window.seconds <= 0 else
+                   f", {1e6 * x.cpu_s / (x.sessions * node.window.seconds):,.0f} us per "
+                   "session-second")
+            shares.append(f"pid {x.pid}: {x.sessions if x.sessions is not None else '?'} "
+                          f"sessions, {_pct(node.pct(x.cpu_s))} of a core{per}")
+        lines.append(f"Per worker (`--workers {count}`; sessions from its `/metrics` series, "
+                     "as SO_REUSEPORT spread them): " + "; ".join(shares) + ".")
+        lines.append("")
+    one, two = nodes.get(1), nodes.get(2)
+    ratio = None if one is None or two is None else efficiency(one, two)
+    if ratio is not None and one is not None and two is not None:
+        lines.append(
+            f"**Per-core efficiency of two workers = {_us(one.cpu_us_per_session_s())} / "
+            f"{_us(two.cpu_us_per_session_s())} = {ratio:.2f}x one worker's** (target >= "
+            f"{MIN_WORKERS_EFFICIENCY:g}x): at this CPU per session, {count_per_core(one)} "
+            f"sessions would fill one core with one worker, {count_per_core(two)} per core "
+            f"with two.")
+        at_half = None if half is None else efficiency(half, two)
+        if at_half is not None and half is not None:
+            lines.append(
+                f"At the load each of the two workers carries ({half.sessions} sessions), one "
+                f"worker costs {_us(half.cpu_us_per_session_s())} us per session-second: at "
+                f"equal load per worker two workers are **{at_half:.2f}x** as efficient as one. "
+                "That ratio is the cost of being two processes (the supervisor; both cores "
+                "shared with the generator and the stores); the gap between it and the "
+                "headline ratio is what a worker's lighter load costs (smaller engine batches, "
+                "more event-loop wake-ups per frame).")
+    return lines
+
+
+def count_per_core(node: NodeRun) -> str:
+    us = node.cpu_us_per_session_s()
+    return "-" if not us else f"{1e6 / us:,.0f}"
+
+
 def idle_lines(idle: IdleResult) -> list[str]:
     return [
         "| sessions open | settle | RSS before MB | RSS with sessions MB | KiB per idle session |",
@@ -399,6 +535,25 @@ def _result_notes(r: RunResult, label: str) -> list[str]:
     return out
 
 
+def _node_notes(node: NodeRun) -> list[str]:
+    label = f"{node.sessions} real-time sessions"
+    out = [f"{label}: {why}" for why in node.problems()]
+    if not node.step.passed:
+        out.append(f"{label}: NOT BELOW SATURATION ({node.step.why_not}): the comparison is "
+                   "not between two comfortable nodes")
+    r = node.step.result
+    if r.server_reads_per_frame is not None:
+        out.append(f"{label}: workers' syscalls per credited frame: "
+                   f"{r.server_reads_per_frame:.2f} reads, {r.server_writes_per_frame or 0:.2f} "
+                   f"writes; event loops slept {r.server_sleeps_per_s or 0:.0f} times/s")
+    steal = node.pct(node.window.steal_s)
+    if steal:
+        out.append(f"{label}: steal {steal:.0f}%")
+    if r.text_types:
+        out.append(f"{label}: other server messages: {dict(sorted(r.text_types.items()))}")
+    return out
+
+
 def _health_notes(h: Health) -> list[str]:
     out = [f"problem: {p}" for p in h.problems()]
     out.extend(f"log x{count}: {msg}" for msg, count in h.log_messages)
@@ -428,6 +583,8 @@ def notes_for(run: ServerRun) -> list[str]:
     if run.capacity is not None and run.capacity.best is not None:
         out += _result_notes(run.capacity.best.result,
                              f"real time at {run.capacity.best.sessions} sessions")
+    for node in run.nodes:
+        out += _node_notes(node)
     if run.balances is not None:
         before, after = run.balances
         note = (f"billing: the bench tenant's balance in PostgreSQL went down by "
@@ -468,7 +625,7 @@ def machine_info() -> dict[str, str]:
 
 def result_sections(args: argparse.Namespace, runs: list[ServerRun]) -> list[str]:
     """Everything measured: printed at the end of a run and written into the document."""
-    lines = ["### Targets (issue 5)", "",
+    lines = ["### Targets (issues 5 and 13)", "",
              "Throughput is judged on the window shape (the headline table below); the ack per",
              "frame table is the worst case. Every number is from this one run.", "",
              *goals_table(runs), ""]
@@ -495,6 +652,10 @@ def result_sections(args: argparse.Namespace, runs: list[ServerRun]) -> list[str
                 and ceiling.best is not ceiling.largest):  # the ceiling was found, not bounded
             lines += [f"Ratio (same run): **streamgate / raw-echo real-time sessions = "
                       f"{cap.best.sessions / ceiling.best.sessions:.2f}**", ""]
+    nodes = node_runs(runs)
+    if nodes:
+        lines += ["### `--workers 2` beside `--workers 1`: CPU per real-time session", "",
+                  *workers_lines(nodes, half_load_run(runs), args.pinned), ""]
     idle = idle_run(runs)
     if idle is not None:
         lines += ["### Memory per idle session", "", *idle_lines(idle), ""]

@@ -26,6 +26,7 @@ import asyncio
 import time
 from array import array
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from loadtest.loadgen import (
@@ -160,6 +161,26 @@ class CapacitySearch:
             await self.gen.close()
             self.gen.abort_all()
         return cap
+
+    async def measure_counts(self, counts: list[int],
+                             after_each: Callable[[Step], Awaitable[None]] | None = None,
+                             ) -> list[Step]:
+        """One step per count, in order (no search), then the sessions are closed.
+        `after_each` runs after each step's window, with its sessions still open."""
+        pacing = asyncio.ensure_future(self.pacer.run(perf_counter() + 0.05))
+        steps = []
+        try:
+            for n in counts:
+                step = await self.measure(n)
+                print(f"bench: real time {format_step(step)}", flush=True)
+                if after_each is not None:
+                    await after_each(step)
+                steps.append(step)
+            return steps
+        finally:
+            pacing.cancel()
+            await self.gen.close()
+            self.gen.abort_all()
 
     async def measure(self, n: int) -> Step:
         st = self.gen.stats

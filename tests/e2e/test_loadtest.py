@@ -131,7 +131,8 @@ def test_locust_headless(srv: ServerProcess, tmp_path: Path) -> None:
 def test_bench_quick(tmp_path: Path) -> None:
     """`make bench` end to end in seconds (--quick): every part runs against its own fresh
     servers, streamgate with billing on (embedded Redis + PostgreSQL of its own, a tenant made
-    through the admin API), and nothing is left running afterwards. The numbers mean nothing."""
+    through the admin API), `--workers 2` beside `--workers 1` with every process of the node
+    measured, and nothing is left running afterwards. The numbers mean nothing."""
     docs = ROOT / "docs" / "benchmarks.md"
     before = docs.read_bytes()
     logs = tmp_path / "logs"
@@ -142,17 +143,31 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert proc.returncode == 0, out  # also 1 if a server's child outlived it
     for heading in ("### Targets", "### Closed loop, window of 4 frames",
                     "### Closed loop, ack per frame", "### Real-time sessions",
-                    "### Memory per idle session", "### TTS time to first audio"):
+                    "### Memory per idle session", "### TTS time to first audio",
+                    "### `--workers 2` beside `--workers 1`"):
         assert heading in proc.stdout, out
     assert "| streamgate | 40/40 |" in proc.stdout, out
     assert "real time 40 sessions" in proc.stdout, out
+    # The same 20 sessions against one worker (and 10, the load of each of two) and against a
+    # supervised node of two; both workers measured, and the supervisor apart.
+    assert "--workers 1: 20/20 sessions" in proc.stdout, out
+    assert "--workers 1: 10/10 sessions" in proc.stdout, out
+    assert "--workers 2: 20/20 sessions" in proc.stdout, out
+    per_worker = re.search(r"Per worker \(`--workers 2`.*?: pid (\d+): (\d+) sessions.*?; "
+                           r"pid (\d+): (\d+) sessions", proc.stdout)
+    assert per_worker is not None, out
+    assert per_worker[1] != per_worker[3] and int(per_worker[2]) + int(per_worker[4]) == 20, out
+    assert re.search(r"\| the supervisor's own cost .*\| [\d.]+% of a core, \d+ MB RSS \| "
+                     r"\(reported\) \|", proc.stdout), out
+    assert re.search(r"per-core efficiency .*\| [\d.]+x: ", proc.stdout), out
     # Billing was on for every streamgate server, and usage reached PostgreSQL.
     charged = re.findall(r"bench tenant's balance in PostgreSQL went down by ([\d,]+) micros",
                          proc.stdout)
-    assert len(charged) == 3 and any(c != "0" for c in charged), out
+    assert len(charged) == 5 and any(c != "0" for c in charged), out
     assert docs.read_bytes() == before  # --quick never writes the document
     assert {p.name for p in logs.iterdir()} >= {"streamgate.stderr.log",
-                                                 "streamgate-realtime.stderr.log"}
+                                                 "streamgate-realtime.stderr.log",
+                                                 "streamgate-workers-2.stderr.log"}
     leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit()
                  and b"streamgate-bench-" in _cmdline(p)]
     assert not leftovers, [_cmdline(p) for p in leftovers]
