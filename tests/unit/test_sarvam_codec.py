@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+from collections.abc import Coroutine
 from typing import Any, cast
 
 import numpy as np
@@ -295,11 +296,15 @@ class FakeRunner:
         pass
 
 
+def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    return asyncio.get_running_loop().create_task(coro)
+
+
 async def test_credit_is_granted_for_audio_the_socket_took_and_not_before() -> None:
     socket = FakeSocket()
     codec = tts()
     codec.decode(config(output_audio_codec="linear16"))
-    session = SarvamTtsSession(cast(SessionSocket, socket), codec)
+    session = SarvamTtsSession(cast(SessionSocket, socket), codec, spawn)
     runner = FakeRunner()
     session.runner = runner  # type: ignore[assignment]
     session.wire.send_binary(b"\0\0" * 100)
@@ -315,3 +320,38 @@ async def test_credit_is_granted_for_audio_the_socket_took_and_not_before() -> N
     session.on_writable()
     assert runner.commands == [GrantCredit(400), GrantCredit(100)]
     assert len(socket.sent) == 3
+
+
+async def test_mp3_frames_are_encoded_off_the_loop_and_nothing_overtakes_them() -> None:
+    socket = FakeSocket()
+    closes: list[int] = []
+    closed = asyncio.Event()
+
+    def close(code: int, reason: str = "") -> None:
+        closes.append(code)
+        closed.set()
+
+    socket.close = close  # type: ignore[method-assign]
+    codec = tts()
+    codec.decode(config())  # MP3
+    session = SarvamTtsSession(cast(SessionSocket, socket), codec, spawn)
+    runner = FakeRunner()
+    session.runner = runner  # type: ignore[assignment]
+    wire = session.wire
+    tone = (np.sin(np.arange(22050) * 2 * np.pi * 440 / 22050) * 8000).astype("<i2").tobytes()
+    for i in range(0, len(tone), 4410):
+        wire.send_binary(tone[i:i + 4410])
+    wire.send_text(m.encoder.encode(m.AudioDone(chunk_id=1, text="x", duration_ms=1000)))
+    wire.send_text(m.encoder.encode(m.Flushed()))
+    wire.close(1000)
+    assert socket.sent == [] and closes == [] and runner.commands == []  # all waits
+    async with asyncio.timeout(5):
+        await closed.wait()
+    kinds = [json.loads(x)["type"] for x in socket.sent]
+    assert kinds[-1] == "event" and set(kinds[:-1]) == {"audio"} and closes == [1000]
+    mp3 = b"".join(audio_of(x)[1] for x in socket.sent[:-1])
+    samples, rate = soundfile.read(io.BytesIO(mp3), dtype="int16")
+    assert rate == 22050 and abs(len(samples) - 22050) < 2 * 1152
+    await asyncio.sleep(0)
+    # Granted as each frame's message went out: all of it, nothing before.
+    assert sum(cast(GrantCredit, c).bytes for c in runner.commands) == len(tone)

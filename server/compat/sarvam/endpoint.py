@@ -14,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from server.compat.sarvam import stt_codec, tts_codec
 from server.compat.sarvam.stt_codec import AudioIn, FlushIn, SttCodec
@@ -29,6 +32,7 @@ from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
 
 log = logging.getLogger("streamgate.sarvam")
+Spawn = Callable[[Coroutine[Any, Any, None]], object]  # SessionHost.spawn: a tracked task
 
 STT_PATH = "/speech-to-text/ws"
 TTS_PATH = "/text-to-speech/ws"
@@ -291,7 +295,7 @@ class SarvamTtsEndpoint:
 
         def start(socket: SessionSocket) -> SarvamTtsSession:
             socket.error_frames = False
-            session = SarvamTtsSession(socket, codec)
+            session = SarvamTtsSession(socket, codec, self.tts.server.spawn)
 
             def peer_alive() -> None:
                 socket.activity = True  # it takes our audio though its pongs wait unread
@@ -303,37 +307,69 @@ class SarvamTtsEndpoint:
         return Admitted(start=start, cancel=decision.cancel)
 
 
+@dataclass(frozen=True, slots=True)
+class _CloseAfter:
+    """The runner's close, queued behind the audio still being encoded."""
+
+    code: int
+    reason: str
+
+
+# What waits, in order, while MP3 or Opus frames are encoded off the event loop.
+_Pending = bytes | m.TtsServerMessage | _CloseAfter
+
+
 class SarvamTtsWire:
     """The wire the TTS runner writes to: our audio frames and events in, in their order,
     Sarvam's messages out. Events come as our JSON (the runner's `on_events` would hand them
     over after the audio of the same step, losing their place among the frames, which the
-    `final` event and the end of a chunk's MP3 depend on)."""
+    `final` event and the end of a chunk's MP3 depend on).
+
+    MP3 and Opus cost milliseconds a frame (14-47x real time, docs/decisions/14F1-*.md), so
+    those frames are encoded in a worker thread, one at a time; whatever the runner sends
+    meanwhile waits behind them in `_pending`, whose size the session's credit bounds (a frame
+    counts as sent, and its credit is granted, only once its message is on the socket)."""
 
     def __init__(self, socket: SessionSocket, codec: TtsCodec,
-                 audio_sent: Callable[[int], None]) -> None:
+                 audio_sent: Callable[[int], None], spawn: Spawn) -> None:
         self.socket = socket
         self.codec = codec
         self._audio_sent = audio_sent
+        self._spawn = spawn
+        self._pending: deque[_Pending] = deque()
+        self._encoding = False  # the task that works through `_pending` runs
+        self._closed = False
 
     @property
     def write_paused(self) -> bool:
         return self.socket.write_paused
 
     def send_binary(self, data: bytes) -> None:
+        if self.codec.compressed or self._pending:
+            self._queue(data)
+            return
         out = self.codec.audio(data)
         if out is not None:
             self.socket.send_text(out)
         self._audio_sent(len(data))
 
     def send_text(self, data: bytes) -> None:
-        for out in self.codec.event(m.tts_server_decoder.decode(data)):
+        event = m.tts_server_decoder.decode(data)
+        if self._pending:
+            self._queue(event)
+            return
+        for out in self.codec.event(event):
             self.socket.send_text(out)
 
     def flush(self) -> None:
-        self.socket.flush()
+        if not self._pending:
+            self.socket.flush()  # else the encoding task flushes what it sends
 
     def close(self, code: int, reason: str = "") -> None:
-        self.socket.close(code, reason)
+        if self._pending:
+            self._queue(_CloseAfter(code, reason))
+        else:
+            self.socket.close(code, reason)
 
     def pause_reading(self) -> None:
         self.socket.pause_reading()
@@ -341,16 +377,53 @@ class SarvamTtsWire:
     def resume_reading(self) -> None:
         self.socket.resume_reading()
 
+    def connection_closed(self) -> None:
+        self._closed = True
+        self._pending.clear()
+        self.codec.close()
+
+    def _queue(self, item: _Pending) -> None:
+        if self._closed:
+            return
+        self._pending.append(item)
+        if not self._encoding:
+            self._encoding = True
+            self._spawn(self._work())
+
+    async def _work(self) -> None:
+        pending, socket, codec = self._pending, self.socket, self.codec
+        try:
+            while pending and not self._closed:
+                item = pending[0]  # stays queued while it is worked on: what comes waits
+                if isinstance(item, bytes):
+                    data = await asyncio.to_thread(codec.encode_frame, item)
+                    if self._closed:
+                        return
+                    out = codec.audio_message(data)
+                    if out is not None:
+                        socket.send_text(out)
+                    self._audio_sent(len(item))
+                elif isinstance(item, _CloseAfter):
+                    socket.close(item.code, item.reason)
+                else:
+                    for out in codec.event(item):
+                        socket.send_text(out)
+                pending.popleft()
+                if not pending or isinstance(pending[0], bytes):
+                    socket.flush()
+        finally:
+            self._encoding = False
+
 
 class SarvamTtsSession:
     """The SessionHandler of a Sarvam TTS socket. Credit is granted for the audio the socket
     has taken: right after a send while the socket is not write-paused, else when it drains
     (`on_writable`); granted from a callback of its own, never inside the runner's send."""
 
-    def __init__(self, socket: SessionSocket, codec: TtsCodec) -> None:
+    def __init__(self, socket: SessionSocket, codec: TtsCodec, spawn: Spawn) -> None:
         self.socket = socket
         self.codec = codec
-        self.wire = SarvamTtsWire(socket, codec, self._audio_sent)
+        self.wire = SarvamTtsWire(socket, codec, self._audio_sent, spawn)
         self.runner: TtsSessionRunner | None = None
         self._owed = 0
         self._grant_scheduled = False
@@ -407,6 +480,6 @@ class SarvamTtsSession:
 
     def on_connection_closed(self, code: int) -> None:
         self._closed = True
-        self.codec.close()
+        self.wire.connection_closed()
         if self.runner is not None:
             self.runner.on_connection_closed(code)

@@ -205,21 +205,35 @@ class TtsCodec:
 
     # --- out ------------------------------------------------------------------------------------
 
-    def audio(self, frame: bytes) -> bytes | None:
-        """The `audio` message for one frame of the session's audio (None while an MP3 or Opus
-        encoder holds what it has not completed a frame of)."""
+    @property
+    def compressed(self) -> bool:
+        """MP3 or Opus: `encode_frame` costs milliseconds (run it off the event loop)."""
+        return self.codec in _COMPRESSED
+
+    def encode_frame(self, frame: bytes) -> bytes:
+        """One frame of the session's audio in the output codec (b"" while an MP3 or Opus
+        encoder holds what it has not completed a frame of). Thread-safe against `close`."""
         compressed = _COMPRESSED.get(self.codec)
         if compressed is not None:
-            if self._compressor is None:
+            compressor = self._compressor
+            if compressor is None:
                 try:
-                    self._compressor = StreamEncoder(compressed, self.sample_rate)
+                    compressor = self._compressor = StreamEncoder(compressed, self.sample_rate)
                 except EncoderError:  # checked at config; only a bug gets here
-                    return None
-            frame = self._compressor.encode(frame)
-        elif self.codec == "wav":
+                    return b""
+            return compressor.encode(frame)
+        if self.codec == "wav":
             # Each message a whole WAV file: a client may play or save any one on its own.
-            frame = wav_header(self.sample_rate, 1, len(frame) // 2) + frame
-        return self._audio_message(frame) if frame else None
+            return wav_header(self.sample_rate, 1, len(frame) // 2) + frame
+        return frame
+
+    def audio_message(self, data: bytes) -> bytes | None:
+        """The `audio` message carrying `data` (None for none)."""
+        return self._audio_message(data) if data else None
+
+    def audio(self, frame: bytes) -> bytes | None:
+        """The `audio` message for one frame of the session's audio, made here and now."""
+        return self.audio_message(self.encode_frame(frame))
 
     def _audio_message(self, data: bytes) -> bytes:
         return _encoder.encode(_Audio(_AudioData(
