@@ -151,15 +151,16 @@ class Gateway:
         ws.router.add_in_band("/v1/telephony/twilio", self.telephony)
         tts_endpoint = TtsEndpoint(
             config=cfg, engines=self.synthesizers, meters=meters, server=ws, metrics=self.metrics,
+            resume_store=resume_store,
         )
         ws.router.add("/v1/tts/stream", tts_endpoint)
+        # Deepgram's live STT and streaming TTS sockets (docs/compat.md, "Deepgram").
+        ws.router.add("/v1/listen", DeepgramListenEndpoint(asr_endpoint))
+        ws.router.add("/v1/speak", DeepgramSpeakEndpoint(tts_endpoint))
         # Sarvam's streaming paths; its key comes in its own header (docs/compat.md, "Sarvam").
         sarvam_keys = SubscriptionKeys(auth, self.billing)
         ws.router.add_in_band(STT_PATH, SarvamSttEndpoint(asr=asr_endpoint, keys=sarvam_keys))
         ws.router.add_in_band(TTS_PATH, SarvamTtsEndpoint(tts=tts_endpoint, keys=sarvam_keys))
-        # Deepgram's live STT and streaming TTS sockets (docs/compat.md, "Deepgram").
-        ws.router.add("/v1/listen", DeepgramListenEndpoint(asr_endpoint))
-        ws.router.add("/v1/speak", DeepgramSpeakEndpoint(tts_endpoint))
         await ws.start(bound=self._ws_port)
         self._ws_port = None  # the WebSocket server owns it now
         app = build_http_app(self.metrics, self._readiness,

@@ -135,6 +135,8 @@ class TtsSessionConfig(Base):
     # its socket (server/flow_control/text_backlog.py)
     max_pending_chars: int = 20000
     usage_interval_s: float = 5.0
+    # A TTS session cut off can be resumed this long (docs/protocol.md, "Resuming a session").
+    resume_window_s: float = 60.0
 
 
 class EspeakModelConfig(Base, tag="espeak", tag_field="engine"):

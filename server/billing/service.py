@@ -32,6 +32,8 @@ from server.protocol.errors import Rejected, rejection
 
 log = logging.getLogger("streamgate.billing")
 AUDIO_UNIT = "audio_ms"
+# At stop, the flusher's round in progress gets this long to finish.
+STOP_GRACE_S = 5.0
 
 
 class _SettlingMeter(WalletMeter):
@@ -94,6 +96,7 @@ class BillingService:
         self._live: dict[str, set[_SettlingMeter]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -110,13 +113,21 @@ class BillingService:
         if self.cfg.run_flusher:
             flusher = UsageFlusher(self.redis, self.store, consumer=default_consumer(),
                                    on_replay_conflict=self._refund)
-            self._tasks.append(loop.create_task(flusher.run(self._stop)))
+            self._flusher = loop.create_task(flusher.run(self._stop))
+            self._tasks.append(self._flusher)
         self._tasks.append(loop.create_task(self._sweeper()))
         self._tasks.append(loop.create_task(self._price_refresher()))
         self._tasks.append(loop.create_task(self._key_watcher()))
 
     async def stop(self) -> None:
         self._stop.set()
+        if self._flusher is not None:
+            # A flush round in progress finishes (commit, then XACK) instead of being cut
+            # between XREADGROUP and XACK: its entries would wait pending on this dead
+            # consumer until another node claims them (claim_idle_ms, 30 s) — a drained
+            # node's last usage would reach PostgreSQL half a minute late.
+            await asyncio.wait([self._flusher], timeout=STOP_GRACE_S)
+            self._flusher = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -40,7 +40,7 @@ from server.sessions.asr import (
 from server.sessions.asr_params import BadParams, params_from_query
 from server.sessions.host import SessionHost
 from server.sessions.lifecycle import MeteredUsage, SessionLifecycle
-from server.sessions.resume import ResumePoint, ResumeStart, ResumeStore
+from server.sessions.resume import AnyResumePoint, ResumePoint, ResumeStart, ResumeStore
 from server.sessions.resume_writer import ResumeWriter, SaveOutcome
 from server.sessions.upgrade import Admitted, UpgradeRequest
 from server.sessions.wire import Clock, Wire
@@ -160,7 +160,7 @@ class AsrEndpoint:
         except Exception:
             log.exception("resume store unavailable")
             return refuse("internal_error", "resume store unavailable; retry")
-        if point is None:
+        if not isinstance(point, ResumePoint):  # unknown, expired, or a TTS session's token
             return refuse("resume_not_found",
                           "unknown or expired resume_token; start a new session")
         if point.params.model not in self.models:
@@ -206,10 +206,9 @@ class AsrEndpoint:
         def start(wire: Wire, on_events: EventSink | None = None) -> AsrSessionRunner:
             writer = None
             if store is not None and machine.resumable and on_events is None:
-                writer = ResumeWriter(store, token, session_id=point.session_id,
-                                      tenant_id=principal.tenant_id, params=params,
-                                      epoch=point.epoch, ttl_s=settings.resume_window_s,
-                                      log=log, log_extra={"session_id": point.session_id})
+                writer = ResumeWriter(store, token, epoch=point.epoch,
+                                      ttl_s=settings.resume_window_s, log=log,
+                                      log_extra={"session_id": point.session_id})
             runner = AsrSessionRunner(self, wire, machine, engine, meter, principal,
                                       on_events=on_events, resume=writer)
             runner.start()
@@ -298,6 +297,9 @@ class AsrSessionRunner:
         self.resume = resume
         self._position: Position | None = None  # the newest quiet point
         self._checkpoint_wanted = False  # a final went out since the last resume point
+        # While the point a usage report pays up to is being saved, new audio stays counted in
+        # the machine: the report then covers exactly the saved `billed_offset`, no more.
+        self._metering_held = False
         if resume is not None:
             resume.on_saved = self._resume_saved
 
@@ -440,11 +442,12 @@ class AsrSessionRunner:
             self._ingest_seconds.observe(time.perf_counter() - t0)
         else:
             out = machine.step(clock())
-        accepted, dropped = machine.take_metered_ms()
-        if accepted:
-            self.meter.accept(accepted)
-        if dropped:
-            self.meter.drop(dropped)
+        if not self._metering_held:
+            accepted, dropped = machine.take_metered_ms()
+            if accepted:
+                self.meter.accept(accepted)
+            if dropped:
+                self.meter.drop(dropped)
         if out is CONTINUE:
             self._wait = out
         else:
@@ -572,17 +575,22 @@ class AsrSessionRunner:
             self._position = self.machine.position() or self._position
             if self._position is not None:
                 point = self._resume_point()
-                self._resume_saved(point, await self.resume.save(point))
+                self._metering_held = True
+                try:
+                    outcome = await self.resume.save(point)
+                finally:
+                    self._metering_held = False
+                self._resume_saved(point, outcome)
 
     # --- resume ---------------------------------------------------------------------------------
 
     def _resume_point(self) -> ResumePoint:
         assert self.resume is not None and self._position is not None
         pos, machine = self._position, self.machine
-        return self.resume.point(offset=pos.offset, at_ms=pos.at_ms,
-                                 next_utterance_id=pos.next_utterance_id,
-                                 billed_offset=machine.billed_offset,
-                                 finals=machine.replay.items())
+        return ResumePoint(session_id=machine.session_id, tenant_id=self.principal.tenant_id,
+                           params=machine.params, epoch=self.resume.epoch, offset=pos.offset,
+                           at_ms=pos.at_ms, next_utterance_id=pos.next_utterance_id,
+                           billed_offset=machine.billed_offset, finals=machine.replay.items())
 
     def _checkpoint(self) -> None:
         """A final went out: save the newest quiet point with it, once there is one."""
@@ -597,8 +605,8 @@ class AsrSessionRunner:
         if self.resume is not None and self._position is not None:
             self.resume.request(self._resume_point())
 
-    def _resume_saved(self, point: ResumePoint, outcome: SaveOutcome) -> None:
-        if outcome == "saved":
+    def _resume_saved(self, point: AnyResumePoint, outcome: SaveOutcome) -> None:
+        if outcome == "saved" and isinstance(point, ResumePoint):
             self.machine.checkpointed(Position(point.offset, point.at_ms,
                                                point.next_utterance_id))
         elif outcome == "superseded":

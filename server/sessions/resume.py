@@ -1,12 +1,16 @@
-"""Resumable ASR sessions (docs/protocol.md, "Resuming a session"): what a session keeps so a
+"""Resumable sessions (docs/protocol.md, "Resuming a session"): what a session keeps so a
 client whose connection dropped, or whose node drained or died, carries on where it was, on
-any node, within `asr.session.resume_window_s`.
+any node, within `resume_window_s`.
 
-A `ResumePoint` is written at quiet points (no utterance open or owed: the VAD can start
+ASR: a `ResumePoint` is written at quiet points (no utterance open or owed: the VAD can start
 afresh there) and before every usage report: the client's audio before `offset` is taken in
 for good (its finals were sent, and kept here for replay), audio before `billed_offset` is
 paid for. A resume claims the point by raising its `epoch`: a connection still writing under
 an older epoch has been superseded, and its writes are refused.
+
+TTS: a `TtsResumePoint` holds the text not yet delivered as audio (chunks not yet done, the
+newest done ones for a client that missed their `audio_done`, the text still buffered), with
+which chunks were already charged.
 
 The store is a port: Redis (every node sees it; server/sessions/resume_redis.py) or memory
 (one process: a client that reconnects to the same server).
@@ -28,7 +32,7 @@ from server.sessions.asr_params import AsrParams
 FinalMessage = m.Transcript | m.UtteranceEnd
 
 
-class ResumePoint(msgspec.Struct, kw_only=True, frozen=True):
+class ResumePoint(msgspec.Struct, kw_only=True, frozen=True, tag="asr"):
     session_id: str
     tenant_id: str
     params: AsrParams
@@ -39,6 +43,37 @@ class ResumePoint(msgspec.Struct, kw_only=True, frozen=True):
     billed_offset: int = 0  # client stream bytes already reported to the wallet
     # (utterance_id, message) of the newest finals, oldest first (flow_control/replay.py).
     finals: list[tuple[int, FinalMessage]] = msgspec.field(default_factory=list)
+
+
+class TtsParamsPoint(msgspec.Struct, kw_only=True, frozen=True):
+    """A TTS session's parameters (server/sessions/tts.py `TtsParams`)."""
+
+    model: str
+    voice: str | None
+    language: str
+    encoding: m.Encoding
+    sample_rate: int
+
+
+class TtsChunkPoint(msgspec.Struct, frozen=True, array_like=True):
+    chunk_id: int
+    text: str
+    charged: bool  # its characters were metered: never again
+
+
+class TtsResumePoint(msgspec.Struct, kw_only=True, frozen=True, tag="tts"):
+    session_id: str
+    tenant_id: str
+    params: TtsParamsPoint
+    epoch: int = 0
+    next_chunk_id: int = 1
+    # Chunks whose audio may not have reached the client, oldest first: the newest done ones
+    # (flow_control/replay.py bounds how many) and every one not done yet.
+    chunks: list[TtsChunkPoint] = msgspec.field(default_factory=list)
+    buffered: str = ""  # text without a sentence end yet
+
+
+AnyResumePoint = ResumePoint | TtsResumePoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +89,23 @@ class ResumeStart:
     finals: list[tuple[int, FinalMessage]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class TtsResumeStart:
+    """Where a resumed TTS machine starts: the chunks to speak again (after the client's
+    `last_chunk_id`), the next new chunk's id and the text still buffered."""
+
+    next_chunk_id: int
+    chunks: list[TtsChunkPoint]
+    buffered: str
+
+
 class ResumeStore(Protocol):
-    async def save(self, token: str, point: ResumePoint, ttl_s: float) -> bool:
+    async def save(self, token: str, point: AnyResumePoint, ttl_s: float) -> bool:
         """Store `point` under `token` for `ttl_s`; False if a resume with a newer epoch took
         the session over (this writer is superseded)."""
         ...
 
-    async def claim(self, token: str, tenant_id: str, ttl_s: float) -> ResumePoint | None:
+    async def claim(self, token: str, tenant_id: str, ttl_s: float) -> AnyResumePoint | None:
         """Take the session over for a new connection: its point, epoch raised and stored; None
         if the token is unknown, expired or another tenant's."""
         ...
@@ -77,11 +122,11 @@ class MemoryResumeStore:
 
     def __init__(self, max_entries: int = 100_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._points: OrderedDict[str, tuple[ResumePoint, float]] = OrderedDict()
+        self._points: OrderedDict[str, tuple[AnyResumePoint, float]] = OrderedDict()
         self._max = max_entries
         self._clock = clock
 
-    def _live(self, token: str) -> ResumePoint | None:
+    def _live(self, token: str) -> AnyResumePoint | None:
         entry = self._points.get(token)
         if entry is None:
             return None
@@ -90,7 +135,7 @@ class MemoryResumeStore:
             return None
         return entry[0]
 
-    async def save(self, token: str, point: ResumePoint, ttl_s: float) -> bool:
+    async def save(self, token: str, point: AnyResumePoint, ttl_s: float) -> bool:
         current = self._live(token)
         if current is not None and current.epoch > point.epoch:
             return False
@@ -100,7 +145,7 @@ class MemoryResumeStore:
             self._points.popitem(last=False)
         return True
 
-    async def claim(self, token: str, tenant_id: str, ttl_s: float) -> ResumePoint | None:
+    async def claim(self, token: str, tenant_id: str, ttl_s: float) -> AnyResumePoint | None:
         current = self._live(token)
         if current is None or current.tenant_id != tenant_id:
             return None

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from server.sessions.resume import ResumePoint
+from server.sessions.resume import AnyResumePoint
 
 _SAVE = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
@@ -37,7 +37,7 @@ if epoch and tonumber(epoch) == tonumber(ARGV[1]) then redis.call('DEL', KEYS[1]
 return 1
 """
 
-_decoder = msgspec.json.Decoder(ResumePoint)
+_decoder: msgspec.json.Decoder[AnyResumePoint] = msgspec.json.Decoder(AnyResumePoint)
 _encoder = msgspec.json.Encoder()
 
 
@@ -53,12 +53,12 @@ class RedisResumeStore:
         self._claim = redis.register_script(_CLAIM)
         self._forget = redis.register_script(_FORGET)
 
-    async def save(self, token: str, point: ResumePoint, ttl_s: float) -> bool:
+    async def save(self, token: str, point: AnyResumePoint, ttl_s: float) -> bool:
         saved = await self._save(keys=[resume_key(token)], args=[
             point.epoch, point.tenant_id, _encoder.encode(point), max(1, int(ttl_s * 1000))])
         return bool(saved)
 
-    async def claim(self, token: str, tenant_id: str, ttl_s: float) -> ResumePoint | None:
+    async def claim(self, token: str, tenant_id: str, ttl_s: float) -> AnyResumePoint | None:
         answer = await self._claim(keys=[resume_key(token)],
                                    args=[tenant_id, max(1, int(ttl_s * 1000))])
         if not answer:

@@ -11,42 +11,30 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from server.sessions.asr_params import AsrParams
-from server.sessions.resume import FinalMessage, ResumePoint, ResumeStore
+from server.sessions.resume import AnyResumePoint, ResumeStore
 
 SaveOutcome = Literal["saved", "superseded", "failed"]
 
 
 class ResumeWriter:
-    __slots__ = ("_epoch", "_extra", "_log", "_params", "_pending", "_session_id", "_store",
-                 "_task", "_tenant_id", "_ttl_s", "on_saved", "superseded", "token")
+    __slots__ = ("_extra", "_log", "_pending", "_store", "_task", "_ttl_s", "epoch", "on_saved",
+                 "superseded", "token")
 
-    def __init__(self, store: ResumeStore, token: str, *, session_id: str, tenant_id: str,
-                 params: AsrParams, epoch: int, ttl_s: float, log: logging.Logger,
-                 log_extra: Mapping[str, Any]) -> None:
+    def __init__(self, store: ResumeStore, token: str, *, epoch: int, ttl_s: float,
+                 log: logging.Logger, log_extra: Mapping[str, Any]) -> None:
         self._store = store
         self.token = token
-        self._session_id = session_id
-        self._tenant_id = tenant_id
-        self._params = params
-        self._epoch = epoch
+        self.epoch = epoch  # the points written carry it: a resume raises it
         self._ttl_s = ttl_s
         self._log = log
         self._extra = log_extra
-        self._pending: ResumePoint | None = None
+        self._pending: AnyResumePoint | None = None
         self._task: asyncio.Task[None] | None = None
         self.superseded = False
         # Called with each point and how its save went (background saves only).
-        self.on_saved: Callable[[ResumePoint, SaveOutcome], None] | None = None
+        self.on_saved: Callable[[AnyResumePoint, SaveOutcome], None] | None = None
 
-    def point(self, *, offset: int, at_ms: int, next_utterance_id: int, billed_offset: int,
-              finals: list[tuple[int, FinalMessage]]) -> ResumePoint:
-        return ResumePoint(session_id=self._session_id, tenant_id=self._tenant_id,
-                           params=self._params, epoch=self._epoch, offset=offset, at_ms=at_ms,
-                           next_utterance_id=next_utterance_id, billed_offset=billed_offset,
-                           finals=finals)
-
-    async def save(self, point: ResumePoint) -> SaveOutcome:
+    async def save(self, point: AnyResumePoint) -> SaveOutcome:
         if self.superseded:
             return "superseded"
         try:
@@ -59,7 +47,7 @@ class ResumeWriter:
             return "superseded"
         return "saved"
 
-    def request(self, point: ResumePoint) -> None:
+    def request(self, point: AnyResumePoint) -> None:
         """Save `point` in the background (replacing one not yet written)."""
         self._pending = point
         if self._task is None:
@@ -81,7 +69,7 @@ class ResumeWriter:
         if self.superseded:
             return
         try:
-            await self._store.forget(self.token, self._epoch)
+            await self._store.forget(self.token, self.epoch)
         except Exception as exc:
             self._log.warning("resume point not forgotten: %s", exc, extra=dict(self._extra))
 

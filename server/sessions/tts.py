@@ -41,11 +41,13 @@ from server.billing.meter import (
 from server.config import TtsSessionConfig
 from server.flow_control.audio_backlog import AudioBacklogBound
 from server.flow_control.credit import CreditWindow
+from server.flow_control.replay import FinalsReplay
 from server.flow_control.text_backlog import TextBacklogBound
 from server.protocol import messages as m
 from server.protocol.audio import StreamEncoder
 from server.sessions.asr import CloseAction
 from server.sessions.asr_params import BadParams
+from server.sessions.resume import TtsChunkPoint, TtsResumeStart
 
 State = Literal["open", "closing", "closed"]
 _OUT = bytes | m.AudioDone | m.Flushed
@@ -229,6 +231,7 @@ class TtsSession:
         limits: m.Limits,
         early_first_frame: bool = False,
         frame_bytes: int | None = None,
+        resume: TtsResumeStart | None = None,
     ) -> None:
         """`early_first_frame`: a chunk's first frame leaves as soon as any of its audio exists
         (time to first audio); off where the peer needs whole frames (telephony providers
@@ -268,6 +271,14 @@ class TtsSession:
         self.samples_sent = 0
         self.chunks_done = 0
         self._cancel_synthesis = False
+        # Resume (server/sessions/resume.py): the newest chunks whose audio went out, kept so a
+        # client that missed their end hears them again; bumped whenever what a resume would
+        # need changes (text, a chunk done or charged, a clear).
+        self.done_recent: FinalsReplay[TtsChunkPoint] = FinalsReplay()
+        self.resume_version = 0
+        self._resumed = resume is not None
+        if resume is not None:
+            self._resume_from(resume)
         self._handlers: dict[type[Any], Callable[[Any], None]] = {
             Start: self._start, SubmitText: self._submit_text, Flush: self._flush,
             Interrupt: self._interrupt, GrantCredit: self._grant_credit,
@@ -276,6 +287,34 @@ class TtsSession:
             Usage: self._usage, EngineAudio: self._engine_audio, EngineDone: self._engine_done,
             EngineFailed: self._engine_failed,
         }
+
+    def _resume_from(self, resume: TtsResumeStart) -> None:
+        """Speak again what the client may not have heard, charging none of it twice."""
+        self._next_chunk = resume.next_chunk_id - 1
+        for point in resume.chunks:
+            chunk = _Chunk(point.chunk_id, point.text, synthesized=point.charged)
+            self._chunks[chunk.chunk_id] = chunk
+            self.characters += len(point.text)
+            self._queued_chars += len(point.text)
+            self._requests.append(SynthRequest(chunk.chunk_id, point.text, self.generation))
+        if resume.buffered:
+            self._chunks_ready(self.chunker.push(resume.buffered))
+
+    @property
+    def resumable(self) -> bool:
+        return bool(self.resume_token)
+
+    def resume_chunks(self) -> list[TtsChunkPoint]:
+        """The chunks a resume would speak again: the newest done ones, then every one whose
+        audio is not all out, in order."""
+        kept = {p.chunk_id: p for _, p in self.done_recent.items()}
+        for chunk in self._chunks.values():
+            kept[chunk.chunk_id] = TtsChunkPoint(chunk.chunk_id, chunk.text, chunk.synthesized)
+        return [kept[i] for i in sorted(kept)]
+
+    @property
+    def next_chunk_id(self) -> int:
+        return self._next_chunk + 1
 
     def _size_frames(self, frame_bytes: int | None) -> None:
         window = int(self.settings.credit_ms * self.params.bytes_per_ms)
@@ -316,6 +355,7 @@ class TtsSession:
                 credit_bytes=self.credit.outstanding,
                 limits=self._limits,
                 model=self.params.model,
+                resumed=self._resumed,
             )
         )
 
@@ -339,6 +379,7 @@ class TtsSession:
             return
         self._chunks_ready(self.chunker.push(text))
         self.pending_peak = max(self.pending_peak, self.pending_chars)
+        self.resume_version += 1
 
     def _flush(self, _: Flush) -> None:
         if self._state != "open":
@@ -409,6 +450,8 @@ class TtsSession:
         self._out_bytes = 0
         self._partial.clear()
         self._flush_marks.clear()
+        self.done_recent = FinalsReplay()  # what the client cleared is not spoken again
+        self.resume_version += 1
         self._cancel_synthesis = True
         if cmd.peer_cleared:
             self.credit.refill()
@@ -426,6 +469,7 @@ class TtsSession:
             # Charged in full from its first audio on: that audio may be on its way out now.
             chunk.synthesized = True
             self.characters_synthesized += len(chunk.text)
+            self.resume_version += 1
         samples = self.resampler.process(np.frombuffer(pcm, dtype="<i2"))
         self._queue_samples(chunk, samples)
 
@@ -505,8 +549,10 @@ class TtsSession:
                                             cost_micros=cmd.report.cost_micros,
                                             chunks=self.chunks_done))
         if cmd.code != 1000:
-            self._immediate.append(m.Error(code=cmd.reason, message=cmd.message or cmd.reason,
-                                           retryable=True))
+            error = m.Error(code=cmd.reason, message=cmd.message or cmd.reason, retryable=True)
+            if cmd.code == 1001 and self.resumable:
+                error.resume_token = self.resume_token  # resume on another node
+            self._immediate.append(error)
         self._move("closed")
         self.close_action = CloseAction(cmd.code, cmd.reason)
 
@@ -547,8 +593,12 @@ class TtsSession:
                         break
                     spent += n
                 elif isinstance(item, m.AudioDone):
-                    self._chunks.pop(item.chunk_id, None)
+                    done = self._chunks.pop(item.chunk_id, None)
                     self.chunks_done += 1
+                    if done is not None and self.resume_token:
+                        self.done_recent.add(done.chunk_id, TtsChunkPoint(
+                            done.chunk_id, done.text, done.synthesized))
+                        self.resume_version += 1
                 queue.popleft()
                 out.append(item)
             if spent:

@@ -32,10 +32,18 @@ from server.billing.meter import (
 from server.config import Config
 from server.models.base import EngineError, Synthesizer
 from server.protocol import messages as m
-from server.protocol.errors import Rejected, rejection
+from server.protocol.errors import Rejected, refuse, rejection
 from server.sessions.asr_params import BadParams
 from server.sessions.host import SessionHost
 from server.sessions.lifecycle import MeteredUsage, SessionLifecycle
+from server.sessions.resume import (
+    AnyResumePoint,
+    ResumeStore,
+    TtsParamsPoint,
+    TtsResumePoint,
+    TtsResumeStart,
+)
+from server.sessions.resume_writer import ResumeWriter, SaveOutcome
 from server.sessions.tts import (
     Close,
     Command,
@@ -47,6 +55,7 @@ from server.sessions.tts import (
     IdleTimeout,
     Start,
     SynthRequest,
+    TtsParams,
     TtsSession,
     Usage,
     tts_params,
@@ -80,8 +89,10 @@ class TtsEndpoint:
     kind = KIND
 
     def __init__(self, *, config: Config, engines: dict[str, Synthesizer], meters: MeterFactory,
-                 server: SessionHost, metrics: Metrics) -> None:
+                 server: SessionHost, metrics: Metrics,
+                 resume_store: ResumeStore | None = None) -> None:
         self.config = config
+        self.resume_store = resume_store if config.tts.session.resume_window_s > 0 else None
         self.engines = engines
         self.meters = meters
         self.server = server
@@ -119,33 +130,85 @@ class TtsEndpoint:
                            principal: Principal) -> TtsAdmission | Rejected:
         """Admit a session on any `Wire` (the WebSocket upgrade, an HTTP request)."""
         settings = self.config.tts.session
+        token = upgrade.query.get("resume_token")
+        if token is not None:
+            return await self._resume(upgrade, principal, token)
         try:
             params = tts_params(upgrade.query, default_model=settings.default_model,
                                 models=self.engines.keys())
         except BadParams as exc:
             return Rejected(400, "bad_request", str(exc))
         session_id = uuid.uuid4().hex
+        token = secrets.token_urlsafe(18) if self.resume_store is not None else ""
+        return await self._admit(principal, session_id, params, token, None, 0,
+                                 meter_id=session_id)
+
+    async def _resume(self, upgrade: UpgradeRequest, principal: Principal,
+                      token: str) -> TtsAdmission | Rejected:
+        """A client carries on a TTS session it lost: the chunks after `last_chunk_id` (the
+        newest `audio_done` it received) are spoken again, none charged twice."""
+        store = self.resume_store
         try:
-            meter = await self.meters.open(session_id=session_id, principal=principal,
+            last = int(upgrade.query.get("last_chunk_id", "0"))
+        except ValueError:
+            last = -1
+        if last < 0:
+            return refuse("bad_request", "last_chunk_id must be a whole number >= 0")
+        if store is None or not token:
+            return refuse("resume_not_found", "this server keeps no resumable sessions")
+        window = self.config.tts.session.resume_window_s
+        try:
+            point = await store.claim(token, principal.tenant_id, window)
+        except Exception:
+            log.exception("resume store unavailable")
+            return refuse("internal_error", "resume store unavailable; retry")
+        if not isinstance(point, TtsResumePoint) or point.params.model not in self.engines:
+            return refuse("resume_not_found",
+                          "unknown or expired resume_token; start a new session")
+        chunks = [c for c in point.chunks if c.chunk_id > last]
+        if point.chunks and last < point.chunks[0].chunk_id - 1:
+            return refuse("resume_not_found", "audio this client missed is no longer kept; "
+                          "start a new session")
+        p = point.params
+        params = TtsParams(model=p.model, voice=p.voice, language=p.language,
+                           encoding=p.encoding, sample_rate=p.sample_rate)
+        start = TtsResumeStart(next_chunk_id=point.next_chunk_id, chunks=chunks,
+                               buffered=point.buffered)
+        return await self._admit(principal, point.session_id, params, token, start,
+                                 point.epoch, meter_id=f"{point.session_id}-r{point.epoch}")
+
+    async def _admit(self, principal: Principal, session_id: str, params: TtsParams,
+                     token: str, resume: TtsResumeStart | None, epoch: int, *,
+                     meter_id: str) -> TtsAdmission | Rejected:
+        settings = self.config.tts.session
+        try:
+            meter = await self.meters.open(session_id=meter_id, principal=principal,
                                            model=params.model, unit=CHARACTERS)
         except METER_ERRORS as exc:
             return rejection(exc)
         engine = self.engines[params.model]
         srv = self.config.server
         machine = TtsSession(
-            session_id=session_id, resume_token=secrets.token_urlsafe(18), params=params,
+            session_id=session_id, resume_token=token, params=params,
             settings=settings, models=self.engines.keys(), engine_rate=engine.sample_rate,
             max_chars=engine.max_chars, max_tokens=engine.max_tokens,
             limits=m.Limits(max_frame_bytes=srv.max_frame_bytes,
                             idle_timeout_s=srv.idle_timeout_s,
                             usage_interval_s=settings.usage_interval_s, max_utterance_ms=0),
-            early_first_frame=True,
+            early_first_frame=True, resume=resume,
         )
+        store = self.resume_store
 
         def start(wire: Wire, on_events: EventSink | None = None,
                   peer_alive: Callable[[], None] | None = None) -> TtsSessionRunner:
+            writer = None
+            if store is not None and token and on_events is None:
+                writer = ResumeWriter(store, token, epoch=epoch,
+                                      ttl_s=settings.resume_window_s, log=log,
+                                      log_extra={"session_id": session_id})
             runner = TtsSessionRunner(self, wire, machine, engine, meter, principal,
-                                      on_events=on_events, peer_alive=peer_alive)
+                                      on_events=on_events, peer_alive=peer_alive,
+                                      resume=writer)
             runner.start()
             return runner
 
@@ -160,7 +223,8 @@ class TtsSessionRunner:
     def __init__(self, endpoint: TtsEndpoint, conn: Wire, machine: TtsSession,
                  engine: Synthesizer, meter: SessionMeter, principal: Principal, *,
                  on_events: EventSink | None = None,
-                 peer_alive: Callable[[], None] | None = None) -> None:
+                 peer_alive: Callable[[], None] | None = None,
+                 resume: ResumeWriter | None = None) -> None:
         self.endpoint = endpoint
         self.conn = conn
         self.machine = machine
@@ -188,6 +252,13 @@ class TtsSessionRunner:
                                           metrics=endpoint.metrics, log=log, log_extra=self._log)
         self.usage = MeteredUsage(meter, log=log, log_extra=self._log,
                                   usage_interval_s=endpoint.config.tts.session.usage_interval_s)
+        self._tenant_id = principal.tenant_id
+        # A resumable session writes what a resume needs whenever it changes (resume.py).
+        self.resume = resume
+        self._saved_version = -1
+        self._charging_held = False  # a usage report's resume point is being saved
+        if resume is not None:
+            resume.on_saved = self._resume_saved
 
     # --- SessionHandler -------------------------------------------------------------------------
 
@@ -241,6 +312,8 @@ class TtsSessionRunner:
         self._wake.set()
 
     def _charge(self) -> None:
+        if self._charging_held:
+            return  # charged after the save: the report then pays exactly what the point says
         delta = self.machine.characters_synthesized - self._metered
         if delta > 0:
             self.meter.accept(delta)
@@ -303,9 +376,13 @@ class TtsSessionRunner:
             self._close_code = action.code
             conn.close(action.code, action.reason)
             self._wake.set()
+        if self.resume is not None and self.machine.resume_version != self._saved_version \
+                and self.machine.state != "closed":
+            self._saved_version = self.machine.resume_version
+            self.resume.request(self._resume_point())
 
     async def _run(self) -> None:
-        usage = self.usage.start_reports(self._on_usage)
+        usage = self.usage.start_reports(self._on_usage, before=self._before_report)
         try:
             await self._synth_loop()
         except Exception:
@@ -314,6 +391,10 @@ class TtsSessionRunner:
             self._pump()
         finally:
             await SessionLifecycle.stop(usage, self._current)
+            self._charge()
+            if self.resume is not None and self._draining and not self._gone:
+                # The client resumes on another node: what is left must be there first.
+                await self.resume.save(self._resume_point())
             report = await self.usage.settle()
             if report is None:  # the wallet failed: what this session counted, unpriced
                 chars = self.machine.characters_synthesized
@@ -323,6 +404,7 @@ class TtsSessionRunner:
                 self.machine.handle(Finish(report, code, reason, "server is draining; reconnect"))
                 self._pump()
             self.endpoint.runners.discard(self)
+            await self._end_resume()
             self.lifecycle.closed(self._close_code if self._close_code is not None else 1006,
                                   characters=self.machine.characters_synthesized,
                                   text_backlog_peak=self.machine.pending_peak)
@@ -372,6 +454,49 @@ class TtsSessionRunner:
         except EngineError as exc:
             machine.handle(EngineFailed(req, str(exc), exc.retryable))
         self._pump()
+
+    async def _before_report(self) -> None:
+        """What the report pays for is in the resume point first (charged chunks are never
+        charged again after a resume); a failed save is logged and the report goes on."""
+        self._charge()
+        if self.resume is None:
+            return
+        point = self._resume_point()
+        self._charging_held = True
+        try:
+            outcome = await self.resume.save(point)
+        finally:
+            self._charging_held = False
+        self._resume_saved(point, outcome)
+
+    def _resume_point(self) -> TtsResumePoint:
+        assert self.resume is not None
+        machine = self.machine
+        p = machine.params
+        return TtsResumePoint(
+            session_id=machine.session_id, tenant_id=self._tenant_id,
+            params=TtsParamsPoint(model=p.model, voice=p.voice, language=p.language,
+                                  encoding=p.encoding, sample_rate=p.sample_rate),
+            epoch=self.resume.epoch, next_chunk_id=machine.next_chunk_id,
+            chunks=machine.resume_chunks(), buffered=machine.chunker.buffered)
+
+    def _resume_saved(self, point: AnyResumePoint, outcome: SaveOutcome) -> None:
+        if outcome == "superseded":
+            self.machine.handle(Close(4409, "session_resumed",
+                                      "this session was resumed on another connection"))
+            self._pump()
+            self._wake.set()
+
+    async def _end_resume(self) -> None:
+        """A session that ended for good cannot be resumed; one cut off (1001 draining, a lost
+        connection) stays resumable until its point expires."""
+        writer = self.resume
+        if writer is None:
+            return
+        if self._close_code in (1001, 1006, None):
+            await writer.aclose()
+        else:
+            await writer.forget()
 
     def _on_usage(self, report: UsageReport) -> None:
         if self.machine.state != "closed":
