@@ -5,6 +5,7 @@ with the official `deepgram-sdk` (7.x) as the client: what it sends and parses i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,7 +19,8 @@ from deepgram.speak.v1.types.speak_v1text import SpeakV1Text
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.e2e.conftest import TEST_KEY, ServerProcess
+from server.flow_control.text_backlog import READ_SLACK_CHARS
+from tests.e2e.conftest import TEST_KEY, ServerProcess, wait_for
 from tests.e2e.test_billing_e2e import Billing, assert_books_balance, billing_server
 from tests.e2e.test_tts_billing import charged_units
 from tests.speech import espeak_pcm16, silence
@@ -290,3 +292,83 @@ async def test_listen_and_speak_are_charged_what_they_used(billed: Billing) -> N
                 model="synthetic", encoding="linear16", sample_rate=16000):
             pass
     assert no_money.value.status_code == 402
+
+
+# --- back pressure --------------------------------------------------------------------------
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def _flood(server: ServerProcess, seconds: int) -> Any:
+    """A Deepgram client knows no credit: it sends audio as fast as the socket takes it. The
+    engine is slow (synthetic-slow), so the server must push back through TCP."""
+    speech = espeak_pcm16("one two three four five six seven eight nine ten") + silence(400)
+    audio = (speech * (seconds * 32000 // len(speech) + 1))[:seconds * 32000]
+    inbox = Inbox()
+    async with client(server).listen.v1.connect(
+            model="synthetic-slow", encoding="linear16", sample_rate=16000) as conn:
+        reader = asyncio.create_task(inbox.collect(conn))
+        for i in range(0, len(audio), CHUNK):
+            await conn.send_media(audio[i:i + CHUNK])
+        await conn.send_close_stream()
+        await asyncio.wait_for(reader, 60)
+    metadata = inbox.seen[-1]
+    assert kind(metadata) == "Metadata"
+    return metadata
+
+
+async def test_flooding_clients_keep_server_memory_bounded(server: ServerProcess) -> None:
+    """Eight clients push 60 s of audio each at once with no pacing: the session's ingest bound
+    pauses reading their sockets, nothing is dropped (overflow=block), and the server's memory
+    grows by far less than what they pushed (8 x 1.9 MB), as for our own protocol
+    (tests/e2e/test_asr_stream.py)."""
+    await _flood(server, 2)  # warm up allocators and engine paths first
+    before = _rss_kib(server.proc.pid)
+    results = await asyncio.gather(*[_flood(server, 60) for _ in range(8)])
+    after = _rss_kib(server.proc.pid)
+    assert all(r.duration == 60.0 for r in results)
+    assert after - before < 12 * 1024, f"RSS grew {after - before} KiB"
+
+
+def tts_ends(server: ServerProcess) -> list[dict[str, Any]]:
+    return [e for e in server.logs()
+            if e.get("logger") == "streamgate.tts" and e.get("msg") == "session ended"]
+
+
+async def test_a_speak_client_that_never_reads_is_held_back(server: ServerProcess) -> None:
+    """Speak clients that send text without end and never read: the audio waits within the
+    session's credit window and backlog (no grants: the socket took nothing), the text they
+    push waits in their own sockets (reading paused), and the server's memory stays bounded."""
+    text = SpeakV1Text(text="Back pressure holds this text. " * 13)  # 403 characters
+
+    async def push() -> int:
+        sent = 0
+        with contextlib.suppress(ConnectionClosed):
+            async with client(server).speak.v1.connect(
+                    model="synthetic", encoding="linear16", sample_rate=16000) as conn:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(3):
+                        while True:
+                            await conn.send_text(text)
+                            sent += len(text.text)
+                # Gone without a close handshake: the server, not reading, would not see it.
+                conn._websocket.transport.abort()
+        return sent
+
+    ended = len(tts_ends(server))
+    before = _rss_kib(server.proc.pid)
+    pushed = await asyncio.gather(*[push() for _ in range(4)])
+    after = _rss_kib(server.proc.pid)
+    assert min(pushed) > 1_000_000  # each pushed megabytes of text (into socket buffers)
+    assert after - before < 12 * 1024, f"RSS grew {after - before} KiB"
+    # Each session's one end line, written once it settled.
+    await asyncio.to_thread(wait_for, lambda: len(tts_ends(server)) >= ended + 4, 10)
+    for end in tts_ends(server)[ended:]:
+        # What the server took in: the text backlog's bound, not what the clients pushed.
+        assert end["text_backlog_peak"] <= 20000 + READ_SLACK_CHARS, end

@@ -8,8 +8,9 @@ into Deepgram's messages. Audio frames go out as binary messages, as Deepgram's 
 Credit becomes TCP back pressure: Deepgram's clients grant none, so the bytes the socket took
 are granted back to the session once the socket's write buffer is below its high mark (checked
 on the next loop turn, and again when the socket drains). A client that stops reading stops the
-grants; the session then holds at most its credit window and audio backlog, as for our own
-clients, and text past the text backlog's bound waits in the socket (reading paused).
+grants, and is not read either while our writes wait (its text waits in its own socket): the
+session holds at most its credit window and audio backlog, as for our own clients, and no
+answer to text it could not take (a `Warning` per message) piles up behind unread audio.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class DeepgramSpeakEndpoint:
         def start(socket: SessionSocket) -> SpeakSession:
             socket.error_frames = False  # the client takes Deepgram's messages only
             session = SpeakSession(socket, SpeakCodec(options))
-            wire = DeepgramWire(socket, on_audio_sent=session.audio_sent)
+            wire = session.wire = DeepgramWire(socket, on_audio_sent=session.audio_sent)
 
             def peer_alive() -> None:
                 # It takes our audio, though its pongs wait unread behind its text.
@@ -70,12 +71,13 @@ class DeepgramSpeakEndpoint:
 class SpeakSession:
     """The SessionHandler of one `/v1/speak` socket."""
 
-    __slots__ = ("_gone", "_grant_due", "_owed", "codec", "runner", "socket")
+    __slots__ = ("_gone", "_grant_due", "_owed", "codec", "runner", "socket", "wire")
 
     def __init__(self, socket: SessionSocket, codec: SpeakCodec) -> None:
         self.socket = socket
         self.codec = codec
         self.runner: TtsSessionRunner | None = None
+        self.wire: DeepgramWire | None = None
         self._owed = 0  # audio bytes the socket took, not yet granted back
         self._grant_due = False
         self._gone = False
@@ -102,6 +104,8 @@ class SpeakSession:
 
     def audio_sent(self, n: int) -> None:
         self._owed += n
+        if self.wire is not None:
+            self.wire.hold_while_not_written()
         if not self._grant_due:
             self._grant_due = True
             # Not from inside the runner's pump that sent it: the grant pumps again.
@@ -132,6 +136,8 @@ class SpeakSession:
         self._runner().on_read_done()
 
     def on_writable(self) -> None:
+        if self.wire is not None:
+            self.wire.written()
         self._grant()
         self._runner().on_writable()
 
@@ -160,3 +166,5 @@ class SpeakSession:
                 sent = True
         if sent:
             socket.flush()
+            if self.wire is not None:
+                self.wire.hold_while_not_written()

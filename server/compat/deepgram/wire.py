@@ -1,6 +1,7 @@
 """The socket as a session of the Deepgram dialect sees it: our `Wire`, with the closes that
-Deepgram defines spelt Deepgram's way, and the audio written counted (a `/v1/speak` client
-grants no credit: what the socket took is the credit).
+Deepgram defines spelt Deepgram's way, the audio written counted (a `/v1/speak` client grants
+no credit: what the socket took is the credit), and reading held while the client does not
+read (`hold_while_not_written`: credit becomes TCP back pressure both ways).
 
 Deepgram ends a stream that sends undecodable audio with 1008 `DATA-0000` and one that stays
 silent past its timeout with 1011 `NET-0001`; every other close keeps our code and reason
@@ -27,12 +28,43 @@ def deepgram_close(code: int, reason: str) -> tuple[int, str]:
 class DeepgramWire:
     """Our `Wire` over the accepted socket: closes translated, binary bytes reported."""
 
-    __slots__ = ("_on_audio_sent", "socket")
+    __slots__ = ("_held", "_on_audio_sent", "_paused", "_session_paused", "socket")
 
     def __init__(self, socket: SessionSocket,
                  on_audio_sent: Callable[[int], None] | None = None) -> None:
         self.socket = socket
         self._on_audio_sent = on_audio_sent
+        self._session_paused = False  # the session asked (its bound is full)
+        self._held = False  # held while the client does not read what we write
+        self._paused = False  # what the socket was told
+
+    @property
+    def session_paused(self) -> bool:
+        """The session holds the client back (its bound is full): what it has not read is
+        not the client's silence."""
+        return self._session_paused
+
+    def hold_while_not_written(self) -> None:
+        """Stop reading while the socket's write buffer is above its high mark: a client
+        that does not read what we send is not read either (`written` lifts it)."""
+        if self.socket.write_paused and not self._held:
+            self._held = True
+            self._apply()
+
+    def written(self) -> None:
+        """The socket drained below its low mark."""
+        if self._held:
+            self._held = False
+            self._apply()
+
+    def _apply(self) -> None:
+        paused = self._session_paused or self._held
+        if paused != self._paused:
+            self._paused = paused
+            if paused:
+                self.socket.pause_reading()
+            else:
+                self.socket.resume_reading()
 
     @property
     def write_paused(self) -> bool:
@@ -53,7 +85,9 @@ class DeepgramWire:
         self.socket.close(*deepgram_close(code, reason))
 
     def pause_reading(self) -> None:
-        self.socket.pause_reading()
+        self._session_paused = True
+        self._apply()
 
     def resume_reading(self) -> None:
-        self.socket.resume_reading()
+        self._session_paused = False
+        self._apply()
