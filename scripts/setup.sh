@@ -14,6 +14,7 @@
 #   STREAMGATE_VENV     where the virtualenv lives (default: .venv in the checkout), so several
 #                       Python versions can sit side by side (CI runs the unit tests on 3.13 too)
 #   STREAMGATE_SKIP_SYSTEM_PACKAGES=1   do not check Debian packages (non-Debian machines, CI images)
+#   STREAMGATE_PIPECAT_VENV   where the Pipecat test client's virtualenv lives (default: .venv-pipecat)
 set -euo pipefail
 
 # System packages the server and its tests need (Debian/Ubuntu names). Python itself is handled
@@ -129,4 +130,22 @@ if [[ ! -f "$STAMP" || "$ROOT/pyproject.toml" -nt "$STAMP" ]]; then
     log "installing streamgate and its dev dependencies into $VENV"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev,load]"
     touch "$STAMP"
+fi
+
+# --- Pipecat, the client of tests/e2e/test_pipecat_services.py ------------------------------------
+# A virtualenv of its own: every Pipecat release pins soxr and soundfile versions that would
+# replace the server's own (docs/decisions/14G1-pipecat-client-venv.md).
+PIPECAT_VENV="${STREAMGATE_PIPECAT_VENV:-$ROOT/.venv-pipecat}"
+PIPECAT_REQUIREMENTS="$ROOT/tests/e2e/pipecat-requirements.txt"
+if ! "$PIPECAT_VENV/bin/python" -c '' >/dev/null 2>&1; then
+    rm -rf "$PIPECAT_VENV"  # none yet, or its interpreter has gone away
+    log "creating $PIPECAT_VENV with $PYTHON"
+    "$PYTHON" -m venv "$PIPECAT_VENV"
+fi
+if [[ ! -f "$PIPECAT_VENV/.streamgate-installed" \
+      || "$PIPECAT_REQUIREMENTS" -nt "$PIPECAT_VENV/.streamgate-installed" ]]; then
+    log "installing Pipecat (a test client) into $PIPECAT_VENV"
+    "$PIPECAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        -r "$PIPECAT_REQUIREMENTS"
+    touch "$PIPECAT_VENV/.streamgate-installed"
 fi
