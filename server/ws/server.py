@@ -303,7 +303,9 @@ class WsServer:
     def _sweep(self, now: float) -> None:
         cfg = self.config
         for conn in list(self.connections):
-            if conn.activity:
+            if conn.activity or conn.reading_paused:
+                # Reading paused is our back pressure (a full queue, a lease top-up): the peer
+                # is held back by us, not idle, and its pongs wait behind what it sent.
                 conn.activity = False
                 conn.last_activity = now
             if conn.close_deadline is not None:
