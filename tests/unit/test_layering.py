@@ -75,6 +75,9 @@ def edges_into(package: str, forbidden: str) -> dict[str, list[str]]:
     ("server.sessions", "server.ws"),
     ("server.telephony", "server.ws"),
     ("server.http", "server.ws"),
+    # A dialect (Deepgram, Sarvam) is a codec in front of the same sessions, hosted the same way.
+    ("server.compat", "server.ws"),
+    ("server.compat", "server.billing.service"),
     # Provider codecs are sans-I/O dialect translators: no call, no session, no socket.
     ("server.telephony.providers", "server.telephony.call"),
     ("server.telephony.providers", "server.sessions"),
