@@ -1,7 +1,8 @@
 """The one-command benchmark: `python -m loadtest.bench` (`make bench`).
 
 One command, one process tree, one run. Each server runs alone, started fresh, pinned to one
-CPU (0 by default); the load generator runs in this process, pinned to another CPU (1):
+CPU (0 by default); the load generator runs in this process, pinned to another CPU (1). The
+exception is the supervised node of part 4, which shares both CPUs with the generator:
 
   ws-echo     websockets' asyncio server (uvloop), a text ack per binary frame
   raw-echo    asyncio.Protocol + websockets' sans-I/O ServerProtocol (uvloop), ack inline in
@@ -24,6 +25,13 @@ What runs, in order (each server process fresh):
   3. real time (loadtest/capacity.py): the most sessions, each sending a frame every 20 ms,
      with p99 frame-to-credit < 20 ms; first a fresh raw-echo (`echo-realtime`: the ceiling
      of this design on this machine), then streamgate (`realtime`, RSS and CPU per session).
+  4. `--workers 2` beside `--workers 1` (`workers`, loadtest/workers_compare.py): the same
+     --workers-sessions real-time sessions for the same --workers-seconds against a fresh
+     `serve --workers 1` (pinned, as above; then also at half the sessions, the load each of
+     two workers carries) and a fresh `serve --workers 2` (the supervisor, both workers, the
+     stores and the generator unpinned on both CPUs). From /proc: each worker's CPU, the
+     supervisor's CPU and RSS, the stores', the generator's and everything else's on the CPUs;
+     CPU per session-second and the efficiency of two workers against one.
 
 The summary (targets met or not, tables, ratios) is printed and written to docs/benchmarks.md
 (unless --no-write, --only, or a run failed); the servers' stderr is kept in

@@ -546,8 +546,12 @@ def _node_notes(node: NodeRun) -> list[str]:
         out.append(f"{label}: workers' syscalls per credited frame: "
                    f"{r.server_reads_per_frame:.2f} reads, {r.server_writes_per_frame or 0:.2f} "
                    f"writes; event loops slept {r.server_sleeps_per_s or 0:.0f} times/s")
+    others = node.pct(node.window.others_cpu_s)
+    if others is not None and others >= 10.0:
+        out.append(f"{label}: other processes took {others:.0f}% of a core on the run's CPUs - "
+                   "SHARED CPU, numbers noisy")
     steal = node.pct(node.window.steal_s)
-    if steal:
+    if steal is not None and steal >= 1.0:
         out.append(f"{label}: steal {steal:.0f}%")
     if r.text_types:
         out.append(f"{label}: other server messages: {dict(sorted(r.text_types.items()))}")
@@ -686,6 +690,7 @@ def render_markdown(
         "One command, one process tree, one run: each server is started fresh, alone, pinned",
         "to one CPU, and the load generator (raw asyncio Protocols on uvloop, hand-built masked",
         "frames, this process) is pinned to the other CPU; everything goes over 127.0.0.1.",
+        "The exception is the `--workers 2` node, which shares both CPUs with the generator.",
         "",
         "## What is measured",
         "",
@@ -748,6 +753,25 @@ def render_markdown(
         "loopback the write also runs the generator's TCP receive path), its share of an",
         "epoll wake-up, and websockets' frame parser.",
         "",
+        "**`--workers 2` beside `--workers 1`** (issue 13; docs/decisions/13H1-workers-bench.md).",
+        f"The same {args.workers_sessions} real-time sessions (as above: a 20 ms frame every",
+        f"20 ms, new sessions over {args.rt_ramp:g} s, {args.rt_warmup:g} s warm-up) measured for",
+        f"the same {args.workers_seconds:g} s against a fresh `serve --workers 1`, pinned to one",
+        "CPU with the generator on the other, and a fresh `serve --workers 2`, not pinned: the",
+        "supervisor, its",
+        "two workers, the embedded stores and the generator share both CPUs as on a real node.",
+        "The started process execs the supervisor in place, so its pid is the supervisor's; the",
+        "workers are its children running `server.supervisor.worker`, every other descendant",
+        "(Redis, PostgreSQL) is a store. CPU comes from /proc per process: workers' CPU per",
+        "session-second (the node's total over all sessions; per worker with the sessions its",
+        "`/metrics` series shows), the supervisor's CPU and RSS, the stores', the generator's,",
+        "and \"other processes\" (the CPUs' busy time from /proc/stat, irq and softirq included,",
+        "minus all of ours: other jobs on a shared machine). Efficiency = CPU per session-second",
+        "with one worker / with two (>= 0.9 is issue 13's target): the same N means each of two",
+        "workers carries N/2, so the one-worker server is also measured at N/2 (after closing",
+        "half its sessions): at equal load per worker, what is left is the cost of being two",
+        "processes.",
+        "",
         "**Idle sessions.** `--idle-sessions` sessions opened to `ready` on a fresh server, no",
         "audio; after 2 s, the VmRSS growth per session.",
         "",
@@ -785,7 +809,9 @@ def render_markdown(
         f"{args.rt_step} (new sessions over {args.rt_ramp:g} s), warm-up {args.rt_warmup:g} s, "
         f"measured {args.rt_seconds:g} s, budget {args.rt_budget:g} s; "
         + (f"server on CPU {args.server_cpu}, generator on CPU {args.client_cpu}"
-           if args.pinned else "unpinned (fewer than 2 CPUs available)"),
+           if args.pinned else "unpinned (fewer than 2 CPUs available)")
+        + f"; `--workers 2` beside `--workers 1`: {args.workers_sessions} sessions, measured "
+        f"{args.workers_seconds:g} s",
         f"- Audio signal: `{args.signal}`",
         "",
         *result_sections(args, runs),
