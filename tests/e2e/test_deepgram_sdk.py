@@ -98,9 +98,13 @@ async def test_live_transcription_with_interims_finals_finalize_and_close(
         await send_paced(conn, first)
         await inbox.wait_until(lambda s: any(kind(m) == "UtteranceEnd" for m in s))
         await conn.send_keep_alive()
-        await send_paced(conn, second)
+        # Nothing is open: answered all the same (Pipecat waits for it), with an empty final.
         await conn.send_finalize()
         await inbox.wait_until(lambda s: any(getattr(m, "from_finalize", False) for m in s))
+        await send_paced(conn, second)
+        await conn.send_finalize()
+        await inbox.wait_until(
+            lambda s: sum(bool(getattr(m, "from_finalize", False)) for m in s) == 2)
         await conn.send_close_stream()
         await asyncio.wait_for(reader, 10)
     kinds = [kind(m) for m in seen]
@@ -109,9 +113,11 @@ async def test_live_transcription_with_interims_finals_finalize_and_close(
     interims = [r for r in results if not r.is_final]
     finals = [r for r in results if r.is_final]
     assert interims, kinds
-    assert len(finals) == 2, kinds
-    assert all(r.channel.alternatives[0].transcript for r in finals)
-    by_endpointing, by_finalize = finals
+    assert len(finals) == 3, kinds
+    by_endpointing, empty, by_finalize = finals
+    assert empty.from_finalize and not empty.speech_final
+    assert empty.channel.alternatives[0].transcript == ""
+    assert all(r.channel.alternatives[0].transcript for r in (by_endpointing, by_finalize))
     assert by_endpointing.speech_final and not by_endpointing.from_finalize
     assert by_finalize.from_finalize and not by_finalize.speech_final
     for r in results:

@@ -43,9 +43,7 @@ def run_test(codec: ListenCodec, inputs: Iterable[bytes | str | m.AsrServerMessa
         elif isinstance(item, str):
             out.append(codec.decode(item.encode()))
         else:
-            payload = codec.encode(item)
-            if payload is not None:
-                out.append(json.loads(payload))
+            out += [json.loads(payload) for payload in codec.encode(item)]
     return out
 
 
@@ -73,7 +71,7 @@ def transcript(utt: int, start: int, end: int, *, final: bool, text: str = "hell
       "interim_results": "false", "endpointing_ms": str(ENDPOINTING_OFF_MS)}),
     ({}, {"model": "sphinx-en", "encoding": "wav", "interim_results": "false"}),
     ({"encoding": "linear16", "sample_rate": "16000", "punctuate": "true",
-      "smart_format": "true", "diarize": "true", "keyterm": "x"},
+      "smart_format": "true", "diarize": "true", "keyterm": "x", "redact": "false"},
      {"model": "sphinx-en", "encoding": "pcm_s16le", "sample_rate": "16000",
       "interim_results": "false"}),
 ])
@@ -201,7 +199,29 @@ def test_a_final_the_vad_ended_before_a_finalize_is_still_speech_final() -> None
     ])
     results = [x for x in out if isinstance(x, dict)]
     assert [(r["speech_final"], r["from_finalize"]) for r in results] == [
+        (False, True),  # the empty answer to the Finalize, once a later final shows it ended none
         (True, False), (False, False)]
+
+
+def test_a_finalize_that_ended_no_utterance_gets_an_empty_final() -> None:
+    codec = listen(encoding="linear16", sample_rate="16000")
+    run_test(codec, [m.SpeechStarted(at_ms=100), b"\x00\x00" * 16000, '{"type":"Finalize"}'])
+    # Read past it, but utterance 1 (begun before it) may still be what it ended: wait.
+    assert codec.answer_finalizes(1000) == []
+    out = run_test(codec, [transcript(1, 100, 600, final=True),  # the VAD had ended it
+                           m.UtteranceEnd(utterance_id=1, end_ms=600)])
+    assert out[0]["speech_final"] and not out[0]["from_finalize"]
+    assert codec.answer_finalizes(990) == []  # not read that far yet
+    [answer] = [json.loads(p) for p in codec.answer_finalizes(1000)]
+    assert answer["is_final"] and answer["from_finalize"] and not answer["speech_final"]
+    assert answer["channel"]["alternatives"][0]["transcript"] == ""
+    assert (answer["start"], answer["duration"]) == (0.6, 0.4)
+    assert not codec.finalize_pending and codec.answer_finalizes(5000) == []
+    # A later utterance's final answers a Finalize before it that nothing else will.
+    run_test(codec, [b"\x00\x00" * 1600, '{"type":"Finalize"}', m.SpeechStarted(at_ms=1500)])
+    out = run_test(codec, [transcript(2, 1500, 1900, final=True)])
+    assert [(r["from_finalize"], r["channel"]["alternatives"][0]["transcript"]) for r in out] \
+        == [(True, ""), (False, "hello world")]
 
 
 def test_events_deepgram_has_no_message_for_are_not_sent() -> None:

@@ -111,7 +111,7 @@ def listen_options(query: Mapping[str, str], *, models: Collection[str],
                    default_model: str) -> ListenOptions:
     """Deepgram's query string -> our ASR parameters; DialectError for what we refuse."""
     for name, why in LISTEN_REFUSED.items():
-        if name in query:
+        if query.get(name, "false").strip().lower() not in _FALSE:
             raise DialectError(why)
     model, _asked = _model(query, models, default_model)
     ours: dict[str, str] = {"model": model}
@@ -305,7 +305,12 @@ class ListenCodec:
     the speaker paused; `from_finalize`: the client's Finalize). The client's audio time at each
     Finalize and CloseStream is kept, and a final whose utterance runs up to one of those points
     was ended by it (the machine ends the open utterance exactly there, asr.py `_force_end`);
-    any other final was ended by the VAD's endpointing."""
+    any other final was ended by the VAD's endpointing.
+
+    Deepgram answers every Finalize (an empty final `from_finalize` when nothing was open: Pipecat
+    waits for it). Ours answers only with the final of an utterance it ended, so a Finalize
+    that found none open is answered here once the session has read past it
+    (`answer_finalizes`) and every utterance begun before it has its final."""
 
     options: ListenOptions
     request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
@@ -313,6 +318,9 @@ class ListenCodec:
     _sha: hashlib._Hash = field(default_factory=hashlib.sha256)
     _points: list[_Point] = field(default_factory=list)
     _last_word_end_ms: int = 0
+    _last_end_ms: int = 0  # where the last final ended (an empty answer starts there)
+    _utterances: int = 0  # SpeechStarted seen (our utterance ids count from 1)
+    _open: dict[int, int] = field(default_factory=dict)  # utterance id -> start, final owed
     _metadata: ResultsMetadata | None = None
 
     def __post_init__(self) -> None:
@@ -354,28 +362,64 @@ class ListenCodec:
 
     # --- out -----------------------------------------------------------------------------------
 
-    def encode(self, event: m.AsrServerMessage) -> bytes | None:
-        """Our event -> Deepgram's message (None: Deepgram has no such message)."""
+    def encode(self, event: m.AsrServerMessage) -> list[bytes]:
+        """Our event -> Deepgram's messages (none: Deepgram has no such message)."""
         if type(event) is m.Transcript:
-            return _encoder.encode(self.results(event))
+            out = self._answers(before_ms=event.start_ms) if event.is_final else []
+            out.append(_encoder.encode(self.results(event)))
+            return out
         if type(event) is m.SpeechStarted:
+            self._utterances += 1
+            self._open[self._utterances] = event.at_ms
             if not self.options.vad_events:
-                return None
-            return _encoder.encode(SpeechStarted(CHANNEL, _seconds(event.at_ms)))
-        if type(event) is m.UtteranceEnd:
+                return []
+            return [_encoder.encode(SpeechStarted(CHANNEL, _seconds(event.at_ms)))]
+        if type(event) is m.UtteranceEnd:  # after its final, or after the engine lost it
+            self._open.pop(event.utterance_id, None)
             if not self.options.utterance_end:
-                return None
+                return []
             end = self._last_word_end_ms or event.end_ms
-            return _encoder.encode(UtteranceEnd(CHANNEL, _seconds(end)))
+            return [_encoder.encode(UtteranceEnd(CHANNEL, _seconds(end)))]
         if type(event) is m.Summary:
-            return _encoder.encode(self.metadata(event.audio_ms))
+            return [_encoder.encode(self.metadata(event.audio_ms))]
         if type(event) is m.Error:
-            return _encoder.encode(ListenError(variant=event.code, description=event.message))
+            return [_encoder.encode(ListenError(variant=event.code, description=event.message))]
         # ready, credit, usage, warning, checkpoint: our protocol's, nothing in Deepgram's.
-        return None
+        return []
 
     def encode_reply(self, reply: ConfigureSuccess | ConfigureFailure) -> bytes:
         return _encoder.encode(reply)
+
+    @property
+    def finalize_pending(self) -> bool:
+        return any(p.kind == _FINALIZE_POINT for p in self._points)
+
+    def answer_finalizes(self, read_ms: int) -> list[bytes]:
+        """Answers to the Finalize messages that ended no utterance, now that the session has
+        read `read_ms` of the client's audio: one the session read past, with no final owed
+        for an utterance begun before it."""
+        return self._answers(before_ms=read_ms + _POINT_SLACK_MS)
+
+    def _answers(self, *, before_ms: int) -> list[bytes]:
+        out: list[bytes] = []
+        points = self._points
+        while points and points[0].at_ms <= before_ms:
+            point = points[0]
+            if any(start < point.at_ms for start in self._open.values()):
+                break  # that utterance's final may still be this Finalize's answer
+            points.pop(0)
+            if point.kind == _FINALIZE_POINT:
+                out.append(_encoder.encode(self._empty_final(point.at_ms)))
+        return out
+
+    def _empty_final(self, at_ms: int) -> Results:
+        assert self._metadata is not None
+        start = min(self._last_end_ms, at_ms)
+        return Results(
+            channel_index=CHANNEL, duration=_seconds(at_ms - start), start=_seconds(start),
+            is_final=True, speech_final=False,
+            channel=Channel([Alternative("", 0.0, [])]), metadata=self._metadata,
+            from_finalize=True)
 
     def results(self, t: m.Transcript) -> Results:
         from_finalize = speech_final = False
@@ -383,10 +427,8 @@ class ListenCodec:
             ended_by = self._ended_by(t)
             from_finalize = ended_by == _FINALIZE_POINT
             speech_final = ended_by is None
-            if t.words:
-                self._last_word_end_ms = t.words[-1].end_ms
-            else:
-                self._last_word_end_ms = t.end_ms
+            self._last_word_end_ms = t.words[-1].end_ms if t.words else t.end_ms
+            self._last_end_ms = max(self._last_end_ms, t.end_ms)
         words = [Word(w.word, _seconds(w.start_ms), _seconds(w.end_ms), w.confidence, w.word)
                  for w in t.words]
         if words:
@@ -401,11 +443,10 @@ class ListenCodec:
             metadata=self._metadata, from_finalize=from_finalize)
 
     def _ended_by(self, t: m.Transcript) -> str | None:
-        """The Finalize or CloseStream that ended this final's utterance, if one did."""
+        """The Finalize or CloseStream that ended this final's utterance, if one did (points
+        before the utterance began were answered by `_answers` already)."""
         points = self._points
-        while points and points[0].at_ms <= t.start_ms:
-            points.pop(0)  # before this utterance began: it ended none of them
-        if points and points[0].at_ms <= t.end_ms + _POINT_SLACK_MS:
+        if points and t.start_ms < points[0].at_ms <= t.end_ms + _POINT_SLACK_MS:
             return points.pop(0).kind
         return None
 

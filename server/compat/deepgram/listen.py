@@ -14,6 +14,7 @@ kept; a final makes it stale), as our own outbox does.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Final
 
 from server.billing.auth import Principal
@@ -32,6 +33,8 @@ from server.protocol.errors import Rejected, refuse
 from server.sessions.asr_runner import AsrEndpoint, AsrSessionRunner
 from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
 
+# How often a Finalize that ended no utterance is looked at again until it is answered.
+FINALIZE_LOOK_S: Final = 0.05
 # Our control messages as our runner reads them (it takes client JSON; these are constants).
 _CONTROL: Final[dict[type, bytes]] = {
     m.Finalize: m.encoder.encode(m.Finalize()),
@@ -71,7 +74,7 @@ class DeepgramListenEndpoint:
 class ListenSession:
     """The SessionHandler of one `/v1/listen` socket: Deepgram in, our runner behind."""
 
-    __slots__ = ("_held", "codec", "runner", "socket", "wire")
+    __slots__ = ("_held", "_timer", "codec", "runner", "socket", "wire")
 
     def __init__(self, socket: SessionSocket, wire: DeepgramWire, codec: ListenCodec) -> None:
         self.socket = socket
@@ -79,6 +82,7 @@ class ListenSession:
         self.codec = codec
         self.runner: AsrSessionRunner | None = None
         self._held: m.Transcript | None = None  # the newest interim, while the client lags
+        self._timer: asyncio.TimerHandle | None = None  # looks for Finalizes to answer
 
     def _runner(self) -> AsrSessionRunner:
         assert self.runner is not None, "started before its runner"
@@ -108,11 +112,12 @@ class ListenSession:
 
     def on_read_done(self) -> None:
         self._runner().on_read_done()
+        self._answer_finalizes()
 
     def on_writable(self) -> None:
         held, self._held = self._held, None
         if held is not None:
-            self._send([self.codec.encode(held)])
+            self._send(self.codec.encode(held))
         self._runner().on_writable()
 
     def on_idle(self) -> None:
@@ -128,13 +133,16 @@ class ListenSession:
 
     def on_connection_closed(self, code: int) -> None:
         self._held = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._runner().on_connection_closed(code)
 
     # --- events ---------------------------------------------------------------------------------
 
     def on_events(self, events: list[m.AsrServerMessage]) -> None:
         codec = self.codec
-        out: list[bytes | None] = []
+        out: list[bytes] = []
         for ev in events:
             if type(ev) is m.Transcript:
                 if not ev.is_final:
@@ -143,15 +151,29 @@ class ListenSession:
                         continue
                 else:
                     self._held = None  # its final supersedes it
-            out.append(codec.encode(ev))
+            out += codec.encode(ev)
         self._send(out)
+        self._answer_finalizes()
 
-    def _send(self, payloads: list[bytes | None]) -> None:
+    def _answer_finalizes(self) -> None:
+        """Answer the Finalizes that ended no utterance once the session has read past them
+        (codec.py); the session steps on its own time, so look again shortly while one waits."""
+        codec, runner = self.codec, self.runner
+        if runner is None or not codec.finalize_pending or runner.machine.state == "closed":
+            return
+        self._send(codec.answer_finalizes(runner.machine.accepted_ms))
+        if codec.finalize_pending and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FINALIZE_LOOK_S, self._look)
+
+    def _look(self) -> None:
+        self._timer = None
+        self._answer_finalizes()
+
+    def _send(self, payloads: list[bytes]) -> None:
         socket = self.socket
         sent = False
         for payload in payloads:
-            if payload is not None:
-                socket.send_text(payload)
-                sent = True
+            socket.send_text(payload)
+            sent = True
         if sent:
             socket.flush()
