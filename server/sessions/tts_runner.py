@@ -347,6 +347,11 @@ class TtsSessionRunner:
             events: list[m.TtsServerMessage] = []
             for item in items:
                 if isinstance(item, bytes):
+                    if events and on_events is not None:
+                        # In order with the audio: a chunk's `audio_done` before the next
+                        # chunk's first frame (a dialect's own end-of-chunk event needs it).
+                        on_events(events)
+                        events = []
                     conn.send_binary(item)
                 elif on_events is not None:
                     events.append(item)

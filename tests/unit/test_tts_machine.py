@@ -494,3 +494,40 @@ def test_tts_sessions_publish_their_queues_to_the_metrics() -> None:
         assert metrics.queue_depth_ms.labels("tts_out")._value.get() == 0
 
     run(scenario())
+
+
+def test_events_given_to_a_caller_stay_in_order_with_the_audio() -> None:
+    """A caller that takes the events itself (a dialect, the HTTP route) gets each chunk's
+    `audio_done` before the next chunk's first frame, as a WebSocket client would."""
+    async def scenario() -> list[str]:
+        # A tiny playback window: the chunks' audio queues until the credit below releases
+        # all of it in one step.
+        config = load_config(environ={}, overrides={"billing": {"enabled": False},
+                                                    "tts": {"session": {"credit_ms": 10}}})
+        server = FakeSessionHost()
+        endpoint = TtsEndpoint(config=config, engines={"fake": cast(Synthesizer, StallingEngine())},
+                               meters=PricedMeterFactory({}), server=server, metrics=Metrics())
+        admission = await endpoint.open_session(
+            UpgradeRequest(path="", query={"model": "fake"}, api_key=None), ANONYMOUS)
+        assert not isinstance(admission, m.Error) and hasattr(admission, "start")
+        order: list[str] = []
+
+        class OrderedWire(RecordingWire):
+            def send_binary(self, data: bytes) -> None:
+                if not order or order[-1] != "audio":
+                    order.append("audio")
+
+        wire = OrderedWire(m.tts_server_decoder.decode)
+        runner = admission.start(wire, on_events=lambda evs: order.extend(
+            type(e).__name__ for e in evs))
+        runner.handle(SubmitText("One here. Two here. Three here. "))
+        runner.handle(Flush())
+        await asyncio.sleep(0.05)  # the engine's audio waits for credit
+        runner.handle(GrantCredit(10_000_000))
+        runner.handle(EndInput())
+        await asyncio.gather(*server.tasks, return_exceptions=True)
+        return order
+
+    order = run(scenario())
+    spoken = [x for x in order if x in ("audio", "AudioDone")]
+    assert spoken == ["audio", "AudioDone"] * 3, order
