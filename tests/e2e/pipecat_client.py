@@ -11,7 +11,7 @@ JSON object on the last line of stdout.
     python pipecat_client.py tts --base-url http://127.0.0.1:PORT/v1 --api-key KEY \
         --text "..." --out speech.pcm
     python pipecat_client.py stt --base-url ws://127.0.0.1:PORT --api-key KEY \
-        --audio speech.pcm --sample-rate 16000
+        --audio turn1.pcm [--mute-s 6 --audio turn2.pcm] --sample-rate 16000
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from pipecat.frames.frames import (
     TranscriptionFrame,
     TTSAudioRawFrame,
     TTSSpeakFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
 )
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.services.deepgram.stt import DeepgramSTTService
@@ -66,22 +68,39 @@ async def speak(args: argparse.Namespace) -> tuple[dict[str, Any], bytes]:
     }, b"".join(f.audio for f in audio)
 
 
-async def listen(args: argparse.Namespace, speech: bytes) -> dict[str, Any]:
-    rate: int = args.sample_rate
-    pcm = speech + bytes(rate * 2 * TAIL_MS // 1000)
-    stt = DeepgramSTTService(api_key=args.api_key, base_url=args.base_url, sample_rate=rate)
+def paced(pcm: bytes, rate: int) -> list[Frame]:
+    """Audio frames as a transport delivers them: CHUNK_MS each, at real time."""
     step = rate * 2 * CHUNK_MS // 1000
     frames: list[Frame] = []
     for at in range(0, len(pcm), step):
         frames.append(InputAudioRawFrame(audio=pcm[at:at + step], sample_rate=rate,
                                          num_channels=1))
         frames.append(SleepFrame(sleep=CHUNK_MS / 1000))
+    return frames
+
+
+async def listen(args: argparse.Namespace, turns: list[bytes]) -> dict[str, Any]:
+    rate: int = args.sample_rate
+    stt = DeepgramSTTService(api_key=args.api_key, base_url=args.base_url, sample_rate=rate)
+    frames: list[Frame] = []
+    for i, speech in enumerate(turns):
+        if i and args.mute_s:
+            # A muted microphone: no audio at all, only Pipecat's KeepAlive on the socket.
+            frames.append(SleepFrame(sleep=args.mute_s))
+        # Each turn framed by the user-speaking events of a transport's VAD; the stop makes
+        # DeepgramSTTService send Finalize.
+        frames.append(VADUserStartedSpeakingFrame())
+        frames.extend(paced(speech, rate))
+        frames.append(VADUserStoppedSpeakingFrame())
+    frames.extend(paced(bytes(rate * 2 * TAIL_MS // 1000), rate))
     down, up = await run_test(stt, frames_to_send=frames, start_timeout=10.0,
                               pipeline_params=PipelineParams(audio_in_sample_rate=rate))
+    finals = [f for f in down if isinstance(f, TranscriptionFrame)]
     return {
-        "finals": [f.text for f in down if isinstance(f, TranscriptionFrame)],
+        "finals": [f.text for f in finals],
+        "from_finalize": [bool(getattr(f.result, "from_finalize", False)) for f in finals],
         "interims": [f.text for f in down if isinstance(f, InterimTranscriptionFrame)],
-        "audio_bytes_sent": len(pcm),
+        "audio_bytes_sent": sum(len(t) for t in turns) + rate * 2 * TAIL_MS // 1000,
         "errors": errors_of(down) + errors_of(up),
     }
 
@@ -99,14 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "transcripts out")
     stt.add_argument("--base-url", required=True)
     stt.add_argument("--api-key", required=True)
-    stt.add_argument("--audio", required=True, help="raw 16-bit little-endian mono PCM")
+    stt.add_argument("--audio", required=True, action="append",
+                     help="one turn of raw 16-bit little-endian mono PCM; repeat for more")
+    stt.add_argument("--mute-s", type=float, default=0.0,
+                     help="no audio at all for this long between turns")
     stt.add_argument("--sample-rate", type=int, default=16000)
     args = parser.parse_args(argv)
     if args.service == "tts":
         result, audio = asyncio.run(speak(args))
         Path(args.out).write_bytes(audio)
     else:
-        result = asyncio.run(listen(args, Path(args.audio).read_bytes()))
+        result = asyncio.run(listen(args, [Path(p).read_bytes() for p in args.audio]))
     print(json.dumps(result), flush=True)
     return 0
 

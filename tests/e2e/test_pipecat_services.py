@@ -39,6 +39,10 @@ PIPECAT_VENV = Path(os.environ.get("STREAMGATE_PIPECAT_VENV", ROOT / ".venv-pipe
 CLIENT = Path(__file__).with_name("pipecat_client.py")
 SPEECH_TEXT = "Hello from the gateway. Pipecat speaks through streamgate unchanged."
 OPENAI_RATE = 24000  # what OpenAITTSService asks for (pcm) and stamps on its frames
+# DeepgramSTTService sends KeepAlive every 5 s (Deepgram closes a silent socket after 10 s): an
+# idle timeout above that, below the mute between two turns (tests/e2e/server.toml has 1.5 s).
+IDLE_TIMEOUT_S = 6.0
+MUTE_S = 7.0
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,8 @@ def pipecat_python() -> Path:
 
 @pytest.fixture(scope="module")
 def billed(redis_url: str, database_url: str) -> Iterator[Billing]:
-    with billing_server(redis_url, database_url, REDIS_DB) as env:
+    with billing_server(redis_url, database_url, REDIS_DB,
+                        server__idle_timeout_s=IDLE_TIMEOUT_S) as env:
         yield env
 
 
@@ -107,18 +112,26 @@ async def test_deepgram_stt_service_transcribes_and_is_billed(billed: Billing,
                                                               pipecat_python: Path,
                                                               tmp_path: Path) -> None:
     tenant = billed.admin.tenant(funded=1_000_000)
-    audio = tmp_path / "speech.pcm"
-    audio.write_bytes(silence(300) + espeak_pcm16("one two three four five") + silence(300))
+    turns = [tmp_path / "turn1.pcm", tmp_path / "turn2.pcm"]
+    turns[0].write_bytes(silence(300) + espeak_pcm16("one two three four five") + silence(300))
+    turns[1].write_bytes(espeak_pcm16("six seven") + silence(300))
     # Pipecat's defaults (nova-3-general, linear16, interim results): our default ASR model.
+    # Between the turns the microphone is muted for longer than the server's idle timeout:
+    # Pipecat's KeepAlive holds the connection.
     seen = await asyncio.to_thread(
         run_pipeline, pipecat_python, "stt", "--base-url", billed.server.ws,
-        "--api-key", tenant.key, "--audio", str(audio), "--sample-rate", "16000")
+        "--api-key", tenant.key, "--sample-rate", "16000", "--audio", str(turns[0]),
+        "--mute-s", str(MUTE_S), "--audio", str(turns[1]))
     assert seen["errors"] == []
-    assert len(seen["finals"]) == 1, seen
-    words = seen["finals"][0].split()
-    assert words and set(words) <= set(VOCABULARY)  # the synthetic engine's words
-    assert seen["interims"] and seen["interims"][-1] == seen["finals"][0]
-    # Charged exactly the audio Pipecat sent (speech, then the microphone's silence).
+    assert len(seen["finals"]) == 2, seen
+    for final in seen["finals"]:
+        words = final.split()
+        assert words and set(words) <= set(VOCABULARY), seen  # the synthetic engine's words
+    assert seen["interims"] and seen["interims"][0] in seen["finals"][0]
+    # Each turn's end (the VAD's stop) sent Finalize before the server's 500 ms endpointing could
+    # end the utterance: each final answers it, as Pipecat waits for.
+    assert seen["from_finalize"] == [True, True]
+    # Charged exactly the audio Pipecat sent (the turns, then the microphone's silence).
     audio_ms = seen["audio_bytes_sent"] // 32
     await assert_billed_and_reconciled(billed, tenant,
                                        expected_usage=-(-audio_ms * PRICE_PER_MIN // 60_000))
