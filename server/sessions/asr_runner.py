@@ -40,7 +40,13 @@ from server.sessions.asr import (
 from server.sessions.asr_params import BadParams, params_from_query
 from server.sessions.host import SessionHost
 from server.sessions.lifecycle import MeteredUsage, SessionLifecycle
-from server.sessions.resume import AnyResumePoint, ResumePoint, ResumeStart, ResumeStore
+from server.sessions.resume import (
+    AnyResumePoint,
+    ResumePoint,
+    ResumeStart,
+    ResumeStore,
+    claim_for_resume,
+)
 from server.sessions.resume_writer import ResumeWriter, SaveOutcome
 from server.sessions.upgrade import Admitted, UpgradeRequest
 from server.sessions.wire import Clock, Wire
@@ -145,24 +151,12 @@ class AsrEndpoint:
     async def _resume(self, upgrade: UpgradeRequest, principal: Principal,
                       token: str) -> AsrAdmission | Rejected:
         """A client carries on a session it lost (docs/protocol.md, "Resuming a session")."""
-        store = self.resume_store
-        try:
-            last = int(upgrade.query.get("last_utterance_id", "0"))
-        except ValueError:
-            last = -1
-        if last < 0:
-            return refuse("bad_request", "last_utterance_id must be a whole number >= 0")
-        if store is None or not token:
-            return refuse("resume_not_found", "this server keeps no resumable sessions")
-        window = self.config.asr.session.resume_window_s
-        try:
-            point = await store.claim(token, principal.tenant_id, window)
-        except Exception:
-            log.exception("resume store unavailable")
-            return refuse("internal_error", "resume store unavailable; retry")
-        if not isinstance(point, ResumePoint):  # unknown, expired, or a TTS session's token
-            return refuse("resume_not_found",
-                          "unknown or expired resume_token; start a new session")
+        claimed = await claim_for_resume(
+            self.resume_store, upgrade.query, principal.tenant_id, kind=ResumePoint,
+            last_param="last_utterance_id", window_s=self.config.asr.session.resume_window_s)
+        if isinstance(claimed, Rejected):
+            return claimed
+        point, last = claimed
         if point.params.model not in self.models:
             return refuse("resume_not_found", "the session's model is not served here")
         kept = [u for u, _ in point.finals]

@@ -18,15 +18,17 @@ The store is a port: Redis (every node sees it; server/sessions/resume_redis.py)
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import msgspec
 
 from server.protocol import messages as m
+from server.protocol.errors import Rejected, refuse
 from server.sessions.asr_params import AsrParams
 
 FinalMessage = m.Transcript | m.UtteranceEnd
@@ -157,3 +159,32 @@ class MemoryResumeStore:
         current = self._live(token)
         if current is not None and current.epoch == epoch:
             del self._points[token]
+
+
+P = TypeVar("P", ResumePoint, TtsResumePoint)
+log = logging.getLogger("streamgate.resume")
+
+
+async def claim_for_resume(store: ResumeStore | None, query: Mapping[str, str], tenant_id: str,
+                           *, kind: type[P], last_param: str,
+                           window_s: float) -> tuple[P, int] | Rejected:
+    """The resume of a client at the upgrade: its point (claimed: any other connection of the
+    session is superseded) and the newest id it says it has (`last_param`), or the refusal.
+    Unknown, expired, another tenant's and another kind's tokens get one answer."""
+    try:
+        last = int(query.get(last_param, "0"))
+    except ValueError:
+        last = -1
+    if last < 0:
+        return refuse("bad_request", f"{last_param} must be a whole number >= 0")
+    token = query.get("resume_token", "")
+    if store is None or not token:
+        return refuse("resume_not_found", "this server keeps no resumable sessions")
+    try:
+        point = await store.claim(token, tenant_id, window_s)
+    except Exception:
+        log.exception("resume store unavailable")
+        return refuse("internal_error", "resume store unavailable; retry")
+    if not isinstance(point, kind):
+        return refuse("resume_not_found", "unknown or expired resume_token; start a new session")
+    return point, last

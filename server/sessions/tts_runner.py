@@ -42,6 +42,7 @@ from server.sessions.resume import (
     TtsParamsPoint,
     TtsResumePoint,
     TtsResumeStart,
+    claim_for_resume,
 )
 from server.sessions.resume_writer import ResumeWriter, SaveOutcome
 from server.sessions.tts import (
@@ -147,24 +148,14 @@ class TtsEndpoint:
                       token: str) -> TtsAdmission | Rejected:
         """A client carries on a TTS session it lost: the chunks after `last_chunk_id` (the
         newest `audio_done` it received) are spoken again, none charged twice."""
-        store = self.resume_store
-        try:
-            last = int(upgrade.query.get("last_chunk_id", "0"))
-        except ValueError:
-            last = -1
-        if last < 0:
-            return refuse("bad_request", "last_chunk_id must be a whole number >= 0")
-        if store is None or not token:
-            return refuse("resume_not_found", "this server keeps no resumable sessions")
-        window = self.config.tts.session.resume_window_s
-        try:
-            point = await store.claim(token, principal.tenant_id, window)
-        except Exception:
-            log.exception("resume store unavailable")
-            return refuse("internal_error", "resume store unavailable; retry")
-        if not isinstance(point, TtsResumePoint) or point.params.model not in self.engines:
-            return refuse("resume_not_found",
-                          "unknown or expired resume_token; start a new session")
+        claimed = await claim_for_resume(
+            self.resume_store, upgrade.query, principal.tenant_id, kind=TtsResumePoint,
+            last_param="last_chunk_id", window_s=self.config.tts.session.resume_window_s)
+        if isinstance(claimed, Rejected):
+            return claimed
+        point, last = claimed
+        if point.params.model not in self.engines:
+            return refuse("resume_not_found", "the session's model is not served here")
         chunks = [c for c in point.chunks if c.chunk_id > last]
         if point.chunks and last < point.chunks[0].chunk_id - 1:
             return refuse("resume_not_found", "audio this client missed is no longer kept; "
