@@ -37,7 +37,11 @@ from pipecat.frames.frames import (
 )
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.services.deepgram.stt import DeepgramSTTService
+from pipecat.services.deepgram.tts import DeepgramTTSService
+from pipecat.services.openai.stt import OpenAISTTService
 from pipecat.services.openai.tts import OpenAITTSService
+from pipecat.services.stt_service import STTService
+from pipecat.services.tts_service import TTSService
 from pipecat.tests.utils import SleepFrame, run_test
 
 CHUNK_MS = 40  # audio frames as a transport would deliver them, paced at real time
@@ -52,9 +56,14 @@ def errors_of(frames: Sequence[Frame]) -> list[str]:
 
 
 async def speak(args: argparse.Namespace) -> tuple[dict[str, Any], bytes]:
-    # Pipecat's own defaults (gpt-4o-mini-tts, alloy) unless a model is named.
-    settings = OpenAITTSService.Settings(model=args.model) if args.model else None
-    tts = OpenAITTSService(api_key=args.api_key, base_url=args.base_url, settings=settings)
+    # Pipecat's own defaults (gpt-4o-mini-tts and alloy; aura-2-helena-en) unless named.
+    tts: TTSService
+    if args.service == "deepgram":
+        voice = DeepgramTTSService.Settings(voice=args.model) if args.model else None
+        tts = DeepgramTTSService(api_key=args.api_key, base_url=args.base_url, settings=voice)
+    else:
+        settings = OpenAITTSService.Settings(model=args.model) if args.model else None
+        tts = OpenAITTSService(api_key=args.api_key, base_url=args.base_url, settings=settings)
     down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame(text=args.text)],
                               start_timeout=10.0)
     audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
@@ -81,7 +90,15 @@ def paced(pcm: bytes, rate: int) -> list[Frame]:
 
 async def listen(args: argparse.Namespace, turns: list[bytes]) -> dict[str, Any]:
     rate: int = args.sample_rate
-    stt = DeepgramSTTService(api_key=args.api_key, base_url=args.base_url, sample_rate=rate)
+    stt: STTService
+    if args.service == "openai":
+        # Segmented: the audio between the VAD's start and stop, posted as one WAV file.
+        settings = OpenAISTTService.Settings(model=args.model) if args.model else None
+        stt = OpenAISTTService(api_key=args.api_key, base_url=args.base_url,
+                               sample_rate=rate, settings=settings)
+    else:
+        stt = DeepgramSTTService(api_key=args.api_key, base_url=args.base_url,
+                                 sample_rate=rate)
     frames: list[Frame] = []
     for i, speech in enumerate(turns):
         if i and args.mute_s:
@@ -107,15 +124,20 @@ async def listen(args: argparse.Namespace, turns: list[bytes]) -> dict[str, Any]
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="service", required=True)
-    tts = sub.add_parser("tts", help="OpenAITTSService: a TTSSpeakFrame in, audio frames out")
+    sub = parser.add_subparsers(dest="pipeline", required=True)
+    tts = sub.add_parser("tts", help="a TTS service: a TTSSpeakFrame in, audio frames out")
+    tts.add_argument("--service", choices=("openai", "deepgram"), default="openai",
+                     help="OpenAITTSService (.../v1) or DeepgramTTSService (ws://HOST:PORT)")
     tts.add_argument("--base-url", required=True)
     tts.add_argument("--api-key", required=True)
-    tts.add_argument("--model", help="a model of ours; default: Pipecat's")
+    tts.add_argument("--model", help="a model (Deepgram: voice) to send; default: Pipecat's")
     tts.add_argument("--text", required=True)
     tts.add_argument("--out", required=True, help="where the audio frames' PCM is written")
-    stt = sub.add_parser("stt", help="DeepgramSTTService: raw PCM16 in at real time, "
+    stt = sub.add_parser("stt", help="an STT service: raw PCM16 in at real time, "
                                      "transcripts out")
+    stt.add_argument("--service", choices=("deepgram", "openai"), default="deepgram",
+                     help="DeepgramSTTService (ws://HOST:PORT) or OpenAISTTService (.../v1)")
+    stt.add_argument("--model", help="a model name to send; default: Pipecat's")
     stt.add_argument("--base-url", required=True)
     stt.add_argument("--api-key", required=True)
     stt.add_argument("--audio", required=True, action="append",
@@ -124,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="no audio at all for this long between turns")
     stt.add_argument("--sample-rate", type=int, default=16000)
     args = parser.parse_args(argv)
-    if args.service == "tts":
+    if args.pipeline == "tts":
         result, audio = asyncio.run(speak(args))
         Path(args.out).write_bytes(audio)
     else:

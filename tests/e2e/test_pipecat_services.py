@@ -1,7 +1,8 @@
-"""Pipecat pointed at streamgate (issue 14): `OpenAITTSService` and `DeepgramSTTService`, each
-with its `base_url` (and the key) the only change from the hosted API, run in Pipecat pipelines
-against a real server process with billing on; their usage lands on the tenant's wallet and
-`streamgate reconcile` finds the books in order.
+"""Pipecat pointed at streamgate (issue 14): `OpenAITTSService`, `DeepgramTTSService`,
+`DeepgramSTTService` and `OpenAISTTService`, each with its `base_url` and the key the only
+changes from the hosted API, run in Pipecat pipelines against a real server process with
+billing on; their usage lands on the tenant's wallet and `streamgate reconcile` finds the books
+in order.
 
 The pipelines run in a process of their own under the Pipecat virtualenv that scripts/setup.sh
 makes (tests/e2e/pipecat_client.py; docs/decisions/14G1-pipecat-client-venv.md), so Pipecat's
@@ -39,11 +40,12 @@ PRICE_PER_MIN = 1000  # [asr.models.synthetic] price_micros_per_minute in config
 PIPECAT_VENV = Path(os.environ.get("STREAMGATE_PIPECAT_VENV", ROOT / ".venv-pipecat"))
 CLIENT = Path(__file__).with_name("pipecat_client.py")
 SPEECH_TEXT = "Hello from the gateway. Pipecat speaks through streamgate unchanged."
-OPENAI_RATE = 24000  # what OpenAITTSService asks for (pcm) and stamps on its frames
+OUT_RATE = 24000  # OpenAITTSService's (OpenAI's pcm), DeepgramTTSService's (the pipeline's)
 # DeepgramSTTService sends KeepAlive every 5 s (Deepgram closes a silent socket after 10 s): an
 # idle timeout above that, below the mute between two turns (tests/e2e/server.toml has 1.5 s).
 IDLE_TIMEOUT_S = 6.0
 MUTE_S = 7.0
+SEGMENT_PADDING_MS = 500  # SegmentedSTTService's trailing_silence_secs
 
 
 @pytest.fixture(scope="module")
@@ -86,22 +88,26 @@ async def assert_billed_and_reconciled(billed: Billing, tenant: Tenant,
     return pg.usage
 
 
-async def test_openai_tts_service_speaks_and_is_billed(billed: Billing, pipecat_python: Path,
-                                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize("service", ["openai", "deepgram"])
+async def test_tts_service_speaks_and_is_billed(billed: Billing, pipecat_python: Path,
+                                                tmp_path: Path, service: str) -> None:
     tenant = billed.admin.tenant(funded=FUNDED)
     out = tmp_path / "speech.pcm"
-    # Pipecat's defaults (gpt-4o-mini-tts, alloy): served by our default TTS model, espeak-en.
+    # Pipecat's defaults (OpenAITTSService: gpt-4o-mini-tts and alloy, 24 kHz pcm;
+    # DeepgramTTSService: aura-2-helena-en, linear16 at the pipeline's 24 kHz): served by our
+    # default TTS model, espeak-en.
+    base_url = f"{billed.server.http}/v1" if service == "openai" else billed.server.ws
     seen = await asyncio.to_thread(
-        run_pipeline, pipecat_python, "tts", "--base-url", f"{billed.server.http}/v1",
+        run_pipeline, pipecat_python, "tts", "--service", service, "--base-url", base_url,
         "--api-key", tenant.key, "--text", SPEECH_TEXT, "--out", str(out))
     assert seen["errors"] == []
     assert "TTSStartedFrame" in seen["frame_types"] and "TTSStoppedFrame" in seen["frame_types"]
-    assert seen["sample_rates"] == [OPENAI_RATE] and seen["channels"] == [1]
+    assert seen["sample_rates"] == [OUT_RATE] and seen["channels"] == [1]
     pcm = out.read_bytes()
     assert len(pcm) == seen["audio_bytes"] and len(pcm) % 2 == 0
     # Real speech of the text: about as long as espeak-ng says it itself, and not silence.
-    spoken_s = len(pcm) / 2 / OPENAI_RATE
-    reference_s = len(espeak_pcm16(SPEECH_TEXT, OPENAI_RATE)) / 2 / OPENAI_RATE
+    spoken_s = len(pcm) / 2 / OUT_RATE
+    reference_s = len(espeak_pcm16(SPEECH_TEXT, OUT_RATE)) / 2 / OUT_RATE
     assert 0.8 * reference_s < spoken_s < 1.25 * reference_s, (spoken_s, reference_s)
     samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float64)
     assert np.sqrt(np.mean(samples ** 2)) > 300
@@ -139,3 +145,27 @@ async def test_deepgram_stt_service_transcribes_and_is_billed(billed: Billing,
     await assert_billed_and_reconciled(billed, tenant,
                                        expected_usage=-(-audio_ms * PRICE_PER_MIN // 60_000))
     assert await charged_audio_ms(billed.dsn, tenant.tenant_id) == audio_ms
+
+
+async def test_openai_stt_service_transcribes_a_turn_and_is_billed(billed: Billing,
+                                                                   pipecat_python: Path,
+                                                                   tmp_path: Path) -> None:
+    tenant = billed.admin.tenant(funded=FUNDED)
+    turn = tmp_path / "turn.pcm"
+    turn.write_bytes(silence(300) + espeak_pcm16("one two three four five") + silence(300))
+    # A segmented service: the audio between the VAD's start and stop, padded with Pipecat's
+    # half second of silence, posted as one WAV. The model is named because Pipecat 1.14's
+    # default, gpt-transcribe, is not among the OpenAI names the server maps to its default
+    # (404 model_not_found; docs/compat.md).
+    seen = await asyncio.to_thread(
+        run_pipeline, pipecat_python, "stt", "--service", "openai", "--model",
+        "gpt-4o-transcribe", "--base-url", f"{billed.server.http}/v1", "--api-key", tenant.key,
+        "--sample-rate", "16000", "--audio", str(turn))
+    assert seen["errors"] == []
+    assert len(seen["finals"]) == 1, seen
+    words = seen["finals"][0].split()
+    assert words and set(words) <= set(VOCABULARY), seen
+    segment_ms = len(turn.read_bytes()) // 32 + SEGMENT_PADDING_MS
+    await assert_billed_and_reconciled(billed, tenant,
+                                       expected_usage=-(-segment_ms * PRICE_PER_MIN // 60_000))
+    assert await charged_audio_ms(billed.dsn, tenant.tenant_id) == segment_ms
