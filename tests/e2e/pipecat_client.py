@@ -8,10 +8,12 @@ source, the service, a frame sink, run by a PipelineWorker) around an unmodified
 only changes from the hosted API are `base_url` and the key. What came out is printed as one
 JSON object on the last line of stdout.
 
-    python pipecat_client.py tts --base-url http://127.0.0.1:PORT/v1 --api-key KEY \
+    python pipecat_client.py tts [--service openai|deepgram] --base-url URL --api-key KEY \
         --text "..." --out speech.pcm
-    python pipecat_client.py stt --base-url ws://127.0.0.1:PORT --api-key KEY \
-        --audio turn1.pcm [--mute-s 6 --audio turn2.pcm] --sample-rate 16000
+    python pipecat_client.py stt [--service deepgram|openai] --base-url URL --api-key KEY \
+        --audio turn1.pcm [--mute-s 7 --audio turn2.pcm] --sample-rate 16000
+
+URL: http://HOST:HTTP_PORT/v1 for the OpenAI services, ws://HOST:WS_PORT for Deepgram's.
 """
 
 from __future__ import annotations
