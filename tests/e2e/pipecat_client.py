@@ -11,7 +11,7 @@ JSON object on the last line of stdout.
     python pipecat_client.py tts [--service openai|deepgram] --base-url URL --api-key KEY \
         --text "..." --out speech.pcm
     python pipecat_client.py stt [--service deepgram|openai] --base-url URL --api-key KEY \
-        --audio turn1.pcm [--mute-s 7 --audio turn2.pcm] --sample-rate 16000
+        --audio turn1.pcm [--mute-s 8.5 --audio turn2.pcm] --sample-rate 16000
 
 URL: http://HOST:HTTP_PORT/v1 for the OpenAI services, ws://HOST:WS_PORT for Deepgram's.
 """

@@ -43,8 +43,8 @@ SPEECH_TEXT = "Hello from the gateway. Pipecat speaks through streamgate unchang
 OUT_RATE = 24000  # OpenAITTSService's (OpenAI's pcm), DeepgramTTSService's (the pipeline's)
 # DeepgramSTTService sends KeepAlive every 5 s (Deepgram closes a silent socket after 10 s): an
 # idle timeout above that, below the mute between two turns (tests/e2e/server.toml has 1.5 s).
-IDLE_TIMEOUT_S = 6.0
-MUTE_S = 7.0
+IDLE_TIMEOUT_S = 7.5
+MUTE_S = 8.5
 SEGMENT_PADDING_MS = 500  # SegmentedSTTService's trailing_silence_secs
 
 
