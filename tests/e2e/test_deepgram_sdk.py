@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -348,33 +349,37 @@ def tts_ends(server: ServerProcess) -> list[dict[str, Any]]:
 
 
 async def test_a_speak_client_that_never_reads_is_held_back(server: ServerProcess) -> None:
-    """Speak clients that send text without end and never read: the audio waits within the
-    session's credit window and backlog (no grants: the socket took nothing), the text they
-    push waits in their own sockets (reading paused), and the server's memory stays bounded."""
-    text = SpeakV1Text(text="Back pressure holds this text. " * 13)  # 403 characters
+    """Speak clients that send text without end and never read (a small receive buffer, so
+    the server's writes back up soon): the audio waits within the session's credit window and
+    backlog (no grants: the socket took nothing), the text they push waits in their own sockets
+    (reading paused), the server's memory stays bounded, and after `server.idle_timeout_s`
+    (1.5 s here) of taking nothing they are closed 1008 `client_not_reading`."""
+    speak = json.dumps({"type": "Speak", "text": "Back pressure holds this text. " * 13})
+    url = f"{server.ws}/v1/speak?model=synthetic&encoding=linear16&sample_rate=48000"
 
     async def push() -> int:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.ws_port))
         sent = 0
         with contextlib.suppress(ConnectionClosed):
-            async with client(server).speak.v1.connect(
-                    model="synthetic", encoding="linear16", sample_rate=16000) as conn:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(3):
-                        while True:
-                            await conn.send_text(text)
-                            sent += len(text.text)
-                # Gone without a close handshake: the server, not reading, would not see it.
-                conn._websocket.transport.abort()
+            async with connect(url, sock=sock, max_queue=1, additional_headers={
+                    "Authorization": f"Token {TEST_KEY}"}) as ws:
+                async with asyncio.timeout(20):
+                    while True:  # until the server cuts it off
+                        await ws.send(speak)
+                        sent += len(speak)
         return sent
 
     ended = len(tts_ends(server))
     before = _rss_kib(server.proc.pid)
-    pushed = await asyncio.gather(*[push() for _ in range(4)])
+    pushed = await asyncio.gather(push(), push())
     after = _rss_kib(server.proc.pid)
     assert min(pushed) > 1_000_000  # each pushed megabytes of text (into socket buffers)
     assert after - before < 12 * 1024, f"RSS grew {after - before} KiB"
     # Each session's one end line, written once it settled.
-    await asyncio.to_thread(wait_for, lambda: len(tts_ends(server)) >= ended + 4, 10)
+    await asyncio.to_thread(wait_for, lambda: len(tts_ends(server)) >= ended + 2, 10)
     for end in tts_ends(server)[ended:]:
         # What the server took in: the text backlog's bound, not what the clients pushed.
         assert end["text_backlog_peak"] <= 20000 + READ_SLACK_CHARS, end
+        assert end["close_code"] == 1008, end

@@ -63,9 +63,8 @@ class DeepgramListenEndpoint:
 
         def start(socket: SessionSocket) -> ListenSession:
             socket.error_frames = False  # the client takes Deepgram's messages only
-            wire = DeepgramWire(socket)
-            session = ListenSession(socket, wire, ListenCodec(options))
-            session.runner = open_session(wire, on_events=session.on_events)
+            session = ListenSession(socket, ListenCodec(options))
+            session.runner = open_session(DeepgramWire(socket), on_events=session.on_events)
             return session
 
         return Admitted(start=start, cancel=decision.cancel)
@@ -74,11 +73,10 @@ class DeepgramListenEndpoint:
 class ListenSession:
     """The SessionHandler of one `/v1/listen` socket: Deepgram in, our runner behind."""
 
-    __slots__ = ("_held", "_timer", "codec", "runner", "socket", "wire")
+    __slots__ = ("_held", "_timer", "codec", "runner", "socket")
 
-    def __init__(self, socket: SessionSocket, wire: DeepgramWire, codec: ListenCodec) -> None:
+    def __init__(self, socket: SessionSocket, codec: ListenCodec) -> None:
         self.socket = socket
-        self.wire = wire
         self.codec = codec
         self.runner: AsrSessionRunner | None = None
         self._held: m.Transcript | None = None  # the newest interim, while the client lags
@@ -121,11 +119,6 @@ class ListenSession:
         self._runner().on_writable()
 
     def on_idle(self) -> None:
-        if self.wire.session_paused:
-            # Nothing was read because the session stopped reading (a flooding client, a slow
-            # engine): the client is not idle, and its unread pongs are not its fault.
-            self.socket.activity = True
-            return
         self._runner().on_idle()
 
     def on_drain(self) -> None:

@@ -10,7 +10,9 @@ are granted back to the session once the socket's write buffer is below its high
 on the next loop turn, and again when the socket drains). A client that stops reading stops the
 grants, and is not read either while our writes wait (its text waits in its own socket): the
 session holds at most its credit window and audio backlog, as for our own clients, and no
-answer to text it could not take (a `Warning` per message) piles up behind unread audio.
+answer to text it could not take (a `Warning` per message) piles up behind unread audio. One
+that takes nothing for `server.idle_timeout_s` is closed 1008 `client_not_reading`, as our own
+ASR sessions close a client that stops reading its results.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from server.compat.deepgram.codec import (
 from server.compat.deepgram.wire import DeepgramWire
 from server.protocol import messages as m
 from server.protocol.errors import Rejected, refuse
+from server.sessions.tts import Close as TtsClose
 from server.sessions.tts import GrantCredit
 from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
@@ -53,7 +56,8 @@ class DeepgramSpeakEndpoint:
 
         def start(socket: SessionSocket) -> SpeakSession:
             socket.error_frames = False  # the client takes Deepgram's messages only
-            session = SpeakSession(socket, SpeakCodec(options))
+            session = SpeakSession(socket, SpeakCodec(options),
+                                   not_reading_s=self.tts.config.server.idle_timeout_s)
             wire = session.wire = DeepgramWire(socket, on_audio_sent=session.audio_sent)
 
             def peer_alive() -> None:
@@ -71,13 +75,19 @@ class DeepgramSpeakEndpoint:
 class SpeakSession:
     """The SessionHandler of one `/v1/speak` socket."""
 
-    __slots__ = ("_gone", "_grant_due", "_owed", "codec", "runner", "socket", "wire")
+    __slots__ = ("_gone", "_grant_due", "_not_reading", "_not_reading_s", "_owed", "codec",
+                 "runner", "socket", "wire")
 
-    def __init__(self, socket: SessionSocket, codec: SpeakCodec) -> None:
+    def __init__(self, socket: SessionSocket, codec: SpeakCodec, *,
+                 not_reading_s: float) -> None:
         self.socket = socket
         self.codec = codec
         self.runner: TtsSessionRunner | None = None
         self.wire: DeepgramWire | None = None
+        # A client that takes nothing of what we sent for this long is not reading: closed
+        # (while it is held, its socket is not read, so neither idle nor ping would tell).
+        self._not_reading_s = not_reading_s
+        self._not_reading: asyncio.TimerHandle | None = None
         self._owed = 0  # audio bytes the socket took, not yet granted back
         self._grant_due = False
         self._gone = False
@@ -104,16 +114,18 @@ class SpeakSession:
 
     def audio_sent(self, n: int) -> None:
         self._owed += n
-        if self.wire is not None:
-            self.wire.hold_while_not_written()
         if not self._grant_due:
             self._grant_due = True
             # Not from inside the runner's pump that sent it: the grant pumps again.
             asyncio.get_running_loop().call_soon(self._grant)
 
     def _grant(self) -> None:
+        """After the runner's pump flushed what it sent (the write buffer's level is known)."""
         self._grant_due = False
-        if self._gone or not self._owed or self.socket.write_paused:
+        if self._gone or not self._owed:
+            return
+        if self.socket.write_paused:
+            self._hold_while_not_written()
             return  # on_writable grants what is owed once the socket drains
         owed, self._owed = self._owed, 0
         self._runner().handle(GrantCredit(owed))
@@ -138,6 +150,9 @@ class SpeakSession:
     def on_writable(self) -> None:
         if self.wire is not None:
             self.wire.written()
+        if self._not_reading is not None:
+            self._not_reading.cancel()
+            self._not_reading = None
         self._grant()
         self._runner().on_writable()
 
@@ -149,6 +164,9 @@ class SpeakSession:
 
     def on_connection_closed(self, code: int) -> None:
         self._gone = True
+        if self._not_reading is not None:
+            self._not_reading.cancel()
+            self._not_reading = None
         self._runner().on_connection_closed(code)
 
     # --- events ---------------------------------------------------------------------------------
@@ -166,5 +184,19 @@ class SpeakSession:
                 sent = True
         if sent:
             socket.flush()
-            if self.wire is not None:
-                self.wire.hold_while_not_written()
+            self._hold_while_not_written()
+
+    def _hold_while_not_written(self) -> None:
+        wire = self.wire
+        if wire is None or self._gone:
+            return
+        wire.hold_while_not_written()
+        if wire.held and self._not_reading is None:
+            self._not_reading = asyncio.get_running_loop().call_later(
+                self._not_reading_s, self._client_not_reading)
+
+    def _client_not_reading(self) -> None:
+        self._not_reading = None
+        if self.wire is not None and self.wire.held and not self._gone:
+            self._runner().handle(TtsClose(1008, "client_not_reading",
+                                           "client stopped reading audio"))

@@ -39,10 +39,8 @@ class DeepgramWire:
         self._paused = False  # what the socket was told
 
     @property
-    def session_paused(self) -> bool:
-        """The session holds the client back (its bound is full): what it has not read is
-        not the client's silence."""
-        return self._session_paused
+    def held(self) -> bool:
+        return self._held
 
     def hold_while_not_written(self) -> None:
         """Stop reading while the socket's write buffer is above its high mark: a client
