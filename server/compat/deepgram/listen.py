@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
-from server.billing.auth import Principal
 from server.compat.deepgram.codec import (
     BadClientMessage,
     ConfigureFailure,
@@ -29,6 +28,7 @@ from server.compat.deepgram.codec import (
 )
 from server.compat.deepgram.wire import DeepgramWire
 from server.protocol import messages as m
+from server.protocol.admission import Principal
 from server.protocol.errors import Rejected, refuse
 from server.sessions.asr_runner import AsrEndpoint, AsrSessionRunner
 from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 
-from server.billing.auth import Principal
 from server.compat.deepgram.codec import (
     BadClientMessage,
     DialectError,
@@ -28,6 +27,7 @@ from server.compat.deepgram.codec import (
 )
 from server.compat.deepgram.wire import DeepgramWire
 from server.protocol import messages as m
+from server.protocol.admission import Principal
 from server.protocol.errors import Rejected, refuse
 from server.sessions.tts import Close as TtsClose
 from server.sessions.tts import GrantCredit
