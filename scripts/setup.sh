@@ -134,7 +134,11 @@ fi
 
 # --- Pipecat, the client of tests/e2e/test_pipecat_services.py ------------------------------------
 # A virtualenv of its own: every Pipecat release pins soxr and soundfile versions that would
-# replace the server's own (docs/decisions/14G1-pipecat-client-venv.md).
+# replace the server's own (docs/decisions/14G1-pipecat-client-venv.md). Only for the tests
+# (scripts/test.sh asks for it): running the server never downloads Pipecat's ~540 MB.
+if [[ "${STREAMGATE_TEST_CLIENTS:-0}" != "1" ]]; then
+    exit 0
+fi
 PIPECAT_VENV="${STREAMGATE_PIPECAT_VENV:-$ROOT/.venv-pipecat}"
 PIPECAT_REQUIREMENTS="$ROOT/tests/e2e/pipecat-requirements.txt"
 if ! "$PIPECAT_VENV/bin/python" -c '' >/dev/null 2>&1; then

@@ -4,6 +4,7 @@
 #   ./scripts/test.sh tests/unit -k credit
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$ROOT/scripts/setup.sh"
+# The tests' own clients (Pipecat, in a virtualenv of its own) too, unless told not to.
+STREAMGATE_TEST_CLIENTS="${STREAMGATE_TEST_CLIENTS:-1}" "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 exec "${STREAMGATE_VENV:-$ROOT/.venv}/bin/pytest" -q "$@"

@@ -55,7 +55,8 @@ from server.sessions.tts_runner import TtsEndpoint
 
 # OpenAI's model names, served by our default model of the kind, so a client keeps its code
 # (Pipecat's OpenAISTTService and OpenAITTSService send these by default).
-ASR_ALIASES: Final = frozenset({"whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"})
+ASR_ALIASES: Final = frozenset({"whisper-1", "gpt-transcribe", "gpt-4o-transcribe",
+                                "gpt-4o-mini-transcribe"})  # gpt-transcribe: Pipecat 1.14
 TTS_ALIASES: Final = frozenset({"tts-1", "tts-1-hd", "gpt-4o-mini-tts"})
 # OpenAI's voices: the engine's default voice speaks for them.
 OPENAI_VOICES: Final = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "nova",

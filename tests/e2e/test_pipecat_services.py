@@ -154,12 +154,10 @@ async def test_openai_stt_service_transcribes_a_turn_and_is_billed(billed: Billi
     turn = tmp_path / "turn.pcm"
     turn.write_bytes(silence(300) + espeak_pcm16("one two three four five") + silence(300))
     # A segmented service: the audio between the VAD's start and stop, padded with Pipecat's
-    # half second of silence, posted as one WAV. The model is named because Pipecat 1.14's
-    # default, gpt-transcribe, is not among the OpenAI names the server maps to its default
-    # (404 model_not_found; docs/compat.md).
+    # half second of silence, posted as one WAV, with Pipecat's default model name.
     seen = await asyncio.to_thread(
-        run_pipeline, pipecat_python, "stt", "--service", "openai", "--model",
-        "gpt-4o-transcribe", "--base-url", f"{billed.server.http}/v1", "--api-key", tenant.key,
+        run_pipeline, pipecat_python, "stt", "--service", "openai",
+        "--base-url", f"{billed.server.http}/v1", "--api-key", tenant.key,
         "--sample-rate", "16000", "--audio", str(turn))
     assert seen["errors"] == []
     assert len(seen["finals"]) == 1, seen
