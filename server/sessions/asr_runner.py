@@ -303,10 +303,11 @@ class AsrSessionRunner:
         if self._clock is None:
             self._clock = asyncio.get_running_loop()
         self._time = self._clock.time
-        self.machine.start()
-        self._send_events()
+        # Counted before `ready` leaves: whoever sees `ready` then sees the session counted.
         self.lifecycle.opened(model=self.machine.params.model,
                               encoding=self.machine.params.encoding)
+        self.machine.start()
+        self._send_events()
         if self.resume is not None:
             self._position = self.machine.position()
             self._save_resume_point()  # resumable from `ready` on

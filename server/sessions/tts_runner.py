@@ -254,9 +254,10 @@ class TtsSessionRunner:
     # --- SessionHandler -------------------------------------------------------------------------
 
     def start(self) -> None:
+        # Counted before `ready` leaves: whoever sees `ready` then sees the session counted.
+        self.lifecycle.opened(model=self.machine.params.model)
         self.machine.handle(Start())
         self._pump()
-        self.lifecycle.opened(model=self.machine.params.model)
         self.endpoint.runners.add(self)
         self.endpoint.server.spawn(self._run())
 

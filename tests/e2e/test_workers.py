@@ -139,7 +139,8 @@ async def test_sessions_land_on_both_workers_and_metrics_show_the_node(
             assert len([v for v in per_pid.values() if v > 0]) == 2, per_pid
         # Gauges computed by scrape hooks are one series for the node (summed over workers).
         depth = samples(page, "streamgate_queue_depth_ms")
-        assert set(depth) == {'{stage="ingest"}', '{stage="invoke"}'}, depth
+        assert set(depth) == {'{stage="ingest"}', '{stage="invoke"}', '{stage="tts_out"}'}, \
+            depth
     # Counters add up over the workers: every session ended is counted once.
     _, page = await asyncio.to_thread(http_get, node, "/metrics")
     ended = samples(page, "streamgate_sessions_total")
