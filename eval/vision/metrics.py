@@ -96,4 +96,5 @@ class Score:
     cells_total: int
     ocr_words: int
     covered_words: int
-    seconds: float
+    seconds: float  # wall time of the request, per page
+    cpu: float  # CPU time of the server process and its children, per page

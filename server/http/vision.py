@@ -105,7 +105,11 @@ def add_vision_routes(app: web.Application, *, config: VisionConfig, metrics: Me
             raise ApiError(400, "bad_request", "structured extraction (schema) is not enabled "
                                                "on this server")
         try:
-            languages = await check_languages(parse_languages(upload.languages or cfg.languages))
+            # Named languages are used on every page; without them each page's script (OSD)
+            # picks its own out of the server's default list (issue 16: no Devanagari read
+            # into an English page).
+            languages = (await check_languages(parse_languages(upload.languages or cfg.languages))
+                         ).split("+")
         except ValueError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
         except ToolError as exc:
@@ -114,8 +118,9 @@ def add_vision_routes(app: web.Application, *, config: VisionConfig, metrics: Me
         async def run() -> tuple[int, bytes]:
             doc = await _open(service, upload.data)
             try:
-                return await _process(service, requests, who, doc, languages, schema,
-                                      cfg.model, cfg.price_micros_per_page)
+                return await _process(service, requests, who, doc, languages,
+                                      bool(upload.languages), schema, cfg.model,
+                                      cfg.price_micros_per_page)
             finally:
                 await doc.aclose()
 
@@ -141,7 +146,8 @@ def add_vision_routes(app: web.Application, *, config: VisionConfig, metrics: Me
 
 
 async def _process(service: VisionService, requests: RequestBilling, who: Principal,
-                   doc: Document, languages: str, schema: CompiledSchema | None, model: str,
+                   doc: Document, languages: list[str], named: bool,
+                   schema: CompiledSchema | None, model: str,
                    price_per_page: int) -> tuple[int, bytes]:
     try:
         charge = await requests.reserve_request(
@@ -157,7 +163,7 @@ async def _process(service: VisionService, requests: RequestBilling, who: Princi
     failed: ExtractionFailed | None = None
     try:
         try:
-            pages = await service.read_pages(doc, languages)
+            pages = await service.read_pages(doc, languages, named)
         except DocumentTooLarge as exc:
             raise ApiError(413, "too_large", str(exc)) from None
         except DocumentError as exc:

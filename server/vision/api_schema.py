@@ -42,6 +42,19 @@ SCHEMAS: dict[str, Any] = {
             "height": {"type": "integer"},
             "text": {"type": "string", "description": "block texts in reading order"},
             "blocks": {"type": "array", "items": _ref("VisionBlock")},
+            "skew_deg": {"type": "number",
+                         "description": "tilt measured on the page and corrected before OCR, "
+                                        "degrees counter-clockwise (boxes are in the uploaded "
+                                        "page's pixels all the same)"},
+            "rotation": {"type": "integer", "enum": [0, 90, 180, 270],
+                         "description": "degrees the page was turned clockwise to be upright"},
+            "languages": {"type": "string",
+                          "description": "OCR languages used: the request's, or picked by the "
+                                         "page's script; empty for a text-layer page"},
+            "source": {"type": "string", "enum": ["ocr", "text_layer"],
+                       "description": "text_layer: a PDF page's own text, not OCR"},
+            "ocr_words": {"type": "integer", "minimum": 0,
+                          "description": "words read on the page; every one is in a block"},
         },
     },
     "VisionAttempt": {
@@ -69,6 +82,11 @@ SCHEMAS: dict[str, Any] = {
                                    "enum": ["vlm", "vlm_repaired", "text_model"]},
                         "page": {"type": "integer", "minimum": 1},
                         "bbox": _BOX,
+                        "verified": {"type": "boolean",
+                                     "description": "true: the value is printed on the page "
+                                                    "(at bbox); false: it was not found there "
+                                                    "(misread or invented: check it); absent "
+                                                    "for booleans and null"},
                     },
                 },
             },

@@ -3,13 +3,16 @@
 The type is decided by the file's magic bytes (the declared Content-Type only has to be one we
 accept): PNG, JPEG and TIFF (every frame a page) are decoded with Pillow, PDFs are rendered by
 poppler's pdftoppm, one subprocess per page, so a hostile PDF can cost at most a timeout and a
-killed process. Every page becomes an 8-bit greyscale PNG: tesseract, the figure finder and the
-vision model all read that one image, so the boxes they report are in the same pixels.
+killed process. A PDF's own text layer (pdftotext -bbox-layout, one run for the document) is
+offered per page: where a page has one, its words are used instead of OCR. Every page becomes
+an 8-bit greyscale image: OCR, the figure finder and the vision model (as a PNG) all read those
+pixels, so the boxes they report are in the same frame.
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
 import io
 import math
 import re
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageOps
 
 from server.vision.proc import ToolError, ToolMissing, ToolTimeout, run_tool
@@ -29,6 +34,35 @@ ACCEPTED_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/tiff"
 _PAGE_SIZE = re.compile(r"^Page\s+(\d+)\s+size:\s+([\d.]+)\s+x\s+([\d.]+)\s+pts", re.M)
 _PAGES = re.compile(r"^Pages:\s+(\d+)", re.M)
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF"}
+_LAYER_PAGE = re.compile(r'<page width="([\d.]+)" height="([\d.]+)">(.*?)</page>', re.S)
+_LAYER_WORD = re.compile(r'<word xMin="(-?[\d.]+)" yMin="(-?[\d.]+)" xMax="(-?[\d.]+)" '
+                         r'yMax="(-?[\d.]+)">(.*?)</word>', re.S)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerWord:
+    text: str
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in PDF points from the top left
+
+
+@dataclass(frozen=True, slots=True)
+class TextLayer:
+    """A PDF page's own text (poppler's pdftotext -bbox-layout): words with their boxes."""
+
+    width_pt: float
+    height_pt: float
+    words: list[LayerWord]
+
+
+def parse_bbox_layout(xhtml: str) -> list[TextLayer]:
+    """pdftotext -bbox-layout output -> one TextLayer per page, in page order."""
+    pages: list[TextLayer] = []
+    for width, height, body in _LAYER_PAGE.findall(xhtml):
+        words = [LayerWord(text, (float(x0), float(y0), float(x1), float(y1)))
+                 for x0, y0, x1, y1, raw in _LAYER_WORD.findall(body)
+                 if (text := html.unescape(raw).strip())]
+        pages.append(TextLayer(float(width), float(height), words))
+    return pages
 
 
 class DocumentError(ValueError):
@@ -39,13 +73,31 @@ class DocumentTooLarge(DocumentError):
     """Too many pages or pixels (-> 413)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PageImage:
     number: int  # 1-based
-    png: bytes  # 8-bit greyscale
-    width: int
-    height: int
+    pixels: npt.NDArray[np.uint8]  # 8-bit greyscale, height x width
     dpi: int | None
+    _png: bytes | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def png(self) -> bytes:
+        """The page as a PNG (for the vision model), encoded when first asked for: OCR reads
+        the pixels, and most requests never send the image anywhere."""
+        if self._png is None:
+            out = io.BytesIO()
+            # Speed over size: it lives for a request.
+            Image.fromarray(self.pixels).save(out, format="PNG", compress_level=1)
+            self._png = out.getvalue()
+        return self._png
 
 
 def sniff(data: bytes) -> Kind | None:
@@ -73,6 +125,8 @@ class Document:
         self._timeout_s = timeout_s
         self._pdf_path: Path | None = None
         self._page_dpi: dict[int, int] = {}
+        self._layers: list[TextLayer] | None = None
+        self._layers_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, data: bytes, *, max_pages: int, max_pixels: int, dpi: int,
@@ -139,6 +193,29 @@ class Document:
             raise DocumentError(
                 f"cannot render page {number}: {_first_line(exc.stderr)}") from None
         return await asyncio.to_thread(_png_page, result.stdout, number, dpi)
+
+    async def text_layer(self, number: int) -> TextLayer | None:
+        """The page's own text when it is a PDF page that has one (None otherwise): read for
+        all pages by one pdftotext run, on the first call."""
+        if self.kind != "pdf" or self._pdf_path is None:
+            return None
+        async with self._layers_lock:
+            if self._layers is None:
+                try:
+                    result = await run_tool(
+                        ["pdftotext", "-bbox-layout", "-enc", "UTF-8", "-f", "1", "-l",
+                         str(self.pages), str(self._pdf_path), "-"],
+                        stdin=None, timeout_s=self._timeout_s)
+                    self._layers = await asyncio.to_thread(
+                        parse_bbox_layout, result.stdout.decode("utf-8", "replace"))
+                except ToolTimeout:
+                    raise
+                except ToolError:
+                    self._layers = []  # no usable text layer (or no pdftotext): OCR the pages
+        if number > len(self._layers):
+            return None
+        layer = self._layers[number - 1]
+        return layer if layer.words else None
 
     async def aclose(self) -> None:
         path, self._pdf_path = self._pdf_path, None
@@ -214,15 +291,13 @@ def _grey_on_white(image: Image.Image) -> Image.Image:
 
 
 def _encode(image: Image.Image, number: int, dpi: int | None) -> PageImage:
-    out = io.BytesIO()
-    image.save(out, format="PNG", compress_level=1)  # speed over size: it lives for a request
-    return PageImage(number, out.getvalue(), image.width, image.height, dpi)
+    return PageImage(number, np.asarray(image, dtype=np.uint8), dpi)
 
 
 def _png_page(png: bytes, number: int, dpi: int) -> PageImage:
     try:
         with Image.open(io.BytesIO(png), formats=["PNG"]) as image:
-            w, h = image.size
+            pixels = np.asarray(image.convert("L"), dtype=np.uint8)
     except (OSError, ValueError) as exc:
         raise DocumentError(f"page {number} did not render: {exc}") from None
-    return PageImage(number, png, w, h, dpi)
+    return PageImage(number, pixels, dpi, png)

@@ -177,6 +177,13 @@ def erase_rules(gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8] | None:
     lines = across | down
     if not lines.any():
         return None
+    # The grey edges of a resampled or scanned rule are not "ink": a rule erased without them
+    # leaves two faint lines, which tesseract reads as a row of dashes.
+    for shift in (1, 2):
+        lines[shift:, :] |= across[:-shift, :]
+        lines[:-shift, :] |= across[shift:, :]
+        lines[:, shift:] |= down[:, :-shift]
+        lines[:, :-shift] |= down[:, shift:]
     out = gray.copy()
     out[lines] = background
     return out

@@ -70,6 +70,9 @@ class Block:
     confidence: float = 0.0  # mean word confidence, 0-1 (0 for a figure without text)
     rows: list[list[str]] | None = None  # tables: cells, rows x columns
     order: int = 0
+    # Tables: each column's x extent and each row's y extent (where an empty cell is re-read).
+    columns: list[tuple[int, int]] | None = None
+    bands: list[tuple[int, int]] | None = None
 
 
 def mean_confidence(words: Sequence[OcrWord]) -> float:

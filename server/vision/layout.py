@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,6 +61,9 @@ class PageLayout:
     width: int
     height: int
     blocks: list[Block]
+    # Words the OCR read on the page (its noise left out, see split_words): every one of them
+    # is in exactly one block (the coverage invariant of issue 16, tests/unit/test_vision_*).
+    ocr_words: int = 0
 
     @property
     def text(self) -> str:
@@ -94,18 +98,27 @@ def text_height(box: Box, text: str) -> float:
     return height(box) / scale
 
 
+def is_noise(w: OcrWord) -> bool:
+    """Specks read as punctuation: no letter or digit and little confidence. Not words: left out
+    of the page (and of its word count) rather than sprinkled into its text."""
+    return w.conf < 30 and not any(ch.isalnum() for ch in w.text)
+
+
 def split_words(words: Sequence[OcrWord]) -> tuple[list[OcrWord], list[Box], float]:
-    """(text words, boxes of picture-like "words", median word height)."""
+    """(text words, boxes of picture-like "words", median word height). Noise (is_noise) and
+    picture-like "words" (a chart read as one huge low-confidence glyph) are not words of the
+    page: they are left out of its text and of its word count."""
     word_h = median([height(w.box) for w in words], default=0.0)
     text: list[OcrWord] = []
     hints: list[Box] = []
     for w in words:
-        readable = any(ch.isalnum() for ch in w.text)
+        if is_noise(w):
+            continue
         # Bars of a chart come back as "ll" or "Il", sometimes with fair confidence.
         if word_h and height(w.box) > HINT_HEIGHT * word_h and (
-                w.conf < 90 or len(w.text) <= 2 or not readable):
+                w.conf < 90 or len(w.text) <= 2 or not any(ch.isalnum() for ch in w.text)):
             hints.append(w.box)
-        elif readable or w.conf >= 30:
+        else:
             text.append(w)
     return text, hints, median([height(w.box) for w in text], default=word_h)
 
@@ -151,11 +164,13 @@ def analyze(page: OcrPage, gray: npt.NDArray[np.uint8] | None = None) -> PageLay
                     if width(b) >= min_side and height(b) >= min_side]
     figures = [Block(type="figure", box=b) for b in figure_boxes]
     loose: list[OcrWord] = []
+    # Every word lands in a block: words inside a figure are its text, whatever their
+    # confidence (a figure that holds text says so and returns it: no silent loss, issue 16).
     for w in words:
         home = next((f for f in figures if contains_point(f.box, center(w.box))), None)
         if home is None:
             loose.append(w)
-        elif w.conf >= 50:  # labels in a chart; low-confidence "words" are picture noise
+        else:
             home.words.append(w)
     for f in figures:
         f.words.sort(key=lambda w: (w.box[1], w.box[0]))
@@ -173,7 +188,21 @@ def analyze(page: OcrPage, gray: npt.NDArray[np.uint8] | None = None) -> PageLay
     _mark_top_title(blocks, page.height, page_line_h)
     for i, block in enumerate(blocks):
         block.order = i
-    return PageLayout(page.width, page.height, blocks)
+    return PageLayout(page.width, page.height, blocks, len(words))
+
+
+def uncovered(page: OcrPage, layout: PageLayout) -> list[OcrWord]:
+    """The OCR's words (noise and picture-like "words" aside) that are in no block of the
+    layout: always empty."""
+    placed = Counter((w.text, w.box) for b in layout.blocks for w in b.words)
+    missing: list[OcrWord] = []
+    for w in split_words(page.words)[0]:
+        key = (w.text, w.box)
+        if placed[key]:
+            placed[key] -= 1
+        else:
+            missing.append(w)
+    return missing
 
 
 def _region_blocks(segments: list[Segment], figures: list[Block], page_line_h: float

@@ -5,7 +5,10 @@ Fields are named by JSON Pointer (RFC 6901: "/total", "/items/0/name"), one entr
 value. Matching is token by token on normalised text (Unicode NFKC, case-folded, punctuation
 trimmed at word edges); numbers also match a word that reads as the same number ("1,250.00"
 for 1250). Values that are not found keep the model as their only provenance, with the page
-when the document has a single page.
+when the document has a single page, and say so: `verified` is true for a string or number
+found printed on the pages, false for one that is not (a model may have misread or invented
+it, issue 16), and None (left out of the answer) for booleans and null, which a page never
+prints as such.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class FieldSource:
     source: str  # vlm | vlm_repaired | text_model
     page: int | None = None
     bbox: Box | None = None
+    verified: bool | None = None
 
 
 def pointer(parts: Sequence[str | int]) -> str:
@@ -88,8 +92,9 @@ def provenance(data: dict[str, Any], source: str,
     out: dict[str, FieldSource] = {}
     for path, value in leaves(data):
         found = locate(value, pages)
+        checkable = not (isinstance(value, bool) or value is None)
         if found is None:
-            out[path] = FieldSource(source, only_page)
+            out[path] = FieldSource(source, only_page, verified=False if checkable else None)
         else:
-            out[path] = FieldSource(source, found[0], found[1])
+            out[path] = FieldSource(source, found[0], found[1], verified=True)
     return out

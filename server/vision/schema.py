@@ -43,7 +43,12 @@ class SchemaError(ValueError):
 
 
 class InvalidAnswer(ValueError):
-    """A model's answer is not JSON or does not match the schema."""
+    """A model's answer is not JSON or does not match the schema; `errors` lists every problem
+    found (msgspec stops at the first; the repair prompt names them all, issue 16)."""
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or [message]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +61,89 @@ class CompiledSchema:
         try:
             converted = msgspec.convert(value, self.type)
         except msgspec.ValidationError as exc:
-            raise InvalidAnswer(str(exc)) from None
+            first = str(exc)
+            where = first.rsplit(" - at ", 1)[-1] if " - at " in first else None
+            more = [e for e in validation_errors(self.schema, value)
+                    if where is None or not e.endswith(f" - at {where}")]
+            errors = [first, *more][:MAX_ERRORS]
+            raise InvalidAnswer("; ".join(errors), errors) from None
         data: dict[str, Any] = msgspec.to_builtins(converted)
         return data
 
     def parse(self, content: str) -> dict[str, Any]:
         """A model's message content -> validated data (tolerating ``` fences and chatter)."""
         return self.validate(parse_json_answer(content))
+
+
+MAX_ERRORS = 20  # listed in one repair prompt
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "array" if isinstance(value, list) else "object"
+
+
+_ACCEPTS = {"string": ("str",), "integer": ("int",), "number": ("int", "float"),
+            "boolean": ("bool",), "null": ("null",), "object": ("object",), "array": ("array",)}
+_NAMES = {"string": "str", "integer": "int", "number": "int | float", "boolean": "bool",
+          "null": "null", "object": "object", "array": "array"}
+
+
+def validation_errors(node: Any, value: Any, path: str = "$") -> list[str]:
+    """Every way `value` breaks the (compiled, so supported) schema `node`, in msgspec's
+    wording ("Expected `int`, got `str` - at `$.total`")."""
+    if not isinstance(node, dict):
+        return []
+    at = f" - at `{path}`"
+    if "enum" in node:
+        options = node["enum"]
+        ok = any(v == value and isinstance(v, bool) == isinstance(value, bool) for v in options)
+        return [] if ok else [f"Invalid enum value {value!r}{at}"]
+    types = _types_of(node, path) or (["object"] if "properties" in node else [])
+    kind = _json_type(value)
+    if types and not any(kind in _ACCEPTS[t] for t in types):
+        return [f"Expected `{' | '.join(_NAMES[t] for t in types)}`, got `{kind}`{at}"]
+    errors: list[str] = []
+    if kind in ("int", "float"):
+        for key, op, text in (("minimum", "__ge__", ">="), ("maximum", "__le__", "<="),
+                              ("exclusiveMinimum", "__gt__", ">"),
+                              ("exclusiveMaximum", "__lt__", "<")):
+            if key in node and not getattr(value, op)(node[key]):
+                errors.append(f"Expected `{kind}` {text} {node[key]}{at}")
+    elif kind == "str":
+        if "minLength" in node and len(value) < node["minLength"]:
+            errors.append(f"Expected `str` of length >= {node['minLength']}{at}")
+        if "maxLength" in node and len(value) > node["maxLength"]:
+            errors.append(f"Expected `str` of length <= {node['maxLength']}{at}")
+        if "pattern" in node and re.search(node["pattern"], value) is None:
+            errors.append(f"Expected `str` matching regex {node['pattern']!r}{at}")
+    elif kind == "array":
+        if "minItems" in node and len(value) < node["minItems"]:
+            errors.append(f"Expected `array` of length >= {node['minItems']}{at}")
+        if "maxItems" in node and len(value) > node["maxItems"]:
+            errors.append(f"Expected `array` of length <= {node['maxItems']}{at}")
+        for i, item in enumerate(value):
+            errors += validation_errors(node.get("items"), item, f"{path}[{i}]")
+    elif kind == "object":
+        props = node.get("properties", {})
+        errors += [f"Object missing required field `{name}`{at}"
+                   for name in node.get("required", []) if name not in value]
+        if node.get("additionalProperties", True) is False:
+            errors += [f"Object contains unknown field `{key}`{at}"
+                       for key in value if key not in props]
+        for key, sub in props.items():
+            if key in value:
+                errors += validation_errors(sub, value[key], f"{path}.{key}")
+    return errors
 
 
 def parse_json_answer(content: str) -> Any:

@@ -91,4 +91,6 @@ def make_table(rows: Sequence[Row], line_h: float) -> Block | None:
         text="\n".join("\t".join(cells) for cells in grid),
         confidence=mean_confidence(words),
         rows=grid,
+        columns=list(columns),
+        bands=[(_top(row), _bottom(row)) for row in rows],
     )

@@ -139,11 +139,14 @@ class Extractor:
                 attempts.append(Attempt(role, "invalid", str(exc)))
                 # The model sees its own answer and what is wrong with it: a targeted repair
                 # converges faster than asking the same question again.
+                # Every error of the answer, not only the first (issue 16).
+                listed = "\n".join(f"- {e}" for e in exc.errors)
                 conversation += [
                     {"role": "assistant", "content": content[:8000]},
                     {"role": "user", "content": (
-                        f"That answer is not valid: {exc}. Reply again with only the corrected "
-                        "JSON object, conforming to the schema.")},
+                        f"That answer is not valid ({len(exc.errors)} error(s)):\n{listed}\n"
+                        "Reply again with only the corrected JSON object, conforming to the "
+                        "schema.")},
                 ]
                 continue
             attempts.append(Attempt(role, "ok"))

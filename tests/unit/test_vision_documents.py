@@ -129,3 +129,21 @@ def test_erase_rules_keeps_text_and_filled_shapes() -> None:
     assert (out[100:102, 50:750] == 255).all() and (out[100:600, 700:702] == 255).all()
     assert (out[300:500, 100:300] == 80).all() and (out[700:730, 100:115] == 0).all()
     assert erase_rules(np.full((100, 100), 255, dtype=np.uint8)) is None
+
+
+def test_pdf_text_layer_is_parsed_per_page() -> None:
+    from server.vision.documents import parse_bbox_layout
+
+    xhtml = (
+        '<doc>\n  <page width="612.000000" height="792.000000">\n    <flow><block><line>\n'
+        '      <word xMin="72.000000" yMin="77.076000" xMax="113.004000" yMax="93.726000">'
+        'Price</word>\n'
+        '      <word xMin="118.0" yMin="77.0" xMax="146.0" yMax="93.7">A&amp;B</word>\n'
+        '      <word xMin="150.0" yMin="77.0" xMax="151.0" yMax="93.7"> </word>\n'
+        '    </line></block></flow>\n  </page>\n'
+        '  <page width="595.0" height="842.0">\n  </page>\n</doc>')
+    pages = parse_bbox_layout(xhtml)
+    assert [(p.width_pt, p.height_pt, len(p.words)) for p in pages] == [
+        (612.0, 792.0, 2), (595.0, 842.0, 0)]
+    assert pages[0].words[1].text == "A&B"
+    assert pages[0].words[0].box == (72.0, 77.076, 113.004, 93.726)

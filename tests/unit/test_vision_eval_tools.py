@@ -24,11 +24,18 @@ def test_no_server_module_imports_the_evaluation() -> None:
 
 
 def test_the_wheel_leaves_the_evaluation_out() -> None:
+    """What `[tool.setuptools.packages.find]` selects holds no `eval` package."""
     import tomllib
+
+    from setuptools import find_namespace_packages
 
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "packages"]["find"]
-    assert all(pattern.startswith("server") for pattern in find["include"])
+    packages = [p for where in find.get("where", ["."])
+                for p in find_namespace_packages(str(ROOT / where), include=find["include"],
+                                                 exclude=find.get("exclude", ()))]
+    assert "server.vision" in packages
+    assert [p for p in packages if p.split(".")[0] == "eval"] == []
 
 
 def test_edit_distance_and_scores() -> None:

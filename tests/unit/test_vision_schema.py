@@ -120,3 +120,23 @@ def test_provenance_per_leaf_with_json_pointers() -> None:
     assert prov["/a~1b"].bbox == (150, 10, 190, 40) and prov["/a~1b"].page == 1
     assert prov["/items/1/name"].bbox is None and prov["/items/1/name"].page == 1
     assert {f.source for f in prov.values()} == {"vlm_repaired"}
+
+
+def test_every_validation_error_is_listed() -> None:
+    answer = {"total": "12", "currency": "EUR", "items": [{"qty": 1}], "extra": 1}
+    with pytest.raises(InvalidAnswer) as info:
+        compile_schema(INVOICE).validate(answer)
+    errors = info.value.errors
+    assert len(errors) >= 4, errors
+    joined = "\n".join(errors)
+    for part in ("got `str` - at `$.total`", "Invalid enum value 'EUR' - at `$.currency`",
+                 "missing required field `name` - at `$.items[0]`", "unknown field `extra`"):
+        assert part in joined
+
+
+def test_provenance_says_whether_a_value_is_on_the_page() -> None:
+    data = {"total": 283.5, "city": "Bristol", "invented": "Zanzibar", "paid": True}
+    prov = provenance(data, "vlm", [(1, words(("Bristol", 10, 10), ("283.50", 150, 10)))])
+    assert prov["/total"].verified is True and prov["/city"].verified is True
+    assert prov["/invented"].verified is False and prov["/invented"].bbox is None
+    assert prov["/paid"].verified is None  # a boolean is never printed as such

@@ -199,3 +199,22 @@ async def test_retryable_errors_are_retried_once(vlm_fake: FakeVisionUpstream) -
         await close(models)
     assert result.data == {"item": "Pears", "price": 2}
     assert len(vlm_fake.llm_requests) == 2
+
+
+async def test_the_repair_prompt_lists_every_error_and_an_invented_value_is_unverified(
+        vlm_fake: FakeVisionUpstream) -> None:
+    # Three errors in one answer: a string price, a float qty, no item.
+    vlm_fake.script_answers({"price": "2.25", "qty": 1.5},
+                            {"item": "Quinces", "price": 2.25, "qty": 17})
+    ex, models = await extractor(vlm_fake.url, None)
+    try:
+        result = await ex.extract(SCHEMA, [PAGE])
+    finally:
+        await close(models)
+    prompt = vlm_fake.llm_requests[1]["messages"][-1]["content"]
+    assert "(3 error(s))" in prompt
+    for part in ("missing required field `item`", "got `str` - at `$.price`", "at `$.qty`"):
+        assert part in prompt
+    # "Quinces" is printed nowhere on the page: returned, and flagged.
+    assert result.provenance["/item"].verified is False and result.provenance["/item"].bbox is None
+    assert result.provenance["/price"].verified is True

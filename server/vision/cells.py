@@ -1,0 +1,160 @@
+"""Table cells re-read on their own (issue 16 item 2).
+
+Sparse-text OCR (psm 11) drops lone short words: the Qty "1" of an invoice row came back empty
+while `--psm 6` on the same pixels reads it (and on a scan, every one-digit Qty cell), or reads
+it as "iL". So, once a table is found, every cell left empty and every doubtful one (at most
+DOUBTFUL_CHARS characters, and read less sure than DOUBTFUL_CONF or not a number in a column of
+numbers) is cut out of the page (its column's extent, halfway into the gaps on either side, and
+its row's band), the crops are stacked into one image with white between them, and tesseract
+reads that image once as a uniform block of text (psm 6): one process for all the cells of a
+page. A re-read word is taken when it is readable (a letter or digit) and at least REREAD_CONF
+sure. It fills an empty cell; it replaces a doubtful cell's words when it is surer, or a number
+where the column holds numbers (the replaced words leave the page's word count with it: the
+cell's words are its re-reading). Re-read words join the table's words like any other, so
+provenance and the coverage count see them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from server.vision.geometry import Block, center, mean_confidence, union
+from server.vision.ocr import Box, OcrPage, OcrWord
+
+REREAD_CONF = 40.0
+DOUBTFUL_CHARS = 4
+DOUBTFUL_CONF = 75.0
+_NUMBER = re.compile(r"^[-+(]?[$€£₹]?\d[\d,.]*%?\)?$")
+GAP = 0.8  # white between stacked crops, in crop heights
+FAINT = 160  # grey levels lighter than this are paper on a cell's crop
+
+
+@dataclass(frozen=True, slots=True)
+class CellCrop:
+    block: int  # index of the table in the page's blocks
+    row: int
+    column: int
+    box: Box  # in the page's pixels
+
+
+def _cell_words(block: Block, box: Box) -> list[OcrWord]:
+    return [w for w in block.words
+            if box[0] <= center(w.box)[0] <= box[2] and box[1] <= center(w.box)[1] <= box[3]]
+
+
+def is_number(text: str) -> bool:
+    return bool(_NUMBER.match(text.replace(" ", "")))
+
+
+def numeric_columns(rows: Sequence[Sequence[str]]) -> list[bool]:
+    """Columns where most filled cells below the header are numbers."""
+    out: list[bool] = []
+    for c in range(len(rows[0]) if rows else 0):
+        cells = [r[c] for r in rows[1:] if c < len(r) and r[c]]
+        out.append(len(cells) >= 2 and sum(map(is_number, cells)) * 2 > len(cells))
+    return out
+
+
+def _doubtful(text: str, words: Sequence[OcrWord], numeric: bool) -> bool:
+    if not text:
+        return True
+    if len(text) > DOUBTFUL_CHARS or not words:
+        return False
+    return min(w.conf for w in words) < DOUBTFUL_CONF or (numeric and not is_number(text))
+
+
+def cells_to_reread(blocks: Sequence[Block], width: int, height: int) -> list[CellCrop]:
+    crops: list[CellCrop] = []
+    for index, block in enumerate(blocks):
+        if block.type != "table" or not block.rows or not block.columns or not block.bands:
+            continue
+        cols, bands = block.columns, block.bands
+        numeric = numeric_columns(block.rows)
+        for r, (top, bottom) in enumerate(bands):
+            pad_y = max(2, round(0.35 * (bottom - top)))
+            for c, (left, right) in enumerate(cols):
+                x0 = (cols[c - 1][1] + left) // 2 if c > 0 else left - pad_y
+                x1 = (right + cols[c + 1][0]) // 2 if c + 1 < len(cols) else right + pad_y
+                box = (max(0, x0), max(0, top - pad_y), min(width, x1), min(height, bottom + pad_y))
+                text = block.rows[r][c]
+                words = _cell_words(block, box)
+                if (text or words) and not _doubtful(text, words, numeric[c] and r > 0):
+                    continue
+                crops.append(CellCrop(index, r, c, box))
+    return crops
+
+
+def stack(gray: npt.NDArray[np.uint8], crops: Sequence[CellCrop]
+          ) -> tuple[npt.NDArray[np.uint8], list[int]]:
+    """The crops one under another on white (left margin = one crop height); the y where each
+    starts."""
+    heights = [c.box[3] - c.box[1] for c in crops]
+    margin = max(heights)
+    gap = max(4, round(GAP * margin))
+    width = max(c.box[2] - c.box[0] for c in crops) + 2 * margin
+    total = sum(heights) + gap * (len(crops) + 1)
+    out = np.full((total, width), 255, dtype=np.uint8)
+    starts: list[int] = []
+    y = gap
+    for crop, h in zip(crops, heights, strict=True):
+        x0, y0, x1, y1 = crop.box
+        cell = gray[y0:y1, x0:x1].copy()
+        # Faint leftovers (a rule's grey edge, speckle) next to a lone digit turn "1" into
+        # "I." (measured); on a crop with nothing else in it they are better gone.
+        cell[cell > FAINT] = 255
+        out[y : y + h, margin : margin + x1 - x0] = cell
+        starts.append(y)
+        y += h + gap
+    return out, starts
+
+
+def apply_reread(blocks: list[Block], crops: Sequence[CellCrop], starts: Sequence[int],
+                 margin: int, page: OcrPage) -> int:
+    """Put the words read on the stacked crops into their cells; the change in the page's
+    word count (words added, less those of doubtful cells they replaced)."""
+    found: dict[int, list[OcrWord]] = {}
+    for w in page.words:
+        if w.conf < REREAD_CONF or not any(ch.isalnum() for ch in w.text):
+            continue
+        cy = center(w.box)[1]
+        for k, crop in enumerate(crops):
+            h = crop.box[3] - crop.box[1]
+            if starts[k] <= cy < starts[k] + h:
+                dx, dy = crop.box[0] - margin, crop.box[1] - starts[k]
+                x0, y0, x1, y1 = w.box
+                box = (max(crop.box[0], x0 + dx), y0 + dy, min(crop.box[2], x1 + dx), y1 + dy)
+                found.setdefault(k, []).append(OcrWord(w.text, w.conf, box))
+                break
+    added = 0
+    touched: set[int] = set()
+    for k, words in found.items():
+        crop = crops[k]
+        block = blocks[crop.block]
+        assert block.rows is not None
+        words.sort(key=lambda w: w.box[0])
+        text = " ".join(w.text for w in words)
+        old = _cell_words(block, crop.box)
+        if old:
+            numeric = numeric_columns(block.rows)[crop.column] and crop.row > 0
+            better = (numeric and is_number(text) and not is_number(block.rows[crop.row][
+                crop.column])) or mean_confidence(words) > mean_confidence(old)
+            if not better:
+                continue
+            block.words = [w for w in block.words if w not in old]
+        block.words += words
+        block.rows[crop.row][crop.column] = text
+        added += len(words) - len(old)
+        touched.add(crop.block)
+    for index in touched:
+        block = blocks[index]
+        assert block.rows is not None
+        block.words.sort(key=lambda w: (w.box[1], w.box[0]))
+        block.text = "\n".join("\t".join(cells) for cells in block.rows)
+        block.box = union([block.box, *(w.box for w in block.words)])
+        block.confidence = mean_confidence(block.words)
+    return added
