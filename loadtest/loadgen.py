@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import numpy.typing as npt
 
-from server.protocol.audio import pcm16_to_ulaw
+from streamgate_protocol.audio import pcm16_to_ulaw
 
 AckMode = Literal["echo", "credit"]
 

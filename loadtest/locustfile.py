@@ -53,7 +53,7 @@ from locust.env import Environment
 
 from loadtest.loadgen import speech_pcm
 from loadtest.swarm import chunks, encode_pcm, prepare_audio
-from server.client.asr_client import API_KEY_ENV, dev_key
+from streamgate_client.asr_client import API_KEY_ENV, dev_key
 
 ASR_PATH, TTS_PATH, TWILIO_PATH = "/v1/asr/stream", "/v1/tts/stream", "/v1/telephony/twilio"
 CONNECT_TIMEOUT_S = 10.0

@@ -63,8 +63,8 @@ from loadtest.loadgen import (
     tone_pcm,
 )
 from loadtest.pin import raise_nofile_limit
-from server.client.asr_client import API_KEY_ENV, dev_key, load_audio
-from server.protocol.audio import pcm16_to_alaw, pcm16_to_ulaw
+from streamgate_client.asr_client import API_KEY_ENV, dev_key, load_audio
+from streamgate_protocol.audio import pcm16_to_alaw, pcm16_to_ulaw
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "loadtest" / "reports"

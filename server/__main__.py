@@ -125,19 +125,19 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _asr(args: argparse.Namespace) -> int:
-    from server.client.asr_client import main
+    from streamgate_client.asr_client import main
 
     return main(args)
 
 
 def _tts(args: argparse.Namespace) -> int:
-    from server.client.tts_client import main
+    from streamgate_client.tts_client import main
 
     return main(args)
 
 
 def _call_sim(args: argparse.Namespace) -> int:
-    from server.client.call_sim import main
+    from streamgate_client.call_sim import main
 
     return main(args)
 
@@ -167,19 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, help="TOML file layered over config/default.toml")
     check.set_defaults(func=_check_config)
 
-    from server.client.asr_client import add_arguments
+    from streamgate_client.asr_client import add_arguments
 
     asr = sub.add_parser("asr", help="stream an audio file to /v1/asr/stream, print transcripts")
     add_arguments(asr)
     asr.set_defaults(func=_asr)
 
-    from server.client.tts_client import add_arguments as add_tts_arguments
+    from streamgate_client.tts_client import add_arguments as add_tts_arguments
 
     tts = sub.add_parser("tts", help="speak text through /v1/tts/stream into a WAV file")
     add_tts_arguments(tts)
     tts.set_defaults(func=_tts)
 
-    from server.client.call_sim import add_arguments as add_call_sim_arguments
+    from streamgate_client.call_sim import add_arguments as add_call_sim_arguments
 
     call_sim = sub.add_parser(
         "call-sim", help="place a simulated Twilio call: play a WAV into /v1/telephony/twilio")

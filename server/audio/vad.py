@@ -21,7 +21,7 @@ from typing import Final, TypeAlias
 import _webrtcvad
 import webrtcvad
 
-from server.protocol.audio import BytesLike
+from streamgate_protocol.audio import BytesLike
 
 __all__ = [
     "MODES",

@@ -46,12 +46,12 @@ from server.http.speech import (
     _upgrade,
     _Upload,
 )
-from server.protocol import messages as m
 from server.protocol.admission import Principal
 from server.protocol.errors import Rejected, http_status_of_close
 from server.sessions.asr_runner import AsrEndpoint, AsrSessionRunner, StartSession
 from server.sessions.tts import EndInput, GrantCredit, SubmitText
 from server.sessions.tts_runner import TtsEndpoint
+from streamgate_protocol import messages as m
 
 # OpenAI's model names, served by our default model of the kind, so a client keeps its code
 # (Pipecat's OpenAISTTService and OpenAITTSService send these by default).

@@ -43,19 +43,19 @@ from server.http.errors import ApiError
 from server.http.openapi import components, error_responses, ref, register
 from server.idempotency import IdempotencyCache, IdempotencyRefused, ReplyStores
 from server.models.base import EngineError
-from server.protocol import messages as m
-from server.protocol.audio import (
-    MAX_SAMPLE_RATE,
-    MIN_SAMPLE_RATE,
-    AudioFormatError,
-    StreamDecoder,
-)
 from server.protocol.errors import Rejected, http_status_of_close
 from server.sessions.asr_params import BadParams
 from server.sessions.asr_runner import AsrEndpoint
 from server.sessions.tts import EndInput, GrantCredit, SubmitText, tts_params
 from server.sessions.tts_runner import TtsEndpoint
 from server.sessions.upgrade import UpgradeRequest
+from streamgate_protocol import messages as m
+from streamgate_protocol.audio import (
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    AudioFormatError,
+    StreamDecoder,
+)
 
 FRAME = 32 * 1024  # body chunks fed to the pipeline: well under the WebSocket frame limit
 TEXT_LIMIT = 100_000

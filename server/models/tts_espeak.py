@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from server.audio.text_chunker import count_tokens
 from server.config import EspeakModelConfig
 from server.models.base import EngineError, EngineUnavailable
-from server.protocol.audio import (
+from streamgate_protocol.audio import (
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
     AudioFormatError,

@@ -46,7 +46,7 @@ from server.models.upstream_errors import (
     transport_cause,
     unavailable,
 )
-from server.protocol.audio import (
+from streamgate_protocol.audio import (
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
     AudioFormatError,

@@ -56,10 +56,10 @@ from server.flow_control.ingest_queue import ControlLaneFull, IngestQueue
 from server.flow_control.outbox import Outbox
 from server.flow_control.replay import FinalsReplay
 from server.models.base import EngineError, Hypothesis
-from server.protocol import messages as m
-from server.protocol.audio import AudioFormatError, StreamDecoder
 from server.sessions.asr_params import AsrParams, BadParams, params_with_config
 from server.sessions.resume import FinalMessage, ResumeStart
+from streamgate_protocol import messages as m
+from streamgate_protocol.audio import AudioFormatError, StreamDecoder
 
 # --- work for the invoke stage ----------------------------------------------------------------
 

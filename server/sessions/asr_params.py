@@ -7,7 +7,7 @@ from typing import get_args
 
 import msgspec
 
-from server.protocol.messages import Config, Encoding, Overflow, VadMode
+from streamgate_protocol.messages import Config, Encoding, Overflow, VadMode
 
 MIN_RATE, MAX_RATE = 8000, 48000
 ENCODINGS: tuple[str, ...] = get_args(Encoding)

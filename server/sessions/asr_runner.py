@@ -25,7 +25,7 @@ from server.billing.auth import Principal
 from server.billing.meter import METER_ERRORS, MeterFactory, SessionMeter, UsageReport
 from server.config import Config
 from server.models.base import EngineError, Transcriber, TranscriptionStream
-from server.protocol import messages as m
+from server.protocol.decoding import BadMessage, decode_client_message
 from server.protocol.errors import Rejected, refuse, rejection
 from server.sessions.asr import (
     CONTINUE,
@@ -51,6 +51,7 @@ from server.sessions.resume_writer import ResumeWriter, SaveOutcome
 from server.sessions.upgrade import Admitted, UpgradeRequest
 from server.sessions.wire import Clock, Wire
 from server.telemetry.metrics import Metrics
+from streamgate_protocol import messages as m
 
 log = logging.getLogger("streamgate.asr")
 
@@ -325,8 +326,8 @@ class AsrSessionRunner:
         self._frames_in += 1
         self._bytes_in += len(data)
         try:
-            msg = m.decode_client_message(data, m.asr_client_decoder)
-        except m.BadMessage as exc:
+            msg = decode_client_message(data, m.asr_client_decoder)
+        except BadMessage as exc:
             self.machine.bad_message(str(exc))
         else:
             self.machine.receive_control(msg)

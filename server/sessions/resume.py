@@ -27,9 +27,9 @@ from typing import Protocol, TypeVar
 
 import msgspec
 
-from server.protocol import messages as m
 from server.protocol.errors import Rejected, refuse
 from server.sessions.asr_params import AsrParams
+from streamgate_protocol import messages as m
 
 FinalMessage = m.Transcript | m.UtteranceEnd
 

@@ -43,11 +43,12 @@ from server.flow_control.audio_backlog import AudioBacklogBound
 from server.flow_control.credit import CreditWindow
 from server.flow_control.replay import FinalsReplay
 from server.flow_control.text_backlog import TextBacklogBound
-from server.protocol import messages as m
-from server.protocol.audio import StreamEncoder
+from server.protocol.decoding import BadMessage, decode_client_message
 from server.sessions.asr import CloseAction
 from server.sessions.asr_params import BadParams
 from server.sessions.resume import TtsChunkPoint, TtsResumeStart
+from streamgate_protocol import messages as m
+from streamgate_protocol.audio import StreamEncoder
 
 State = Literal["open", "closing", "closed"]
 _OUT = bytes | m.AudioDone | m.Flushed
@@ -334,8 +335,8 @@ class TtsSession:
     def receive_text(self, data: bytes) -> None:
         """The edge: a client text frame, decoded into a command (or answered bad_message)."""
         try:
-            msg = m.decode_client_message(data, m.tts_client_decoder)
-        except m.BadMessage as exc:
+            msg = decode_client_message(data, m.tts_client_decoder)
+        except BadMessage as exc:
             self._error("bad_message", str(exc))
             return
         cmd = _client_command(msg)

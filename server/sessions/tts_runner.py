@@ -31,7 +31,6 @@ from server.billing.meter import (
 )
 from server.config import Config
 from server.models.base import EngineError, Synthesizer
-from server.protocol import messages as m
 from server.protocol.errors import Rejected, refuse, rejection
 from server.sessions.asr_params import BadParams
 from server.sessions.host import SessionHost
@@ -64,6 +63,7 @@ from server.sessions.tts import (
 from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
 from server.sessions.wire import Wire
 from server.telemetry.metrics import Metrics
+from streamgate_protocol import messages as m
 
 log = logging.getLogger("streamgate.tts")
 KIND = "tts"

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from server.billing.redis_client import connect
-from server.protocol import messages as m
 from server.sessions.asr_params import AsrParams
 from server.sessions.resume import MemoryResumeStore, ResumePoint, ResumeStore
 from server.sessions.resume_redis import RedisResumeStore, resume_key
+from streamgate_protocol import messages as m
 
 
 @pytest.fixture(params=["memory", "redis"])

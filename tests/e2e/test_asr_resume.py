@@ -1,9 +1,9 @@
 """Resumable ASR sessions (issue 13 item 4, docs/protocol.md "Resuming a session"): two real
 `streamgate serve` nodes share one Redis and one PostgreSQL; a session cut off on one (drained,
 or killed with SIGKILL mid-stream) is resumed on the other by the reference client
-(server/client/asr_client.py), every final arrives exactly once, and the audio is billed once:
-never twice, and after a crash short by at most what the dead node took in since its last usage
-report (docs/billing.md)."""
+(client/streamgate_client/asr_client.py), every final arrives exactly once, and the audio is
+billed once: never twice, and after a crash short by at most what the dead node took in since
+its last usage report (docs/billing.md)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from server.client.asr_client import stream_audio
 from server.infra.embedded import create_database, drop_database
-from server.protocol import messages as m
+from streamgate_client.asr_client import stream_audio
+from streamgate_protocol import messages as m
 from tests.e2e.conftest import ServerProcess, espeak_pcm16, silence, start_server
 from tests.e2e.test_billing_e2e import (
     Admin,

@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 
 from server.http.app import build_http_app
-from server.protocol.audio import wav_header
 from server.telemetry.metrics import Metrics
+from streamgate_protocol.audio import wav_header
 from tests.e2e.conftest import TEST_KEY, ServerProcess, espeak_pcm16, silence, start_server
 
 pytestmark = pytest.mark.e2e

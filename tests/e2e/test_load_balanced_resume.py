@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from server.client.asr_client import stream_audio
-from server.protocol import messages as m
+from streamgate_client.asr_client import stream_audio
+from streamgate_protocol import messages as m
 from tests.e2e.test_asr_resume import lease_units, phrases
 from tests.e2e.test_billing_e2e import Tenant, assert_books_balance
 from tests.haproxy import LoadBalanced, Node, load_balanced

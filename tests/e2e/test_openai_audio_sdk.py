@@ -21,7 +21,7 @@ import pytest
 import soundfile
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.protocol.audio import wav_header
+from streamgate_protocol.audio import wav_header
 from tests.e2e.conftest import TEST_KEY, ServerProcess, wait_for
 from tests.e2e.test_billing_e2e import (
     Billing,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from server.client.asr_client import API_KEY_ENV, DEV_KEY_FILE
+from streamgate_client.asr_client import API_KEY_ENV, DEV_KEY_FILE
 from tests.e2e.conftest import ROOT, ServerProcess, espeak_pcm16, silence
 from tests.e2e.test_billing_e2e import (
     Admin,

@@ -20,7 +20,7 @@ from sarvamai import AsyncSarvamAI, AudioOutput, EventResponse, SarvamAIEnvironm
 from sarvamai.core.api_error import ApiError
 from websockets.asyncio.client import connect
 
-from server.protocol.audio import wav_header
+from streamgate_protocol.audio import wav_header
 from tests.e2e.conftest import TEST_KEY, ServerProcess
 from tests.e2e.test_billing_e2e import Billing, assert_books_balance, billing_server
 from tests.e2e.test_tts_billing import charged_units

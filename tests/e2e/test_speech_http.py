@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from server.protocol.audio import wav_header
+from streamgate_protocol.audio import wav_header
 from tests.e2e.conftest import TEST_KEY, ServerProcess
 from tests.speech import espeak_pcm16, silence
 

@@ -27,7 +27,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from server.protocol.audio import pcm16_to_ulaw
+from streamgate_protocol.audio import pcm16_to_ulaw
 from tests.e2e.conftest import TEST_KEY, ServerProcess, espeak_pcm16, silence, start_server
 
 pytestmark = pytest.mark.e2e
@@ -386,7 +386,7 @@ def test_call_sim_cli(srv: ServerProcess, tmp_path: Path) -> None:
         w.setframerate(16000)
         w.writeframes(silence(300) + espeak_pcm16("good morning, this is a test") + silence(600))
     proc = subprocess.run(
-        [sys.executable, "-m", "server.client.call_sim", str(wav_in), "--url", srv.ws + PATH,
+        [sys.executable, "-m", "streamgate_client.call_sim", str(wav_in), "--url", srv.ws + PATH,
          "--key", TEST_KEY, "--dtmf", "3#", "--out", str(wav_out)],
         capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -88,7 +88,7 @@ class Listener:
 
     async def wait_for(self, kind: str, count: int, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
-        while len(self.of(kind)) < count:  # noqa: ASYNC110 - the reader task fills it
+        while len(self.of(kind)) < count:
             assert time.monotonic() < deadline, (kind, count, self.events, self.audio)
             await asyncio.sleep(0.02)
 

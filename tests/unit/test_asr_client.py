@@ -27,7 +27,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from server.client.asr_client import (
+from streamgate_client.asr_client import (
     AbnormalClose,
     AudioInputError,
     Rejected,
@@ -36,7 +36,7 @@ from server.client.asr_client import (
     main,
     stream_audio,
 )
-from server.protocol.messages import Credit, Error, Ready, Summary, Transcript
+from streamgate_protocol.messages import Credit, Error, Ready, Summary, Transcript
 
 
 @dataclass

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from server.billing.meter import UsageReport
 from server.config import AsrSessionConfig
-from server.protocol import messages as m
 from server.sessions.asr import AsrSession
 from server.sessions.asr_params import AsrParams
 from server.sessions.resume import ResumeStart
+from streamgate_protocol import messages as m
 from tests.speech import espeak_pcm16, silence
 from tests.unit.test_asr_session import MODELS, FakeEngine, frames, run_test
 

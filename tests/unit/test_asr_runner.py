@@ -20,13 +20,13 @@ from server.billing.auth import ANONYMOUS, StaticKeyAuthenticator
 from server.billing.meter import UsageReport
 from server.config import Config, load_config
 from server.models.base import EngineError, Hypothesis
-from server.protocol import messages as m
 from server.sessions.asr import FINALS_TIMEOUT_S, AsrSession, IllegalTransition
 from server.sessions.asr_params import AsrParams
 from server.sessions.asr_runner import AsrEndpoint, AsrSessionRunner
 from server.sessions.wire import Clock, Wire
 from server.telemetry.metrics import Metrics
 from server.ws.server import WsServer
+from streamgate_protocol import messages as m
 from tests.speech import espeak_pcm16, silence
 
 FRAME = 640  # 20 ms of 16 kHz PCM16

@@ -12,10 +12,11 @@ import pytest
 from server.billing.meter import UsageReport
 from server.config import AsrSessionConfig
 from server.models.base import EngineError, Hypothesis, WordTiming
-from server.protocol import messages as m
-from server.protocol.audio import wav_header
+from server.protocol.decoding import BadMessage, decode_client_message
 from server.sessions.asr import AsrSession, EngineFeed, EngineFinish
 from server.sessions.asr_params import AsrParams
+from streamgate_protocol import messages as m
+from streamgate_protocol.audio import wav_header
 from tests.speech import espeak_pcm16, silence
 
 MODELS = frozenset({"fake", "other"})
@@ -61,8 +62,8 @@ def make(**params: object) -> AsrSession:
 def text(session: AsrSession, data: str) -> None:
     """A text frame, decoded at the edge as the runner does."""
     try:
-        msg = m.decode_client_message(data.encode(), m.asr_client_decoder)
-    except m.BadMessage as exc:
+        msg = decode_client_message(data.encode(), m.asr_client_decoder)
+    except BadMessage as exc:
         session.bad_message(str(exc))
     else:
         session.receive_control(msg)
@@ -358,9 +359,9 @@ def test_engine_gets_speech_at_its_rate_in_chunks(rate: int) -> None:
 def test_cached_credit_frames_are_the_encoded_message_framed() -> None:
     from websockets.frames import Frame, Opcode
 
-    from server.protocol import messages as msgs
     from server.sessions.asr_runner import CreditPayloads
     from server.ws.connection import frame_header
+    from streamgate_protocol import messages as msgs
 
     cache = CreditPayloads(max_entries=2)
     for grant in (160, 160, 320, 640, 160):  # the third size clears the full cache

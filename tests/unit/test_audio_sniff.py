@@ -15,7 +15,7 @@ from server.audio.containers import (
     sniff_container,
     type_of_filename,
 )
-from server.protocol.audio import wav_header
+from streamgate_protocol.audio import wav_header
 
 WAV = wav_header(22050, 1, 100) + b"\x01\x00" * 100
 MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00\xff\xfb\x90\x64" + b"\x00" * 64

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from server.protocol.audio import (
+from streamgate_protocol.audio import (
     AudioFormatError,
     StreamDecoder,
     alaw_to_pcm16,
@@ -345,7 +345,7 @@ def test_wav_header_too_long_detected_while_trickling() -> None:
 def test_decode_pcm_equals_decode_in_any_pieces(
     encoding: str, channels: int, numpy_tables: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import server.protocol.audio as codecs
+    import streamgate_protocol.audio as codecs
 
     if numpy_tables:  # Python 3.13+ without audioop-lts
         monkeypatch.setattr(codecs, "_g711_decode", None)

@@ -22,8 +22,8 @@ from server.compat.deepgram.codec import (
     speak_options,
 )
 from server.compat.deepgram.wire import deepgram_close
-from server.protocol import messages as m
 from server.sessions import tts
+from streamgate_protocol import messages as m
 
 MODELS = ("synthetic", "sphinx-en")
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
-from server.protocol import messages as m
+from server.protocol.decoding import BadMessage, decode_client_message
+from streamgate_protocol import messages as m
 
 
 def depth(value: Any) -> int:
@@ -72,14 +73,14 @@ DECODERS = [m.asr_client_decoder, m.tts_client_decoder]
      '{"type": "keepalive", "x": ' + nested(MAX_JSON_DEPTH) + "}"],
 )
 def test_deep_nesting_is_a_bad_message(decoder: msgspec.json.Decoder[Any], frame: str) -> None:
-    with pytest.raises(m.BadMessage, match=f"^JSON nested deeper than {MAX_JSON_DEPTH} levels"):
-        m.decode_client_message(frame.encode(), decoder)
+    with pytest.raises(BadMessage, match=f"^JSON nested deeper than {MAX_JSON_DEPTH} levels"):
+        decode_client_message(frame.encode(), decoder)
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_nesting_up_to_the_limit_decodes(decoder: msgspec.json.Decoder[Any]) -> None:
     frame = '{"type": "keepalive", "x": ' + nested(MAX_JSON_DEPTH - 1) + "}"
-    assert isinstance(m.decode_client_message(frame.encode(), decoder), m.KeepAlive)
+    assert isinstance(decode_client_message(frame.encode(), decoder), m.KeepAlive)
     text = '{"type": "text", "text": "' + nested(1_000) + '"}'
-    assert m.decode_client_message(text.encode(), m.tts_client_decoder) == m.Text(
+    assert decode_client_message(text.encode(), m.tts_client_decoder) == m.Text(
         text=nested(1_000))

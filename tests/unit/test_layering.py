@@ -111,16 +111,41 @@ def test_only_the_composition_roots_start_the_embedded_servers() -> None:
     assert importers - roots == {"server.app", "server.__main__"}
 
 
-def test_the_client_depends_only_on_the_protocol() -> None:
-    """server/client is a complete client to copy from: besides the standard library and
-    third-party packages it uses the wire contract (server.protocol) and itself only."""
+def client_package_imports(package: str) -> dict[str, set[str]]:
+    """The modules of a package of the client distribution (client/<package>)."""
+    folder = ROOT / "client" / package
+    out = {}
+    for f in sorted(folder.rglob("*.py")):
+        name = package if f.name == "__init__.py" else f"{package}.{f.stem}"
+        out[name] = imports_of(f.read_text(), name, is_package=f.name == "__init__.py")
+    return out
+
+
+@pytest.mark.parametrize(("package", "allowed"), [
+    # The client SDK is a complete client to copy from, installable on its own
+    # (`pip install ./client`): the wire contract and itself, nothing of the server.
+    ("streamgate_client", ("streamgate_protocol", "streamgate_client")),
+    # The wire contract is shared by both sides: it depends on neither.
+    ("streamgate_protocol", ("streamgate_protocol",)),
+])
+def test_the_client_distribution_imports_nothing_of_the_server(
+        package: str, allowed: tuple[str, ...]) -> None:
     hits = {}
-    for module, names in package_imports("server.client").items():
-        inside = sorted(n for n in names if n == "server" or n.startswith("server.")
-                        if not n.startswith(("server.protocol", "server.client")))
-        if inside:
-            hits[module] = inside
+    for module, names in client_package_imports(package).items():
+        ours = sorted(n for n in names if n == "server" or n.startswith(("server.", "streamgate_"))
+                      if not n.startswith(allowed))
+        if ours:
+            hits[module] = ours
     assert hits == {}
+
+
+def test_the_server_package_holds_no_client() -> None:
+    assert not (ROOT / "server" / "client").exists()
+    # Only the CLI (`streamgate asr`, `tts`, `call-sim`) uses the client SDK.
+    users = {module for module, names in package_imports("server").items()
+             if any(n == "streamgate_client" or n.startswith("streamgate_client.")
+                    for n in names)}
+    assert users == {"server.__main__"}
 
 
 def test_the_checker_resolves_relative_and_aliased_imports() -> None:

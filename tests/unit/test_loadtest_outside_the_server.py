@@ -75,7 +75,19 @@ def test_the_wheel_ships_only_the_server_package() -> None:
     default there, so the same function)."""
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "packages"]["find"]
-    packages = find_namespace_packages(str(ROOT), include=find["include"],
-                                       exclude=find.get("exclude", ()))
+    packages = [p for where in find.get("where", ["."])
+                for p in find_namespace_packages(str(ROOT / where), include=find["include"],
+                                                 exclude=find.get("exclude", ()))]
     assert "server" in packages and "server.flow_control" in packages
-    assert [p for p in packages if p.split(".")[0] != "server"] == []
+    # Beside the server: the wire contract and the client SDK it shares with the client
+    # distribution (client/pyproject.toml); never loadtest.
+    tops = {p.split(".")[0] for p in packages}
+    assert tops == {"server", "streamgate_protocol", "streamgate_client"}, tops
+
+
+def test_the_client_distribution_ships_the_sdk_and_the_wire_contract_only() -> None:
+    """`pip install ./client` gets the client SDK and the wire contract, not the server."""
+    find = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["tool"][
+        "setuptools"]["packages"]["find"]
+    packages = find_namespace_packages(str(ROOT / "client"), include=find["include"])
+    assert sorted(packages) == ["streamgate_client", "streamgate_protocol"]

@@ -21,7 +21,7 @@ from server.http.openai_audio import (
     verbose_json,
     vtt,
 )
-from server.protocol import messages as m
+from streamgate_protocol import messages as m
 
 FINALS = [
     m.Transcript(utterance_id=0, is_final=True, text="hello there", start_ms=250, end_ms=1_500,

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from server.billing.meter import PricedMeter
 from server.config import TtsSessionConfig
 from server.flow_control.mark_window import MarkWindow
-from server.protocol import messages as m
 from server.sessions.tts import TtsParams, TtsSession
 from server.telephony.call.playback import Playback, Reply
 from server.telephony.providers.events import ClearAudio, Command, PlayAudio
+from streamgate_protocol import messages as m
 from tests.unit.virtual_time import run
 
 PCM_10MS = b"\x01\x00" * 160  # the engine's 16 kHz

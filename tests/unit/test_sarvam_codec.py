@@ -19,10 +19,10 @@ from server.compat.sarvam.stt_codec import AudioIn, FlushIn, Ignored, Refused, S
 from server.compat.sarvam.tts_codec import BadConfig, TtsCodec
 from server.compat.sarvam.tts_codec import Refused as TtsRefused
 from server.flow_control.sarvam import MAX_LATENCY_MARKS, MAX_TTS_TEXT_CHARS
-from server.protocol import messages as m
-from server.protocol.audio import wav_header
 from server.sessions.tts import Flush, GrantCredit, Reconfigure, SubmitText
 from server.sessions.upgrade import SessionSocket
+from streamgate_protocol import messages as m
+from streamgate_protocol.audio import wav_header
 
 
 def audio_msg(data: bytes, rate: int | None = 16000) -> bytes:

@@ -21,7 +21,7 @@ from server.models.tts_registry import aclose_all, build_synthesizers, start_all
 from server.models.tts_synthetic import SyntheticSynthesizer
 from server.models.tts_upstream import UpstreamSynthesizer
 from server.models.upstream import MalformedResponse
-from server.protocol.audio import wav_header
+from streamgate_protocol.audio import wav_header
 from tests.fakes import leftover_tasks
 from tests.fakes.upstream import FakeReply, FakeUpstream
 from tests.system_tools import require_programs

@@ -19,7 +19,6 @@ from server.config import TtsSessionConfig, load_config
 from server.flow_control.audio_backlog import SLACK_MS, AudioBacklogBound
 from server.flow_control.credit import CreditWindow
 from server.models.base import Synthesizer
-from server.protocol import messages as m
 from server.sessions.asr_params import BadParams
 from server.sessions.tts import (
     TRANSITIONS,
@@ -45,6 +44,7 @@ from server.sessions.tts import (
 from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
 from server.telemetry.metrics import Metrics
+from streamgate_protocol import messages as m
 from tests.unit.session_fakes import FakeSessionHost, RecordingWire
 from tests.unit.virtual_time import run
 

@@ -7,7 +7,6 @@ cleared."""
 from __future__ import annotations
 
 from server.config import TtsSessionConfig
-from server.protocol import messages as m
 from server.sessions.resume import TtsChunkPoint, TtsResumeStart
 from server.sessions.tts import (
     EngineAudio,
@@ -20,6 +19,7 @@ from server.sessions.tts import (
     TtsParams,
     TtsSession,
 )
+from streamgate_protocol import messages as m
 from tests.unit.test_tts_machine import LIMITS, PCM_10MS
 
 

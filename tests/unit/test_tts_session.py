@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from server.config import TtsSessionConfig
-from server.protocol import messages as m
 from server.sessions.tts import (
     EngineAudio,
     EngineDone,
@@ -13,6 +12,7 @@ from server.sessions.tts import (
     TtsParams,
     TtsSession,
 )
+from streamgate_protocol import messages as m
 
 
 def make(early: bool) -> TtsSession:

@@ -16,7 +16,6 @@ from server.billing.meter import PricedMeterFactory
 from server.config import TtsSessionConfig, load_config
 from server.flow_control.text_backlog import READ_SLACK_CHARS, TextBacklogBound
 from server.models.base import Synthesizer
-from server.protocol import messages as m
 from server.sessions.tts import (
     EngineAudio,
     Interrupt,
@@ -27,6 +26,7 @@ from server.sessions.tts import (
 from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
 from server.telemetry.metrics import Metrics
+from streamgate_protocol import messages as m
 from tests.unit.session_fakes import FakeSessionHost, RecordingWire
 
 SENTENCE = "One short sentence to speak. "

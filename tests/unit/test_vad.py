@@ -17,7 +17,7 @@ import webrtcvad
 
 from server.audio.resample import Resampler
 from server.audio.vad import Endpointer, SpeechAudio, SpeechEnd, SpeechStart, VadEvent
-from server.protocol.audio import StreamDecoder
+from streamgate_protocol.audio import StreamDecoder
 
 Int16Array = npt.NDArray[np.int16]
 

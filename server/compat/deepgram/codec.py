@@ -22,8 +22,8 @@ from typing import Final, TypeVar
 import msgspec
 
 from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
-from server.protocol import messages as m
 from server.sessions import tts
+from streamgate_protocol import messages as m
 
 T = TypeVar("T")
 _TRUE: Final = frozenset({"true", "1", "yes", "on"})

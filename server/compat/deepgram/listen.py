@@ -27,11 +27,11 @@ from server.compat.deepgram.codec import (
     listen_options,
 )
 from server.compat.deepgram.wire import DeepgramWire
-from server.protocol import messages as m
 from server.protocol.admission import Principal
 from server.protocol.errors import Rejected, refuse
 from server.sessions.asr_runner import AsrEndpoint, AsrSessionRunner
 from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
+from streamgate_protocol import messages as m
 
 # How often a Finalize that ended no utterance is looked at again until it is answered.
 FINALIZE_LOOK_S: Final = 0.05
@@ -63,7 +63,8 @@ class DeepgramListenEndpoint:
 
         def start(socket: SessionSocket) -> ListenSession:
             socket.error_frames = False  # the client takes Deepgram's messages only
-            session = ListenSession(socket, ListenCodec(options))
+            session = ListenSession(socket, ListenCodec(options),
+                                    not_reading_s=self.asr.config.server.idle_timeout_s)
             session.runner = open_session(DeepgramWire(socket), on_events=session.on_events)
             return session
 
@@ -73,14 +74,21 @@ class DeepgramListenEndpoint:
 class ListenSession:
     """The SessionHandler of one `/v1/listen` socket: Deepgram in, our runner behind."""
 
-    __slots__ = ("_held", "_timer", "codec", "runner", "socket")
+    __slots__ = ("_held", "_not_reading", "_not_reading_s", "_timer", "codec", "runner",
+                 "socket")
 
-    def __init__(self, socket: SessionSocket, codec: ListenCodec) -> None:
+    def __init__(self, socket: SessionSocket, codec: ListenCodec, *,
+                 not_reading_s: float) -> None:
         self.socket = socket
         self.codec = codec
         self.runner: AsrSessionRunner | None = None
         self._held: m.Transcript | None = None  # the newest interim, while the client lags
         self._timer: asyncio.TimerHandle | None = None  # looks for Finalizes to answer
+        # A client that takes none of our results for this long is not reading: closed 1008.
+        # (Our own protocol's outbox bound does this; with the runner's events handed here,
+        # the runner stops stepping, reading pauses, and neither idle nor ping would tell.)
+        self._not_reading_s = not_reading_s
+        self._not_reading: asyncio.TimerHandle | None = None
 
     def _runner(self) -> AsrSessionRunner:
         assert self.runner is not None, "started before its runner"
@@ -113,6 +121,9 @@ class ListenSession:
         self._answer_finalizes()
 
     def on_writable(self) -> None:
+        if self._not_reading is not None:
+            self._not_reading.cancel()
+            self._not_reading = None
         held, self._held = self._held, None
         if held is not None:
             self._send(self.codec.encode(held))
@@ -126,9 +137,10 @@ class ListenSession:
 
     def on_connection_closed(self, code: int) -> None:
         self._held = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._not_reading):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._not_reading = None
         self._runner().on_connection_closed(code)
 
     # --- events ---------------------------------------------------------------------------------
@@ -170,3 +182,11 @@ class ListenSession:
             sent = True
         if sent:
             socket.flush()
+            if socket.write_paused and self._not_reading is None:
+                self._not_reading = asyncio.get_running_loop().call_later(
+                    self._not_reading_s, self._client_not_reading)
+
+    def _client_not_reading(self) -> None:
+        self._not_reading = None
+        if self.socket.write_paused and self.runner is not None:
+            self.runner.end(1008, "client_not_reading")

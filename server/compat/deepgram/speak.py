@@ -26,13 +26,13 @@ from server.compat.deepgram.codec import (
     speak_options,
 )
 from server.compat.deepgram.wire import DeepgramWire
-from server.protocol import messages as m
 from server.protocol.admission import Principal
 from server.protocol.errors import Rejected, refuse
 from server.sessions.tts import Close as TtsClose
 from server.sessions.tts import GrantCredit
 from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
+from streamgate_protocol import messages as m
 
 
 class DeepgramSpeakEndpoint:

@@ -22,7 +22,6 @@ from typing import Any
 from server.compat.sarvam import stt_codec, tts_codec
 from server.compat.sarvam.stt_codec import AudioIn, FlushIn, SttCodec
 from server.compat.sarvam.tts_codec import BadConfig, TtsCodec
-from server.protocol import messages as m
 from server.protocol.admission import AdmissionPolicy, Authenticator, Principal
 from server.protocol.errors import Rejected, refuse
 from server.sessions.asr_params import MAX_RATE, MIN_RATE
@@ -30,6 +29,7 @@ from server.sessions.asr_runner import AsrEndpoint, AsrSessionRunner
 from server.sessions.tts import Close, GrantCredit
 from server.sessions.tts_runner import TtsEndpoint, TtsSessionRunner
 from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
+from streamgate_protocol import messages as m
 
 log = logging.getLogger("streamgate.sarvam")
 Spawn = Callable[[Coroutine[Any, Any, None]], object]  # SessionHost.spawn: a tracked task

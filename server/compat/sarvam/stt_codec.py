@@ -25,7 +25,7 @@ import msgspec
 
 from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
 from server.flow_control.sarvam import MAX_LATENCY_MARKS
-from server.protocol import messages as m
+from streamgate_protocol import messages as m
 
 # Sarvam's default (its reference: "If not specified, defaults to 16kHz").
 DEFAULT_RATE: Final = 16000

@@ -25,10 +25,10 @@ import msgspec
 from server.audio.encoders import OPUS_RATES, CompressedFormat, EncoderError, StreamEncoder
 from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
 from server.flow_control.sarvam import MAX_TTS_TEXT_CHARS
-from server.protocol import messages as m
-from server.protocol.audio import wav_header
 from server.protocol.errors import http_status
 from server.sessions.tts import Command, Flush, Reconfigure, SubmitText
+from streamgate_protocol import messages as m
+from streamgate_protocol.audio import wav_header
 
 # Sarvam's defaults (its reference: 22050 Hz when omitted; the SDK's configure() asks for MP3).
 DEFAULT_RATE: Final = 22050

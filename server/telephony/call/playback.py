@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from server.billing.meter import SessionMeter
 from server.flow_control.mark_window import MarkWindow
 from server.models.base import EngineError, Synthesizer
-from server.protocol import messages as m
 from server.sessions.tts import (
     EngineAudio,
     EngineDone,
@@ -37,6 +36,7 @@ from server.sessions.tts import (
     TtsSession,
 )
 from server.telephony.providers.events import ClearAudio, Command, PlayAudio
+from streamgate_protocol import messages as m
 
 log = logging.getLogger("streamgate.telephony")
 

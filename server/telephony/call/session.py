@@ -28,7 +28,6 @@ import msgspec
 from server.billing.auth import Principal
 from server.billing.meter import KEY_REVOKED_CLOSE, KEY_REVOKED_CODE, UsageReport
 from server.flow_control.byte_queue import ByteQueue
-from server.protocol import messages as m
 from server.sessions.asr import AsrSession
 from server.sessions.asr_params import AsrParams
 from server.sessions.asr_runner import FINALS_TIMEOUT_S, AsrSessionRunner
@@ -50,6 +49,7 @@ from server.telephony.providers import (
     codec_for,
     detect_provider,
 )
+from streamgate_protocol import messages as m
 
 if TYPE_CHECKING:
     from server.telephony.call.endpoint import TelephonyEndpoint

@@ -31,7 +31,7 @@ __all__ = [
     "SendMark",
 ]
 
-# The names match server.protocol.audio.ENCODINGS so the session can hand them straight over.
+# The names match streamgate_protocol.audio.ENCODINGS so the session can hand them straight over.
 Encoding: TypeAlias = Literal["mulaw", "alaw", "pcm_s16le"]
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from server.client.asr_client import API_KEY_ENV, dev_key
+from streamgate_client.asr_client import API_KEY_ENV, dev_key
 
 DEFAULT_URL = "ws://127.0.0.1:8765/v1/tts/stream"
 

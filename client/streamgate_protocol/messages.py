@@ -1,16 +1,16 @@
 """Wire messages of the streaming sessions: one msgspec Struct per message, tagged by `type`.
 
-Names and fields follow docs/protocol.md, which is binding. Encoders and decoders are built once
-and reused: constructing them per message costs more than the encoding itself.
+Names and fields follow docs/protocol.md, which is binding. This package is shared by the
+server and the client SDK (client/streamgate_client), so it imports nothing of either.
+Encoders and decoders are built once and reused: constructing them per message costs more
+than the encoding itself.
 """
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import Literal
 
 import msgspec
-
-from server.flow_control.json_depth import MAX_JSON_DEPTH, nests_deeper_than
 
 Encoding = Literal["pcm_s16le", "mulaw", "alaw", "wav"]
 VadMode = Literal["off", "low", "medium", "high"]
@@ -19,9 +19,6 @@ Overflow = Literal["block", "drop"]
 
 class Msg(msgspec.Struct, tag_field="type", kw_only=True):
     pass
-
-
-T = TypeVar("T")
 
 
 # --- client -> server (ASR) -------------------------------------------------------------------
@@ -166,30 +163,6 @@ AsrServerMessage = (
 encoder = msgspec.json.Encoder()
 asr_client_decoder = msgspec.json.Decoder(AsrClientMessage)
 asr_server_decoder = msgspec.json.Decoder(AsrServerMessage)  # for clients and tests
-
-
-class BadMessage(Exception):
-    """A client text frame that is not a valid message; the session answers `bad_message`."""
-
-
-_any_decoder = msgspec.json.Decoder()
-
-
-def decode_client_message(data: bytes, decoder: msgspec.json.Decoder[T]) -> T:
-    # Before any parsing: msgspec recurses per level, even into fields it skips.
-    if nests_deeper_than(data):
-        raise BadMessage(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        return decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        # Tell "not JSON" from "JSON of the wrong shape": clients debug these differently.
-        try:
-            obj = _any_decoder.decode(data)
-        except msgspec.DecodeError:
-            raise BadMessage(f"malformed JSON: {exc}") from None
-        if not isinstance(obj, dict) or "type" not in obj:
-            raise BadMessage("a message must be a JSON object with a 'type' field") from None
-        raise BadMessage(f"invalid message: {exc}") from None
 
 
 # --- TTS ----------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.http11 import Response
 
-from server.protocol.audio import (
+from streamgate_protocol.audio import (
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
     AudioFormatError,
@@ -57,7 +57,7 @@ from server.protocol.audio import (
     pcm16_to_ulaw,
     wav_header,
 )
-from server.protocol.messages import (
+from streamgate_protocol.messages import (
     Close,
     Credit,
     Error,
@@ -358,7 +358,7 @@ async def stream_audio(
     """Stream ``audio`` (already in ``encoding`` at ``sample_rate``, mono) to an ASR endpoint.
 
     Honours the credit window, sends ``close`` after the audio and returns every server message
-    in order (msgspec Structs from :mod:`server.protocol.messages`; a dict for a message type
+    in order (msgspec Structs from :mod:`streamgate_protocol.messages`; a dict for a message type
     this client does not know) once the server has closed with 1000. ``on_event`` sees each
     message as it arrives. ``extra_params`` are further query parameters (``model``,
     ``language``, ``interim_results``, ``endpointing_ms``, ``vad``, ``overflow``).
@@ -836,7 +836,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m server.client.asr_client",
+        prog="python -m streamgate_client.asr_client",
         description="Stream an audio file to a streamgate ASR endpoint and print the transcripts.",
     )
     add_arguments(parser)

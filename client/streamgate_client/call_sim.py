@@ -43,14 +43,14 @@ from typing import Any, Final, TextIO
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from server.client.asr_client import (
+from streamgate_client.asr_client import (
     API_KEY_ENV,
     CLOSE_CODE_NAMES,
     AudioInputError,
     dev_key,
     load_audio,
 )
-from server.protocol.audio import ulaw_to_pcm16
+from streamgate_protocol.audio import ulaw_to_pcm16
 
 __all__ = ["DEFAULT_URL", "CallSim", "add_arguments", "main"]
 
@@ -345,7 +345,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.client.call_sim",
+    parser = argparse.ArgumentParser(prog="python -m streamgate_client.call_sim",
                                      description=__doc__.split("\n\n")[0] if __doc__ else None)
     add_arguments(parser)
     return main(parser.parse_args(argv))
