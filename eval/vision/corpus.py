@@ -129,7 +129,9 @@ def stock_table() -> Page:
              ["A-101", "Steel bolts M6", "1,250", "300"],
              ["A-102", "Steel nuts M6", "980", "300"],
              ["B-220", "Hinge brass", "8", "20"],
-             ["C-310", "Wood glue 1 l", "45", "10"],
+             # Not "Wood glue 1 l" (the first corpus): in DejaVu Sans a lone "l" is the glyph
+             # of "|" (and nearly of "1"), which no reader can tell apart.
+             ["C-310", "Wood glue bottle", "45", "10"],
              ["D-015", "Sandpaper P120", "312", "50"],
              ["E-777", "Safety goggles", "5", "12"]]
     xs = [200, 600, 1500, 2000]  # left edges of the columns; numbers right-aligned at the next

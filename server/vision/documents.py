@@ -184,7 +184,8 @@ class Document:
         dpi = self._page_dpi.get(number, self._dpi)
         try:
             result = await run_tool(
-                ["pdftoppm", "-r", str(dpi), "-gray", "-png", "-f", str(number), "-l",
+                # PGM (pdftoppm's default with -gray): no PNG to compress and decompress.
+                ["pdftoppm", "-r", str(dpi), "-gray", "-f", str(number), "-l",
                  str(number), "-singlefile", str(self._pdf_path)],
                 stdin=None, timeout_s=self._timeout_s)
         except (ToolMissing, ToolTimeout):
@@ -192,7 +193,7 @@ class Document:
         except ToolError as exc:
             raise DocumentError(
                 f"cannot render page {number}: {_first_line(exc.stderr)}") from None
-        return await asyncio.to_thread(_png_page, result.stdout, number, dpi)
+        return await asyncio.to_thread(_rendered_page, result.stdout, number, dpi)
 
     async def text_layer(self, number: int) -> TextLayer | None:
         """The page's own text when it is a PDF page that has one (None otherwise): read for
@@ -294,10 +295,10 @@ def _encode(image: Image.Image, number: int, dpi: int | None) -> PageImage:
     return PageImage(number, np.asarray(image, dtype=np.uint8), dpi)
 
 
-def _png_page(png: bytes, number: int, dpi: int) -> PageImage:
+def _rendered_page(pgm: bytes, number: int, dpi: int) -> PageImage:
     try:
-        with Image.open(io.BytesIO(png), formats=["PNG"]) as image:
+        with Image.open(io.BytesIO(pgm), formats=["PPM"]) as image:
             pixels = np.asarray(image.convert("L"), dtype=np.uint8)
     except (OSError, ValueError) as exc:
         raise DocumentError(f"page {number} did not render: {exc}") from None
-    return PageImage(number, pixels, dpi, png)
+    return PageImage(number, pixels, dpi)

@@ -275,11 +275,10 @@ class VisionService:
         crops = cells_to_reread(layout.blocks, width, height)
         if not crops:
             return
-        stacked, starts = await asyncio.to_thread(stack, page.ocr_gray, crops)
-        read = await ocr_png(_pgm(stacked), languages=page.languages or "eng", psm=6, dpi=None,
-                             timeout_s=self.cfg.ocr_timeout_s)
-        margin = max(c.box[3] - c.box[1] for c in crops)
-        layout.ocr_words += apply_reread(layout.blocks, crops, starts, margin, read)
+        stacked = await asyncio.to_thread(stack, page.ocr_gray, crops)
+        read = await ocr_png(_pgm(stacked.image), languages=page.languages or "eng", psm=6,
+                             dpi=None, timeout_s=self.cfg.ocr_timeout_s)
+        layout.ocr_words += apply_reread(layout.blocks, crops, stacked, read)
 
     async def extract(self, schema: CompiledSchema, pages: Sequence[PageResult]) -> Extraction:
         evidence = [PageEvidence(p.image.number, p.image.png, p.layout.text, p.layout.words())
