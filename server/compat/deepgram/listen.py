@@ -15,6 +15,7 @@ kept; a final makes it stale), as our own outbox does.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Final
 
 from server.compat.deepgram.codec import (
@@ -31,6 +32,7 @@ from server.protocol.admission import Principal
 from server.protocol.errors import Rejected, refuse
 from server.sessions.asr_runner import AsrEndpoint, AsrSessionRunner
 from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
+from server.sessions.wire import Clock, Timer
 from streamgate_protocol import messages as m
 
 # How often a Finalize that ended no utterance is looked at again until it is answered.
@@ -45,9 +47,9 @@ _CONTROL: Final[dict[type, bytes]] = {
 class DeepgramListenEndpoint:
     kind = "asr"
 
-    def __init__(self, asr: AsrEndpoint) -> None:
+    def __init__(self, asr: AsrEndpoint, clock: Clock | None = None) -> None:
         self.asr = asr
-
+        self.clock = clock  # None: the running loop
     async def admit(self, upgrade: UpgradeRequest, principal: Principal) -> Admitted | Rejected:
         try:
             options = listen_options(upgrade.query, models=self.asr.models,
@@ -63,7 +65,7 @@ class DeepgramListenEndpoint:
 
         def start(socket: SessionSocket) -> ListenSession:
             socket.error_frames = False  # the client takes Deepgram's messages only
-            session = ListenSession(socket, ListenCodec(options),
+            session = ListenSession(socket, ListenCodec(options), clock=self.clock,
                                     not_reading_s=self.asr.config.server.idle_timeout_s)
             session.runner = open_session(DeepgramWire(socket), on_events=session.on_events)
             return session
@@ -74,21 +76,23 @@ class DeepgramListenEndpoint:
 class ListenSession:
     """The SessionHandler of one `/v1/listen` socket: Deepgram in, our runner behind."""
 
-    __slots__ = ("_held", "_not_reading", "_not_reading_s", "_timer", "codec", "runner",
-                 "socket")
+    __slots__ = ("_clock", "_held", "_not_reading", "_not_reading_s", "_timer", "codec",
+                 "runner", "socket")
 
-    def __init__(self, socket: SessionSocket, codec: ListenCodec, *,
-                 not_reading_s: float) -> None:
+    def __init__(self, socket: SessionSocket, codec: ListenCodec, *, not_reading_s: float,
+                 clock: Clock | None = None) -> None:
+        """`clock`: the running loop, or a fake one in tests."""
         self.socket = socket
+        self._clock: Clock = clock if clock is not None else asyncio.get_running_loop()
         self.codec = codec
         self.runner: AsrSessionRunner | None = None
         self._held: m.Transcript | None = None  # the newest interim, while the client lags
-        self._timer: asyncio.TimerHandle | None = None  # looks for Finalizes to answer
+        self._timer: Timer | None = None  # looks for Finalizes to answer
         # A client that takes none of our results for this long is not reading: closed 1008.
         # (Our own protocol's outbox bound does this; with the runner's events handed here,
         # the runner stops stepping, reading pauses, and neither idle nor ping would tell.)
         self._not_reading_s = not_reading_s
-        self._not_reading: asyncio.TimerHandle | None = None
+        self._not_reading: Timer | None = None
 
     def _runner(self) -> AsrSessionRunner:
         assert self.runner is not None, "started before its runner"
@@ -168,7 +172,7 @@ class ListenSession:
             return
         self._send(codec.answer_finalizes(runner.machine.accepted_ms))
         if codec.finalize_pending and self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(FINALIZE_LOOK_S, self._look)
+            self._timer = self._later(FINALIZE_LOOK_S, self._look)
 
     def _look(self) -> None:
         self._timer = None
@@ -183,10 +187,18 @@ class ListenSession:
         if sent:
             socket.flush()
             if socket.write_paused and self._not_reading is None:
-                self._not_reading = asyncio.get_running_loop().call_later(
-                    self._not_reading_s, self._client_not_reading)
+                self._not_reading = self._later(self._not_reading_s, self._client_not_reading)
+
+    def _later(self, delay_s: float, callback: Callable[[], object]) -> Timer:
+        clock = self._clock
+        return clock.call_at(clock.time() + delay_s, callback)
 
     def _client_not_reading(self) -> None:
+        """Closed from here: the runner would wait for the socket to drain before it closes.
+        The session ends when the connection does (`on_connection_closed`)."""
         self._not_reading = None
-        if self.socket.write_paused and self.runner is not None:
-            self.runner.end(1008, "client_not_reading")
+        if self.socket.write_paused:
+            error = ListenError(variant="client_not_reading",
+                                description="client stopped reading results")
+            self.socket.send_text(m.encoder.encode(error))
+            self.socket.close(1008, "client_not_reading")
