@@ -8,52 +8,42 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import wave
 from pathlib import Path
-from urllib.parse import urlencode
 
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from streamgate_client.asr_client import API_KEY_ENV, dev_key
+from streamgate_client.streams import StreamClosed, TtsStream
+from streamgate_protocol import messages as m
 
 DEFAULT_URL = "ws://127.0.0.1:8765/v1/tts/stream"
 
 
 async def synthesize(url: str, text: str, *, key: str | None, sample_rate: int,
                      model: str | None, voice: str | None, piece_chars: int = 12
-                     ) -> tuple[bytes, list[dict[str, object]]]:
-    """PCM16 audio for `text` and every JSON message the server sent."""
-    params = {"encoding": "pcm_s16le", "sample_rate": str(sample_rate)}
-    if model:
-        params["model"] = model
-    if voice:
-        params["voice"] = voice
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+                     ) -> tuple[bytes, list[m.TtsServerMessage | dict[str, object]]]:
+    """PCM16 audio for `text` and every message the server sent (typed), through the SDK's
+    `TtsStream`: the text goes in pieces as an LLM streams it, audio taken is credited back."""
     audio = bytearray()
-    messages: list[dict[str, object]] = []
-    async with connect(f"{url}?{urlencode(params)}", additional_headers=headers) as ws:
+    messages: list[m.TtsServerMessage | dict[str, object]] = []
+    async with await TtsStream.connect(url, key=key, sample_rate=sample_rate, model=model,
+                                       voice=voice) as tts:
         for i in range(0, len(text), piece_chars):  # token by token, as an LLM streams
-            await ws.send(json.dumps({"type": "text", "text": text[i:i + piece_chars]}))
-        await ws.send(json.dumps({"type": "close"}))
-        try:
-            async for msg in ws:
-                if isinstance(msg, bytes):
-                    audio += msg
-                    await ws.send(json.dumps({"type": "credit", "bytes": len(msg)}))
-                    continue
-                event = json.loads(msg)
-                messages.append(event)
-                if event.get("type") in ("error", "warning"):
-                    print(f"{event['type']}: {event.get('code')}: {event.get('message')}",
-                          file=sys.stderr)
-        except ConnectionClosed:
-            pass
-        if ws.close_code not in (1000, None):
-            raise RuntimeError(f"server closed {ws.close_code}: {ws.close_reason}")
+            await tts.send_text(text[i:i + piece_chars])
+        await tts.close()
+        async for item in tts:
+            if isinstance(item, bytes):
+                audio += item
+                continue
+            messages.append(item)
+            if isinstance(item, (m.Error, m.Warning)):
+                print(f"{type(item).__name__.lower()}: {item.code}: {item.message}",
+                      file=sys.stderr)
+        if tts.close_code not in (1000, None):
+            raise RuntimeError(f"server closed {tts.close_code}")
     return bytes(audio), messages
 
 
@@ -83,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"streamgate tts: rejected: HTTP {exc.response.status_code} {body}",
               file=sys.stderr)
         return 3
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, StreamClosed) as exc:
         print(f"streamgate tts: {exc}", file=sys.stderr)
         return 4
     with wave.open(str(args.out), "wb") as wav:
@@ -91,8 +81,9 @@ def main(args: argparse.Namespace) -> int:
         wav.setsampwidth(2)
         wav.setframerate(args.sample_rate)
         wav.writeframes(audio)
-    summary = next((m for m in messages if m.get("type") == "summary"), {})
+    summary = next((msg for msg in messages if isinstance(msg, m.TtsSummary)), None)
+    chars = summary.characters if summary is not None else "?"
+    cost = summary.cost_micros if summary is not None else "?"
     print(f"wrote {args.out}: {len(audio) * 1000 // (2 * args.sample_rate)} ms of audio, "
-          f"{summary.get('characters', '?')} characters, cost {summary.get('cost_micros', '?')} "
-          "micros")
+          f"{chars} characters, cost {cost} micros")
     return 0
