@@ -4,8 +4,10 @@ POST /v1/vision/extract on a real `streamgate serve`, scored into docs/vision-ev
 The server is started from this checkout with eval/vision/server.toml (one OCR slot, pinned to
 one core with taskset where there is one), the pages are sent one at a time with no `languages`
 (the server's default applies, as for a user who names none), and the wall time of each request
-is its seconds per page. The doc's "History" section is kept across runs and gets one line per
-run appended (`--label` names it, e.g. "before").
+is its wall time per page; the CPU time of the server process and its children (tesseract,
+poppler) per page is what "seconds per page on one core" is judged by, since other work on the
+machine stretches wall time. The doc's "History" section is kept across runs and gets one line
+per run at its top (`--label` names it, e.g. "before").
 """
 
 from __future__ import annotations
@@ -344,7 +346,9 @@ def report(results: Sequence[Result], label: str, commit: str, previous: str) ->
              f"{100 * overall.order / max(1, overall.pages):.1f} %, coverage "
              + ("n/a" if coverage is None else f"{100 * coverage:.2f} %")
              + f", {mean_s:.2f} CPU s/page (slowest {slowest:.2f})")
-    lines += [HISTORY, "", *([previous] if previous else []), entry, ""]
+    # Newest first; whatever an earlier doc kept under the heading (entries, a full "before"
+    # table) stays below.
+    lines += [HISTORY, "", entry, *([previous] if previous else []), ""]
     return "\n".join(lines)
 
 
