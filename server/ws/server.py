@@ -303,9 +303,11 @@ class WsServer:
     def _sweep(self, now: float) -> None:
         cfg = self.config
         for conn in list(self.connections):
-            if conn.activity or conn.reading_paused:
-                # Reading paused is our back pressure (a full queue, a lease top-up): the peer
-                # is held back by us, not idle, and its pongs wait behind what it sent.
+            if conn.activity or (conn.reading_paused and not conn.write_paused):
+                # Reading paused is our back pressure (a full queue on a slow engine, a lease
+                # top-up): the peer is held back by us, not idle, and its pongs wait behind what
+                # it sent. Not when our writes are stuck too: then the peer is not reading, and
+                # the idle clock is what ends a session that would otherwise wait for ever.
                 conn.activity = False
                 conn.last_activity = now
             if conn.close_deadline is not None:
