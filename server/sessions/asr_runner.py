@@ -333,6 +333,13 @@ class AsrSessionRunner:
             self.machine.receive_control(msg)
         self._input = True
 
+    def control(self, msg: m.AsrClientMessage) -> None:
+        """A typed control message from a caller that speaks another dialect (Deepgram's
+        `Finalize`, Sarvam's `flush`): no JSON of ours on the way in. Taken in with the audio
+        of the same read, in order."""
+        self.machine.receive_control(msg)
+        self._input = True
+
     def on_writable(self) -> None:
         self._writable.set()
         self._wake.set()

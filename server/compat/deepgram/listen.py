@@ -37,13 +37,6 @@ from streamgate_protocol import messages as m
 
 # How often a Finalize that ended no utterance is looked at again until it is answered.
 FINALIZE_LOOK_S: Final = 0.05
-# Our control messages as our runner reads them (it takes client JSON; these are constants).
-_CONTROL: Final[dict[type, bytes]] = {
-    m.Finalize: m.encoder.encode(m.Finalize()),
-    m.Close: m.encoder.encode(m.Close()),
-}
-
-
 class DeepgramListenEndpoint:
     kind = "asr"
 
@@ -116,9 +109,8 @@ class ListenSession:
         if isinstance(msg, (ConfigureSuccess, ConfigureFailure)):
             self._send([self.codec.encode_reply(msg)])
             return
-        control = _CONTROL.get(type(msg))
-        if control is not None:  # a KeepAlive has done its work: the connection saw activity
-            self._runner().on_text(control)
+        if isinstance(msg, (m.Finalize, m.Close)):  # a KeepAlive has done its work already:
+            self._runner().control(msg)  # the connection saw activity
 
     def on_read_done(self) -> None:
         self._runner().on_read_done()

@@ -42,7 +42,6 @@ STT_MODEL_PREFIXES = ("saaras:", "saarika:")
 TTS_MODEL_PREFIXES = ("bulbul:",)
 INPUT_CODECS = ("wav", "pcm_s16le", "pcm_l16", "pcm_raw")
 _TRUE = ("true", "1")
-_FINALIZE = m.encoder.encode(m.Finalize())
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -207,11 +206,11 @@ class SarvamSttSession:
                 if got.sample_rate != self._session_rate:
                     # The first audio tells the rate (a WAV header): the session takes a
                     # config before its first audio.
-                    runner.on_text(m.encoder.encode(m.Config(sample_rate=got.sample_rate)))
+                    runner.control(m.Config(sample_rate=got.sample_rate))
             if got.pcm:
                 runner.on_binary(got.pcm)
         elif isinstance(got, FlushIn):
-            runner.on_text(_FINALIZE)
+            runner.control(m.Finalize())
         elif isinstance(got, stt_codec.Refused):
             self._send(stt_codec.error_message(got.code, got.message))
 
