@@ -1,5 +1,5 @@
 # Thin wrappers around scripts/; `make test ARGS="-k credit"` passes arguments through.
-.PHONY: setup run test lint bench hostile
+.PHONY: setup run test lint bench hostile eval-vision
 
 ARGS ?=
 
@@ -23,3 +23,8 @@ hostile: setup
 
 bench: setup
 	.venv/bin/python -m loadtest.bench $(ARGS)
+
+# Vision evaluation (issue 16): corpus -> scan-like copies -> /v1/vision/extract on a real server
+# -> docs/vision-eval.md. `make eval-vision ARGS="--label after"` names the run in its history.
+eval-vision: setup
+	.venv/bin/python -m eval.vision.run $(ARGS)
