@@ -75,9 +75,9 @@ def nodes(redis_url: str, database_url: str) -> Iterator[Nodes]:
 
 
 def phrases() -> bytes:
-    """About 9 s: five phrases, each an utterance (700 ms of silence ends one)."""
+    """About 7 s: four phrases, each an utterance (700 ms of silence ends one)."""
     words = ["good morning everyone", "the quick brown fox", "jumps over the lazy dog",
-             "seven eight nine ten", "thank you and goodbye"]
+             "thank you and goodbye"]
     return silence(300) + b"".join(espeak_pcm16(w) + silence(700) for w in words)
 
 
@@ -115,7 +115,7 @@ def assert_each_final_once(messages: list[object]) -> list[m.Transcript]:
     got = finals(messages)
     ids = [t.utterance_id for t in got]
     assert ids == list(range(1, len(ids) + 1)), ids  # in order, none twice, none missing
-    assert len(ids) >= 5
+    assert len(ids) >= 4
     starts = [t.start_ms for t in got]
     assert starts == sorted(starts)  # one audio timeline across both nodes
     return got
