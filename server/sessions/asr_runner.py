@@ -347,6 +347,7 @@ class AsrSessionRunner:
     def on_idle(self) -> None:
         self.machine.idle_timeout(self.endpoint.config.server.idle_timeout_s)
         self._wake.set()
+        self._writable.set()  # the idle close must not wait for the peer to read
 
     def on_drain(self) -> None:
         self.machine.drain()
@@ -362,6 +363,7 @@ class AsrSessionRunner:
         """A composite session ends the session with this close code (no finals)."""
         self.machine.fail(code, reason, reason)
         self._input = True
+        self._writable.set()  # a stage task waiting for the peer to read: close now
         self.on_read_done()
 
     def on_connection_closed(self, code: int) -> None:
@@ -427,8 +429,11 @@ class AsrSessionRunner:
             wake.clear()
             if self._gone or self._finished:
                 return
-            while conn.write_paused and not self._gone and not self._finished:
-                # The client is not reading: stop producing until its socket drains.
+            while conn.write_paused and not self._gone and not self._finished \
+                    and self.machine.close_action is None:
+                # The client is not reading: stop producing until its socket drains. A close
+                # decided meanwhile goes out at once: it must not wait for a peer that may
+                # never read again.
                 self._writable.clear()
                 await self._writable.wait()
             if not self._finished:

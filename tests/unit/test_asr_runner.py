@@ -489,3 +489,15 @@ def test_settled_without_a_settle_is_an_illegal_transition() -> None:
         engine_interim=True, max_frame_bytes=65536, idle_timeout_s=10.0)
     with pytest.raises(IllegalTransition):
         machine.settled(UsageReport(0, 0, 0, 0, None))
+
+
+async def test_a_composite_session_ends_a_client_that_does_not_read() -> None:
+    """A call (or a dialect) ends the session while the peer takes nothing of what we write:
+    the close goes out anyway (it used to wait for the socket to drain, for ever)."""
+    s = await open_session()
+    await s.feed(frames(silence(200)))
+    s.wire.write_paused = True  # the peer stopped reading
+    await s.feed(frames(silence(200)))
+    s.runner.end(4002, "insufficient_balance")
+    await s.ended()
+    assert s.wire.closed == (4002, "insufficient_balance")
