@@ -37,14 +37,14 @@ from server.http.openapi import components, ref, register
 from server.http.speech import (
     FRAME,
     HttpWire,
-    _Audio,
-    _audio_format,
-    _final_error,
-    _refuse_unknown_voice,
-    _refuse_unsupported,
-    _spooled_chunks,
-    _upgrade,
-    _Upload,
+    Upload,
+    UploadAudio,
+    audio_format,
+    final_error,
+    query_upgrade,
+    refuse_unknown_voice,
+    refuse_unsupported_http,
+    spooled_chunks,
 )
 from server.protocol.admission import Principal
 from server.protocol.errors import Rejected, http_status_of_close
@@ -156,7 +156,7 @@ class _Form:
 
 
 async def _read_form(request: web.Request, spool: SpooledTemporaryFile[bytes]
-                     ) -> tuple[_Upload, _Form]:
+                     ) -> tuple[Upload, _Form]:
     """The whole multipart form under the bounds of flow_control/http_upload: the `file` part
     into `spool`, other parts as fields; `name[]` parts (the SDK's arrays) may repeat."""
     if not request.content_type.startswith("multipart/"):
@@ -173,7 +173,7 @@ async def _read_form(request: web.Request, spool: SpooledTemporaryFile[bytes]
 
 
 async def _parse_form(request: web.Request, spool: SpooledTemporaryFile[bytes]
-                      ) -> tuple[_Upload, _Form]:
+                      ) -> tuple[Upload, _Form]:
     reader = await request.multipart()
     form = _Form()
     file_part: tuple[MediaType, str | None] | None = None
@@ -190,7 +190,7 @@ async def _parse_form(request: web.Request, spool: SpooledTemporaryFile[bytes]
             raise _bad(f"form field {name!r} is given more than once", name)
         if name == "file":
             file_part = (MediaType.parse(part.headers.get("Content-Type")), part.filename)
-            _refuse_unsupported(file_part[0])
+            refuse_unsupported_http(file_part[0])
             size = 0
             while chunk := await part.read_chunk(FRAME):
                 size += len(chunk)
@@ -214,7 +214,7 @@ async def _parse_form(request: web.Request, spool: SpooledTemporaryFile[bytes]
             form.fields[name] = text
     if file_part is None:
         raise _bad("multipart body without a `file` part", "file")
-    upload = _Upload(file_part[0], file_part[1], {}, _Audio(_spooled_chunks(spool)))
+    upload = Upload(file_part[0], file_part[1], {}, UploadAudio(spooled_chunks(spool)))
     return upload, form
 
 
@@ -442,14 +442,14 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
                 query = {"model": ask.model, "interim_results": "false"}
                 if ask.language is not None:
                     query["language"] = ask.language
-                fmt = await _audio_format(upload, {},
+                fmt = await audio_format(upload, {},
                                           asr.config.asr.session.max_wav_header_bytes)
                 query["encoding"] = fmt.encoding
                 if fmt.sample_rate is not None:
                     query["sample_rate"] = str(fmt.sample_rate)
                 if fmt.channels is not None:
                     query["channels"] = str(fmt.channels)
-                decision = await asr.open_session(_upgrade(query), caller)
+                decision = await asr.open_session(query_upgrade(query), caller)
                 if isinstance(decision, Rejected):
                     raise _refusal(decision)
                 if ask.stream:
@@ -461,7 +461,7 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
                 await upload.audio.aclose()
         return transcript_answer(wire, ask)
 
-    async def feed(wire: HttpWire, handler: AsrSessionRunner, audio: _Audio) -> None:
+    async def feed(wire: HttpWire, handler: AsrSessionRunner, audio: UploadAudio) -> None:
         """The upload through the session as fast as it drains; the session's end awaited."""
         try:
             async with aclosing(audio.chunks()) as chunks:
@@ -479,7 +479,7 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
                 handler.on_connection_closed(1006)  # the request went away: settle as such
 
     def transcript_answer(wire: HttpWire, ask: _TranscriptionAsk) -> web.Response:
-        error = _final_error(wire.messages)
+        error = final_error(wire.messages)
         if wire.close_code != 1000 and error is not None:
             raise ApiError(http_status_of_close(wire.close_code), error.code, error.message)
         finals = [e for e in wire.messages if isinstance(e, m.Transcript) and e.is_final]
@@ -498,7 +498,7 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
             else TranscriptionJson(text, DurationUsage(audio_ms / 1000)))
         return web.Response(body=msgspec.json.encode(document), content_type="application/json")
 
-    async def stream_transcript(request: web.Request, start: StartSession, audio: _Audio
+    async def stream_transcript(request: web.Request, start: StartSession, audio: UploadAudio
                                 ) -> web.StreamResponse:
         """`transcript.text.delta` per final utterance as the session produces it, then
         `transcript.text.done`; a session that fails midway ends with an `error` event."""
@@ -554,7 +554,7 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
                  "sample_rate": str(SPEECH_RATE)}
         if (voice := _voice(body.voice)) is not None:
             query["voice"] = voice
-        _refuse_unknown_voice(tts, query)
+        refuse_unknown_voice(tts, query)
         encoder: StreamEncoder | None = None
         if fmt in CONTENT_TYPES:
             try:
@@ -575,7 +575,7 @@ def add_openai_audio_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsE
         def on_events(events: list[m.TtsServerMessage]) -> None:
             errors.extend(ev for ev in events if isinstance(ev, m.Error))
 
-        decision = await tts.open_session(_upgrade(query), caller)
+        decision = await tts.open_session(query_upgrade(query), caller)
         if isinstance(decision, Rejected):
             raise _refusal(decision)
         wire = HttpWire()

@@ -105,16 +105,16 @@ class HttpWire:
         await self._resumed.wait()
 
 
-def _upgrade(query: dict[str, str]) -> UpgradeRequest:
+def query_upgrade(query: dict[str, str]) -> UpgradeRequest:
     return UpgradeRequest(path="", query=query, api_key=None)
 
 
-def _final_error(messages: list[m.AsrServerMessage]) -> m.Error | None:
+def final_error(messages: list[m.AsrServerMessage]) -> m.Error | None:
     errors = [e for e in messages if isinstance(e, m.Error)]
     return errors[-1] if errors else None
 
 
-class _Audio:
+class UploadAudio:
     """An upload's bytes: the first ones read ahead (to tell what they are before a session is
     admitted), then the rest as the pipeline takes them."""
 
@@ -143,13 +143,13 @@ class _Audio:
 
 
 @dataclass
-class _Upload:
+class Upload:
     """What a transcription request says about its audio, and the audio."""
 
     media_type: MediaType
     filename: str | None
     fields: dict[str, str]  # form fields (the query string is the request's)
-    audio: _Audio
+    audio: UploadAudio
 
 
 async def _raw_chunks(request: web.Request) -> AsyncGenerator[bytes, None]:
@@ -157,7 +157,7 @@ async def _raw_chunks(request: web.Request) -> AsyncGenerator[bytes, None]:
         yield chunk
 
 
-async def _spooled_chunks(spool: SpooledTemporaryFile[bytes]
+async def spooled_chunks(spool: SpooledTemporaryFile[bytes]
                           ) -> AsyncGenerator[bytes, None]:
     # A page-cache (or in-memory) read of one frame: short enough for the event loop.
     spool.seek(0)
@@ -165,7 +165,7 @@ async def _spooled_chunks(spool: SpooledTemporaryFile[bytes]
         yield chunk
 
 
-async def _read_form(request: web.Request, spool: SpooledTemporaryFile[bytes]) -> _Upload:
+async def _read_form(request: web.Request, spool: SpooledTemporaryFile[bytes]) -> Upload:
     """Read the whole form: the `file` part into `spool`, every other part as a parameter. A
     parameter may follow the file (curl's usual order), so nothing starts before the end."""
     if request.content_length is not None and \
@@ -192,7 +192,7 @@ async def _read_form(request: web.Request, spool: SpooledTemporaryFile[bytes]) -
             raise ApiError(400, "bad_request", f"form part {name!r}: send it unencoded")
         if name == "file":
             file_part = (MediaType.parse(part.headers.get("Content-Type")), part.filename)
-            _refuse_unsupported(file_part[0])
+            refuse_unsupported_http(file_part[0])
             size = 0
             while chunk := await part.read_chunk(FRAME):
                 size += len(chunk)
@@ -212,7 +212,7 @@ async def _read_form(request: web.Request, spool: SpooledTemporaryFile[bytes]) -
             raise ApiError(400, "bad_request", f"form field {name!r} is not UTF-8") from None
     if file_part is None:
         raise ApiError(400, "bad_request", "multipart body without a `file` part")
-    return _Upload(file_part[0], file_part[1], fields, _Audio(_spooled_chunks(spool)))
+    return Upload(file_part[0], file_part[1], fields, UploadAudio(spooled_chunks(spool)))
 
 
 def _form_too_large() -> ApiError:
@@ -221,11 +221,11 @@ def _form_too_large() -> ApiError:
                     "send a longer recording as the raw body (it is streamed)")
 
 
-async def _upload(request: web.Request, spool: SpooledTemporaryFile[bytes]) -> _Upload:
+async def _upload(request: web.Request, spool: SpooledTemporaryFile[bytes]) -> Upload:
     if not request.content_type.startswith("multipart/"):
         declared = MediaType.parse(request.headers.get("Content-Type"))
-        _refuse_unsupported(declared)
-        return _Upload(declared, None, {}, _Audio(_raw_chunks(request)))
+        refuse_unsupported_http(declared)
+        return Upload(declared, None, {}, UploadAudio(_raw_chunks(request)))
     try:
         return await _read_form(request, spool)
     except ApiError:
@@ -234,14 +234,14 @@ async def _upload(request: web.Request, spool: SpooledTemporaryFile[bytes]) -> _
         raise ApiError(400, "bad_request", f"malformed multipart body: {exc}"[:200]) from None
 
 
-def _refuse_unsupported(declared: MediaType) -> None:
+def refuse_unsupported_http(declared: MediaType) -> None:
     try:
         refuse_unsupported(declared)
     except UnsupportedMediaType as exc:
         raise ApiError(415, "unsupported_media_type", str(exc)) from None
 
 
-async def _audio_format(upload: _Upload, query: dict[str, str],
+async def audio_format(upload: Upload, query: dict[str, str],
                         max_wav_header_bytes: int) -> AudioFormat:
     """What the upload is, checked before any session is admitted: a refusal leases and
     charges nothing."""
@@ -326,7 +326,7 @@ class _KnowsItsVoices(Protocol):
     def resolve_voice(self, voice: str | None, language: str) -> str: ...
 
 
-def _refuse_unknown_voice(tts: TtsEndpoint, query: dict[str, str]) -> None:
+def refuse_unknown_voice(tts: TtsEndpoint, query: dict[str, str]) -> None:
     """The engine's refusal of the voice or language, as the session would get it at the first
     chunk, but before admission: a refused request reserves no lease and leaves no usage event."""
     try:
@@ -401,7 +401,7 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
                 wire = await transcribe_upload(request, caller, upload)
             finally:
                 await upload.audio.aclose()
-        error = _final_error(wire.messages)
+        error = final_error(wire.messages)
         if wire.close_code != 1000 and error is not None:
             raise ApiError(http_status_of_close(wire.close_code), error.code, error.message)
         finals = [e for e in wire.messages if isinstance(e, m.Transcript) and e.is_final]
@@ -417,16 +417,16 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
         return response, b"application/json\n" + body
 
     async def transcribe_upload(request: web.Request, caller: Principal,
-                                upload: _Upload) -> HttpWire:
+                                upload: Upload) -> HttpWire:
         query = {**request.query, **upload.fields}
-        fmt = await _audio_format(upload, query, asr.config.asr.session.max_wav_header_bytes)
+        fmt = await audio_format(upload, query, asr.config.asr.session.max_wav_header_bytes)
         query["encoding"] = fmt.encoding
         if fmt.sample_rate is not None:
             query["sample_rate"] = str(fmt.sample_rate)
         if fmt.channels is not None:
             query["channels"] = str(fmt.channels)
         query.setdefault("interim_results", "false")
-        decision = await asr.open_session(_upgrade(query), caller)
+        decision = await asr.open_session(query_upgrade(query), caller)
         if isinstance(decision, Rejected):
             raise api_error(decision)
         wire = HttpWire()
@@ -471,8 +471,8 @@ def add_speech_routes(app: web.Application, *, asr: AsrEndpoint, tts: TtsEndpoin
         def on_events(events: list[m.TtsServerMessage]) -> None:
             errors.extend(ev for ev in events if isinstance(ev, m.Error))
 
-        _refuse_unknown_voice(tts, query)
-        decision = await tts.open_session(_upgrade(query), caller)
+        refuse_unknown_voice(tts, query)
+        decision = await tts.open_session(query_upgrade(query), caller)
         if isinstance(decision, Rejected):
             raise api_error(decision)
         wire = HttpWire()
