@@ -107,6 +107,14 @@ class UtteranceEnd(Msg, tag="utterance_end"):
     end_ms: int
 
 
+class UtteranceMetrics(Msg, tag="metrics"):
+    """Sent after an utterance's final when the session asked for it (`metrics=true`)."""
+
+    utterance_id: int
+    end_of_speech_to_final_ms: int  # the VAD ended the utterance -> its final went out
+    engine_ms: int  # of that, time in engine calls for the utterance
+
+
 class Checkpoint(Msg, tag="checkpoint"):
     """The server has taken in the client's audio up to byte `offset` of the stream for good: a
     resume continues from there (or later), so a client may forget the audio before it. Every
@@ -153,6 +161,7 @@ AsrServerMessage = (
     | SpeechStarted
     | Transcript
     | UtteranceEnd
+    | UtteranceMetrics
     | Checkpoint
     | Usage
     | Warning

@@ -162,6 +162,7 @@ class _Utterance:
     audio: UtteranceResampler
     end_ms: int = -1  # set when the VAD (or finalize) ends it
     last_interim: str = ""
+    ended_at: float = 0.0  # the step's `now` when it ended (end of speech -> final latency)
 
 
 class AsrSession:
@@ -232,6 +233,8 @@ class AsrSession:
         self._seen_through = resume.last_utterance_id if resume else 0
         self.replay: FinalsReplay[FinalMessage] = FinalsReplay(resume.finals if resume else ())
         self._last_end_ms = 0  # where the last utterance ended (this connection's audio time)
+        self._now = 0.0  # the current step's clock: when an utterance ends
+        self._final_latencies: list[float] = []
         if resume is not None:
             self.utterance_count = resume.next_utterance_id - 1
         self.credit = CreditWindow(self._capacity(params))
@@ -427,8 +430,9 @@ class AsrSession:
     def step(self, now: float) -> Step:
         """One ingest stage step over everything queued, then what the I/O side must do.
 
-        `now` is any monotonic clock in seconds (the runner's loop time); it only bounds how
-        long finals are waited for after the input ended."""
+        `now` is any monotonic clock in seconds (the runner's loop time); it bounds how long
+        finals are waited for after the input ended, and times end of speech -> final."""
+        self._now = now
         state = self._state
         if state == "open":
             if self._lease_pending:
@@ -610,12 +614,18 @@ class AsrSession:
             elif self._open is not None:
                 utt, self._open = self._open, None
                 utt.end_ms = self._base_ms + ev.end_ms
+                utt.ended_at = self._now
                 self._last_end_ms = ev.end_ms
                 self._awaiting_final[utt.utterance_id] = utt
                 pcm = utt.audio.finish()
                 if pcm:
                     self._requests.append((EngineFeed(utt.utterance_id, pcm), len(pcm)))
                 self._requests.append((EngineFinish(utt.utterance_id), 0))
+
+    def take_final_latencies(self) -> list[float]:
+        """End of speech -> final, in seconds, of the finals since the last call (metrics)."""
+        out, self._final_latencies = self._final_latencies, []
+        return out
 
     # --- the invoke stage -----------------------------------------------------------------------
 
@@ -648,7 +658,10 @@ class AsrSession:
     def engine_queue_bytes(self) -> int:
         return self._engine_work.total
 
-    def receive_result(self, utterance_id: int, hyp: Hypothesis, *, final: bool) -> None:
+    def receive_result(self, utterance_id: int, hyp: Hypothesis, *, final: bool,
+                       now: float | None = None, engine_s: float = 0.0) -> None:
+        """An engine result. For a final, `now` (the step clock) times end of speech -> final
+        and `engine_s` is the utterance's time in engine calls (the `metrics` message)."""
         if self._state == "closed":
             return  # the close is decided: nothing more goes out
         if final:
@@ -659,6 +672,14 @@ class AsrSession:
             end = m.UtteranceEnd(utterance_id=utterance_id, end_ms=utt.end_ms)
             self._emit(final_msg)
             self._emit(end)
+            if now is not None:
+                latency = max(0.0, now - utt.ended_at)
+                self._final_latencies.append(latency)
+                if self.params.metrics:
+                    self._emit(m.UtteranceMetrics(
+                        utterance_id=utterance_id,
+                        end_of_speech_to_final_ms=round(latency * 1000),
+                        engine_ms=round(engine_s * 1000)))
             if self.resumable:
                 self.replay.add(utterance_id, final_msg)
                 self.replay.add(utterance_id, end)

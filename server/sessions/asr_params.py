@@ -31,6 +31,7 @@ class AsrParams(msgspec.Struct, kw_only=True, frozen=True):
     endpointing_ms: int = 500
     vad: VadMode = "medium"
     overflow: Overflow = "block"
+    metrics: bool = False  # a `metrics` message after each final (docs/protocol.md)
 
     @property
     def bytes_per_ms(self) -> float:
@@ -92,6 +93,8 @@ def params_from_query(
             kwargs[name] = _int(name, query[name])
     if "interim_results" in query:
         kwargs["interim_results"] = _bool("interim_results", query["interim_results"])
+    if "metrics" in query:
+        kwargs["metrics"] = _bool("metrics", query["metrics"])
     return _check(AsrParams(**kwargs), models)  # type: ignore[arg-type]
 
 

@@ -530,6 +530,8 @@ class AsrSessionRunner:
         streams: dict[int, TranscriptionStream] = {}
         model = machine.params.model
         engine_seconds = self.metrics.engine_seconds
+        final_latency = self.metrics.asr_final_latency.labels(model)
+        engine_time: dict[int, float] = {}  # per utterance: its time in engine calls
         work_available = machine.engine_work_available
         try:
             while not self._gone:
@@ -551,17 +553,24 @@ class AsrSessionRunner:
                         hyp = await stream.feed(req.pcm)
                         if hyp is not None:
                             machine.receive_result(utt, hyp, final=False)
-                        engine_seconds.labels(model, "feed").observe(time.perf_counter() - t0)
+                        took = time.perf_counter() - t0
+                        engine_time[utt] = engine_time.get(utt, 0.0) + took
+                        engine_seconds.labels(model, "feed").observe(took)
                     else:
                         hyp = await stream.finish()
                         # Dropped once answered: a finish cancelled while it waits (finals
                         # abandoned, client gone) is closed below like every open stream.
                         del streams[utt]
-                        engine_seconds.labels(model, "finish").observe(time.perf_counter() - t0)
-                        machine.receive_result(utt, hyp, final=True)
+                        took = time.perf_counter() - t0
+                        engine_seconds.labels(model, "finish").observe(took)
+                        machine.receive_result(utt, hyp, final=True, now=self._time(),
+                                               engine_s=engine_time.pop(utt, 0.0) + took)
+                        for latency in machine.take_final_latencies():
+                            final_latency.observe(latency)
                         self._checkpoint_wanted = self.resume is not None
                 except EngineError as exc:
                     self.metrics.engine_errors.labels(model).inc()
+                    engine_time.pop(utt, None)
                     dead = streams.pop(utt, None)
                     if dead is not None:
                         await dead.aclose()

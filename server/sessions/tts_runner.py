@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -244,6 +245,7 @@ class TtsSessionRunner:
         self.usage = MeteredUsage(meter, log=log, log_extra=self._log,
                                   usage_interval_s=endpoint.config.tts.session.usage_interval_s)
         self._tenant_id = principal.tenant_id
+        self._first_audio = endpoint.metrics.tts_first_audio.labels(machine.params.model)
         # A resumable session writes what a resume needs whenever it changes (resume.py).
         self.resume = resume
         self._saved_version = -1
@@ -440,6 +442,8 @@ class TtsSessionRunner:
         """One chunk, read from the engine as fast as it comes."""
         machine = self.machine
         params = machine.params
+        taken = time.perf_counter()
+        first = True
         try:
             stream = self.engine.synthesize(req.text, voice=params.voice, language=params.language)
             async with contextlib.aclosing(stream):  # type: ignore[type-var]
@@ -447,6 +451,9 @@ class TtsSessionRunner:
                     machine.handle(EngineAudio(req, pcm))
                     self._charge()
                     self._pump()
+                    if first and pcm:
+                        first = False  # its first frame is on the wire (or waits for credit)
+                        self._first_audio.observe(time.perf_counter() - taken)
             machine.handle(EngineDone(req))
         except EngineError as exc:
             machine.handle(EngineFailed(req, str(exc), exc.retryable))

@@ -43,6 +43,9 @@ def mark_process_dead(pid: int, directory: str) -> None:
     _mark_dead(pid, directory)
 
 
+# Turn latencies, in seconds: fine steps where voice SLOs sit (0.3-1 s), coarse beyond.
+TURN_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
@@ -95,6 +98,18 @@ class Metrics:
         self.engine_seconds = Histogram(
             "streamgate_engine_seconds", "Engine call latency", ["model", "op"], registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        )
+        # Per turn (issue 17): what a latency SLO is written on, e.g. "p99 end of speech to
+        # final < 700 ms" is one histogram_quantile over this.
+        self.asr_final_latency = Histogram(
+            "streamgate_asr_final_latency_seconds",
+            "End of speech (the VAD ended the utterance) to its final transcript", ["model"],
+            registry=r, buckets=TURN_BUCKETS,
+        )
+        self.tts_first_audio = Histogram(
+            "streamgate_tts_first_audio_seconds",
+            "A TTS chunk taken for synthesis to its first audio frame on the wire", ["model"],
+            registry=r, buckets=TURN_BUCKETS,
         )
         self.engine_errors = Counter(
             "streamgate_engine_errors_total", "Engine failures", ["model"], registry=r

@@ -4,8 +4,10 @@ TTS audio taken from the stream is credited back, and a barge-in clears."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import urllib.request
 import wave
 from pathlib import Path
 
@@ -90,3 +92,35 @@ def test_the_tts_cli_speaks_through_the_sdk(server: ServerProcess, tmp_path: Pat
     assert "characters" in done.stdout
     with wave.open(str(out)) as wav:
         assert wav.getnframes() > 0 and wav.getframerate() == 16000
+
+
+async def test_turn_latencies_in_band_on_request_and_in_the_metrics(
+        server: ServerProcess) -> None:
+    """`metrics=true` brings a `metrics` message after each final; /metrics has the histograms
+    an SLO is written on (end of speech -> final; TTS first audio) either way."""
+    audio = silence(300) + espeak_pcm16("how long did that take") + silence(900)
+    async with await AsrStream.connect(f"{server.ws}/v1/asr/stream", key=TEST_KEY,
+                                       params={"model": "synthetic", "metrics": "true"}) as asr:
+        await asr.send(audio)
+        await asr.close()
+        events = [event async for event in asr]
+    [final] = [e for e in events if isinstance(e, m.Transcript) and e.is_final]
+    [turn] = [e for e in events if isinstance(e, m.UtteranceMetrics)]
+    assert turn.utterance_id == final.utterance_id
+    assert 0 <= turn.engine_ms <= turn.end_of_speech_to_final_ms < 10_000
+    async with await TtsStream.connect(f"{server.ws}/v1/tts/stream", key=TEST_KEY,
+                                       model="synthetic") as tts:
+        await tts.send_text("Timed.")
+        await tts.close()
+        _ = [item async for item in tts]
+    page = await asyncio.to_thread(scrape, server)
+    for name in ("streamgate_asr_final_latency_seconds_count",
+                 "streamgate_tts_first_audio_seconds_count"):
+        counts = [float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+                  if line.startswith(name + '{model="synthetic"}')]
+        assert counts and counts[0] >= 1, name
+
+
+def scrape(server: ServerProcess) -> str:
+    with urllib.request.urlopen(f"{server.http}/metrics", timeout=10) as resp:
+        return str(resp.read().decode())

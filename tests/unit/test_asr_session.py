@@ -370,3 +370,33 @@ def test_cached_credit_frames_are_the_encoded_message_framed() -> None:
         cached = cache.payload(grant)
         assert frame_header(0x1, len(cached)) + cached == expected
     assert len(cache._payloads) <= 2
+
+
+def test_metrics_on_request_time_end_of_speech_to_final() -> None:
+    """`metrics=true`: after each final, how long it took from the end of speech (the step
+    that ended the utterance) and how much of that was engine time; the runner's histogram
+    gets the same latency either way."""
+    for asked in (True, False):
+        s = make(metrics=asked, interim_results=False)
+        s.messages()
+        for frame in frames(SPEECH):
+            s.receive_audio(frame)
+        s.step(10.0)  # the VAD ends the utterance in this step
+        finish = None
+        while (req := s.next_engine_request()) is not None:
+            if isinstance(req, EngineFinish):
+                finish = req
+        assert finish is not None
+        s.receive_result(finish.utterance_id, Hypothesis("hello there"), final=True,
+                         now=10.4, engine_s=0.12)
+        events = s.messages()
+        metrics = [e for e in events if isinstance(e, m.UtteranceMetrics)]
+        if asked:
+            assert metrics == [m.UtteranceMetrics(utterance_id=finish.utterance_id,
+                                                  end_of_speech_to_final_ms=400,
+                                                  engine_ms=120)]
+            assert types(events)[-3:] == ["Transcript", "UtteranceEnd", "UtteranceMetrics"]
+        else:
+            assert metrics == []
+        assert [round(x, 3) for x in s.take_final_latencies()] == [0.4]
+        assert s.take_final_latencies() == []
