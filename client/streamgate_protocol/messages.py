@@ -112,7 +112,7 @@ class UtteranceMetrics(Msg, tag="metrics"):
 
     utterance_id: int
     end_of_speech_to_final_ms: int  # the VAD ended the utterance -> its final went out
-    engine_ms: int  # of that, time in engine calls for the utterance
+    engine_ms: int  # the utterance's time in engine calls (its feeds during speech too)
 
 
 class Checkpoint(Msg, tag="checkpoint"):

@@ -661,7 +661,7 @@ class AsrSession:
     def receive_result(self, utterance_id: int, hyp: Hypothesis, *, final: bool,
                        now: float | None = None, engine_s: float = 0.0) -> None:
         """An engine result. For a final, `now` (the step clock) times end of speech -> final
-        and `engine_s` is the utterance's time in engine calls (the `metrics` message)."""
+        and `engine_s` is the utterance's whole time in engine calls (the `metrics` message)."""
         if self._state == "closed":
             return  # the close is decided: nothing more goes out
         if final:

@@ -444,19 +444,21 @@ async def test_flooding_clients_keep_server_memory_bounded(server: ServerProcess
 
 
 async def test_a_client_held_back_by_back_pressure_is_not_idle(server: ServerProcess) -> None:
-    """A client that ignores credit on a slow engine: the server stops reading it for longer
-    than `idle_timeout_s` (1.5 s here). That is our back pressure, not the client going quiet:
-    the session goes on, every utterance gets its final, and it closes 1000 (it used to close
-    4008 idle_timeout with the client's audio unread in the socket)."""
+    """A client that ignores credit on a slow engine, and reads what it is sent: the server
+    stops reading it for longer than `idle_timeout_s` (1.5 s here). That is our back pressure,
+    not the client going quiet: the session goes on, every utterance gets its final, and it
+    closes 1000 (it used to close 4008 idle_timeout with the client's audio unread in the
+    socket). (A client that reads nothing either is ended by the idle clock: nothing moves.)"""
     phrase = silence(300) + espeak_pcm16("one two three four five") + silence(900)
     async with connect(url(server, model="synthetic-stuck", interim_results=False),
                        additional_headers=AUTH, max_size=2**22) as ws:
         await recv_json(ws)
+        reading = asyncio.create_task(drain_to_close(ws, timeout=40))
         audio = phrase * 6
         for i in range(0, len(audio), 3200):
             await ws.send(audio[i:i + 3200])  # no credit honoured: a flood
         await ws.send(json.dumps({"type": "close"}))
-        seen = await drain_to_close(ws, timeout=30)
+        seen = await reading
     assert ws.close_code == 1000, seen[-3:]
     finals = [m for m in seen if m["type"] == "transcript" and m["is_final"]]
     assert len(finals) == 6 and seen[-1]["type"] == "summary"
