@@ -620,7 +620,7 @@ class AsrSessionRunner:
 
     def _save_resume_point(self) -> None:
         if self.resume is not None and self._position is not None:
-            self.resume.request(self._resume_point())
+            self.resume.request(self._resume_point)
 
     def _resume_saved(self, point: AnyResumePoint, outcome: SaveOutcome) -> None:
         if outcome == "saved" and isinstance(point, ResumePoint):

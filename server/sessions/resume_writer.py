@@ -28,7 +28,9 @@ class ResumeWriter:
         self._ttl_s = ttl_s
         self._log = log
         self._extra = log_extra
-        self._pending: AnyResumePoint | None = None
+        # What the next background save writes, built only when it is written: a session whose
+        # state changes per text token asks often, and only the newest point is ever written.
+        self._pending: Callable[[], AnyResumePoint] | None = None
         self._task: asyncio.Task[None] | None = None
         self.superseded = False
         # Called with each point and how its save went (background saves only).
@@ -47,16 +49,18 @@ class ResumeWriter:
             return "superseded"
         return "saved"
 
-    def request(self, point: AnyResumePoint) -> None:
-        """Save `point` in the background (replacing one not yet written)."""
-        self._pending = point
+    def request(self, make_point: Callable[[], AnyResumePoint]) -> None:
+        """Save, in the background, the point `make_point` builds when its turn comes
+        (replacing one not yet written)."""
+        self._pending = make_point
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._write())
 
     async def _write(self) -> None:
         try:
             while self._pending is not None:
-                point, self._pending = self._pending, None
+                make_point, self._pending = self._pending, None
+                point = make_point()
                 outcome = await self.save(point)
                 if self.on_saved is not None:
                     self.on_saved(point, outcome)

@@ -378,7 +378,7 @@ class TtsSessionRunner:
         if self.resume is not None and self.machine.resume_version != self._saved_version \
                 and self.machine.state != "closed":
             self._saved_version = self.machine.resume_version
-            self.resume.request(self._resume_point())
+            self.resume.request(self._resume_point)
 
     async def _run(self) -> None:
         usage = self.usage.start_reports(self._on_usage, before=self._before_report)

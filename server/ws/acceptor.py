@@ -26,9 +26,12 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 RESOURCE_PAUSE_S = 1.0
 
 
-def listening_sockets(host: str, port: int, backlog: int, reuse_port: bool) -> list[socket.socket]:
+def listening_sockets(host: str, port: int, backlog: int, reuse_port: bool,
+                      listen: bool = True) -> list[socket.socket]:
     """Bound, listening, non-blocking sockets for every address `host` resolves to (what
-    loop.create_server would bind)."""
+    loop.create_server would bind); port 0 becomes one free port for all of them. Without
+    `listen` they are only bound (a supervisor's hold on a port: never in the kernel's
+    SO_REUSEPORT group, so no connection is ever queued on them)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
@@ -45,9 +48,12 @@ def listening_sockets(host: str, port: int, backlog: int, reuse_port: bool) -> l
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and socks[0] is not sock:
+                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])  # one port for all
             sock.bind(addr)
-            sock.listen(backlog)
-            sock.setblocking(False)
+            if listen:
+                sock.listen(backlog)
+                sock.setblocking(False)
     except BaseException:
         for sock in socks:
             sock.close()

@@ -163,14 +163,15 @@ class BoundPort:
 
 
 def bind_port(host: str, port: int, backlog: int,
-              deployment: str | None = None) -> BoundPort:
+              deployment: str | None = None, *, listen: bool = True) -> BoundPort:
     """Claim, then bind, `host:port` (port 0: any free port, claimed once known).
 
     Only members of a named deployment set SO_REUSEPORT: an exclusive bind is what makes a
     second, unrelated server fail instead of sharing the port behind our back."""
     guard = claim(port, deployment) if port else None
     try:
-        socks = listening_sockets(host, port, backlog=backlog, reuse_port=deployment is not None)
+        socks = listening_sockets(host, port, backlog=backlog, reuse_port=deployment is not None,
+                                  listen=listen)
     except OSError as exc:
         if guard is not None:
             guard.close()

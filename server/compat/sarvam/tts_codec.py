@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, TypeGuard
 
 import msgspec
 
@@ -45,6 +45,10 @@ _COMPRESSED: Final[dict[str, CompressedFormat]] = {"mp3": "mp3", "opus": "opus"}
 # Sarvam lists these too; no encoder of ours streams them (libsndfile's FLAC needs a seekable
 # file for its length, and it has no AAC).
 REFUSED_CODECS: Final = ("flac", "aac")
+
+
+def _served(codec: str) -> TypeGuard[OutputCodec]:
+    return codec in _SESSION_ENCODING
 
 
 class _ConfigData(msgspec.Struct):
@@ -187,13 +191,13 @@ class TtsCodec:
                 return None
             return Refused("bad_message", "a config after the first text may not change the "
                            "codec, sample rate or language here; open a new connection")
-        if codec not in _SESSION_ENCODING:
+        if not _served(codec):
             supported = ", ".join(_SESSION_ENCODING)
             return BadConfig(f"output_audio_codec {codec[:16]!r} is not served here; "
                              f"use one of {supported}")
         if codec == "opus" and rate not in OPUS_RATES:
             return BadConfig(f"Opus is made at {OPUS_RATES} Hz, not {rate}")
-        self.codec = codec  # type: ignore[assignment]  # checked against the table above
+        self.codec = codec
         self.sample_rate = rate
         self.language = language
         self._configured = (codec, rate, language)
