@@ -250,6 +250,7 @@ class AsrSessionRunner:
         clock: Clock | None = None,
         counted: bool = True,
         resume: ResumeWriter | None = None,
+        lag_kind: str = KIND,
     ) -> None:
         self.endpoint = endpoint
         self.conn = conn
@@ -265,6 +266,10 @@ class AsrSessionRunner:
         self._clock: Clock | None = clock
         self._time: Callable[[], float] = time.monotonic
         self._ingest_seconds = self.metrics.stage_seconds.labels("ingest")
+        # streamgate_ingest_lag_seconds: the clock is read at the first frame after a step (in
+        # the read that brought it), observed once the step took it through the VAD.
+        self._ingest_lag = self.metrics.ingest_lag.labels(lag_kind)
+        self._lag_from = 0.0  # 0.0: no frame waits for the ingest step
         self._wake = asyncio.Event()
         self._writable = asyncio.Event()
         self._wait: Step | None = None  # the last step's wait and deadline
@@ -316,6 +321,8 @@ class AsrSessionRunner:
         self.endpoint.server.spawn(self._run())
 
     def on_binary(self, data: bytes) -> None:
+        if not self._lag_from:
+            self._lag_from = self._time()
         self._frames_in += 1
         self._bytes_in += len(data)
         if self.machine.receive_audio(data):
@@ -450,6 +457,11 @@ class AsrSessionRunner:
             self._ingest_seconds.observe(time.perf_counter() - t0)
         else:
             out = machine.step(clock())
+        if self._lag_from and not machine.queue.audio_bytes:
+            # Every frame waiting went through the VAD (or was dropped by a close): the oldest
+            # one's lag is this step's.
+            self._ingest_lag.observe(clock() - self._lag_from)
+            self._lag_from = 0.0
         if not self._metering_held:
             accepted, dropped = machine.take_metered_ms()
             if accepted:

@@ -45,6 +45,8 @@ def mark_process_dead(pid: int, directory: str) -> None:
 
 # Turn latencies, in seconds: fine steps where voice SLOs sit (0.3-1 s), coarse beyond.
 TURN_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+# Ingest lag, in seconds: fine steps from 1 to 100 ms (issue 15: p99 < 20 ms), coarse beyond.
+INGEST_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -94,6 +96,13 @@ class Metrics:
         self.stage_seconds = Histogram(
             "streamgate_stage_seconds", "Time spent per stage batch", ["stage"], registry=r,
             buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
+        )
+        # Issue 15: how far the ingest stage runs behind the socket (a loaded loop shows here
+        # before it drops audio). Per ingest step, the oldest frame it took in.
+        self.ingest_lag = Histogram(
+            "streamgate_ingest_lag_seconds",
+            "A frame's read from the socket to its pass through the VAD", ["kind"], registry=r,
+            buckets=INGEST_LAG_BUCKETS,
         )
         self.engine_seconds = Histogram(
             "streamgate_engine_seconds", "Engine call latency", ["model", "op"], registry=r,

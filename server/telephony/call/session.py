@@ -230,7 +230,8 @@ class TelephonySession:
                          max_frame_bytes=config.server.max_frame_bytes,
                          idle_timeout_s=config.server.idle_timeout_s)
         self.runner = AsrSessionRunner(ep.asr, self.conn, asr, engine, meters.asr, principal,
-                                       on_events=self._asr_events, counted=False)
+                                       on_events=self._asr_events, counted=False,
+                                       lag_kind=KIND)
         synth = ep.tts_engine
         tts_params = TtsParams(model=ep.tts_model, voice=cfg.voice or None,
                                language=cfg.language, encoding=call.encoding,
