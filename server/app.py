@@ -50,6 +50,7 @@ from server.sessions.resume_redis import RedisResumeStore
 from server.sessions.tts_runner import TtsEndpoint
 from server.telemetry.logging import setup_logging
 from server.telemetry.metrics import Metrics
+from server.telemetry.tracing import TRACING, configure_from
 from server.telephony.call.endpoint import TelephonyEndpoint
 from server.ws.port_guard import BoundPort, PortInUse, bind_port, deployment_id
 from server.ws.server import WsServer
@@ -271,6 +272,7 @@ class Gateway:
 
 async def serve(config: Config) -> int:
     setup_logging(config.logging.level, config.logging.json)
+    configure_from(config.tracing)
     gateway = Gateway(config)
     try:
         await gateway.start()
@@ -304,6 +306,7 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
+    TRACING.shutdown()  # the exporter sends what it still holds
     return _leaked_tasks()
 
 

@@ -61,6 +61,16 @@ class LoggingConfig(Base):
     json: bool = True
 
 
+class TracingConfig(Base):
+    """OpenTelemetry traces (server/telemetry/tracing.py, docs/observability.md)."""
+
+    enabled: bool = False
+    sample_ratio: float = 1.0  # of new traces; a client's sampled `traceparent` is followed
+    always_sample_errors: bool = True  # error spans of unsampled traces are exported too
+    exporter: Literal["none", "console", "otlp"] = "none"
+    endpoint: str = ""  # OTLP/HTTP traces URL; empty: the exporter's default (or OTEL_* env)
+
+
 class AuthConfig(Base):
     # SHA-256 hex digests of accepted keys. The billing layer replaces this with real tenants.
     key_sha256: list[str] = msgspec.field(default_factory=list)
@@ -381,6 +391,7 @@ class VisionConfig(Base):
 class Config(Base):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     asr: AsrConfig = msgspec.field(default_factory=AsrConfig)
     billing: BillingConfig = msgspec.field(default_factory=BillingConfig)
@@ -450,6 +461,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             "asr.session.ingest_queue_ms must be >= 40 and invoke_queue_ms >= 100"
         )
+    if not 0.0 <= cfg.tracing.sample_ratio <= 1.0:
+        raise ConfigError("tracing.sample_ratio must be within 0..1")
     b = cfg.billing
     if not 0 < b.min_lease_s <= b.lease_s:
         raise ConfigError("billing: need 0 < min_lease_s <= lease_s")

@@ -1,4 +1,5 @@
-"""Structured JSON logs. Fields come from `extra=`; keys and audio never reach a log line."""
+"""Structured JSON logs. Fields come from `extra=`; keys and audio never reach a log line.
+With tracing on, a line logged while a span is current carries `trace_id` and `span_id`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 import time
 
 import msgspec
+
+from server.telemetry.tracing import TRACING, current_ids
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 _encoder = msgspec.json.Encoder()
@@ -25,6 +28,12 @@ class JsonFormatter(logging.Formatter):
             if key not in _STD and not key.startswith("_"):
                 out[key] = value if isinstance(value, (str, int, float, bool, type(None))) \
                     else str(value)
+        if TRACING.on:
+            # The span current where the line was logged (a session's tasks, an HTTP request,
+            # an upstream call): the line is found from its trace and the other way round.
+            ids = current_ids()
+            if ids is not None:
+                out["trace_id"], out["span_id"] = ids
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return _encoder.encode(out).decode()

@@ -1,0 +1,286 @@
+"""Traces (OpenTelemetry), off by default and free when off (docs/observability.md).
+
+Every call site guards its span work with one attribute check, `if TRACING.on:`, so a server
+with tracing off builds no span, no context and no attribute dict: the hot path pays one
+attribute load per guarded place, which loadtest/tracing_cost.py measures against a build of
+the same path with the guard removed.
+
+The parent of everything a connection does is the client's W3C `traceparent` (on the WebSocket
+upgrade or the HTTP request) when it sent one; every upstream HTTP call carries ours on, so a
+model server that traces joins the same trace. Spans of a session are parented explicitly
+(`parent=`), never through whatever context the loop's callbacks happen to run in; inside a
+session's own tasks its span is made current once (`activate`), so log lines and upstream calls
+made from them find it.
+
+Sampling: `sample_ratio` of new traces (a client's sampled `traceparent` is followed), and with
+`always_sample_errors` the others are still recorded (not exported) so that a span that ends in
+error is exported on its own. Decision 17T1 says why the SDK and not a hand-rolled tracer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
+
+from server.config import TracingConfig
+
+log = logging.getLogger("streamgate.tracing")
+
+ExporterName = Literal["none", "console", "otlp"]
+_propagator = TraceContextTextMapPropagator()
+
+__all__ = ["TRACING", "Span", "SpanKind", "Tracing", "activate", "child", "error", "inject",
+           "parent_from_headers", "start_span", "trace_id_of", "wall_ns_at"]
+
+
+class _RecordOnly(Sampler):
+    """Records what the ratio left out, without exporting it: its error spans can still be
+    exported (`_SampledOrErrors`)."""
+
+    def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
+                      kind: SpanKind | None = None, attributes: Attributes = None,
+                      links: Sequence[trace.Link] | None = None,
+                      trace_state: trace.TraceState | None = None) -> SamplingResult:
+        return SamplingResult(Decision.RECORD_ONLY, attributes, trace_state)
+
+    def get_description(self) -> str:
+        return "RecordOnly"
+
+
+class _RatioOrRecord(Sampler):
+    def __init__(self, ratio: float) -> None:
+        self._ratio = TraceIdRatioBased(ratio)
+        self._record = _RecordOnly()
+
+    def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
+                      kind: SpanKind | None = None, attributes: Attributes = None,
+                      links: Sequence[trace.Link] | None = None,
+                      trace_state: trace.TraceState | None = None) -> SamplingResult:
+        result = self._ratio.should_sample(parent_context, trace_id, name, kind, attributes,
+                                           links, trace_state)
+        if result.decision is Decision.DROP:
+            return self._record.should_sample(parent_context, trace_id, name, kind, attributes,
+                                              links, trace_state)
+        return result
+
+    def get_description(self) -> str:
+        return f"RatioOrRecord{{{self._ratio.get_description()}}}"
+
+
+def _as_sampled(span: ReadableSpan) -> ReadableSpan:
+    ctx = span.context
+    assert ctx is not None
+    sampled = trace.SpanContext(ctx.trace_id, ctx.span_id, ctx.is_remote,
+                                trace.TraceFlags(trace.TraceFlags.SAMPLED), ctx.trace_state)
+    return ReadableSpan(name=span.name, context=sampled, parent=span.parent,
+                        resource=span.resource, attributes=span.attributes, events=span.events,
+                        links=span.links, kind=span.kind, status=span.status,
+                        start_time=span.start_time, end_time=span.end_time,
+                        instrumentation_scope=span.instrumentation_scope)
+
+
+class _SampledOrErrors(SpanProcessor):
+    """Exports sampled spans, and the error spans of traces the ratio did not sample."""
+
+    def __init__(self, inner: SpanProcessor) -> None:
+        self._inner = inner
+
+    def on_start(self, span: trace.Span, parent_context: Context | None = None) -> None:
+        return
+
+    def on_end(self, span: ReadableSpan) -> None:
+        ctx = span.context
+        if ctx is not None and ctx.trace_flags.sampled:
+            self._inner.on_end(span)
+        elif span.status.status_code is StatusCode.ERROR:
+            self._inner.on_end(_as_sampled(span))
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class Tracing:
+    """The process's tracing switch and tracer. `on` is the one attribute every call site
+    checks; the rest is only touched when it is true."""
+
+    __slots__ = ("_provider", "on", "tracer")
+
+    def __init__(self) -> None:
+        self.on = False
+        self._provider: TracerProvider | None = None
+        self.tracer: trace.Tracer = trace.NoOpTracer()
+
+    def configure(self, *, enabled: bool, sample_ratio: float = 1.0,
+                  always_sample_errors: bool = True, exporter: ExporterName = "none",
+                  endpoint: str = "", service_name: str = "streamgate",
+                  span_exporter: SpanExporter | None = None) -> None:
+        """Switch tracing on (or off) for the process. `span_exporter` (tests: the SDK's
+        InMemorySpanExporter) is exported to synchronously instead of `exporter`."""
+        self.shutdown()
+        if not enabled:
+            return
+        ratio = min(1.0, max(0.0, sample_ratio))
+        if ratio >= 1.0:
+            root: Sampler = ALWAYS_ON
+        elif always_sample_errors:
+            root = _RatioOrRecord(ratio)
+        else:
+            root = TraceIdRatioBased(ratio)
+        if always_sample_errors:
+            # A parent that was not sampled (ours, or a client's `traceparent` with flag 0):
+            # recorded too, so its error spans are exported.
+            sampler: Sampler = ParentBased(root, remote_parent_not_sampled=_RecordOnly(),
+                                           local_parent_not_sampled=_RecordOnly())
+        else:
+            sampler = ParentBased(root)
+        provider = TracerProvider(sampler=sampler,
+                                  resource=Resource.create({"service.name": service_name}))
+        processor = _processor(span_exporter, exporter, endpoint)
+        if processor is not None:
+            provider.add_span_processor(_SampledOrErrors(processor))
+        self._provider = provider
+        self.tracer = provider.get_tracer("streamgate")
+        self.on = True
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporter; tracing is off afterwards."""
+        self.on = False
+        self.tracer = trace.NoOpTracer()
+        provider, self._provider = self._provider, None
+        if provider is not None:
+            provider.shutdown()
+
+    def force_flush(self) -> None:
+        if self._provider is not None:
+            self._provider.force_flush()
+
+
+def _processor(span_exporter: SpanExporter | None, name: ExporterName,
+               endpoint: str) -> SpanProcessor | None:
+    if span_exporter is not None:
+        return SimpleSpanProcessor(span_exporter)
+    if name == "none":
+        return None  # spans are made (ids in logs and `ready`) but go nowhere
+    if name == "console":
+        return BatchSpanProcessor(ConsoleSpanExporter())
+    return BatchSpanProcessor(_otlp_exporter(endpoint))
+
+
+def _otlp_exporter(endpoint: str) -> SpanExporter:
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:
+        raise RuntimeError("tracing.exporter = \"otlp\" needs the OTLP exporter: "
+                           "pip install 'streamgate[otlp]'") from exc
+    exporter: SpanExporter = OTLPSpanExporter(endpoint=endpoint) if endpoint \
+        else OTLPSpanExporter()
+    return exporter
+
+
+TRACING = Tracing()
+
+
+# --- helpers for call sites (only called when TRACING.on) ------------------------------------
+
+
+def parent_from_headers(headers: Mapping[str, str]) -> Context | None:
+    """The context a client's `traceparent` header names, or None (a new trace)."""
+    carrier = {k.lower(): v for k, v in headers.items() if k.lower() in
+               ("traceparent", "tracestate")}
+    if "traceparent" not in carrier:
+        return None
+    ctx = _propagator.extract(carrier)
+    if not trace.get_current_span(ctx).get_span_context().is_valid:
+        return None  # malformed: start a trace of our own
+    return ctx
+
+
+def start_span(name: str, *, parent: Span | Context | None = None,
+               kind: SpanKind = SpanKind.INTERNAL, attributes: Attributes = None,
+               start_ns: int | None = None) -> Span:
+    """A span under `parent` (a span, a context, or None: the current context)."""
+    ctx = trace.set_span_in_context(parent) if isinstance(parent, Span) else parent
+    return TRACING.tracer.start_span(name, context=ctx, kind=kind, attributes=attributes,
+                                     start_time=start_ns)
+
+
+@contextmanager
+def child(name: str, *, kind: SpanKind = SpanKind.INTERNAL,
+          attributes: Attributes = None) -> Iterator[Span]:
+    """A span under the current one, current while the block runs, ended after it (an
+    exception escaping the block marks it as an error)."""
+    with TRACING.tracer.start_as_current_span(name, kind=kind, attributes=attributes) as span:
+        yield span
+
+
+def activate(span: Span) -> None:
+    """Make `span` current for the rest of the running task (its own context: the task's
+    creator is not affected). Log lines and upstream calls made from the task then carry it."""
+    otel_context.attach(trace.set_span_in_context(span))
+
+
+def inject(headers: MutableMapping[str, str]) -> None:
+    """Add `traceparent` (and `tracestate`) of the current span to an outgoing request."""
+    _propagator.inject(headers)
+
+
+def error(span: Span, description: str) -> None:
+    span.set_status(Status(StatusCode.ERROR, description))
+
+
+def trace_id_of(span: Span) -> str:
+    ctx = span.get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def wall_ns_at(monotonic_s: float, now_monotonic_s: float) -> int:
+    """The wall-clock time (ns since the epoch, what spans carry) of a moment of a monotonic
+    clock, given that clock's reading now."""
+    return time.time_ns() - int((now_monotonic_s - monotonic_s) * 1e9)
+
+
+def current_ids() -> tuple[str, str] | None:
+    """(trace_id, span_id) of the current span, for log lines; None when there is none."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+
+def configure_from(cfg: TracingConfig) -> None:
+    """Tracing as the `[tracing]` section says (server start-up)."""
+    TRACING.configure(enabled=cfg.enabled, sample_ratio=cfg.sample_ratio,
+                      always_sample_errors=cfg.always_sample_errors, exporter=cfg.exporter,
+                      endpoint=cfg.endpoint)
+    if cfg.enabled:
+        log.info("tracing on", extra={"sample_ratio": cfg.sample_ratio,
+                                      "exporter": cfg.exporter})

@@ -1,0 +1,104 @@
+"""The tracing switch (server/telemetry/tracing.py): off builds nothing, on exports the spans
+the sampling says, a client's `traceparent` is the parent, log lines carry the ids."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from server.config import ConfigError, load_config
+from server.telemetry import tracing
+from server.telemetry.logging import JsonFormatter
+from server.telemetry.tracing import TRACING
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_PARENT = f"00-{CLIENT_TRACE}-00f067aa0ba902b7-01"
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    TRACING.configure(enabled=True, span_exporter=exporter)
+    try:
+        yield exporter
+    finally:
+        TRACING.shutdown()
+
+
+def test_off_by_default_and_makes_no_span() -> None:
+    cfg = load_config(environ={})
+    assert cfg.tracing.enabled is False
+    tracing.configure_from(cfg.tracing)
+    assert TRACING.on is False
+    span = tracing.start_span("x")
+    assert not span.is_recording()  # the no-op tracer: nothing is built or exported
+
+
+def test_sample_ratio_is_checked() -> None:
+    with pytest.raises(ConfigError, match="sample_ratio"):
+        load_config(environ={"STREAMGATE_TRACING__SAMPLE_RATIO": "1.5"})
+
+
+def test_client_traceparent_is_the_parent(spans: InMemorySpanExporter) -> None:
+    parent = tracing.parent_from_headers({"Traceparent": CLIENT_PARENT})
+    span = tracing.start_span("ws.upgrade", parent=parent)
+    assert tracing.trace_id_of(span) == CLIENT_TRACE
+    span.end()
+    (done,) = spans.get_finished_spans()
+    assert done.parent is not None and done.parent.span_id == 0x00F067AA0BA902B7
+    assert tracing.parent_from_headers({"traceparent": "garbage"}) is None
+    assert tracing.parent_from_headers({}) is None
+
+
+def test_inject_carries_the_current_span(spans: InMemorySpanExporter) -> None:
+    headers: dict[str, str] = {}
+    with tracing.child("upstream.asr") as span:
+        tracing.inject(headers)
+    ctx = span.get_span_context()
+    version, trace_id, span_id, flags = headers["traceparent"].split("-")
+    assert (version, trace_id, span_id) == ("00", f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
+    assert int(flags, 16) & 1  # sampled
+
+
+def test_ratio_zero_still_exports_errors() -> None:
+    exporter = InMemorySpanExporter()
+    TRACING.configure(enabled=True, sample_ratio=0.0, always_sample_errors=True,
+                      span_exporter=exporter)
+    try:
+        ok = tracing.start_span("fine")
+        ok.end()
+        bad = tracing.start_span("broken", parent=ok)
+        tracing.error(bad, "engine failed")
+        bad.end()
+        assert [s.name for s in exporter.get_finished_spans()] == ["broken"]
+    finally:
+        TRACING.shutdown()
+    exporter = InMemorySpanExporter()
+    TRACING.configure(enabled=True, sample_ratio=0.0, always_sample_errors=False,
+                      span_exporter=exporter)
+    try:
+        bad = tracing.start_span("broken")
+        tracing.error(bad, "engine failed")
+        bad.end()
+        assert exporter.get_finished_spans() == ()
+    finally:
+        TRACING.shutdown()
+
+
+def _line(message: str) -> dict[str, object]:
+    record = logging.LogRecord("streamgate.test", logging.INFO, __file__, 1, message, None, None)
+    out: dict[str, object] = json.loads(JsonFormatter().format(record))
+    return out
+
+
+def test_log_lines_carry_trace_and_span_ids(spans: InMemorySpanExporter) -> None:
+    assert "trace_id" not in _line("outside any span")
+    with tracing.child("asr.session") as span:
+        line = _line("inside")
+    ctx = span.get_span_context()
+    assert line["trace_id"] == f"{ctx.trace_id:032x}"
+    assert line["span_id"] == f"{ctx.span_id:016x}"
