@@ -122,6 +122,19 @@ class Utf8ServerProtocol(ServerProtocol):
 _recv_frame = ServerProtocol.recv_frame
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _is_text(data: bytes) -> bool:
+    """RFC 6455 8.1: a text message is UTF-8. ASCII (nearly every JSON frame) needs no decode."""
+    return data.isascii() or _is_utf8(data)
+
+
 class WsConnection(asyncio.Protocol):
     __slots__ = (
         "_fast",
@@ -241,22 +254,42 @@ class WsConnection(asyncio.Protocol):
                 self._request(event)
 
     def _receive_fast(self, data: bytes, session: SessionHandler) -> None:
-        """Whole, masked, unfragmented binary frames of an open connection, parsed here.
+        """Whole, masked, unfragmented binary and text frames of an open connection, parsed
+        here.
 
         websockets' generator-based parser costs ~3.5 us per frame, more than our decode and
-        VAD together; audio is nearly all a session receives. Every other frame is handed to
-        websockets whole, so its parser always starts on a frame boundary, and it keeps every
-        rule (opcodes, RSV bits, fragments, close, UTF-8). A header websockets must refuse
-        (over max_size, unmasked) hands it the rest of the stream: it fails the connection."""
+        VAD together; audio is nearly all a session receives, as binary frames (our protocol)
+        or as one JSON text frame per 20 ms (telephony providers). Every other frame is handed
+        to websockets whole, so its parser always starts on a frame boundary, and it keeps
+        every rule (opcodes, RSV bits, fragments, close). A text frame that is not UTF-8 goes
+        to websockets too, which fails the connection (1007) as it would have. A header
+        websockets must refuse (over max_size, unmasked) hands it the rest of the stream: it
+        fails the connection."""
         n = len(data)
-        if not self._pending and n >= 6 and data[0] == 0x82 and self._frag_op is None:
-            # The usual read: exactly one small masked audio frame (a 20 ms telephony frame).
-            b1 = data[1]
-            length = b1 & 0x7F
-            if b1 & 0x80 and length < 126 and length + 6 == n and length <= self._max_size:
-                self.activity = True
-                session.on_binary(apply_mask(data[6:], data[2:6]))
-                return
+        if not self._pending and n >= 6 and self._frag_op is None:
+            # The usual read: exactly one masked audio frame (a 20 ms telephony frame: ~330
+            # bytes of JSON, so a 16-bit length).
+            b0 = data[0]
+            if b0 == 0x82 or b0 == 0x81:
+                b1 = data[1]
+                length = b1 & 0x7F
+                head = 2
+                if length == 126:
+                    length = (data[2] << 8) | data[3]
+                    head = 4
+                elif length == 127:  # a 64-bit length: never one small frame
+                    length = n
+                if b1 & 0x80 and length + head + 4 == n and length <= self._max_size:
+                    payload = apply_mask(data[head + 4 :], data[head : head + 4])
+                    if b0 == 0x82:
+                        self.activity = True
+                        session.on_binary(payload)
+                        return
+                    if payload.isascii() or _is_utf8(payload):
+                        self.activity = True
+                        session.on_text(payload)
+                        return
+                    # Not UTF-8: websockets fails the connection, below.
         if self._pending:
             data = self._pending + data
             self._pending = b""
@@ -281,8 +314,12 @@ class WsConnection(asyncio.Protocol):
             end = head + 4 + length
             if end > n:
                 break
-            if data[pos] == 0x82 and self._frag_op is None:
+            first = data[pos]
+            if first == 0x82 and self._frag_op is None:
                 session.on_binary(apply_mask(data[head + 4 : end], data[head : head + 4]))
+            elif first == 0x81 and self._frag_op is None and _is_text(
+                    payload := apply_mask(data[head + 4 : end], data[head : head + 4])):
+                session.on_text(payload)
             else:
                 self._receive_ws(data[pos:end], session)
                 if self.protocol.state is not _OPEN:

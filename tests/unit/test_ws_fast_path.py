@@ -1,6 +1,7 @@
-"""The binary fast path must be invisible: whatever bytes a client sends, split however the
-network splits them, a connection that parses audio frames itself delivers the same messages,
-writes the same bytes and ends in the same state as one where websockets parses everything.
+"""The fast path must be invisible: whatever bytes a client sends, split however the network
+splits them, a connection that parses binary and text frames itself delivers the same messages,
+writes the same bytes and ends in the same state as one where websockets parses everything
+(UTF-8 included: a text frame that is not UTF-8 fails the connection with 1007 either way).
 
 No event loop: admission is a coroutine that never suspends here, driven by hand.
 """
@@ -161,6 +162,9 @@ good_frame = st.one_of(
     st.integers(0, 300).map(lambda n: masked(0x2, _payload(n))),
     st.sampled_from([0, 125, 126, 127, 1000, MAX_SIZE]).map(lambda n: masked(0x2, _payload(n))),
     st.text(max_size=40).map(lambda t: masked(0x1, t.encode())),
+    # Telephony's media messages: JSON of ~330 bytes (a 16-bit length), ASCII or not.
+    st.text(min_size=100, max_size=700).map(lambda t: masked(0x1, t.encode())),
+    st.sampled_from([125, 126, 127, 330, MAX_SIZE]).map(lambda n: masked(0x1, b"j" * n)),
     st.binary(max_size=20).map(lambda b: masked(0x9, b)),
     st.binary(max_size=20).map(lambda b: masked(0xA, b)),
     st.lists(st.binary(max_size=50), min_size=2, max_size=4).map(
@@ -180,6 +184,9 @@ bad_frame = st.sampled_from([
     masked(0x0, b"abc"),                               # continuation with nothing to continue
     masked(0x2, b"a", fin=False) + masked(0x2, b"b"),  # new message inside a fragmented one
     masked(0x1, b"\xff\xfe"),                          # text that is not UTF-8: 1007
+    masked(0x1, b'{"event":"media","x":"' + b"a" * 300 + b'\xc3"}'),  # ... 16-bit length
+    masked(0x1, b"ok \xed\xa0\x80"),                    # ... a UTF-16 surrogate
+    masked(0x1, b"x" * (MAX_SIZE + 1)),                # text over max_size: 1009
     masked(0x1, b"ok \xe2\x82", fin=False) + masked(0x0, b"!"),  # ... split in fragments
     masked(0x8, b"\x03\xe8\xff"),                      # close reason that is not UTF-8
     masked(0x9, b"p" * 126),                           # control frame too long
@@ -251,6 +258,36 @@ def test_one_frame_per_read_at_every_length_encoding() -> None:
         conn.data_received(frame)
         expected = [("binary", bytes(i % 251 for i in range(n)))] * 2
         assert server.log == expected  # empty too: the session answers it with empty_frame
+
+
+@pytest.mark.parametrize("n", [0, 1, 124, 125, 126, 127, 128, 330, 1000, MAX_SIZE])
+@pytest.mark.parametrize("alphabet", ["ascii", "utf8", "invalid"])
+def test_one_text_frame_per_read_at_every_length_encoding(
+    n: int, alphabet: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A telephony provider's read: one JSON text frame, mostly of a 16-bit length; UTF-8
+    text never reaches websockets' parser."""
+    payload = bytes(0x20 + i % 90 for i in range(n))
+    if alphabet == "utf8" and n >= 3:
+        payload = payload[:-3] + "\u20ac".encode()
+    elif alphabet == "invalid" and n >= 1:
+        payload = payload[:-1] + b"\xc3"
+    frame = masked(0x1, payload)
+    run_both(frame + frame, [len(frame)])
+    conn, transport, server = open_connection(True)
+    valid = alphabet != "invalid" or n == 0
+    if valid:
+        def parsed_by_websockets(*args: object) -> None:
+            raise AssertionError("a UTF-8 text frame left the fast path")
+
+        monkeypatch.setattr(WsConnection, "_receive_ws", parsed_by_websockets)
+    conn.data_received(frame)
+    conn.data_received(frame)
+    if not valid:
+        assert server.log == []
+        assert transport.closed and conn.close_code == 1007
+    else:
+        assert server.log == [("text", payload)] * 2
 
 
 # --- UTF-8 (RFC 6455 8.1): fail with 1007, our `error` frame first -------------------------------
