@@ -76,6 +76,9 @@ class Ready(Msg, tag="ready"):
     # from byte `resume_offset` of the stream. 0 and false for a new session.
     resumed: bool = False
     resume_offset: int = 0
+    # The session's trace (W3C trace id, 32 hex digits) when the server traces it; absent
+    # otherwise (docs/observability.md).
+    trace_id: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class Credit(Msg, tag="credit"):
@@ -113,6 +116,7 @@ class UtteranceMetrics(Msg, tag="metrics"):
     utterance_id: int
     end_of_speech_to_final_ms: int  # the VAD ended the utterance -> its final went out
     engine_ms: int  # the utterance's time in engine calls (its feeds during speech too)
+    queue_ms: int = 0  # of that, time its requests waited in the engine's micro-batcher
 
 
 class Checkpoint(Msg, tag="checkpoint"):
@@ -232,7 +236,20 @@ class TtsSummary(Msg, tag="summary"):
     chunks: int
 
 
-TtsServerMessage = Ready | AudioDone | Flushed | Cleared | TtsUsage | Warning | Error | TtsSummary
+class TtsMetrics(Msg, tag="metrics"):
+    """Sent after a chunk's `audio_done` when the session asked for it (`metrics=true`)."""
+
+    chunk_id: int
+    characters: int
+    time_to_first_audio_ms: int  # the chunk taken for synthesis -> its first audio frame out
+    synthesis_ms: int  # the chunk taken for synthesis -> its last audio from the engine
+    audio_ms: int  # audio the chunk came to
+    real_time_factor: float  # synthesis_ms / audio_ms: below 1 is faster than real time
+
+
+TtsServerMessage = (
+    Ready | AudioDone | TtsMetrics | Flushed | Cleared | TtsUsage | Warning | Error | TtsSummary
+)
 
 tts_client_decoder = msgspec.json.Decoder(TtsClientMessage)
 tts_server_decoder = msgspec.json.Decoder(TtsServerMessage)  # for clients and tests

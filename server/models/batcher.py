@@ -17,6 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Generic, TypeVar
 
 from server.models.base import EngineError, EngineUnavailable
@@ -27,15 +28,33 @@ Resp = TypeVar("Resp")
 log = logging.getLogger(__name__)
 
 
+class CallStats:
+    """What the batcher did with one task's requests: their time queued before their batch
+    ran (summed; the caller resets it) and the size of the last one's batch. A task that wants
+    them sets BATCH_STATS once (the ASR runner's invoke task: the `queue_ms` of its metrics and
+    its engine spans); submit() adds to it when its request is answered."""
+
+    __slots__ = ("batch_size", "queue_s")
+
+    def __init__(self) -> None:
+        self.queue_s = 0.0
+        self.batch_size = 0
+
+
+BATCH_STATS: ContextVar[CallStats | None] = ContextVar("streamgate_batch_stats", default=None)
+
+
 class _Item(Generic[Req, Resp]):
     # A class (not a tuple) so deque.remove() compares by identity, never by the request's
     # own __eq__ (which may be costly or, for arrays, ambiguous).
-    __slots__ = ("enqueued_at", "fut", "req")
+    __slots__ = ("batch_size", "enqueued_at", "fut", "req", "taken_at")
 
     def __init__(self, req: Req, fut: asyncio.Future[Resp], enqueued_at: float) -> None:
         self.req = req
         self.fut = fut
         self.enqueued_at = enqueued_at
+        self.taken_at = enqueued_at  # when its batch started running
+        self.batch_size = 0
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -132,7 +151,7 @@ class MicroBatcher(Generic[Req, Resp]):
         if self._wakeup is not None and len(self._pending) >= self._wake_threshold:
             _wake(self._wakeup)
         try:
-            return await fut
+            result = await fut
         except asyncio.CancelledError:
             # Awaiting the future directly means it is cancelled with us; the worker skips
             # done futures, so the batch it may be part of is unaffected. If it was still
@@ -144,6 +163,11 @@ class MicroBatcher(Generic[Req, Resp]):
             else:
                 self._release_room(1)
             raise
+        stats = BATCH_STATS.get()
+        if stats is not None:
+            stats.queue_s += item.taken_at - item.enqueued_at
+            stats.batch_size = item.batch_size
+        return result
 
     async def aclose(self) -> None:
         if self._closed:
@@ -207,6 +231,10 @@ class MicroBatcher(Generic[Req, Resp]):
             batch.clear()
 
     async def _run(self, batch: list[_Item[Req, Resp]]) -> None:
+        taken_at, size = asyncio.get_running_loop().time(), len(batch)
+        for item in batch:
+            item.taken_at = taken_at
+            item.batch_size = size
         started = time.perf_counter()
         try:
             try:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+import msgspec
 import numpy as np
 
 from server.audio.resample import Resampler, UtteranceResampler
@@ -187,6 +188,7 @@ class AsrSession:
     ) -> None:
         self.session_id = session_id
         self.resume_token = resume_token
+        self.trace_id = ""  # set by a runner that traces the session: `ready` names it
         self.settings = settings
         self.models = models
         self.engine_rate = engine_rate
@@ -324,6 +326,7 @@ class AsrSession:
                 model=self.params.model,
                 resumed=resume is not None,
                 resume_offset=self._base_offset,
+                trace_id=self.trace_id or msgspec.UNSET,
             )
         )
         if resume is not None:
@@ -659,9 +662,11 @@ class AsrSession:
         return self._engine_work.total
 
     def receive_result(self, utterance_id: int, hyp: Hypothesis, *, final: bool,
-                       now: float | None = None, engine_s: float = 0.0) -> None:
+                       now: float | None = None, engine_s: float = 0.0,
+                       queue_s: float = 0.0) -> None:
         """An engine result. For a final, `now` (the step clock) times end of speech -> final
-        and `engine_s` is the utterance's whole time in engine calls (the `metrics` message)."""
+        and `engine_s` is the utterance's whole time in engine calls, `queue_s` the part of it
+        its requests waited in the engine's micro-batcher (the `metrics` message)."""
         if self._state == "closed":
             return  # the close is decided: nothing more goes out
         if final:
@@ -679,7 +684,8 @@ class AsrSession:
                     self._emit(m.UtteranceMetrics(
                         utterance_id=utterance_id,
                         end_of_speech_to_final_ms=round(latency * 1000),
-                        engine_ms=round(engine_s * 1000)))
+                        engine_ms=round(engine_s * 1000),
+                        queue_ms=round(queue_s * 1000)))
             if self.resumable:
                 self.replay.add(utterance_id, final_msg)
                 self.replay.add(utterance_id, end)

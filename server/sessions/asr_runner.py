@@ -25,6 +25,7 @@ from server.billing.auth import Principal
 from server.billing.meter import METER_ERRORS, MeterFactory, SessionMeter, UsageReport
 from server.config import Config
 from server.models.base import EngineError, Transcriber, TranscriptionStream
+from server.models.batcher import BATCH_STATS, CallStats
 from server.protocol.decoding import BadMessage, decode_client_message
 from server.protocol.errors import Rejected, refuse, rejection
 from server.sessions.asr import (
@@ -38,6 +39,7 @@ from server.sessions.asr import (
     encode_event,
 )
 from server.sessions.asr_params import BadParams, params_from_query
+from server.sessions.asr_trace import AsrTrace
 from server.sessions.host import SessionHost
 from server.sessions.lifecycle import MeteredUsage, SessionLifecycle
 from server.sessions.resume import (
@@ -50,7 +52,9 @@ from server.sessions.resume import (
 from server.sessions.resume_writer import ResumeWriter, SaveOutcome
 from server.sessions.upgrade import Admitted, UpgradeRequest
 from server.sessions.wire import Clock, Wire
+from server.telemetry import tracing
 from server.telemetry.metrics import Metrics
+from server.telemetry.tracing import TRACING
 from streamgate_protocol import messages as m
 
 log = logging.getLogger("streamgate.asr")
@@ -178,9 +182,10 @@ class AsrEndpoint:
         settings = self.config.asr.session
         params = point.params
         try:
-            meter = await self.meters.open(
-                session_id=meter_id, principal=principal, model=params.model
-            )
+            with tracing.maybe_child("admission.lease"):
+                meter = await self.meters.open(
+                    session_id=meter_id, principal=principal, model=params.model
+                )
         except METER_ERRORS as exc:
             return rejection(exc)
         engine = self.engines[params.model]
@@ -302,6 +307,7 @@ class AsrSessionRunner:
         self._metering_held = False
         if resume is not None:
             resume.on_saved = self._resume_saved
+        self._trace: AsrTrace | None = None  # the session's spans, when tracing is on
 
     # --- SessionHandler (called from the connection, synchronously) ----------------------------
 
@@ -309,6 +315,11 @@ class AsrSessionRunner:
         if self._clock is None:
             self._clock = asyncio.get_running_loop()
         self._time = self._clock.time
+        if TRACING.on:  # under the current span: the upgrade's, an HTTP request's, a call's
+            trace = self._trace = AsrTrace.start(
+                session_id=self.machine.session_id, model=self.machine.params.model,
+                tenant_id=self.principal.tenant_id, kind=KIND)
+            self.machine.trace_id = self._log_extra["trace_id"] = trace.trace_id
         # Counted before `ready` leaves: whoever sees `ready` then sees the session counted.
         self.lifecycle.opened(model=self.machine.params.model,
                               encoding=self.machine.params.encoding)
@@ -394,6 +405,8 @@ class AsrSessionRunner:
     # --- the session's life ---------------------------------------------------------------------
 
     async def _run(self) -> None:
+        if self._trace is not None:
+            tracing.activate(self._trace.session)  # this task's and the ones it starts
         invoke = asyncio.get_running_loop().create_task(self._invoke_loop())
         usage = self.usage.start_reports(self._on_usage, before=self._before_report)
         try:
@@ -411,6 +424,9 @@ class AsrSessionRunner:
             await self._end_resume()
             self._publish_metrics()
             self.endpoint.runners.discard(self)
+            if self._trace is not None:
+                self._trace.close(self._close_code if self._close_code is not None else 1006,
+                                  audio_ms=report.audio_ms, dropped_ms=report.dropped_ms)
             self.lifecycle.closed(self._close_code if self._close_code is not None else 1006,
                                   audio_ms=report.audio_ms, dropped_ms=report.dropped_ms)
 
@@ -544,6 +560,10 @@ class AsrSessionRunner:
         engine_seconds = self.metrics.engine_seconds
         final_latency = self.metrics.asr_final_latency.labels(model)
         engine_time: dict[int, float] = {}  # per utterance: its time in engine calls
+        queue_time: dict[int, float] = {}  # per utterance: of that, waiting in a micro-batcher
+        stats = CallStats()
+        BATCH_STATS.set(stats)  # this task's: the micro-batcher adds each call's wait to it
+        trace = self._trace
         work_available = machine.engine_work_available
         try:
             while not self._gone:
@@ -560,6 +580,8 @@ class AsrSessionRunner:
                         utterance_id=utt,
                     )
                 t0 = time.perf_counter()
+                stats.queue_s = 0.0
+                span = trace.engine_call(req) if trace is not None else None
                 try:
                     if isinstance(req, EngineFeed):
                         hyp = await stream.feed(req.pcm)
@@ -567,6 +589,8 @@ class AsrSessionRunner:
                             machine.receive_result(utt, hyp, final=False)
                         took = time.perf_counter() - t0
                         engine_time[utt] = engine_time.get(utt, 0.0) + took
+                        if stats.queue_s:
+                            queue_time[utt] = queue_time.get(utt, 0.0) + stats.queue_s
                         engine_seconds.labels(model, "feed").observe(took)
                     else:
                         hyp = await stream.finish()
@@ -575,18 +599,30 @@ class AsrSessionRunner:
                         del streams[utt]
                         took = time.perf_counter() - t0
                         engine_seconds.labels(model, "finish").observe(took)
+                        engine_s = engine_time.pop(utt, 0.0) + took
+                        queue_s = queue_time.pop(utt, 0.0) + stats.queue_s
                         machine.receive_result(utt, hyp, final=True, now=self._time(),
-                                               engine_s=engine_time.pop(utt, 0.0) + took)
+                                               engine_s=engine_s, queue_s=queue_s)
                         for latency in machine.take_final_latencies():
                             final_latency.observe(latency)
+                            if trace is not None:
+                                trace.final(utt, latency_s=latency, engine_s=engine_s,
+                                            queue_s=queue_s, text=hyp.text)
                         self._checkpoint_wanted = self.resume is not None
                 except EngineError as exc:
                     self.metrics.engine_errors.labels(model).inc()
                     engine_time.pop(utt, None)
+                    queue_time.pop(utt, None)
+                    if span is not None and trace is not None:
+                        tracing.error(span, str(exc))
+                        trace.failed(utt, str(exc))
                     dead = streams.pop(utt, None)
                     if dead is not None:
                         await dead.aclose()
                     machine.receive_engine_error(utt, exc)
+                finally:
+                    if span is not None and trace is not None:
+                        trace.call_done(span, stats)
                 self._send_events()
                 self._wake.set()
         finally:

@@ -51,7 +51,7 @@ from streamgate_protocol import messages as m
 from streamgate_protocol.audio import StreamEncoder
 
 State = Literal["open", "closing", "closed"]
-_OUT = bytes | m.AudioDone | m.Flushed
+_OUT = bytes | m.AudioDone | m.TtsMetrics | m.Flushed
 
 # Every legal move of the session's state; anything else is a bug (IllegalTransition).
 TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
@@ -78,6 +78,7 @@ class TtsParams:
     language: str = "en-US"
     encoding: m.Encoding = "pcm_s16le"
     sample_rate: int = 16000
+    metrics: bool = False  # a `metrics` message after each chunk's `audio_done`
 
     @property
     def bytes_per_ms(self) -> float:
@@ -172,6 +173,10 @@ class EngineAudio(msgspec.Struct, frozen=True):
 
 class EngineDone(msgspec.Struct, frozen=True):
     request: SynthRequest
+    # The runner's clock, for the `metrics` message: the chunk taken for synthesis -> its
+    # first audio, and -> its last (negative: not measured).
+    first_audio_s: float = -1.0
+    synthesis_s: float = -1.0
 
 
 class EngineFailed(msgspec.Struct, frozen=True):
@@ -241,6 +246,7 @@ class TtsSession:
         self.early_first_frame = early_first_frame
         self.session_id = session_id
         self.resume_token = resume_token
+        self.trace_id = ""  # set by a runner that traces the session: `ready` names it
         self.params = params
         self.settings = settings
         self.models = models
@@ -357,6 +363,7 @@ class TtsSession:
                 limits=self._limits,
                 model=self.params.model,
                 resumed=self._resumed,
+                trace_id=self.trace_id or msgspec.UNSET,
             )
         )
 
@@ -507,10 +514,16 @@ class TtsSession:
             self._queue_frame(bytes(self._partial))
             self._partial.clear()
         chunk.done = True
+        duration_ms = chunk.samples * 1000 // self.params.sample_rate
         self._out.append(m.AudioDone(
-            chunk_id=chunk.chunk_id, text=chunk.text,
-            duration_ms=chunk.samples * 1000 // self.params.sample_rate,
+            chunk_id=chunk.chunk_id, text=chunk.text, duration_ms=duration_ms,
         ))
+        if self.params.metrics and cmd.first_audio_s >= 0:
+            self._out.append(m.TtsMetrics(
+                chunk_id=chunk.chunk_id, characters=len(chunk.text),
+                time_to_first_audio_ms=round(cmd.first_audio_s * 1000),
+                synthesis_ms=round(cmd.synthesis_s * 1000), audio_ms=duration_ms,
+                real_time_factor=round(cmd.synthesis_s * 1000 / max(1, duration_ms), 3)))
         self._release_flush_marks(chunk.chunk_id)
 
     def _release_flush_marks(self, chunk_id: int) -> None:
@@ -728,7 +741,10 @@ def tts_params(query: dict[str, str], *, default_model: str, models: Collection[
         raise BadParams("sample_rate must be an integer") from None
     if not 8000 <= rate <= 48000:
         raise BadParams(f"sample_rate must be 8000-48000, got {rate}")
+    metrics = query.get("metrics", "false").lower()
+    if metrics not in ("true", "false", "1", "0"):
+        raise BadParams("metrics must be true or false")
     return TtsParams(model=model, voice=query.get("voice") or None,
                      language=query.get("language", "en-US"),
                      encoding=encoding,  # type: ignore[arg-type]
-                     sample_rate=rate)
+                     sample_rate=rate, metrics=metrics in ("true", "1"))

@@ -63,7 +63,9 @@ from server.sessions.tts import (
 )
 from server.sessions.upgrade import Admitted, SessionSocket, UpgradeRequest
 from server.sessions.wire import Wire
+from server.telemetry import tracing
 from server.telemetry.metrics import Metrics
+from server.telemetry.tracing import TRACING
 from streamgate_protocol import messages as m
 
 log = logging.getLogger("streamgate.tts")
@@ -174,8 +176,9 @@ class TtsEndpoint:
                      meter_id: str) -> TtsAdmission | Rejected:
         settings = self.config.tts.session
         try:
-            meter = await self.meters.open(session_id=meter_id, principal=principal,
-                                           model=params.model, unit=CHARACTERS)
+            with tracing.maybe_child("admission.lease"):
+                meter = await self.meters.open(session_id=meter_id, principal=principal,
+                                               model=params.model, unit=CHARACTERS)
         except METER_ERRORS as exc:
             return rejection(exc)
         engine = self.engines[params.model]
@@ -252,10 +255,17 @@ class TtsSessionRunner:
         self._charging_held = False  # a usage report's resume point is being saved
         if resume is not None:
             resume.on_saved = self._resume_saved
+        self._span: tracing.Span | None = None  # the session's, when tracing is on
 
     # --- SessionHandler -------------------------------------------------------------------------
 
     def start(self) -> None:
+        if TRACING.on:  # under the current span: the upgrade's or an HTTP request's
+            span = self._span = tracing.start_span("tts.session", attributes={
+                "streamgate.session_id": self.machine.session_id,
+                "streamgate.model": self.machine.params.model,
+                "streamgate.tenant_id": self._tenant_id})
+            self.machine.trace_id = self._log["trace_id"] = tracing.trace_id_of(span)
         # Counted before `ready` leaves: whoever sees `ready` then sees the session counted.
         self.lifecycle.opened(model=self.machine.params.model)
         self.machine.handle(Start())
@@ -381,6 +391,8 @@ class TtsSessionRunner:
             self.resume.request(self._resume_point)
 
     async def _run(self) -> None:
+        if self._span is not None:
+            tracing.activate(self._span)  # this task's and the chunks' it starts
         usage = self.usage.start_reports(self._on_usage, before=self._before_report)
         try:
             await self._synth_loop()
@@ -404,8 +416,15 @@ class TtsSessionRunner:
                 self._pump()
             self.endpoint.runners.discard(self)
             await self._end_resume()
-            self.lifecycle.closed(self._close_code if self._close_code is not None else 1006,
-                                  characters=self.machine.characters_synthesized,
+            code = self._close_code if self._close_code is not None else 1006
+            if self._span is not None:
+                self._span.set_attributes({
+                    "streamgate.close_code": code,
+                    "streamgate.characters": self.machine.characters_synthesized})
+                if code == 1011:
+                    tracing.error(self._span, "internal error")
+                self._span.end()
+            self.lifecycle.closed(code, characters=self.machine.characters_synthesized,
                                   text_backlog_peak=self.machine.pending_peak)
 
     async def _synth_loop(self) -> None:
@@ -443,7 +462,12 @@ class TtsSessionRunner:
         machine = self.machine
         params = machine.params
         taken = time.perf_counter()
-        first = True
+        first_audio_s = -1.0
+        span = None
+        if TRACING.on:  # this task's own context: an upstream engine's call is its child
+            span = tracing.start_span("tts.chunk", attributes={
+                "streamgate.chunk_id": req.chunk_id, "streamgate.characters": len(req.text)})
+            tracing.activate(span)
         try:
             stream = self.engine.synthesize(req.text, voice=params.voice, language=params.language)
             async with contextlib.aclosing(stream):  # type: ignore[type-var]
@@ -451,12 +475,23 @@ class TtsSessionRunner:
                     machine.handle(EngineAudio(req, pcm))
                     self._charge()
                     self._pump()
-                    if first and pcm:
-                        first = False  # its first frame is on the wire (or waits for credit)
-                        self._first_audio.observe(time.perf_counter() - taken)
-            machine.handle(EngineDone(req))
+                    if first_audio_s < 0 and pcm:
+                        # Its first frame is on the wire (or waits for credit).
+                        first_audio_s = time.perf_counter() - taken
+                        self._first_audio.observe(first_audio_s)
+            synthesis_s = time.perf_counter() - taken
+            machine.handle(EngineDone(req, first_audio_s=first_audio_s, synthesis_s=synthesis_s))
+            if span is not None:
+                span.set_attributes({
+                    "streamgate.time_to_first_audio_ms": round(first_audio_s * 1000),
+                    "streamgate.synthesis_ms": round(synthesis_s * 1000)})
         except EngineError as exc:
             machine.handle(EngineFailed(req, str(exc), exc.retryable))
+            if span is not None:
+                tracing.error(span, str(exc))
+        finally:
+            if span is not None:
+                span.end()  # also when cancelled (barge-in: the chunk was cleared)
         self._pump()
 
     async def _before_report(self) -> None:

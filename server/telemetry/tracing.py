@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Literal
 
 from opentelemetry import context as otel_context
@@ -56,7 +56,7 @@ ExporterName = Literal["none", "console", "otlp"]
 _propagator = TraceContextTextMapPropagator()
 
 __all__ = ["TRACING", "Span", "SpanKind", "Tracing", "activate", "child", "error", "inject",
-           "parent_from_headers", "start_span", "trace_id_of", "wall_ns_at"]
+           "maybe_child", "parent_from_headers", "start_span", "trace_id_of", "wall_ns_at"]
 
 
 class _RecordOnly(Sampler):
@@ -240,6 +240,18 @@ def child(name: str, *, kind: SpanKind = SpanKind.INTERNAL,
     exception escaping the block marks it as an error)."""
     with TRACING.tracer.start_as_current_span(name, kind=kind, attributes=attributes) as span:
         yield span
+
+
+_NO_SPAN: AbstractContextManager[None] = nullcontext()
+
+
+def maybe_child(name: str, *, kind: SpanKind = SpanKind.INTERNAL,
+                attributes: Attributes = None) -> AbstractContextManager[Span | None]:
+    """`child(...)` when tracing is on, else a shared do-nothing context (no span is built):
+    for places that run per request or per session, not per frame."""
+    if TRACING.on:
+        return child(name, kind=kind, attributes=attributes)
+    return _NO_SPAN
 
 
 def activate(span: Span) -> None:

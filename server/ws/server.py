@@ -22,7 +22,9 @@ from server.flow_control.finals import FINALS_TIMEOUT_S
 from server.protocol.admission import AdmissionPolicy, Authenticator, Principal
 from server.protocol.errors import Rejected, refuse
 from server.sessions.upgrade import Admitted, UpgradeRequest
+from server.telemetry import tracing
 from server.telemetry.metrics import Metrics
+from server.telemetry.tracing import TRACING
 from server.ws.acceptor import BatchAcceptor
 from server.ws.connection import WsConnection
 from server.ws.handshake import BadUpgrade, parse_upgrade
@@ -85,7 +87,10 @@ class Router:
         self.routes[path] = Route(endpoint, endpoint)
 
     async def admit(self, request: Request, conn: WsConnection) -> Admitted | Rejected:
-        decision = await self._decide(request, conn)
+        if TRACING.on:
+            decision = await self._decide_traced(request, conn)
+        else:
+            decision = await self._decide(request, conn)
         if isinstance(decision, Rejected):
             self._server.metrics.upgrades_rejected.labels(str(decision.status)).inc()
             log.info(
@@ -93,6 +98,34 @@ class Router:
                 extra={"path": conn.path.split("?")[0], "status": decision.status,
                        "code": decision.code, "peer": conn.peer},
             )
+        return decision
+
+    async def _decide_traced(self, request: Request,
+                             conn: WsConnection) -> Admitted | Rejected:
+        """`_decide` under a `ws.upgrade` span (the client's `traceparent` its parent). The span
+        stays current in the connection's admission task, so the session its `start` opens
+        right after the 101 is its child."""
+        carrier = {name: value for name in ("traceparent", "tracestate")
+                   if (value := request.headers.get(name)) is not None}
+        span = tracing.start_span(
+            "ws.upgrade", parent=tracing.parent_from_headers(carrier),
+            kind=tracing.SpanKind.SERVER,
+            attributes={"url.path": conn.path.split("?")[0], "client.address": conn.peer})
+        tracing.activate(span)
+        try:
+            decision = await self._decide(request, conn)
+        except BaseException as exc:
+            tracing.error(span, type(exc).__name__)
+            span.end()
+            raise
+        if isinstance(decision, Rejected):
+            span.set_attributes({"http.response.status_code": decision.status,
+                                 "streamgate.refusal": decision.code})
+            if decision.status >= 500:
+                tracing.error(span, decision.code)
+        else:
+            span.set_attribute("http.response.status_code", 101)
+        span.end()
         return decision
 
     async def _decide(self, request: Request, conn: WsConnection) -> Admitted | Rejected:
@@ -112,14 +145,16 @@ class Router:
         if upgrade.api_key is None and route.in_band is not None:
             return await route.in_band.admit_without_key(upgrade)
         try:
-            principal = await self._auth.authenticate(upgrade.api_key)
+            with tracing.maybe_child("admission.authenticate"):
+                principal = await self._auth.authenticate(upgrade.api_key)
         except Exception:
             log.exception("authentication backend failed")
             return refuse("auth_unavailable", "cannot check API keys right now; retry")
         if principal is None:
             return refuse("unauthorized", "missing or invalid API key")
         if self.policy is not None:
-            refused = await self.policy.check_upgrade(principal)
+            with tracing.maybe_child("admission.rate_limit"):
+                refused = await self.policy.check_upgrade(principal)
             if refused is not None:
                 return refused
         return await route.endpoint.admit(upgrade, principal)
