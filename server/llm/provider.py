@@ -35,6 +35,8 @@ from server.models.upstream_errors import (
     bad_status,
     transport_cause,
 )
+from server.telemetry import tracing
+from server.telemetry.tracing import TRACING
 
 # A chat completion is kilobytes; an upstream sending this much is not answering the question.
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
@@ -144,8 +146,27 @@ class Provider:
         timeout). Statuses other than 200 become AttemptFailed."""
         if self._session is None:
             raise AttemptFailed("unusable", NOT_RUNNING, "provider is not running")
+        if not TRACING.on:
+            return await self._send(self._session, payload, None)
+        # To the response's headers (the first byte): where a slow provider shows.
+        headers: dict[str, str] = {}
+        span = tracing.client_span("upstream.llm", self.endpoint, headers=headers,
+                                   attributes={"streamgate.provider": self.name})
         try:
-            resp = await self._session.post(self.endpoint, data=payload)
+            resp = await self._send(self._session, payload, headers)
+        except AttemptFailed as exc:
+            tracing.end_client_span(span, status=exc.status, failure=exc)
+            raise
+        except BaseException as exc:
+            tracing.end_client_span(span, failure=exc)
+            raise
+        tracing.end_client_span(span, status=resp.status)
+        return resp
+
+    async def _send(self, session: aiohttp.ClientSession, payload: bytes,
+                    headers: dict[str, str] | None) -> aiohttp.ClientResponse:
+        try:
+            resp = await session.post(self.endpoint, data=payload, headers=headers)
         except TimeoutError as exc:
             raise AttemptFailed("retryable", TIMEOUT, f"no response from {self.endpoint} in "
                                 f"time: {exc!r}", timeout=True) from None

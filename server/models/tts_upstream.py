@@ -46,6 +46,8 @@ from server.models.upstream_errors import (
     transport_cause,
     unavailable,
 )
+from server.telemetry import tracing
+from server.telemetry.tracing import TRACING
 from streamgate_protocol.audio import (
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
@@ -217,26 +219,53 @@ class UpstreamSynthesizer:
         self, session: aiohttp.ClientSession, body: bytes
     ) -> AsyncGenerator[bytes, None]:
         headers = {"Content-Type": "application/json"}
-        async with session.post(self.endpoint, data=body, headers=headers) as resp:
-            if resp.status == 429 or resp.status >= 500:
-                retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
-                raise Retryable(bad_status(resp.status), retry_after)
-            if resp.status != 200:
-                snippet = (await resp.content.read(200)).decode("utf-8", "replace")
-                log.warning("%s: %s answered HTTP %d: %s", self.name, self.endpoint,
-                            resp.status, snippet)
-                raise EngineError(rejected(self.name, resp.status), retryable=False)
-            if resp.content_type in ("application/json", "text/html", "text/plain"):
-                raise self._bad_response(f"200 with {resp.content_type}, not audio")
-            decoder: _PcmDecoder | StreamDecoder
-            if self.cfg.response_format == "pcm":
-                decoder = _PcmDecoder()
-            else:
-                decoder = StreamDecoder("wav", self.sample_rate)
-            async for data in resp.content.iter_chunked(READ_BYTES):
-                pcm = self._decode(decoder, data)
-                if pcm:
+        if not TRACING.on:
+            async with session.post(self.endpoint, data=body, headers=headers) as resp, \
+                    contextlib.aclosing(self._audio(resp)) as audio:
+                async for pcm in audio:
                     yield pcm
+            return
+        # Not made current: a generator's context may be left at any yield.
+        span = tracing.client_span("upstream.tts", self.endpoint, headers=headers,
+                                   attributes={"streamgate.model": self.name,
+                                               "streamgate.request_bytes": len(body)})
+        status: int | None = None
+        try:
+            async with session.post(self.endpoint, data=body, headers=headers) as resp, \
+                    contextlib.aclosing(self._audio(resp)) as audio:
+                status = resp.status
+                async for pcm in audio:
+                    yield pcm
+        except (GeneratorExit, asyncio.CancelledError):
+            span.set_attribute("streamgate.cancelled", True)  # the consumer stopped: barge-in
+            tracing.end_client_span(span, status=status)
+            raise
+        except BaseException as exc:
+            tracing.end_client_span(span, status=status, failure=exc)
+            raise
+        tracing.end_client_span(span, status=status)
+
+    async def _audio(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+        """The audio of one answer, as it arrives; its failures are the attempt's."""
+        if resp.status == 429 or resp.status >= 500:
+            retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+            raise Retryable(bad_status(resp.status), retry_after)
+        if resp.status != 200:
+            snippet = (await resp.content.read(200)).decode("utf-8", "replace")
+            log.warning("%s: %s answered HTTP %d: %s", self.name, self.endpoint,
+                        resp.status, snippet)
+            raise EngineError(rejected(self.name, resp.status), retryable=False)
+        if resp.content_type in ("application/json", "text/html", "text/plain"):
+            raise self._bad_response(f"200 with {resp.content_type}, not audio")
+        decoder: _PcmDecoder | StreamDecoder
+        if self.cfg.response_format == "pcm":
+            decoder = _PcmDecoder()
+        else:
+            decoder = StreamDecoder("wav", self.sample_rate)
+        async for data in resp.content.iter_chunked(READ_BYTES):
+            pcm = self._decode(decoder, data)
+            if pcm:
+                yield pcm
 
     def _decode(self, decoder: _PcmDecoder | StreamDecoder, data: bytes) -> bytes:
         if isinstance(decoder, _PcmDecoder):

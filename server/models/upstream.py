@@ -42,6 +42,8 @@ from server.models.upstream_errors import (
     transport_cause,
     unavailable,
 )
+from server.telemetry import tracing
+from server.telemetry.tracing import TRACING
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +217,23 @@ class UpstreamTranscriber:
         return min(delay, self.cfg.timeout_s)
 
     async def _attempt(self, wav: bytes, language: str) -> Hypothesis:
+        if not TRACING.on:
+            return await self._post(wav, language, None)
+        headers: dict[str, str] = {}
+        span = tracing.client_span("upstream.asr", self.endpoint, headers=headers,
+                                   attributes={"streamgate.model": self.name,
+                                               "streamgate.audio_bytes": len(wav)})
+        try:
+            hyp = await self._post(wav, language, headers)
+        except BaseException as exc:
+            tracing.end_client_span(span, failure=exc)
+            raise
+        tracing.end_client_span(span, status=200)
+        return hyp
+
+    async def _post(self, wav: bytes, language: str,
+                    headers: dict[str, str] | None) -> Hypothesis:
+        """One attempt; `headers` carry the trace on (`traceparent`) when tracing is on."""
         session = self._session
         if session is None:
             raise EngineUnavailable(unavailable(self.name, NOT_RUNNING))
@@ -227,7 +246,7 @@ class UpstreamTranscriber:
         if language:
             form.add_field("language", language.split("-")[0].lower())  # ISO 639-1
         try:
-            async with session.post(self.endpoint, data=form) as resp:
+            async with session.post(self.endpoint, data=form, headers=headers) as resp:
                 body = await resp.content.read(MAX_RESPONSE_BYTES + 1)
                 status = resp.status
                 retry_after = retry_after_seconds(resp.headers.get("Retry-After"))

@@ -265,6 +265,29 @@ def inject(headers: MutableMapping[str, str]) -> None:
     _propagator.inject(headers)
 
 
+def client_span(name: str, url: str, *, attributes: Mapping[str, str | int] | None = None,
+                headers: MutableMapping[str, str] | None = None) -> Span:
+    """The span of one outgoing HTTP call, under the current span; with `headers`, its
+    `traceparent` is added to them, so the server called makes its spans children of it. Not
+    made current (the caller ends it: `end_client_span`)."""
+    span = TRACING.tracer.start_span(name, kind=SpanKind.CLIENT,
+                                     attributes={"url.full": url, **(attributes or {})})
+    if headers is not None:
+        _propagator.inject(headers, context=trace.set_span_in_context(span))
+    return span
+
+
+def end_client_span(span: Span, *, status: int | None = None,
+                    failure: BaseException | None = None) -> None:
+    if status is not None:
+        span.set_attribute("http.response.status_code", status)
+    if failure is not None:
+        error(span, f"{type(failure).__name__}: {failure}"[:200])
+    elif status is not None and status >= 400:
+        error(span, f"HTTP {status}")
+    span.end()
+
+
 def error(span: Span, description: str) -> None:
     span.set_status(Status(StatusCode.ERROR, description))
 
