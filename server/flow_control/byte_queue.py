@@ -16,10 +16,11 @@ common put/take costs no event call.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
+
+from server.flow_control.wakeup import Wakeup
 
 T = TypeVar("T")
 
@@ -37,8 +38,8 @@ class ByteQueue(Generic[T]):
         self.capacity = capacity
         self.total = 0  # cost of everything queued
         self._items: deque[tuple[T, int]] = deque()
-        self.item_available = asyncio.Event()
-        self.space_available = asyncio.Event()
+        self.item_available = Wakeup()
+        self.space_available = Wakeup()
         self.space_available.set()
 
     # --- producer -----------------------------------------------------------------------------

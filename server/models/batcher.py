@@ -89,6 +89,9 @@ class MicroBatcher(Generic[Req, Resp]):
         self._wakeup: asyncio.Future[None] | None = None
         self._wake_threshold = 1
         self._worker: asyncio.Task[None] | None = None
+        # The loop, held from start(): asyncio.get_running_loop() per submit is a getpid()
+        # system call on Python 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     @property
@@ -108,7 +111,8 @@ class MicroBatcher(Generic[Req, Resp]):
         if self._closed:
             raise EngineUnavailable(f"{self._name}: closed")
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(
+            self._loop = loop = asyncio.get_running_loop()
+            self._worker = loop.create_task(
                 self._work(), name=f"{self._name}-worker"
             )
             self._worker.add_done_callback(self._worker_done)
@@ -123,9 +127,9 @@ class MicroBatcher(Generic[Req, Resp]):
         self._fail_all(EngineUnavailable(f"{self._name}: worker died"))
 
     async def submit(self, req: Req) -> Resp:
-        if self._closed or self._worker is None:
+        loop = self._loop
+        if self._closed or self._worker is None or loop is None:
             raise EngineUnavailable(f"{self._name}: not running")
-        loop = asyncio.get_running_loop()
         # Loop rather than a single wait: a woken waiter can lose the slot to a new submit
         # that arrived in between; it then simply waits again.
         while len(self._pending) >= self.max_pending:
@@ -197,7 +201,8 @@ class MicroBatcher(Generic[Req, Resp]):
                 n -= 1
 
     async def _wait(self, delay: float | None) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # the worker runs from start()
         self._wakeup = wake = loop.create_future()
         handle = loop.call_later(delay, _wake, wake) if delay is not None else None
         try:
@@ -231,7 +236,9 @@ class MicroBatcher(Generic[Req, Resp]):
             batch.clear()
 
     async def _run(self, batch: list[_Item[Req, Resp]]) -> None:
-        taken_at, size = asyncio.get_running_loop().time(), len(batch)
+        loop = self._loop
+        assert loop is not None
+        taken_at, size = loop.time(), len(batch)
         for item in batch:
             item.taken_at = taken_at
             item.batch_size = size

@@ -24,6 +24,7 @@ from typing import Protocol
 from server.billing.auth import Principal
 from server.billing.meter import METER_ERRORS, MeterFactory, SessionMeter, UsageReport
 from server.config import Config
+from server.flow_control.wakeup import Wakeup
 from server.models.base import EngineError, Transcriber, TranscriptionStream
 from server.models.batcher import BATCH_STATS, CallStats
 from server.protocol.decoding import BadMessage, decode_client_message
@@ -275,8 +276,8 @@ class AsrSessionRunner:
         # the read that brought it), observed once the step took it through the VAD.
         self._ingest_lag = self.metrics.ingest_lag.labels(lag_kind)
         self._lag_from = 0.0  # 0.0: no frame waits for the ingest step
-        self._wake = asyncio.Event()
-        self._writable = asyncio.Event()
+        self._wake = Wakeup()  # asyncio.Event, minus a getpid() per wait on Python 3.11
+        self._writable = Wakeup()
         self._wait: Step | None = None  # the last step's wait and deadline
         self._gone = False
         self._close_code: int | None = None

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from server.billing.meter import SessionMeter
 from server.flow_control.mark_window import MarkWindow
+from server.flow_control.wakeup import Wakeup
 from server.models.base import EngineError, Synthesizer
 from server.sessions.tts import (
     EngineAudio,
@@ -122,7 +123,7 @@ class Playback:
         self._bytes_per_ms = machine.params.bytes_per_ms
         self._queue: deque[SynthRequest] = deque()
         self._current: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._room = asyncio.Event()  # the machine wants engine audio again
         self._marks: MarkWindow[_Played] = MarkWindow(self.window)
         self._mark_seq = 0
