@@ -142,6 +142,12 @@ def _call_sim(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from streamgate_client.replay import main
+
+    return main(args)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -185,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         "call-sim", help="place a simulated Twilio call: play a WAV into /v1/telephony/twilio")
     add_call_sim_arguments(call_sim)
     call_sim.set_defaults(func=_call_sim)
+
+    from streamgate_client.replay import add_arguments as add_replay_arguments
+
+    replay = sub.add_parser(
+        "replay", help="replay a recorded session (record=true) against a server, diff the answers")
+    add_replay_arguments(replay)
+    replay.set_defaults(func=_replay)
 
     from server.billing.cli import add_subcommands
     from server.infra.stores import resolve_urls

@@ -44,6 +44,7 @@ from server.models.registry import aclose_all, build_transcribers, start_all
 from server.models.tts_registry import aclose_all as close_synthesizers
 from server.models.tts_registry import build_synthesizers
 from server.models.tts_registry import start_all as start_synthesizers
+from server.recording.endpoint import RecordingEndpoint, build_recorder
 from server.sessions.asr_runner import AsrEndpoint
 from server.sessions.resume import MemoryResumeStore, ResumeStore
 from server.sessions.resume_redis import RedisResumeStore
@@ -78,6 +79,9 @@ class Gateway:
         self.billing_urls: BillingUrls | None = None
         self.admin_token = ""
         self.dev_key: str | None = None
+        # record=true sessions (docs/recording.md): a recorder always (it refuses record=true
+        # while off); the retention sweeper only when recording is on.
+        self.recorder, self.retention = build_recorder(config.recording)
 
     async def _start_billing(self) -> BillingService:
         cfg = self.config
@@ -144,7 +148,7 @@ class Gateway:
             config=cfg, engines=self.engines, meters=meters, server=ws, metrics=self.metrics,
             resume_store=resume_store,
         )
-        ws.router.add("/v1/asr/stream", asr_endpoint)
+        ws.router.add("/v1/asr/stream", RecordingEndpoint(asr_endpoint, self.recorder))
         self.telephony = TelephonyEndpoint(
             config=cfg, asr=asr_endpoint, tts_engines=self.synthesizers, meters=meters,
             authenticator=auth, server=ws, metrics=self.metrics, policy=self.billing,
@@ -154,7 +158,7 @@ class Gateway:
             config=cfg, engines=self.synthesizers, meters=meters, server=ws, metrics=self.metrics,
             resume_store=resume_store,
         )
-        ws.router.add("/v1/tts/stream", tts_endpoint)
+        ws.router.add("/v1/tts/stream", RecordingEndpoint(tts_endpoint, self.recorder))
         # Deepgram's live STT and streaming TTS sockets (docs/compat.md, "Deepgram").
         ws.router.add("/v1/listen", DeepgramListenEndpoint(asr_endpoint))
         ws.router.add("/v1/speak", DeepgramSpeakEndpoint(tts_endpoint))
@@ -162,6 +166,8 @@ class Gateway:
         sarvam_keys = SubscriptionKeys(auth, self.billing)
         ws.router.add_in_band(STT_PATH, SarvamSttEndpoint(asr=asr_endpoint, keys=sarvam_keys))
         ws.router.add_in_band(TTS_PATH, SarvamTtsEndpoint(tts=tts_endpoint, keys=sarvam_keys))
+        if self.retention is not None:
+            self.retention.start()
         await ws.start(bound=self._ws_port)
         self._ws_port = None  # the WebSocket server owns it now
         app = build_http_app(self.metrics, self._readiness,
@@ -262,6 +268,8 @@ class Gateway:
             self._http = None
             log.info("drain: listeners closed")
         self._release_ports()
+        if self.retention is not None:
+            await self.retention.stop()
         await aclose_all(self.engines)
         await close_synthesizers(self.synthesizers)
         if self.billing is not None:

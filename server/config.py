@@ -14,6 +14,11 @@ from typing import Any, Literal
 import msgspec
 
 from server.flow_control.http_body import DEFAULT_BODY_TIMEOUT_S
+from server.flow_control.recording import (
+    DEFAULT_MAX_RECORDING_BYTES,
+    DEFAULT_RETENTION_DAYS,
+    MIN_RECORDING_BYTES,
+)
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "default.toml"
 ENV_PREFIX = "STREAMGATE_"
@@ -388,6 +393,26 @@ class VisionConfig(Base):
                              "max_vlm_pages >= 1")
 
 
+class RecordingConfig(Base):
+    # Session recording (record=true, docs/recording.md): off unless enabled, with a directory.
+    enabled: bool = False
+    directory: str = ""
+    retention_days: float = DEFAULT_RETENTION_DAYS
+    max_bytes: int = DEFAULT_MAX_RECORDING_BYTES  # per recording (flow_control/recording.py)
+    # Tenants whose every ASR/TTS session is recorded (a session may still say record=false).
+    tenants: list[str] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.directory:
+            raise ValueError("recording.directory must be set when recording.enabled is true")
+        if self.tenants and not self.enabled:
+            raise ValueError("recording.tenants needs recording.enabled = true")
+        if not self.retention_days > 0:
+            raise ValueError("recording.retention_days must be positive")
+        if self.max_bytes < MIN_RECORDING_BYTES:
+            raise ValueError(f"recording.max_bytes must be at least {MIN_RECORDING_BYTES}")
+
+
 class Config(Base):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
@@ -399,6 +424,7 @@ class Config(Base):
     telephony: TelephonyConfig = msgspec.field(default_factory=TelephonyConfig)
     vision: VisionConfig = msgspec.field(default_factory=VisionConfig)
     llm: LlmConfig = msgspec.field(default_factory=LlmConfig)
+    recording: RecordingConfig = msgspec.field(default_factory=RecordingConfig)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,92 @@
+"""Golden sessions (issue 17 item 3): sessions recorded from espeak-ng speech
+(tests/golden/make_golden.py) are replayed against a real server of this build; what comes back
+must be what was recorded, so a change that alters what a customer receives fails here. And the
+check has teeth: the same replay with a different endpointing setting differs.
+
+Replays run faster than recorded (--speed): what is compared does not depend on pace."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamgate_client.replay import ReplayOptions, compare, replay
+from streamgate_protocol.recording import Recording, read_recording
+from tests.e2e.conftest import ROOT, TEST_KEY, ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+GOLDEN = ROOT / "tests" / "golden"
+SPEED = 4.0
+# pocketsphinx's live cepstral mean normalisation carries over from whatever its worker process
+# decoded before, so the same audio can come out in other words (decision 17R2): its sessions
+# are compared on everything but the words (utterances, audio times, usage, close).
+SPHINX_IGNORES = ("text", "words")
+
+CASES = [
+    ("asr_synthetic_mulaw.jsonl", ()),
+    ("asr_sphinx_pcm.jsonl", SPHINX_IGNORES),
+    ("tts_synthetic.jsonl", ()),
+]
+
+
+def golden(name: str) -> Recording:
+    return read_recording(GOLDEN / name)
+
+
+@pytest.mark.parametrize(("name", "ignore"), CASES, ids=[c[0].split(".")[0] for c in CASES])
+def test_golden_session_replays_the_same(server: ServerProcess, name: str,
+                                         ignore: tuple[str, ...]) -> None:
+    recording = golden(name)
+    assert recording.complete
+    replayed = asyncio.run(replay(recording, server.ws, ReplayOptions(speed=SPEED, key=TEST_KEY)))
+    result = compare(recording, replayed, ignore=ignore)
+    assert result.same, "\n".join(result.diff())
+    # what is compared is the session, not a handful of lines
+    assert len(result.recorded) >= 6
+
+
+def test_a_changed_endpointing_setting_fails_the_replay(server: ServerProcess) -> None:
+    """1000 ms of silence to end an utterance instead of the recorded 500: the second phrase,
+    followed by 700 ms of silence, is no longer ended by that pause but by the end of the
+    stream, and the replay says so."""
+    recording = golden("asr_synthetic_mulaw.jsonl")
+    replayed = asyncio.run(replay(recording, server.ws, ReplayOptions(
+        speed=SPEED, key=TEST_KEY, params={"endpointing_ms": "1000"})))
+    result = compare(recording, replayed)
+    assert not result.same
+    diff = result.diff()
+    assert '-utterance 2: {"end_ms":3420,"type":"utterance_end","utterance_id":2}' in diff
+    assert '+utterance 2: {"end_ms":4299,"type":"utterance_end","utterance_id":2}' in diff
+
+
+def run_cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", "replay", *args, "--url", server.ws,
+         "--key", TEST_KEY, "--speed", "8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_streamgate_replay_exit_codes(server: ServerProcess) -> None:
+    path = str(GOLDEN / "tts_synthetic.jsonl")
+    same = run_cli(server, path)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert same.stdout.startswith("same: ")
+    # a different voice speed is a different session: exit 1 and a diff on stdout
+    changed = run_cli(server, path, "--param", "sample_rate=8000")
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    assert changed.stdout.startswith("--- recording\n+++ replay\n")
+    assert '"sample_rate":8000' in changed.stdout
+
+
+def test_streamgate_replay_refuses_what_is_not_a_recording(server: ServerProcess,
+                                                           tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.jsonl"
+    bogus.write_text('{"type":"transcript"}\n')
+    result = run_cli(server, str(bogus))
+    assert result.returncode == 2
+    assert "not a streamgate recording" in result.stderr
