@@ -1,0 +1,230 @@
+"""Span trees of whole sessions (issue 17): the server's own objects in this process, the SDK's
+InMemorySpanExporter, a real WebSocket listener and client, and a fake upstream model server
+that must receive our `traceparent`.
+
+    ws.upgrade (child of the client's traceparent)
+      admission.authenticate, admission.lease
+      asr.session -> asr.utterance -> asr.engine.finish -> upstream.asr  (traceparent sent)
+      tts.session -> tts.chunk -> upstream.tts                            (traceparent sent)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from websockets.asyncio.client import connect
+
+from server.billing.auth import StaticKeyAuthenticator
+from server.billing.meter import PricedMeterFactory
+from server.config import load_config
+from server.models import tts_registry
+from server.models.registry import aclose_all, build_transcribers, start_all
+from server.sessions.asr_runner import AsrEndpoint
+from server.sessions.tts_runner import TtsEndpoint
+from server.telemetry.metrics import Metrics
+from server.telemetry.tracing import TRACING
+from server.ws.server import WsServer
+from tests.fakes.upstream import FakeReply, FakeUpstream
+from tests.speech import espeak_pcm16, silence
+
+CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CLIENT_SPAN = "b7ad6b7169203331"
+TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+FRAME = 640
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    TRACING.configure(enabled=True, span_exporter=exporter)
+    try:
+        yield exporter
+    finally:
+        TRACING.shutdown()
+
+
+@dataclass
+class Served:
+    url: str
+    upstream: FakeUpstream
+
+
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[Served]:
+    """Inside the test (not a fixture): the leak check runs before fixtures end."""
+    async with FakeUpstream() as upstream:
+        cfg = load_config(environ={}, overrides={
+            "server": {"host": "127.0.0.1", "ws_port": 0},
+            "auth": {"allow_anonymous": True}, "billing": {"enabled": False},
+            "asr": {"session": {"default_model": "up"},
+                    "models": {"up": {"engine": "upstream", "url": upstream.url,
+                                      "retries": 0}}},
+            "tts": {"session": {"default_model": "up"},
+                    "models": {"up": {"engine": "upstream", "url": upstream.url,
+                                      "retries": 0}}}})
+        metrics = Metrics()
+        server = WsServer(cfg.server, metrics,
+                          StaticKeyAuthenticator(cfg.auth.key_sha256, allow_anonymous=True))
+        asr_engines = build_transcribers(cfg.asr.models, metrics)
+        tts_engines = tts_registry.build_synthesizers(cfg.tts.models)
+        await start_all(asr_engines)
+        await tts_registry.start_all(tts_engines)
+        meters = PricedMeterFactory({})
+        server.router.add("/v1/asr/stream", AsrEndpoint(
+            config=cfg, engines=asr_engines, meters=meters, server=server, metrics=metrics))
+        server.router.add("/v1/tts/stream", TtsEndpoint(
+            config=cfg, engines=tts_engines, meters=meters, server=server, metrics=metrics))
+        await server.start()
+        try:
+            yield Served(f"ws://127.0.0.1:{server.port}", upstream)
+        finally:
+            await server.drain(5.0)
+            await aclose_all(asr_engines)
+            await tts_registry.aclose_all(tts_engines)
+
+
+def by_name(spans: Sequence[ReadableSpan]) -> dict[str, list[ReadableSpan]]:
+    out: dict[str, list[ReadableSpan]] = {}
+    for span in spans:
+        out.setdefault(span.name, []).append(span)
+    return out
+
+
+def parent_of(span: ReadableSpan) -> int:
+    assert span.parent is not None, f"{span.name} has no parent"
+    parent: int = span.parent.span_id
+    return parent
+
+
+def span_id(span: ReadableSpan) -> int:
+    assert span.context is not None
+    return span.context.span_id
+
+
+def trace_of(span: ReadableSpan) -> str:
+    assert span.context is not None
+    return f"{span.context.trace_id:032x}"
+
+
+def sent_traceparent(upstream: FakeUpstream, path: str) -> str:
+    (request,) = [r for r in upstream.requests if r.path == path]
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    return headers["traceparent"]
+
+
+async def test_asr_session_span_tree_reaches_the_upstream(spans: InMemorySpanExporter) -> None:
+    async with serving() as served:
+        await asr_session(spans, served)
+
+
+async def asr_session(spans: InMemorySpanExporter, served: Served) -> None:
+    served.upstream.script(FakeReply.transcription("hello there", [("hello", 0.0, 0.4)]))
+    audio = silence(400) + espeak_pcm16("hello there, how are you") + silence(900)
+    events: list[dict[str, Any]] = []
+    async with connect(f"{served.url}/v1/asr/stream?metrics=true",
+                       additional_headers={"traceparent": TRACEPARENT}) as ws:
+        for i in range(0, len(audio), FRAME):
+            await ws.send(audio[i:i + FRAME])
+        await ws.send(json.dumps({"type": "close"}))
+        async for raw in ws:
+            events.append(json.loads(raw))
+    ready = events[0]
+    assert ready["type"] == "ready" and ready["trace_id"] == CLIENT_TRACE
+    (metrics,) = [e for e in events if e["type"] == "metrics"]
+    assert metrics["queue_ms"] >= 0 and metrics["engine_ms"] >= 0
+
+    tree = by_name(spans.get_finished_spans())
+    (upgrade,) = tree["ws.upgrade"]
+    assert parent_of(upgrade) == int(CLIENT_SPAN, 16) and trace_of(upgrade) == CLIENT_TRACE
+    assert upgrade.attributes is not None
+    assert upgrade.attributes["http.response.status_code"] == 101
+    (auth,) = tree["admission.authenticate"]
+    (lease,) = tree["admission.lease"]
+    assert parent_of(auth) == parent_of(lease) == span_id(upgrade)
+    (session,) = tree["asr.session"]
+    assert parent_of(session) == span_id(upgrade)
+    assert session.attributes is not None and session.attributes["streamgate.close_code"] == 1000
+    (utterance,) = tree["asr.utterance"]
+    assert parent_of(utterance) == span_id(session)
+    assert [e.name for e in utterance.events] == ["end_of_speech"]
+    (finish,) = tree["asr.engine.finish"]
+    assert parent_of(finish) == span_id(utterance)
+    assert all(parent_of(feed) == span_id(utterance) for feed in tree["asr.engine.feed"])
+    (call,) = tree["upstream.asr"]
+    assert parent_of(call) == span_id(finish)
+    assert {s.context.trace_id for s in spans.get_finished_spans() if s.context} == {
+        int(CLIENT_TRACE, 16)}
+    # The model server was told to join: its parent is our upstream call's span.
+    version, trace_id, parent, _ = sent_traceparent(
+        served.upstream, "/v1/audio/transcriptions").split("-")
+    assert (version, trace_id, parent) == ("00", CLIENT_TRACE, f"{span_id(call):016x}")
+
+
+async def test_tts_session_span_tree_reaches_the_upstream(spans: InMemorySpanExporter) -> None:
+    async with serving() as served:
+        await tts_session(spans, served)
+
+
+async def tts_session(spans: InMemorySpanExporter, served: Served) -> None:
+    events: list[dict[str, Any]] = []
+    audio_bytes = 0
+    async with connect(f"{served.url}/v1/tts/stream?metrics=true") as ws:
+        await ws.send(json.dumps({"type": "text", "text": "Hello there."}))
+        await ws.send(json.dumps({"type": "flush"}))
+        await ws.send(json.dumps({"type": "credit", "bytes": 10_000_000}))
+        async for raw in ws:
+            if isinstance(raw, bytes):
+                audio_bytes += len(raw)
+                continue
+            event = json.loads(raw)
+            events.append(event)
+            if event["type"] == "flushed":
+                await ws.send(json.dumps({"type": "close"}))
+    assert audio_bytes > 0
+    types = [e["type"] for e in events]
+    assert types.index("metrics") == types.index("audio_done") + 1
+    (metrics,) = [e for e in events if e["type"] == "metrics"]
+    assert metrics["chunk_id"] == 1 and metrics["audio_ms"] > 0
+    assert metrics["time_to_first_audio_ms"] <= metrics["synthesis_ms"]
+    assert metrics["real_time_factor"] == pytest.approx(
+        metrics["synthesis_ms"] / metrics["audio_ms"], abs=0.002)
+
+    tree = by_name(spans.get_finished_spans())
+    (upgrade,) = tree["ws.upgrade"]
+    assert upgrade.parent is None  # no traceparent from this client: a trace of its own
+    (session,) = tree["tts.session"]
+    assert parent_of(session) == span_id(upgrade)
+    assert events[0]["trace_id"] == trace_of(session)
+    (chunk,) = tree["tts.chunk"]
+    assert parent_of(chunk) == span_id(session)
+    (call,) = tree["upstream.tts"]
+    assert parent_of(call) == span_id(chunk)
+    _, trace_id, parent, _ = sent_traceparent(served.upstream, "/v1/audio/speech").split("-")
+    assert (trace_id, parent) == (trace_of(session), f"{span_id(call):016x}")
+
+
+async def test_tracing_off_sends_no_trace_id_and_no_traceparent() -> None:
+    async with serving() as served:
+        await untraced_session(served)
+
+
+async def untraced_session(served: Served) -> None:
+    assert not TRACING.on
+    async with connect(f"{served.url}/v1/tts/stream",
+                       additional_headers={"traceparent": TRACEPARENT}) as ws:
+        ready = json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "text", "text": "Hi."}))
+        await ws.send(json.dumps({"type": "flush"}))
+        await ws.send(json.dumps({"type": "close"}))
+        async for _ in ws:
+            pass
+    assert ready["type"] == "ready" and "trace_id" not in ready
+    (request,) = served.upstream.requests
+    assert "traceparent" not in {k.lower() for k in request.headers}
