@@ -105,7 +105,8 @@ def parent_of(span: ReadableSpan) -> int:
 
 def span_id(span: ReadableSpan) -> int:
     assert span.context is not None
-    return span.context.span_id
+    own: int = span.context.span_id
+    return own
 
 
 def trace_of(span: ReadableSpan) -> str:
