@@ -21,7 +21,9 @@ HOSTILE_EXAMPLES ?= 2000
 hostile: setup
 	STREAMGATE_HOSTILE_EXAMPLES=$(HOSTILE_EXAMPLES) ./scripts/test.sh tests/hostile $(ARGS)
 
+# The bench's Pipecat peer (issue 15) runs from a bench-only virtualenv, built here once.
 bench: setup
+	./loadtest/pipecat_peer/setup.sh
 	.venv/bin/python -m loadtest.bench $(ARGS)
 
 # Vision evaluation (issue 16): corpus -> scan-like copies -> /v1/vision/extract on a real server

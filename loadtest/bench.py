@@ -92,6 +92,14 @@ from loadtest.node_probe import NodeProbe
 from loadtest.pin import raise_nofile_limit
 from loadtest.procfs import cpu_seconds, cpu_stat, descendants, proc_stat
 from loadtest.tts_probe import measure_ttfa
+from loadtest.twilio_calls import (
+    MAX_LAG_P99_MS,
+    PEER_MAX_LAG_P99_MS,
+    TWILIO_PATH,
+    CallSearch,
+    ServerCounters,
+    streamgate_counters,
+)
 from loadtest.workers_compare import measure_node
 from server.config import SyntheticTtsConfig, load_config
 
@@ -104,8 +112,13 @@ ASR_PATH = (
     "&interim_results=false"
 )
 TTS_PATH = "/v1/tts/stream?model=synthetic&encoding=pcm_s16le&sample_rate=16000"
-PHASES = ("ws-echo", "raw-echo", "streamgate", "idle", "tts", "realtime", "echo-realtime",
-          "workers")
+PHASES = ("telephony", "pipecat", "ws-echo", "raw-echo", "streamgate", "idle", "tts", "realtime",
+          "echo-realtime", "workers")
+# Issue 15: Twilio calls per core on streamgate, and on Pipecat (the peer) with the same calls.
+TELEPHONY_RUN = "streamgate-telephony"
+PEER_RUN = "pipecat-telephony"
+PEER_VENV = Path(os.environ.get("STREAMGATE_BENCH_PIPECAT_VENV", ROOT / ".venv-bench-pipecat"))
+PEER_SETUP = "loadtest/pipecat_peer/setup.sh"
 ECHO_START_TIMEOUT_S = 30.0
 STREAMGATE_START_TIMEOUT_S = 150.0  # initdb of a fresh PostgreSQL cluster, migrations
 STOP_TIMEOUT_S = 30.0  # streamgate drains (5 s), flushes billing, stops Redis and PostgreSQL
@@ -115,7 +128,9 @@ TTS_LEVELS = ((1, 100), (20, 10))  # (concurrent sessions, measured requests per
 QUICK = {"connections": 40, "seconds": 1.0, "warmup": 0.5, "idle_sessions": 40, "rt_step": 20,
          "rt_resolution": 20, "rt_max": 40, "rt_ramp": 0.5, "rt_warmup": 0.5, "rt_seconds": 1.0,
          "rt_budget": 15.0, "tts_levels": ((1, 4), (4, 2)), "quiet_wait": 0.0,
-         "workers_sessions": 20, "workers_seconds": 1.0}
+         "workers_sessions": 20, "workers_seconds": 1.0, "calls_step": 5, "calls_resolution": 5,
+         "calls_max": 5, "peer_step": 3, "peer_resolution": 3, "peer_max": 3, "calls_ramp": 0.5,
+         "calls_warmup": 0.5, "calls_seconds": 2.0, "calls_budget": 20.0}
 TTS_FIRST_AUDIO_MS = 50.0
 # --workers 2 beside --workers 1: about half of what one pinned worker holds at p99 < 20 ms
 # (350 sessions, docs/benchmarks.md): well below saturation for both (13H1).
@@ -171,6 +186,29 @@ rtf = 0.05
 chunk_ms = 40
 sample_rate = 16000
 """
+
+
+# The telephony server: the same, but the ASR engine's batch capacity made effectively unlimited
+# (the default synthetic engine models a GPU of ~1,500 feeds/s, which a few hundred calls
+# saturate: its queue would drop caller audio, and the bench would measure the engine, not the
+# gateway), and the default ingest queue (a call grants no credit: the queue is what absorbs a
+# late read before audio is dropped).
+TELEPHONY_ENGINE = """\
+[asr.models.synthetic]
+engine = "synthetic"
+latency_base_ms = 5.0
+latency_per_item_ms = 0.0
+max_batch = 4096
+max_wait_ms = 5.0
+max_pending = 65536
+"""
+
+
+def telephony_toml(template: str) -> str:
+    start = template.index("[asr.models.synthetic]")
+    end = template.index("[tts.session]")
+    out = template[:start] + TELEPHONY_ENGINE + "\n" + template[end:]
+    return out.replace("ingest_queue_ms = 80\n", "")
 
 
 # --- server processes ----------------------------------------------------------------------------
@@ -433,9 +471,10 @@ def write_config(workdir: Path, name: str, args: argparse.Namespace) -> tuple[Pa
     """This server's config (its own billing data directory) and admin token."""
     token = secrets.token_urlsafe(24)
     path = workdir / f"{name}.toml"
-    path.write_text(STREAMGATE_TOML.format(
+    template = telephony_toml(STREAMGATE_TOML) if name == TELEPHONY_RUN else STREAMGATE_TOML
+    path.write_text(template.format(
         max_connections=max(10000, args.connections + 100, args.idle_sessions + 100,
-                            args.rt_max + 100),
+                            args.rt_max + 100, args.calls_max + 100),
         data_dir=workdir / f"{name}-data", admin_token=token,
         first_audio_ms=TTS_FIRST_AUDIO_MS))
     path.chmod(0o600)  # holds the admin token
@@ -443,6 +482,10 @@ def write_config(workdir: Path, name: str, args: argparse.Namespace) -> tuple[Pa
 
 
 def server_argv(name: str, config_path: Path | None, workers: int = 1) -> list[str]:
+    if name == PEER_RUN:
+        # Pipecat logs its banner at import, before the server can lower its level.
+        return ["env", "LOGURU_LEVEL=WARNING", str(PEER_VENV / "bin" / "python"), "-m",
+                "loadtest.pipecat_peer.server", "--host", HOST, "--port", "0"]
     if config_path is not None:
         # One process unless asked (`--workers` defaults to one worker per core, under a
         # supervisor): the bench pins it to one core. With N > 1 the started process execs
@@ -459,7 +502,8 @@ async def with_server(name: str, args: argparse.Namespace, workdir: Path,
     run = ServerRun(name)
     streamgate = name.startswith("streamgate")
     config, token = write_config(workdir, name, args) if streamgate else (None, "")
-    kind = "streamgate" if streamgate else "raw-echo" if name == REALTIME_CEILING else name
+    kind = ("streamgate" if streamgate else "raw-echo" if name == REALTIME_CEILING
+            else PEER_RUN if name == PEER_RUN else name)
     pinned = args.pinned and workers == 1
     server = ServerProcess(name, server_argv(kind, config, workers),
                            args.server_cpu if pinned else None, workdir,
@@ -652,6 +696,45 @@ async def measure_workers(live: LiveServer, run: ServerRun, args: argparse.Names
         print(f"bench: {run.name}: {format_node_run(node)}", flush=True)
 
 
+async def measure_calls(live: LiveServer, run: ServerRun, args: argparse.Namespace) -> None:
+    """Issue 15: the most Twilio calls the server keeps up with (loadtest/twilio_calls.py)."""
+    peer = run.name == PEER_RUN
+    target = Target(HOST, live.ws_port, TWILIO_PATH, "credit")  # a provider sends no header
+
+    async def streamgate_view() -> ServerCounters:
+        assert live.admin is not None
+        return streamgate_counters(await http_get(live.admin.http_port, "/metrics"))
+
+    async def peer_view() -> ServerCounters:
+        return peer_counters(await http_get(live.ws_port, "/stats"))
+
+    search = CallSearch(
+        "pipecat" if peer else "streamgate", target, live.api_key, live.process,
+        peer_view if peer else streamgate_view,
+        lag_limit_ms=PEER_MAX_LAG_P99_MS if peer else MAX_LAG_P99_MS,
+        lag_what=("audio frame read (its `media` decoded) -> its STT stage" if peer
+                  else "frame read -> through VAD (`streamgate_ingest_lag_seconds`)"),
+        warmup_s=args.calls_warmup, seconds=args.calls_seconds, ramp_s=args.calls_ramp,
+        batch=args.batch)
+    step, resolution, most, fixed = ((args.peer_step, args.peer_resolution, args.peer_max,
+                                      args.peer_calls) if peer else
+                                     (args.calls_step, args.calls_resolution, args.calls_max,
+                                      args.calls))
+    run.calls = await phase(
+        run, f"{fixed} Twilio calls" if fixed else "Twilio calls per core search",
+        search.run(step=step, resolution=fixed or resolution, max_calls=fixed or most,
+                   budget_s=args.calls_budget, first=fixed or None),
+        args.calls_budget + connect_budget(args, fixed or most))
+
+
+def peer_counters(response: str) -> ServerCounters:
+    """The Pipecat peer's /stats (loadtest/pipecat_peer/server.py): audio that reached its STT
+    stage and the lag histogram. It has no overflow: nothing is ever dropped, only late."""
+    body = json.loads(response.split("\r\n\r\n", 1)[1])
+    buckets = {float(k): float(v) for k, v in body["lag_buckets"].items()}
+    return ServerCounters(float(body["audio_ms"]), 0.0, buckets)
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -682,8 +765,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(docs/decisions/13H1-workers-bench.md says why this many)")
     p.add_argument("--workers-seconds", type=float, default=WORKERS_SECONDS, metavar="S",
                    help="--workers 2 beside --workers 1: the measured window")
+    p.add_argument("--calls-step", type=int, default=200,
+                   help="Twilio calls (issue 15): streamgate's search grows by this many calls")
+    p.add_argument("--calls-resolution", type=int, default=50,
+                   help="Twilio calls: streamgate's bisection stops at this many calls")
+    p.add_argument("--calls-max", type=int, default=3000, help="Twilio calls: most tried")
+    p.add_argument("--calls", type=int, default=0, metavar="N",
+                   help="Twilio calls: measure N streamgate calls only, no search")
+    p.add_argument("--peer-step", type=int, default=15,
+                   help="Twilio calls: Pipecat's search grows by this many calls")
+    p.add_argument("--peer-resolution", type=int, default=5,
+                   help="Twilio calls: Pipecat's bisection stops at this many calls")
+    p.add_argument("--peer-max", type=int, default=600, help="Twilio calls: most tried on Pipecat")
+    p.add_argument("--peer-calls", type=int, default=0, metavar="N",
+                   help="Twilio calls: measure N Pipecat calls only, no search")
+    p.add_argument("--calls-ramp", type=float, default=5.0,
+                   help="Twilio calls: a step's new calls connect evenly over this long")
+    p.add_argument("--calls-warmup", type=float, default=3.0, help="Twilio calls: per step")
+    p.add_argument("--calls-seconds", type=float, default=10.0,
+                   help="Twilio calls: measured window per step (a multiple of the 5 s usage "
+                        "interval: streamgate publishes accepted audio with each usage report)")
+    p.add_argument("--calls-budget", type=float, default=160.0,
+                   help="Twilio calls: each search stops before a step would end after this")
     p.add_argument("--only", action="append", choices=PHASES,
                    help="run only this part (repeatable); docs/benchmarks.md is not written")
+    p.add_argument("--skip", action="append", choices=PHASES, default=[],
+                   help="leave this part out (repeatable); docs/benchmarks.md is not written")
     p.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
     p.add_argument("--quick", action="store_true",
                    help="every part for a few seconds with a few sessions (a smoke test: the "
@@ -702,9 +809,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (min(args.connections, args.batch, args.idle_sessions, args.rt_step, args.rt_resolution,
             args.rt_max, args.workers_sessions) < 1 or args.seconds <= 0
             or args.workers_seconds <= 0 or args.warmup < 0 or args.rt_seconds <= 0
-            or args.rt_warmup < 0 or args.rt_ramp < 0 or args.realtime_sessions < 0):
+            or args.rt_warmup < 0 or args.rt_ramp < 0 or args.realtime_sessions < 0
+            or min(args.calls_step, args.calls_resolution, args.calls_max, args.peer_step,
+                   args.peer_resolution, args.peer_max) < 1 or args.calls_seconds <= 0
+            or args.calls_warmup < 0 or args.calls_ramp < 0 or min(args.calls,
+                                                                    args.peer_calls) < 0):
         p.error("counts must be >= 1, measured windows > 0, warm-ups >= 0")
-    args.phases = set(args.only or PHASES)
+    args.phases = set(args.only or PHASES) - set(args.skip)
     args.tts_levels = TTS_LEVELS
     if args.quick:
         vars(args).update(QUICK)
@@ -735,6 +846,18 @@ def keep_logs(workdir: Path, logs_dir: Path) -> None:
 
 async def run_all(args: argparse.Namespace, workdir: Path) -> list[ServerRun]:
     runs: list[ServerRun] = []
+    if "telephony" in args.phases:
+        runs.append(await with_server(
+            TELEPHONY_RUN, args, workdir, lambda live, run: measure_calls(live, run, args)))
+    if "pipecat" in args.phases:
+        if (PEER_VENV / "bin" / "python").exists():
+            runs.append(await with_server(
+                PEER_RUN, args, workdir, lambda live, run: measure_calls(live, run, args)))
+        else:
+            missing = ServerRun(PEER_RUN)
+            missing.errors.append(f"no Pipecat virtualenv at {PEER_VENV}: run {PEER_SETUP} "
+                                  "(`make bench` does)")
+            runs.append(missing)
     for name in CLOSED_LOOP_NAMES:
         if name in args.phases:
             runs.append(await with_server(
@@ -777,7 +900,7 @@ async def amain(args: argparse.Namespace, command: str) -> int:
     print("\n".join(observation_lines(runs)))
     failed = [(run.name, run.failures()) for run in runs]
     failed = [(name, why) for name, why in failed if why]
-    if args.no_write or args.only or args.quick:
+    if args.no_write or args.only or args.skip or args.quick:
         pass
     elif failed or not all(run.has_results() for run in runs):
         print(f"bench: not writing {DOCS_PATH.relative_to(ROOT)}: a run failed", file=sys.stderr)
@@ -797,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     command = "python -m loadtest.bench" + (" " + shlex.join(given) if given else "")
     need = max(args.connections, args.idle_sessions, args.rt_max, args.realtime_sessions,
-               args.workers_sessions) + 256
+               args.workers_sessions, args.calls_max, args.calls, args.peer_max) + 256
     limit = raise_nofile_limit()
     if limit < need:
         print(f"bench: open-files limit {limit} < {need} needed; raise `ulimit -n`",

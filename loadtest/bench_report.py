@@ -18,6 +18,12 @@ from loadtest.bench_tenant import Balance
 from loadtest.capacity import Capacity, Step
 from loadtest.loadgen import FRAME_BYTES, FRAME_MS, IdleResult, RunResult
 from loadtest.tts_probe import TTS_TEXT, TtfaRun
+from loadtest.twilio_calls import (
+    MAX_PING_RTT_P99_MS,
+    MAX_SERVER_CPU_PCT,
+    MIN_ACCEPTED,
+    CallCapacity,
+)
 from loadtest.workers_compare import NodeRun, efficiency
 
 ECHO_NAMES = ("ws-echo", "raw-echo")
@@ -39,6 +45,17 @@ MAX_IDLE_KIB = 50.0
 MAX_TTFA_OVERHEAD_P99_MS = 5.0
 # Issue 13's: two workers' CPU per session within 1/0.9 of one worker's.
 MIN_WORKERS_EFFICIENCY = 0.9
+# Issue 15's (one run, one server core).
+TELEPHONY_RUN = "streamgate-telephony"
+PEER_RUN = "pipecat-telephony"
+MIN_CALLS = 1000
+MIN_VS_PEER = 20.0
+MAX_CALL_KIB = 100.0
+MAX_IDLE_KIB_15 = 50.0
+MIN_VS_RAW_ECHO_15 = 0.6
+MIN_REALTIME_VS_CEILING = 0.8
+MAX_TTFA_OVERHEAD_P99_MS_15 = 2.0
+TTFA_SESSIONS_15 = 20
 
 
 # --- what a server run found ---------------------------------------------------------------------
@@ -82,6 +99,7 @@ class ServerRun:
     tts: list[TtfaRun] = field(default_factory=list)
     capacity: Capacity | None = None
     nodes: list[NodeRun] = field(default_factory=list)  # --workers 1 or 2, N sessions
+    calls: CallCapacity | None = None  # Twilio calls per core (issue 15)
     balances: tuple[Balance, Balance] | None = None  # the bench tenant's, before and after
 
     def closed_loops(self) -> list[RunResult]:
@@ -106,6 +124,8 @@ class ServerRun:
         out.extend(f"TTS x{t.concurrency}: {e}" for t in self.tts for e in t.errors[:3])
         if self.capacity is not None and self.capacity.refused:
             out.append(f"real time: {self.capacity.stopped}")
+        if self.calls is not None and self.calls.refused:
+            out.append(f"Twilio calls: {self.calls.stopped}")
         for node in self.nodes:
             out.extend(f"--workers {node.workers}, {node.sessions} sessions: {p}"
                        for p in node.problems())
@@ -117,7 +137,7 @@ class ServerRun:
 
     def has_results(self) -> bool:
         return bool(self.closed_loops() or self.idle or self.tts or self.capacity
-                    or self.nodes)
+                    or self.nodes or self.calls)
 
 
 def analyse_stderr(path: Path, json_logs: bool) -> Health:
@@ -304,11 +324,173 @@ def workers_goals(runs: list[ServerRun]) -> list[Goal]:
 
 
 def goals_table(runs: list[ServerRun]) -> list[str]:
+    """Issue 5's and 13's targets that issue 15's table does not restate."""
     lines = ["| target | measured | met |", "|---|---|---|"]
     for g in goals(runs):
+        if not ("ws-echo" in g.what or "workers" in g.what):
+            continue
         met = ("not measured" if g.met is None else "(reported)" if g.reported
                else "yes" if g.met else "**NO**")
         lines.append(f"| {g.what} | {g.measured} | {met} |")
+    return lines
+
+
+# --- issue 15 ------------------------------------------------------------------------------------
+
+
+def calls_run(runs: list[ServerRun], name: str) -> CallCapacity | None:
+    return next((run.calls for run in runs if run.name == name and run.calls), None)
+
+
+def _calls(cap: CallCapacity) -> str:
+    return f"{'>= ' if cap.open_ended else ''}{cap.calls:,} calls"
+
+
+def _and(*parts: bool | None) -> bool | None:
+    """All met -> True; any not met -> False; else (something not measured) None."""
+    if any(p is False for p in parts):
+        return False
+    return None if any(p is None for p in parts) else True
+
+
+@dataclass
+class Target15:
+    what: str
+    measured: str
+    reference: str  # the peer's value (Pipecat, raw-echo, the engine alone)
+    met: bool | None  # None: not measured (or a rule not measured) in this run
+
+
+def issue15_targets(runs: list[ServerRun]) -> list[Target15]:
+    ours, peer = calls_run(runs, TELEPHONY_RUN), calls_run(runs, PEER_RUN)
+    out = []
+    rules = (f"every call connected, no audio dropped, >= {100 * MIN_ACCEPTED:g}% of the audio "
+             f"sent accepted, server CPU <= {MAX_SERVER_CPU_PCT:g}%, p99 ingest lag < "
+             f"{ours.lag_limit_ms if ours else 20:g} ms, ping RTT p99 < "
+             f"{MAX_PING_RTT_P99_MS:g} ms")
+    if ours is None:
+        measured, met = "-", None
+    else:
+        best = ours.best
+        measured = _calls(ours)
+        if best is not None:
+            measured += (f" ({best.server_cpu_pct:.0f}% of the core, "
+                         f"{best.cpu_pct_per_call or 0:.3f}% per call; ping RTT p99 "
+                         f"{best.rtt.p99_ms:.1f} ms; ingest lag p99 "
+                         + ("not measured" if best.lag_p99_ms is None
+                            else f"{best.lag_p99_ms:.1f} ms") + ")")
+        met = ours.calls >= MIN_CALLS
+        if met and not ours.lag_measured:
+            met = None  # the lag rule could not be checked: not judged
+    out.append(Target15(f"1. >= {MIN_CALLS:,} concurrent Twilio calls per core, full call path, "
+                        f"billing on ({rules})", measured,
+                        "-" if peer is None else f"Pipecat: {_calls(peer)}", met))
+    ratio: float | None = None
+    if ours is not None and peer is not None and peer.calls > 0:
+        ratio = ours.calls / peer.calls
+    measured = ("-" if ratio is None or ours is None or peer is None
+                else f"{ratio:.1f}x ({ours.calls:,} / {peer.calls:,})")
+    if ours is not None and peer is not None and peer.calls == 0 and peer.steps:
+        measured = (f"Pipecat kept up with none of the counts tried (smallest: "
+                    f"{min(s.calls for s in peer.steps)})")
+    out.append(Target15(
+        f"2. >= {MIN_VS_PEER:g}x Pipecat's calls per core (same run, generator and rules; "
+        f"Pipecat's lag rule: audio at its STT stage within "
+        f"{peer.lag_limit_ms if peer else 200:g} ms)", measured,
+        "-" if peer is None else f"Pipecat 1.14: {_calls(peer)}",
+        None if ratio is None else ratio >= MIN_VS_PEER))
+    per_call = None if ours is None else ours.kib_per_call()
+    peer_call = None if peer is None else peer.kib_per_call()
+    idle = idle_run(runs)
+    out.append(Target15(
+        f"3. <= {MAX_CALL_KIB:g} KiB RSS per active call and <= {MAX_IDLE_KIB_15:g} KiB per "
+        "idle session",
+        ("-" if per_call is None else f"{per_call:,.0f} KiB per call") + "; "
+        + ("-" if idle is None else f"{idle.kib_per_session:.1f} KiB per idle session"),
+        "-" if peer_call is None else f"Pipecat: {peer_call:,.0f} KiB per call",
+        _and(None if per_call is None else per_call <= MAX_CALL_KIB,
+             None if idle is None else idle.kib_per_session <= MAX_IDLE_KIB_15)))
+    window = ratios(runs, "window").get("streamgate / raw-echo")
+    cap, ceiling = capacity_run(runs), capacity_run(runs, REALTIME_CEILING)
+    rt: float | None = None
+    if (cap is not None and ceiling is not None and ceiling.best is not None
+            and ceiling.best.sessions > 0):
+        rt = (cap.best.sessions if cap.best else 0) / ceiling.best.sessions
+    fps = shape_fps(runs, "window")
+    out.append(Target15(
+        f"4. our protocol: window-shape ingest >= {MIN_VS_RAW_ECHO_15:g}x raw-echo frames/s and "
+        f"real-time sessions >= {MIN_REALTIME_VS_CEILING:g}x raw-echo's ceiling",
+        ("-" if window is None else f"{window:.2f}x") + "; "
+        + ("-" if rt is None or cap is None else
+           f"{rt:.2f}x ({cap.best.sessions if cap.best else 0} sessions)"),
+        ("-" if "raw-echo" not in fps else f"raw-echo: {fps['raw-echo']:,.0f} frames/s")
+        + ("" if ceiling is None else f", {capacity_sessions(ceiling)}"),
+        _and(None if window is None else window >= MIN_VS_RAW_ECHO_15,
+             None if rt is None else rt >= MIN_REALTIME_VS_CEILING)))
+    tts = next((t for t in tts_runs(runs) if t.concurrency == TTFA_SESSIONS_15
+                and t.gateway.samples and t.engine.samples), None)
+    out.append(Target15(
+        f"5. TTS time-to-first-audio overhead < {MAX_TTFA_OVERHEAD_P99_MS_15:g} ms p99 at "
+        f"{TTFA_SESSIONS_15} sessions",
+        "-" if tts is None else f"{tts.overhead_p99_ms:.2f} ms",
+        "-" if tts is None else (f"engine alone: first chunk p99 {tts.engine.p99_ms:.1f} ms; "
+                                 f"gateway p99 {tts.gateway.p99_ms:.1f} ms"),
+        None if tts is None else tts.overhead_p99_ms < MAX_TTFA_OVERHEAD_P99_MS_15))
+    return out
+
+
+def issue15_table(runs: list[ServerRun]) -> list[str]:
+    lines = ["| target | measured | peer / reference | met |", "|---|---|---|---|"]
+    for t in issue15_targets(runs):
+        met = "not measured" if t.met is None else "yes" if t.met else "**NO**"
+        lines.append(f"| {t.what} | {t.measured} | {t.reference} | {met} |")
+    return lines
+
+
+def call_lines(cap: CallCapacity) -> list[str]:
+    lines = [
+        "| step | calls | audio accepted | dropped ms | ingest lag p99 ms | ping RTT p50 / p99 ms "
+        "| server CPU | per call | Redis+PG CPU | gen CPU / pacer lag ms | others on server / "
+        "gen CPU | agent media / marks answered / clears | RSS MB | result |",
+        "|---" * 14 + "|",
+    ]
+    for i, s in enumerate(cap.steps, 1):
+        frac = s.accepted_fraction
+        lag = "not measured" if s.lag_p99_ms is None else f"{s.lag_p99_ms:.2f}"
+        verdict = "pass" if s.passed else f"fail: {s.why_not}"
+        lines.append(
+            f"| {i} | {s.opened}/{s.calls} | {'-' if frac is None else f'{100 * frac:.2f}%'} "
+            f"| {'-' if s.dropped_ms is None else f'{s.dropped_ms:,.0f}'} | {lag} "
+            f"| {s.rtt.p50_ms:.2f} / {s.rtt.p99_ms:.2f} "
+            f"| {s.server_cpu_pct:.0f}% ({s.server_sys_pct:.0f}% sys) "
+            f"| {s.cpu_pct_per_call or 0:.3f}% | {s.helpers_cpu_pct:.0f}% "
+            f"| {s.gen_cpu_pct:.0f}% / {s.pacer_lag_ms:.1f} "
+            f"| {s.others_on_server_cpu_pct:.0f}% / {s.others_on_gen_cpu_pct:.0f}% "
+            f"| {s.media_in:,} / {s.marks_answered:,} / {s.clears:,} | {_mb(s.rss_kb)} "
+            f"| {verdict} |")
+    lines.append("")
+    lines.append(f"Search: {len(cap.steps)} steps in {cap.elapsed_s:.0f} s; stopped: "
+                 f"{cap.stopped}. **Most calls kept up with: {_calls(cap)}.**")
+    per_call = cap.kib_per_call()
+    largest = cap.largest
+    if per_call is not None and largest is not None:
+        lines.append(f"RSS per active call: **{per_call:,.0f} KiB** (at {largest.opened} calls, "
+                     f"VmRSS {largest.rss_kb / 1024:.0f} MB vs {cap.rss_base_kb / 1024:.0f} MB "
+                     "before the first call).")
+    best = cap.best
+    if best is not None and best.opened:
+        lines.append(f"CPU per call: **{best.cpu_pct_per_call or 0:.3f}% of one core = "
+                     f"{1e4 * best.server_cpu_pct / best.opened:,.0f} us of CPU per "
+                     f"call-second** (server process at {best.opened} calls).")
+    if cap.total_accepted_ms is not None and cap.total_sent_ms > 0:
+        lines.append(f"Whole search (every step, ramps and warm-ups included, after the last "
+                     f"call hung up): {cap.total_sent_ms / 1000:,.0f} s of caller audio sent, "
+                     f"{100 * cap.total_accepted_ms / cap.total_sent_ms:.2f}% accepted, "
+                     + ("-" if cap.total_dropped_ms is None
+                        else f"{cap.total_dropped_ms:,.0f} ms") + " dropped.")
+    if not cap.lag_measured:
+        lines.append("Ingest lag: **not measured** (the server exposes no lag histogram in "
+                     "this run); the lag rule was not applied.")
     return lines
 
 
@@ -589,6 +771,15 @@ def notes_for(run: ServerRun) -> list[str]:
                              f"real time at {run.capacity.best.sessions} sessions")
     for node in run.nodes:
         out += _node_notes(node)
+    if run.calls is not None:
+        for step in run.calls.steps:
+            shared = step.others_on_server_cpu_pct > 5 or step.others_on_gen_cpu_pct > 10
+            out.append(f"{step.calls} calls: other processes used "
+                       f"{step.others_on_server_cpu_pct:.0f}% of the server's CPU and "
+                       f"{step.others_on_gen_cpu_pct:.0f}% of the generator's"
+                       + (" - SHARED CPU, numbers depressed" if shared else ""))
+            if step.connect_failures:
+                out.append(f"{step.calls} calls: connect failures: {step.connect_failures}")
     if run.balances is not None:
         before, after = run.balances
         note = (f"billing: the bench tenant's balance in PostgreSQL went down by "
@@ -629,10 +820,23 @@ def machine_info() -> dict[str, str]:
 
 def result_sections(args: argparse.Namespace, runs: list[ServerRun]) -> list[str]:
     """Everything measured: printed at the end of a run and written into the document."""
-    lines = ["### Targets (issues 5 and 13)", "",
+    lines = ["### Targets (issue 15)", "",
+             "Every number is from this one run; the server on one core, the generator on the",
+             "other. Calls per core: the most concurrent Twilio calls meeting every keep-up rule",
+             "(the tables below show each step and what failed).", "",
+             *issue15_table(runs), "",
+             "### Other targets (issues 5 and 13)", "",
              "Throughput is judged on the window shape (the headline table below); the ack per",
-             "frame table is the worst case. Every number is from this one run.", "",
+             "frame table is the worst case.", "",
              *goals_table(runs), ""]
+    for name, title in ((TELEPHONY_RUN, "streamgate `/v1/telephony/twilio`"),
+                        (PEER_RUN, "Pipecat 1.14 (FastAPI websocket, TwilioFrameSerializer, "
+                                   "Silero VAD, stub STT)")):
+        calls = calls_run(runs, name)
+        if calls is not None:
+            lines += [f"### Twilio calls per core: {title}", "",
+                      f"Ingest lag: {calls.lag_what}; limit p99 < {calls.lag_limit_ms:g} ms.", "",
+                      *call_lines(calls), ""]
     if shape_fps(runs, "window"):
         lines += [f"### Closed loop, window of {args.window} frames (headline throughput)", "",
                   *closed_loop_table(runs, "window"), "",

@@ -136,8 +136,10 @@ def test_bench_quick(tmp_path: Path) -> None:
     docs = ROOT / "docs" / "benchmarks.md"
     before = docs.read_bytes()
     logs = tmp_path / "logs"
+    # The Twilio calls (issue 15) have tests of their own below.
     proc = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--quick", "--logs-dir", str(logs)],
+        [sys.executable, "-m", "loadtest.bench", "--quick", "--logs-dir", str(logs),
+         "--skip", "telephony", "--skip", "pipecat"],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out  # also 1 if a server's child outlived it
@@ -178,3 +180,48 @@ def _cmdline(proc_dir: Path) -> bytes:
         return (proc_dir / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def run_bench_calls(tmp_path: Path, part: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--quick", "--only", part, "--logs-dir",
+         str(tmp_path / "logs")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "### Targets (issue 15)" in proc.stdout, out
+    return proc.stdout
+
+
+def test_bench_twilio_calls(tmp_path: Path) -> None:
+    """The calls-per-core bench's generator against a real streamgate (billing on, the key in
+    `start.customParameters`): 5 Twilio calls for ~2 s connect, stream, get the agent's speech
+    back with marks, and every byte of their audio is accepted by the server's own count."""
+    out = run_bench_calls(tmp_path, "telephony")
+    assert "bench: streamgate calls: 5 calls (5 open)" in out, out
+    total = re.search(r"Whole search .*?: ([\d,]+) s of caller audio sent, ([\d.]+)% accepted, "
+                      r"([\d,]+) ms dropped", out)
+    assert total is not None, out
+    assert int(total[1].replace(",", "")) >= 5 * 2 and float(total[2]) == 100.0, out
+    assert total[3] == "0", out
+    row = re.search(r"^\| 1 \| 5/5 \| .*?\| ([\d.]+|not measured) \| [\d.]+ / ([\d.]+) \|.*?"
+                    r"\| ([\d,]+) / ([\d,]+) / ([\d,]+) \| \d+ \|", out, re.M)
+    assert row is not None, out
+    assert row[1] != "not measured" and float(row[2]) > 0, out  # ingest lag and ping RTT
+    media, marks = int(row[3].replace(",", "")), int(row[4].replace(",", ""))
+    assert media > 0 and marks > 0, out  # the echo agent spoke; its marks were answered
+    assert "telephony 1000" in out, out  # every call ended with a normal close
+
+
+def test_bench_pipecat_peer(tmp_path: Path) -> None:
+    """The Pipecat peer (loadtest/pipecat_peer/server.py, from the bench-only virtualenv that
+    `make bench` builds) serves the same Twilio calls and reports its STT-stage lag."""
+    venv = Path(os.environ.get("STREAMGATE_BENCH_PIPECAT_VENV", ROOT / ".venv-bench-pipecat"))
+    if not (venv / "bin" / "python").exists():
+        pytest.skip(f"no {venv}: `make bench` (loadtest/pipecat_peer/setup.sh) builds it")
+    out = run_bench_calls(tmp_path, "pipecat")
+    assert "bench: pipecat calls: 3 calls (3 open)" in out, out
+    total = re.search(r"Whole search .*?: [\d,]+ s of caller audio sent, ([\d.]+)% accepted", out)
+    assert total is not None and float(total[1]) > 90.0, out
+    row = re.search(r"^\| 1 \| 3/3 \| [\d.]+% \| 0 \| ([\d.]+) \|", out, re.M)
+    assert row is not None and float(row[1]) > 0, out
