@@ -189,6 +189,8 @@ class AsrSession:
         self.session_id = session_id
         self.resume_token = resume_token
         self.trace_id = ""  # set by a runner that traces the session: `ready` names it
+        # End of speech -> final of the newest final (a call's turn starts at its end of speech).
+        self.last_final_latency_s = 0.0
         self.settings = settings
         self.models = models
         self.engine_rate = engine_rate
@@ -680,6 +682,7 @@ class AsrSession:
             if now is not None:
                 latency = max(0.0, now - utt.ended_at)
                 self._final_latencies.append(latency)
+                self.last_final_latency_s = latency
                 if self.params.metrics:
                     self._emit(m.UtteranceMetrics(
                         utterance_id=utterance_id,

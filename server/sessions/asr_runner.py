@@ -560,6 +560,7 @@ class AsrSessionRunner:
         model = machine.params.model
         engine_seconds = self.metrics.engine_seconds
         final_latency = self.metrics.asr_final_latency.labels(model)
+        queue_seconds = self.metrics.asr_queue.labels(model)
         engine_time: dict[int, float] = {}  # per utterance: its time in engine calls
         queue_time: dict[int, float] = {}  # per utterance: of that, waiting in a micro-batcher
         stats = CallStats()
@@ -604,6 +605,7 @@ class AsrSessionRunner:
                         queue_s = queue_time.pop(utt, 0.0) + stats.queue_s
                         machine.receive_result(utt, hyp, final=True, now=self._time(),
                                                engine_s=engine_s, queue_s=queue_s)
+                        queue_seconds.observe(queue_s)
                         for latency in machine.take_final_latencies():
                             final_latency.observe(latency)
                             if trace is not None:

@@ -249,6 +249,7 @@ class TtsSessionRunner:
                                   usage_interval_s=endpoint.config.tts.session.usage_interval_s)
         self._tenant_id = principal.tenant_id
         self._first_audio = endpoint.metrics.tts_first_audio.labels(machine.params.model)
+        self._rtf = endpoint.metrics.tts_real_time_factor.labels(machine.params.model)
         # A resumable session writes what a resume needs whenever it changes (resume.py).
         self.resume = resume
         self._saved_version = -1
@@ -463,6 +464,7 @@ class TtsSessionRunner:
         params = machine.params
         taken = time.perf_counter()
         first_audio_s = -1.0
+        engine_bytes = 0
         span = None
         if TRACING.on:  # this task's own context: an upstream engine's call is its child
             span = tracing.start_span("tts.chunk", attributes={
@@ -472,6 +474,7 @@ class TtsSessionRunner:
             stream = self.engine.synthesize(req.text, voice=params.voice, language=params.language)
             async with contextlib.aclosing(stream):  # type: ignore[type-var]
                 async for pcm in stream:
+                    engine_bytes += len(pcm)
                     machine.handle(EngineAudio(req, pcm))
                     self._charge()
                     self._pump()
@@ -481,6 +484,8 @@ class TtsSessionRunner:
                         self._first_audio.observe(first_audio_s)
             synthesis_s = time.perf_counter() - taken
             machine.handle(EngineDone(req, first_audio_s=first_audio_s, synthesis_s=synthesis_s))
+            if engine_bytes:  # 16-bit mono at the engine's rate
+                self._rtf.observe(synthesis_s * self.engine.sample_rate * 2 / engine_bytes)
             if span is not None:
                 span.set_attributes({
                     "streamgate.time_to_first_audio_ms": round(first_audio_s * 1000),

@@ -120,6 +120,24 @@ class Metrics:
             "A TTS chunk taken for synthesis to its first audio frame on the wire", ["model"],
             registry=r, buckets=TURN_BUCKETS,
         )
+        # Issue 17: a phone call's turn, what its caller waits through.
+        self.telephony_turn_latency = Histogram(
+            "streamgate_telephony_turn_latency_seconds",
+            "Caller stops speaking (end of speech; a keypad turn: its digits taken) to the agent's "
+            "first audio sent to the provider", ["agent"], registry=r, buckets=TURN_BUCKETS,
+        )
+        self.asr_queue = Histogram(
+            "streamgate_asr_queue_seconds",
+            "Per utterance: time its engine requests waited in the micro-batcher", ["model"],
+            registry=r, buckets=(0.0, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                 1.0, 2.5),
+        )
+        self.tts_real_time_factor = Histogram(
+            "streamgate_tts_real_time_factor",
+            "Per TTS chunk: synthesis time over the audio's duration (below 1: faster than "
+            "real time)", ["model"], registry=r,
+            buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0),
+        )
         self.engine_errors = Counter(
             "streamgate_engine_errors_total", "Engine failures", ["model"], registry=r
         )

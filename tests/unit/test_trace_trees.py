@@ -6,10 +6,12 @@ that must receive our `traceparent`.
       admission.authenticate, admission.lease
       asr.session -> asr.utterance -> asr.engine.finish -> upstream.asr  (traceparent sent)
       tts.session -> tts.chunk -> upstream.tts                            (traceparent sent)
+    telephony.call -> asr.session ..., telephony.turn (a Twilio call, in virtual time)
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -33,6 +35,8 @@ from server.telemetry.tracing import TRACING
 from server.ws.server import WsServer
 from tests.fakes.upstream import FakeReply, FakeUpstream
 from tests.speech import espeak_pcm16, silence
+from tests.unit.test_telephony_call import open_call, twilio
+from tests.unit.virtual_time import run
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
@@ -114,6 +118,12 @@ def trace_of(span: ReadableSpan) -> str:
     return f"{span.context.trace_id:032x}"
 
 
+def int_attr(span: ReadableSpan, key: str) -> int:
+    value = (span.attributes or {}).get(key)
+    assert isinstance(value, int), f"{span.name}.{key} = {value!r}"
+    return value
+
+
 def sent_traceparent(upstream: FakeUpstream, path: str) -> str:
     (request,) = [r for r in upstream.requests if r.path == path]
     headers = {k.lower(): v for k, v in request.headers.items()}
@@ -144,14 +154,13 @@ async def asr_session(spans: InMemorySpanExporter, served: Served) -> None:
     tree = by_name(spans.get_finished_spans())
     (upgrade,) = tree["ws.upgrade"]
     assert parent_of(upgrade) == int(CLIENT_SPAN, 16) and trace_of(upgrade) == CLIENT_TRACE
-    assert upgrade.attributes is not None
-    assert upgrade.attributes["http.response.status_code"] == 101
+    assert int_attr(upgrade, "http.response.status_code") == 101
     (auth,) = tree["admission.authenticate"]
     (lease,) = tree["admission.lease"]
     assert parent_of(auth) == parent_of(lease) == span_id(upgrade)
     (session,) = tree["asr.session"]
     assert parent_of(session) == span_id(upgrade)
-    assert session.attributes is not None and session.attributes["streamgate.close_code"] == 1000
+    assert int_attr(session, "streamgate.close_code") == 1000
     (utterance,) = tree["asr.utterance"]
     assert parent_of(utterance) == span_id(session)
     assert [e.name for e in utterance.events] == ["end_of_speech"]
@@ -229,3 +238,49 @@ async def untraced_session(served: Served) -> None:
     assert ready["type"] == "ready" and "trace_id" not in ready
     (request,) = served.upstream.requests
     assert "traceparent" not in {k.lower() for k in request.headers}
+
+
+def test_twilio_call_span_tree(spans: InMemorySpanExporter) -> None:
+    """telephony.call (parent: a traceparent in the start event's customParameters) ->
+    asr.session -> asr.utterance -> asr.engine.*, and telephony.turn from the caller's end of
+    speech to the agent's first audio, which the turn-latency histogram sees too."""
+    start = twilio("start", {"start": {
+        "streamSid": "MZ1", "callSid": "CA1", "tracks": ["inbound"],
+        "customParameters": {"traceparent": TRACEPARENT},
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+    observed: list[float] = []
+
+    async def scenario() -> None:
+        call = await open_call()
+        call.session.on_text(start)
+        await asyncio.sleep(0)
+        conversation = call.session.conversation
+        assert conversation is not None
+        for _ in range(20):
+            await call.media(1.0)
+            if any(h.role == "agent" for h in conversation.history):
+                break
+        await call.end()
+        count = call.endpoint.metrics.registry.get_sample_value(
+            "streamgate_telephony_turn_latency_seconds_count", {"agent": "echo"})
+        observed.append(count or 0.0)
+
+    run(scenario())
+    tree = by_name(spans.get_finished_spans())
+    (call_span,) = tree["telephony.call"]
+    assert parent_of(call_span) == int(CLIENT_SPAN, 16) and trace_of(call_span) == CLIENT_TRACE
+    assert int_attr(call_span, "streamgate.turns") >= 1
+    (session,) = tree["asr.session"]
+    assert parent_of(session) == span_id(call_span)
+    utterances = tree["asr.utterance"]
+    assert utterances and all(parent_of(u) == span_id(session) for u in utterances)
+    engine_calls = tree.get("asr.engine.feed", []) + tree["asr.engine.finish"]
+    assert {parent_of(c) for c in engine_calls} <= {span_id(u) for u in utterances}
+    turns = tree["telephony.turn"]
+    assert turns and all(parent_of(t) == span_id(call_span) for t in turns)
+    answered = [t for t in turns if t.attributes and "streamgate.turn_latency_ms" in t.attributes]
+    assert answered, "no turn reached the agent's first audio"
+    first = answered[0]
+    assert int_attr(first, "streamgate.turn_latency_ms") >= int_attr(
+        first, "streamgate.end_of_speech_to_final_ms") >= 0
+    assert observed and observed[0] > 0

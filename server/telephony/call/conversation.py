@@ -5,6 +5,11 @@ One reply at a time. Caller speech while the reply is still being made or played
 yet acknowledged by a mark echo) interrupts it: the agent is cancelled, the provider's buffer
 cleared, and the reply enters the history as what was actually played (`interrupted: true`).
 A new turn arriving while a reply is unfinished (keypad digits mid-reply) interrupts it too.
+
+A turn's latency is what the caller waits through: from the end of their speech (the VAD's, so
+the ASR's end of speech -> final is in it) or the moment their keypad digits were taken, to the
+agent's first audio sent to the provider (`streamgate_telephony_turn_latency_seconds`; with
+tracing on, the span `telephony.turn` under the call's `telephony.call`, docs/observability.md).
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from server.billing.meter import KEY_REVOKED_CLOSE, KEY_REVOKED_CODE
 from server.config import TelephonyConfig
 from server.sessions.lifecycle import MeteredUsage
+from server.telemetry import tracing
+from server.telemetry.metrics import Metrics
+from server.telemetry.tracing import TRACING, Span
 from server.telephony.call.agents import Agent, AgentError, AgentTurn, HistoryEntry
 from server.telephony.call.playback import Playback, Reply
 from server.telephony.providers.events import CallStarted
@@ -29,10 +38,18 @@ MAX_DIGITS = 32
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
+class SpeechEnd(Protocol):
+    """The caller-audio ASR session: how long ago, at its newest final, the speech ended."""
+
+    @property
+    def last_final_latency_s(self) -> float: ...
+
+
 class Conversation:
     def __init__(self, *, agent: Agent, playback: Playback, call: CallStarted,
                  cfg: TelephonyConfig, usage: MeteredUsage, spawn: Spawn,
-                 end: Callable[[str, int], None], log_extra: dict[str, str]) -> None:
+                 end: Callable[[str, int], None], log_extra: dict[str, str],
+                 metrics: Metrics | None = None, asr: SpeechEnd | None = None) -> None:
         self.agent = agent
         self.playback = playback
         self.call = call
@@ -49,6 +66,26 @@ class Conversation:
         self._agent_task: asyncio.Task[None] | None = None
         self._top_up: asyncio.Task[None] | None = None  # extending the agent-speech lease
         self._closed = False
+        self._asr = asr
+        self._turn_latency = metrics.telephony_turn_latency.labels(cfg.agent.kind) \
+            if metrics is not None else None
+        self._span: Span | None = None  # the call's, when tracing is on
+        self._turn_span: Span | None = None  # the turn waiting for its first agent audio
+        if TRACING.on:
+            self._start_span()
+
+    def _start_span(self) -> None:
+        """`telephony.call`, current in the task that builds the call (its ASR session and the
+        call's tasks start under it). Its parent: a `traceparent` in the start event's custom
+        parameters (the provider cannot send headers), else whatever is current."""
+        carrier = {k: v for k, v in self.call.custom_parameters.items()
+                   if k in ("traceparent", "tracestate") and isinstance(v, str)}
+        span = self._span = tracing.start_span(
+            "telephony.call", parent=tracing.parent_from_headers(carrier),
+            attributes={"streamgate.call_id": self.call.call_id,
+                        "streamgate.stream_id": self.call.stream_id})
+        tracing.activate(span)
+        self._log["trace_id"] = tracing.trace_id_of(span)
 
     # --- from the caller ------------------------------------------------------------------------
 
@@ -58,7 +95,8 @@ class Conversation:
 
     def final(self, text: str) -> None:
         if not self._closed and text.strip():
-            self._turn(text=text.strip())
+            ago = self._asr.last_final_latency_s if self._asr is not None else 0.0
+            self._turn(text=text.strip(), speech_ended_s_ago=ago)
 
     def dtmf(self, digits: str) -> None:
         """Digits collect until `#` or `dtmf_timeout_s` of quiet, then go to the agent."""
@@ -82,7 +120,8 @@ class Conversation:
 
     # --- turns ----------------------------------------------------------------------------------
 
-    def _turn(self, *, text: str | None = None, dtmf: str | None = None) -> None:
+    def _turn(self, *, text: str | None = None, dtmf: str | None = None,
+              speech_ended_s_ago: float = 0.0) -> None:
         if self._agent_task is not None or self.playback.busy:
             self._barge_in("new turn")
         limit = self.cfg.agent.max_history
@@ -93,12 +132,46 @@ class Conversation:
         del self.history[:-2 * limit]  # bounded, whatever the length of the call
         self.turns += 1
         self.playback.start_reply(self.turns)
+        reply = self.playback.reply
+        loop = asyncio.get_running_loop()
+        started = loop.time() - speech_ended_s_ago
+        span = None
+        if self._span is not None:
+            self._end_turn_span("superseded")
+            span = self._turn_span = tracing.start_span(
+                "telephony.turn", parent=self._span,
+                start_ns=time.time_ns() - int(speech_ended_s_ago * 1e9),
+                attributes={"streamgate.turn": self.turns,
+                            "streamgate.turn_kind": "dtmf" if dtmf else "speech",
+                            "streamgate.end_of_speech_to_final_ms":
+                                round(speech_ended_s_ago * 1000)})
+        if reply is not None:
+            reply.on_first_audio = lambda: self._first_audio(loop.time() - started, span)
         log.info("caller turn", extra={**self._log, "turn": self.turns,
                                        "kind": "dtmf" if dtmf else "speech",
                                        "chars": len(said)})
-        self._agent_task = self._spawn(self._respond(turn))
+        self._agent_task = self._spawn(self._respond(turn, span))
 
-    async def _respond(self, turn: AgentTurn) -> None:
+    def _first_audio(self, latency_s: float, span: Span | None) -> None:
+        """The agent's first audio of the turn went to the provider: the caller's wait ends."""
+        if self._turn_latency is not None:
+            self._turn_latency.observe(latency_s)
+        if span is not None:
+            span.set_attribute("streamgate.turn_latency_ms", round(latency_s * 1000))
+            span.end()
+            if self._turn_span is span:
+                self._turn_span = None
+
+    def _end_turn_span(self, outcome: str) -> None:
+        """A turn that never reached its first audio (barged in, replaced, call over)."""
+        span, self._turn_span = self._turn_span, None
+        if span is not None:
+            span.set_attribute("streamgate.turn_outcome", outcome)
+            span.end()
+
+    async def _respond(self, turn: AgentTurn, span: Span | None = None) -> None:
+        if span is not None:
+            tracing.activate(span)  # the agent's own calls and lines are the turn's
         pieces = self.agent.respond(turn)
         chars = 0
         try:
@@ -131,6 +204,7 @@ class Conversation:
 
     def _barge_in(self, cause: str) -> None:
         self._cancel_agent()
+        self._end_turn_span(f"barge-in: {cause}")
         reply = self.playback.interrupt()
         if reply is None:
             return
@@ -163,6 +237,12 @@ class Conversation:
             self._dtmf_timer.cancel()
             self._dtmf_timer = None
         self._cancel_agent()
+        self._end_turn_span("call ended")
+        span, self._span = self._span, None
+        if span is not None:
+            span.set_attributes({"streamgate.turns": self.turns,
+                                 "streamgate.barge_ins": self.barge_ins})
+            span.end()
 
 
 async def _aclose(pieces: AsyncIterator[str]) -> None:

@@ -60,6 +60,8 @@ class Reply:
     text_done: bool = False  # the agent finished; the TTS machine was flushed
     sent_ms: float = 0.0
     played_ms: float = 0.0
+    # Called as its first audio goes to the provider (the turn's latency ends there).
+    on_first_audio: Callable[[], None] | None = None
 
     @property
     def text(self) -> str:
@@ -256,6 +258,8 @@ class Playback:
                 commands.append(PlayAudio(item, mark=name))
                 self.sent_ms += ms
                 if reply is not None:
+                    if not reply.sent_ms and reply.on_first_audio is not None:
+                        reply.on_first_audio()
                     reply.sent_ms += ms
                     chunk = reply.chunks.get(cid) if cid is not None else None
                     if chunk is not None:

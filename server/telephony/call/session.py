@@ -260,7 +260,7 @@ class TelephonySession:
             log_extra=self._log)
         self.conversation = Conversation(
             agent=ep.agent, playback=self.playback, call=call, cfg=cfg, usage=self.agent_usage,
-            spawn=self._spawn, end=self._end, log_extra=self._log)
+            spawn=self._spawn, end=self._end, log_extra=self._log, metrics=ep.metrics, asr=asr)
         self.state = "live"
         if self._start_timer is not None:
             self._start_timer.cancel()
