@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Final
 
 # recording.max_bytes: one recording's file at most this large (header, events, trailer). At
-# 16 kHz PCM16 a recording takes about 43 KB per second of audio (base64 in JSON lines), so this
-# default holds about 25 minutes of a session's audio.
+# 16 kHz PCM16 a recording takes about 46 KB per second of audio (base64 in JSON lines), so this
+# default holds about 24 minutes of a session's audio.
 DEFAULT_MAX_RECORDING_BYTES: Final = 64 * 1024 * 1024
 # The smallest recording.max_bytes accepted: the header and the trailer must fit.
 MIN_RECORDING_BYTES: Final = 4096
