@@ -37,6 +37,8 @@ from server.billing.store import (
     UnknownTenant,
     UsageEvent,
 )
+from server.telemetry import tracing
+from server.telemetry.tracing import TRACING
 
 log = logging.getLogger("streamgate.billing.flusher")
 
@@ -48,6 +50,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_BACKOFF_S = 5.0
 _ERROR_LOG_EVERY_S = 60.0
 _MAX_CLAIM_PAGES = 10  # per tenant per round; the rest is claimed next round
+MAX_TRACED_SESSION_IDS = 32  # on a billing.flush span: enough to find a session's flush
 _UNTIL_EMPTY_MARGIN_S = 30.0  # --until-empty gives up this long after the claim delay
 
 ReplayConflict = Callable[[str, str, int], Awaitable[None]]
@@ -278,6 +281,19 @@ class UsageFlusher:
         return _entries(reply[0][1])
 
     async def _process(self, tenant_id: str, key: str, entries: list[Entry]) -> int:
+        if not TRACING.on:
+            return await self._process_entries(tenant_id, key, entries)
+        # A span per batch of entries (not per round: an idle flusher polls every block_ms).
+        # Its own trace: usage entries carry no trace context; the session ids find it.
+        sessions = sorted({fields.get("session_id", "") for _, fields in entries if fields})
+        with tracing.child("billing.flush", attributes={
+                "streamgate.tenant_id": tenant_id, "streamgate.entries": len(entries),
+                "streamgate.session_ids": sessions[:MAX_TRACED_SESSION_IDS]}) as span:
+            acked = await self._process_entries(tenant_id, key, entries)
+            span.set_attribute("streamgate.acknowledged", acked)
+            return acked
+
+    async def _process_entries(self, tenant_id: str, key: str, entries: list[Entry]) -> int:
         events: list[_Parsed] = []
         acks: list[str] = []
         for entry_id, fields in entries:

@@ -20,7 +20,9 @@ from server.flow_control.http_body import (
 )
 from server.http.errors import ApiError, error_response
 from server.http.openapi import register
+from server.telemetry import tracing
 from server.telemetry.metrics import Metrics
+from server.telemetry.tracing import TRACING
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -143,6 +145,34 @@ async def _discard_rest(content: StreamReader) -> None:
         return
 
 
+def traced() -> Middleware:
+    """An `http.request` span per request (the client's `traceparent` its parent), current
+    while the handler runs: a speech route's session, an LLM route's upstream calls and every
+    log line of the request are under it. Installed only when tracing is on."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        carrier = {name: value for name in ("traceparent", "tracestate")
+                   if (value := request.headers.get(name)) is not None}
+        route = request.match_info.route.resource
+        with tracing.child("http.request", kind=tracing.SpanKind.SERVER,
+                           parent=tracing.parent_from_headers(carrier), attributes={
+                               "http.request.method": request.method,
+                               "http.route": route.canonical if route else request.path,
+                           }) as span:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                span.set_attribute("http.response.status_code", exc.status)
+                raise
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                tracing.error(span, f"HTTP {response.status}")
+            return response
+
+    return middleware
+
+
 def build_http_app(metrics: Metrics, is_ready: Callable[[], tuple[bool, str]], *,
                    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
@@ -166,7 +196,8 @@ def build_http_app(metrics: Metrics, is_ready: Callable[[], tuple[bool, str]], *
     # First in the list: the outermost middleware, so it sees the answer after the API error
     # middleware has made it JSON.
     app = web.Application(client_max_size=1024 * 1024,
-                          middlewares=[body_bounds(body_timeout_s)])
+                          middlewares=[body_bounds(body_timeout_s),
+                                       *([traced()] if TRACING.on else [])])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)

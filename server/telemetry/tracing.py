@@ -234,11 +234,12 @@ def start_span(name: str, *, parent: Span | Context | None = None,
 
 
 @contextmanager
-def child(name: str, *, kind: SpanKind = SpanKind.INTERNAL,
-          attributes: Attributes = None) -> Iterator[Span]:
-    """A span under the current one, current while the block runs, ended after it (an
-    exception escaping the block marks it as an error)."""
-    with TRACING.tracer.start_as_current_span(name, kind=kind, attributes=attributes) as span:
+def child(name: str, *, kind: SpanKind = SpanKind.INTERNAL, attributes: Attributes = None,
+          parent: Context | None = None) -> Iterator[Span]:
+    """A span under the current one (or `parent`), current while the block runs, ended after
+    it (an exception escaping the block marks it as an error)."""
+    with TRACING.tracer.start_as_current_span(name, context=parent, kind=kind,
+                                              attributes=attributes) as span:
         yield span
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from websockets.asyncio.client import connect
@@ -26,6 +27,7 @@ from websockets.asyncio.client import connect
 from server.billing.auth import StaticKeyAuthenticator
 from server.billing.meter import PricedMeterFactory
 from server.config import load_config
+from server.http.app import build_http_app
 from server.models import tts_registry
 from server.models.registry import aclose_all, build_transcribers, start_all
 from server.sessions.asr_runner import AsrEndpoint
@@ -284,3 +286,14 @@ def test_twilio_call_span_tree(spans: InMemorySpanExporter) -> None:
     assert int_attr(first, "streamgate.turn_latency_ms") >= int_attr(
         first, "streamgate.end_of_speech_to_final_ms") >= 0
     assert observed and observed[0] > 0
+
+
+async def test_http_request_span_follows_the_clients_traceparent(
+        spans: InMemorySpanExporter) -> None:
+    app = build_http_app(Metrics(), lambda: (True, ""))
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/healthz", headers={"traceparent": TRACEPARENT})
+        assert resp.status == 200
+    (request,) = by_name(spans.get_finished_spans())["http.request"]
+    assert parent_of(request) == int(CLIENT_SPAN, 16) and trace_of(request) == CLIENT_TRACE
+    assert int_attr(request, "http.response.status_code") == 200
