@@ -898,6 +898,12 @@ async def amain(args: argparse.Namespace, command: str) -> int:
     print()
     print("\n".join(result_sections(args, runs)))
     print("\n".join(observation_lines(runs)))
+    # Issue 17: tracing off vs on at 100 %, on the ASR path in process (its own table).
+    cost = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadtest.tracing_cost",
+        *(["--sessions", "20", "--seconds", "2", "--repeat", "1"] if args.quick
+          else ["--seconds", "5"]), cwd=ROOT)
+    await cost.wait()
     failed = [(run.name, run.failures()) for run in runs]
     failed = [(name, why) for name, why in failed if why]
     if args.no_write or args.only or args.skip or args.quick:
