@@ -18,7 +18,6 @@ provenance and the coverage count see them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -140,17 +139,19 @@ class Stack:
     factor: float
 
 
-def stack(gray: npt.NDArray[np.uint8], crops: Sequence[CellCrop]) -> Stack:
-    heights = [c.box[3] - c.box[1] for c in crops]
+def stack(gray: npt.NDArray[np.uint8], boxes: Sequence[Box]) -> Stack:
+    """Cells (or words: server/vision/service.py re-reads words in another script the same
+    way) cut out of the page and stacked for one tesseract run."""
+    heights = [b[3] - b[1] for b in boxes]
     margin = max(heights)
     gap = max(4, round(GAP * margin))
-    width = max(c.box[2] - c.box[0] for c in crops) + 2 * margin
-    total = sum(heights) + gap * (len(crops) + 1)
+    width = max(b[2] - b[0] for b in boxes) + 2 * margin
+    total = sum(heights) + gap * (len(boxes) + 1)
     out = np.full((total, width), 255, dtype=np.uint8)
     starts: list[int] = []
     y = gap
-    for crop, h in zip(crops, heights, strict=True):
-        x0, y0, x1, y1 = crop.box
+    for box, h in zip(boxes, heights, strict=True):
+        x0, y0, x1, y1 = box
         cell = gray[y0:y1, x0:x1].copy()
         # Faint leftovers (a rule's grey edge, speckle) next to a lone digit turn "1" into
         # "I." (measured); on a crop with nothing else in it they are better gone.
@@ -170,34 +171,42 @@ def stack(gray: npt.NDArray[np.uint8], crops: Sequence[CellCrop]) -> Stack:
     return Stack(out, starts, margin, factor)
 
 
+def words_by_crop(boxes: Sequence[Box], stacked: Stack, page: OcrPage
+                  ) -> dict[int, list[OcrWord]]:
+    """The words tesseract read on a stack, by the index of the crop they lie in, with their
+    boxes in the page's pixels (kept within the crop's columns); unreadable ones (no letter or
+    digit, less sure than REREAD_CONF) left out; left to right within a crop."""
+    f, starts, margin = stacked.factor, stacked.starts, stacked.margin
+    found: dict[int, list[OcrWord]] = {}
+    for w in page.words:
+        if w.conf < REREAD_CONF or not any(ch.isalnum() for ch in w.text):
+            continue
+        x0, y0 = math.floor(w.box[0] / f), math.floor(w.box[1] / f)
+        x1, y1 = math.ceil(w.box[2] / f), math.ceil(w.box[3] / f)
+        cy = (y0 + y1) / 2
+        for k, crop in enumerate(boxes):
+            h = crop[3] - crop[1]
+            if starts[k] <= cy < starts[k] + h:
+                dx, dy = crop[0] - margin, crop[1] - starts[k]
+                box = (max(crop[0], x0 + dx), y0 + dy, min(crop[2], x1 + dx), y1 + dy)
+                found.setdefault(k, []).append(OcrWord(w.text, w.conf, box))
+                break
+    for words in found.values():
+        words.sort(key=lambda w: w.box[0])
+    return found
+
+
 def apply_reread(blocks: list[Block], crops: Sequence[CellCrop], stacked: Stack,
                  page: OcrPage) -> int:
     """Put the words read on the stacked crops into their cells; the change in the page's
     word count (words added, less those of doubtful cells they replaced)."""
-    f, starts, margin = stacked.factor, stacked.starts, stacked.margin
-    words_read = [dataclasses.replace(w, box=(math.floor(w.box[0] / f), math.floor(w.box[1] / f),
-                                              math.ceil(w.box[2] / f), math.ceil(w.box[3] / f)))
-                  for w in page.words]
-    found: dict[int, list[OcrWord]] = {}
-    for w in words_read:
-        if w.conf < REREAD_CONF or not any(ch.isalnum() for ch in w.text):
-            continue
-        cy = center(w.box)[1]
-        for k, crop in enumerate(crops):
-            h = crop.box[3] - crop.box[1]
-            if starts[k] <= cy < starts[k] + h:
-                dx, dy = crop.box[0] - margin, crop.box[1] - starts[k]
-                x0, y0, x1, y1 = w.box
-                box = (max(crop.box[0], x0 + dx), y0 + dy, min(crop.box[2], x1 + dx), y1 + dy)
-                found.setdefault(k, []).append(OcrWord(w.text, w.conf, box))
-                break
+    found = words_by_crop([c.box for c in crops], stacked, page)
     added = 0
     touched: set[int] = set()
     for k, words in found.items():
         crop = crops[k]
         block = blocks[crop.block]
         assert block.rows is not None
-        words.sort(key=lambda w: w.box[0])
         text = " ".join(w.text for w in words)
         old = _cell_words(block, crop.box)
         if old:

@@ -35,6 +35,7 @@ RULE_FILL = 0.6  # a row/column of cells this full is a ruling line...
 RULE_CELLS = 2  # ...when the run of such rows is at most this thick
 RULED_SHARE = 0.7  # a region with this share of its ink on ruling lines is a table grid
 RULE_RUN = 0.08  # straight ink this share of the page long is a rule, never a glyph
+HANGING_SHARE = 0.1  # of a long thin run's columns with ink hanging below: a headline
 RULE_THICKNESS = 0.005  # ...if it is at most this share of the page thick (2200 px: 11 px)
 
 
@@ -172,6 +173,7 @@ def erase_rules(gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8] | None:
     thick = max(4, int(RULE_THICKNESS * max(h, w))) + 1
     across = _long_runs(ink, max(40, int(RULE_RUN * w)), axis=1)
     across &= ~_long_runs(across, thick, axis=0)
+    across = _without_headlines(ink, across, thick)
     down = _long_runs(ink, max(40, int(RULE_RUN * h)), axis=0)
     down &= ~_long_runs(down, thick, axis=1)
     lines = across | down
@@ -186,6 +188,42 @@ def erase_rules(gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8] | None:
         lines[:, :-shift] |= down[:, shift:]
     out = gray.copy()
     out[lines] = background
+    return out
+
+
+def _without_headlines(ink: npt.NDArray[np.bool_], across: npt.NDArray[np.bool_],
+                       thick: int) -> npt.NDArray[np.bool_]:
+    """`across` less the runs that are the headline of a word of Devanagari: a title's
+    headline is as long and thin as a rule (at 150 dpi, "मासिक" in 80 px type drew a 184 px
+    line: erased, the word read "siren"), but letters hang from it: stems, each about a
+    stroke wide, going down from it with nothing above. A rule has at most a few vertical
+    rules meeting it, and a table's shaded header row under it is one wide run, not stems.
+    A run (the rows of one line, together) is kept as a rule unless HANGING_SHARE of its
+    columns are such stems (runs of at most 2 `thick` columns inked in the rows just below it
+    and not in the rows above it)."""
+    h = ink.shape[0]
+    out = across.copy()
+    rows = np.flatnonzero(across.any(axis=1))
+    if rows.size == 0:
+        return out
+    breaks = np.flatnonzero(np.diff(rows) > 1)
+    for y0, y1 in zip(np.r_[rows[0], rows[breaks + 1]], np.r_[rows[breaks], rows[-1]] + 1,
+                      strict=True):
+        line = np.concatenate(([False], across[y0:y1].any(axis=0), [False])).astype(np.int8)
+        edges = np.flatnonzero(np.diff(line))
+        # Two rows either side are the line's grey edge, not what meets it.
+        # Stems are looked for just under the line, before the letters' bowls widen them.
+        below = ink[min(h, y1 + 2) : min(h, y1 + 2 + max(2, thick // 2))]
+        above = ink[max(0, y0 - 2 - thick) : max(0, y0 - 2)]
+        if below.shape[0] < 2:
+            continue
+        stems = (below.mean(axis=0) >= 0.5) & ~above.any(axis=0)
+        for a, b in zip(edges[::2], edges[1::2], strict=True):
+            run = np.concatenate(([False], stems[a:b], [False])).astype(np.int8)
+            ends = np.flatnonzero(np.diff(run))
+            widths = ends[1::2] - ends[::2]
+            if widths[widths <= 2 * thick].sum() >= HANGING_SHARE * (b - a):
+                out[y0:y1, a:b] = False
     return out
 
 

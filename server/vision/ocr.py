@@ -162,20 +162,3 @@ async def detect_orientation(png: bytes, *, dpi: int | None, timeout_s: float
             raise
         return None  # "Too few characters. Skipping this page": nothing to orient by
     return parse_osd(result.stdout.decode("utf-8", "replace"))
-
-
-# Which installed language reads a script OSD names (scripts are tesseract's names).
-SCRIPT_LANGUAGES = {"Latin": "eng", "Devanagari": "hin"}
-
-
-def languages_for(script: str | None, allowed: list[str]) -> list[str]:
-    """The OCR languages for a page in `script`, out of the `allowed` ones (the server's
-    default list): Devanagari pages get Hindi (with English, which Indian documents mix in),
-    Latin pages the Latin languages only; an unknown script keeps the whole list."""
-    wanted = SCRIPT_LANGUAGES.get(script or "")
-    if wanted is None or wanted not in allowed:
-        return allowed
-    if wanted == "hin":
-        return ["hin", *[n for n in allowed if n == "eng"]]
-    latin = [n for n in allowed if n not in SCRIPT_LANGUAGES.values() or n == "eng"]
-    return latin or allowed

@@ -23,28 +23,32 @@ import numpy.typing as npt
 
 from server.config import VisionConfig
 from server.telemetry.metrics import Metrics
-from server.vision.cells import apply_reread, cells_to_reread, stack
+from server.vision.cells import apply_reread, cells_to_reread, stack, words_by_crop
 from server.vision.chat import ChatUpstream
 from server.vision.documents import Document, PageImage, TextLayer
 from server.vision.figures import erase_rules
 from server.vision.geometry import Block, mean_confidence
 from server.vision.layout import PageLayout, analyze, split_words
-from server.vision.ocr import (
-    OcrPage,
-    OcrWord,
-    Orientation,
-    detect_orientation,
-    languages_for,
-    ocr_png,
+from server.vision.ocr import Box, OcrPage, OcrWord, detect_orientation, ocr_png
+from server.vision.prepare import (
+    TARGET_LINE_PX,
+    PagePreparation,
+    densest_band,
+    prepare,
+    rotate_quarters,
 )
-from server.vision.prepare import PagePreparation, prepare, rotate_quarters
 from server.vision.schema import CompiledSchema
+from server.vision.scripts import DEVANAGARI, looks_devanagari, page_scripts
 from server.vision.vlm import Attempt, Extraction, Extractor, PageEvidence
 
 MIN_OCR_SIDE = 16  # tesseract refuses images this small ("Image too small to scale")
 # An orientation OSD is less sure of than this is a guess (measured on the evaluation corpus:
 # upright pages score 1.5-40, so only a confident turn is applied).
 MIN_ORIENTATION_CONF = 3.0
+# OSD is shown the page's densest band of this many text lines (at the prepared text size):
+# 0.13-0.28 s of CPU where the whole page took 0.27-0.5, the same orientation and script on
+# every corpus page, upright and turned (decision 16V2).
+OSD_BAND_LINES = 20
 log = logging.getLogger(__name__)
 
 
@@ -203,26 +207,31 @@ class VisionService:
             page = await asyncio.to_thread(_prepare, image)
             prepared = time.perf_counter()
             dpi = round(image.dpi * page.prep.scale) if image.dpi else None
-            osd = await detect_orientation(page.ocr_png, dpi=dpi,
-                                           timeout_s=self.cfg.ocr_timeout_s)
+            band = densest_band(page.ocr_gray, round(OSD_BAND_LINES * TARGET_LINE_PX))
+            osd = await detect_orientation(_pgm(band), dpi=dpi, timeout_s=self.cfg.ocr_timeout_s)
             oriented = time.perf_counter()
             rotate = osd.rotate if osd and osd.orientation_conf >= MIN_ORIENTATION_CONF else 0
             if rotate:
                 page = await asyncio.to_thread(_turn, page, (-rotate // 90) % 4)
-            chosen = languages if named else languages_for(_script(osd), languages)
+            # The script of each text line, from the upright page's pixels (scripts.py): Hindi
+            # only where Devanagari is printed, whatever OSD (one script a page) said.
+            scripts = await asyncio.to_thread(page_scripts, page.ocr_gray)
+            chosen = languages if named else scripts.languages(languages)
             page.languages = "+".join(chosen)
             ocr = await ocr_png(page.ocr_png, languages="+".join(chosen), psm=self.cfg.psm,
                                 dpi=dpi, timeout_s=self.cfg.ocr_timeout_s)
-            read = time.perf_counter()
             # Boxes are in the pixels of the prepared page; tesseract reports that size.
             ocr.height, ocr.width = page.gray.shape
+            if len(chosen) > 1 and "hin" in chosen:
+                await self._reread_devanagari(ocr, page)
+            read = time.perf_counter()
             layout = await asyncio.to_thread(analyze, ocr, page.gray)
             await self._reread_cells(layout, page)
             layout = map_layout(layout, page.prep)
             done = time.perf_counter()
             log.info("vision page %d (%s): skew %.2f deg, scale %.2f, turned %d, %s, %d words; "
                      "prepare %.0f ms (%s), osd %.0f ms, ocr %.0f ms, layout %.0f ms",
-                     number, osd, page.prep.skew_deg, page.prep.scale, rotate, "+".join(chosen),
+                     number, scripts, page.prep.skew_deg, page.prep.scale, rotate, "+".join(chosen),
                      layout.ocr_words, 1000 * (prepared - started), page.prep.timings_ms,
                      1000 * (oriented - prepared), 1000 * (read - oriented),
                      1000 * (done - read))
@@ -275,10 +284,39 @@ class VisionService:
         crops = cells_to_reread(layout.blocks, width, height)
         if not crops:
             return
-        stacked = await asyncio.to_thread(stack, page.ocr_gray, crops)
+        stacked = await asyncio.to_thread(stack, page.ocr_gray, [c.box for c in crops])
         read = await ocr_png(_pgm(stacked.image), languages=page.languages or "eng", psm=6,
                              dpi=None, timeout_s=self.cfg.ocr_timeout_s)
         layout.ocr_words += apply_reread(layout.blocks, crops, stacked, read)
+
+    async def _reread_devanagari(self, ocr: OcrPage, page: PreparedPage) -> None:
+        """Words a Hindi+English reading returned in Latin letters whose pixels hang from a
+        Devanagari headline ("रिपोर्ट" read "Rave", "मासिक" read "siren": tesseract keeps, per
+        word, the language it is surer of) read again with Hindi alone, all on one stacked
+        image; a re-reading in Devanagari replaces the word (its box stays)."""
+        height, width = page.ocr_gray.shape
+        suspects: list[int] = []
+        boxes: list[Box] = []
+        for i, word in enumerate(ocr.words):
+            if DEVANAGARI.search(word.text) or not looks_devanagari(page.ocr_gray, word.box):
+                continue
+            x0, y0, x1, y1 = word.box
+            pad = max(2, round(0.3 * (y1 - y0)))
+            suspects.append(i)
+            boxes.append((max(0, x0 - pad), max(0, y0 - pad), min(width, x1 + pad),
+                          min(height, y1 + pad)))
+        if not boxes:
+            return
+        stacked = await asyncio.to_thread(stack, page.ocr_gray, boxes)
+        read = await ocr_png(_pgm(stacked.image), languages="hin", psm=6, dpi=None,
+                             timeout_s=self.cfg.ocr_timeout_s)
+        for k, words in words_by_crop(boxes, stacked, read).items():
+            text = " ".join(w.text for w in words)
+            if DEVANAGARI.search(text):
+                old = ocr.words[suspects[k]]
+                ocr.words[suspects[k]] = dataclasses.replace(
+                    old, text=text, conf=mean_confidence(words))
+        log.debug("vision: %d Latin-read words re-read in Devanagari", len(boxes))
 
     async def extract(self, schema: CompiledSchema, pages: Sequence[PageResult]) -> Extraction:
         evidence = [PageEvidence(p.image.number, p.image.png, p.layout.text, p.layout.words())
@@ -318,13 +356,6 @@ def _prepare(image: PageImage) -> PreparedPage:
 def _turn(page: PreparedPage, quarters: int) -> PreparedPage:
     turned = rotate_quarters(page.gray, page.prep, quarters)
     return _prepared(turned, page.prep)
-
-
-def _script(osd: Orientation | None) -> str | None:
-    # OSD's script is taken whatever its confidence (measured on the evaluation corpus at the
-    # prepared page's full size: Latin and Devanagari pages all named right, some with
-    # confidence 0); a script we have no language for keeps the whole default list.
-    return osd.script if osd is not None else None
 
 
 def map_layout(layout: PageLayout, prep: PagePreparation) -> PageLayout:

@@ -64,7 +64,7 @@ def test_an_empty_cell_is_read_again_on_its_crop() -> None:
     gray[225:245, 605:615] = 0  # the "1" the page-level OCR missed
     crops = cells_to_reread(layout.blocks, 1700, 2200)
     assert [(c.row, c.column) for c in crops] == [(2, 1)]
-    stacked = stack(gray, crops)
+    stacked = stack(gray, [c.box for c in crops])
     assert stacked.factor > 1  # small crops are enlarged for tesseract
     ys, xs = np.nonzero(stacked.image < 100)  # the digit's ink sits where the stack says
     crop, f = crops[0], stacked.factor
@@ -96,7 +96,7 @@ def test_doubtful_cells_are_re_read_and_replaced_only_by_a_better_reading() -> N
     assert shape("C-310") == "A-999" and column_shapes(table.rows)[0] == "A-999"
     crops = cells_to_reread(layout.blocks, 1700, 2200)
     assert sorted((c.row, c.column) for c in crops) == [(2, 0), (2, 1)]
-    stacked = stack(np.full((2200, 1700), 255, dtype=np.uint8), crops)
+    stacked = stack(np.full((2200, 1700), 255, dtype=np.uint8), [c.box for c in crops])
     f = stacked.factor
 
     def at(k: int, text: str, conf: float) -> OcrWord:

@@ -1,6 +1,6 @@
 """Page preparation (server/vision/prepare.py) on pages drawn here: skew found to within 0.1
 degree, boxes mapped back to the uploaded pixels, noise and text size handled; OSD parsing and
-the languages a script picks."""
+the band OSD is shown."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from server.vision.ocr import languages_for, parse_osd
-from server.vision.prepare import estimate_skew, prepare, rotate_quarters
+from server.vision.ocr import parse_osd
+from server.vision.prepare import densest_band, estimate_skew, prepare, rotate_quarters
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 LINES = ["Invoice INV-20417 for Northwind Traders", "Copy paper A4      10     4.20    42.00",
@@ -90,11 +90,11 @@ def test_osd_output_is_parsed() -> None:
     assert parse_osd("Too few characters. Skipping this page") is None
 
 
-def test_the_script_picks_the_languages() -> None:
-    default = ["eng", "hin"]
-    assert languages_for("Latin", default) == ["eng"]
-    assert languages_for("Devanagari", default) == ["hin", "eng"]
-    assert languages_for("Han", default) == default  # nothing installed for it: all
-    assert languages_for(None, default) == default
-    assert languages_for("Devanagari", ["eng"]) == ["eng"]  # Hindi not allowed here
-    assert languages_for("Latin", ["eng", "deu", "hin"]) == ["eng", "deu"]
+def test_osd_is_shown_the_densest_band_of_text() -> None:
+    page = np.full((1000, 400), 255, dtype=np.uint8)
+    page[100:110, 50:350] = 0  # a lone line near the top...
+    page[600:800:20, 20:380] = 0  # ...and a block of ten lines lower down
+    band = densest_band(page, 250)
+    assert band.shape == (250, 400)
+    assert int((band < 128).sum(axis=1).astype(bool).sum()) == 10  # all ten lines, not the one
+    assert densest_band(page, 2000) is page  # a short page is shown whole
