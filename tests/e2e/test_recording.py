@@ -8,13 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from websockets.asyncio.client import connect
 
 from streamgate_client.asr_client import Rejected, stream_audio
+from streamgate_client.replay import ReplayOptions, compare, replay
 from streamgate_protocol import recording as fmt
 from streamgate_protocol.audio import pcm16_to_ulaw
 from streamgate_protocol.messages import Summary, Transcript
@@ -125,3 +128,38 @@ def test_a_bad_record_value_is_refused(recording_server: ServerProcess) -> None:
             sample_rate=16000, key=TEST_KEY, realtime=False, extra_params={"record": "maybe"}))
     assert refused.value.status == 400
     assert "record must be true or false" in refused.value.message
+
+
+async def speak(url: str, pieces: list[str]) -> list[bytes | str]:
+    """A TTS client: text in pieces, flush, credit back for the audio taken, close."""
+    got: list[bytes | str] = []
+    async with connect(url, additional_headers={"Authorization": f"Bearer {TEST_KEY}"}) as ws:
+        for piece in pieces:
+            await ws.send(json.dumps({"type": "text", "text": piece}))
+        await ws.send(json.dumps({"type": "flush"}))
+        async for message in ws:
+            got.append(message)
+            if isinstance(message, bytes):
+                await ws.send(json.dumps({"type": "credit", "bytes": len(message)}))
+            elif json.loads(message)["type"] == "flushed":
+                await ws.send(json.dumps({"type": "close"}))
+    return got
+
+
+def test_a_tts_session_recorded_now_replays_the_same(recording_server: ServerProcess,
+                                                     recording_dir: Path) -> None:
+    known = set(recording_dir.rglob("*.jsonl"))
+    got = asyncio.run(speak(
+        f"{recording_server.ws}/v1/tts/stream?model=synthetic&record=true",
+        ["One sentence. ", "And another ", "one."]))
+    recording = new_recording(recording_dir, known)
+    assert recording.header.kind == "tts"
+    audio = [m for m in got if isinstance(m, bytes)]
+    recorded_audio = [e for e in recording.events if isinstance(e, fmt.OutBinary)]
+    assert [e.size for e in recorded_audio] == [len(a) for a in audio]
+    assert [e.crc32 for e in recorded_audio] == [zlib.crc32(a) for a in audio]
+    replayed = asyncio.run(replay(recording, recording_server.ws,
+                                  ReplayOptions(speed=8, key=TEST_KEY)))
+    result = compare(recording, replayed)
+    assert result.same, "\n".join(result.diff())
+    assert any(line.startswith("session: audio ") for line in result.recorded)

@@ -16,6 +16,7 @@ from server.protocol.admission import Principal
 from server.protocol.errors import Rejected
 from server.recording.endpoint import BadRecordParam, Recorder, RecordingEndpoint
 from server.recording.local import LocalRecordingStore, tenant_folder
+from server.recording.retention import RetentionSweeper
 from server.recording.session import RecordingHandler, RecordingSocket, SessionRecording
 from server.sessions.upgrade import Admitted, SessionHandler, SessionSocket, UpgradeRequest
 from streamgate_client.replay import (
@@ -436,3 +437,34 @@ def test_the_replay_url_keeps_the_recorded_route_and_query() -> None:
 @pytest.mark.parametrize("forbidden", ["server.ws", "server.billing"])
 def test_recording_knows_no_sockets_or_billing(forbidden: str) -> None:
     assert edges_into("server.recording", forbidden) == {}
+
+
+class CountingStore(FakeStore):
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.sweeps: list[float] = []
+        self.sweep_fails = fail
+
+    def sweep(self, now: float) -> int:
+        self.sweeps.append(now)
+        if self.sweep_fails:
+            raise PermissionError(13, "Permission denied")
+        return 2
+
+
+def test_the_retention_sweeper_sweeps_at_start_and_stops_clean() -> None:
+    async def run() -> tuple[list[float], int, int]:
+        store = CountingStore()
+        sweeper = RetentionSweeper(store, interval_s=3600, wall_clock=lambda: 42.0)
+        sweeper.start()
+        for _ in range(50):  # the first sweep runs at once, in a worker thread
+            if store.sweeps:
+                break
+            await asyncio.sleep(0.01)
+        await sweeper.stop()
+        failing = RetentionSweeper(CountingStore(fail=True), wall_clock=lambda: 1.0)
+        return store.sweeps, await sweeper.sweep_once(), await failing.sweep_once()
+
+    sweeps, swept, failed = asyncio.run(run())
+    assert sweeps[0] == 42.0 and swept == 2
+    assert failed == 0  # a sweep that fails is logged, and the server goes on
