@@ -121,7 +121,7 @@ class LlmRouter:
             provider.breaker.record_success()
             self._count(provider, "ok")
 
-        return await self._route(model, payload, deadline, attempt, answered)
+        return await self._route(model, payload, deadline, attempt, answered, mode="complete")
 
     async def open_stream(self, model: str, payload: dict[str, Any], deadline: float
                           ) -> UpstreamStream:
@@ -133,7 +133,8 @@ class LlmRouter:
         def opened(provider: Provider, stream: UpstreamStream) -> None:
             stream.on_close = self._stream_closed
 
-        return await self._route(model, {**payload, "stream": True}, deadline, attempt, opened)
+        return await self._route(model, {**payload, "stream": True}, deadline, attempt, opened,
+                                 mode="stream")
 
     def _stream_closed(self, stream: UpstreamStream) -> None:
         provider, failure = stream.provider, stream.failure
@@ -154,8 +155,10 @@ class LlmRouter:
 
     async def _route(self, model: str, payload: dict[str, Any], deadline: float,
                      attempt: Callable[[Provider, bytes], Awaitable[T]],
-                     accepted: Callable[[Provider, T], None]) -> T:
-        """`accepted` records an attempt that returned (a stream: once it is closed)."""
+                     accepted: Callable[[Provider, T], None], *, mode: str) -> T:
+        """`accepted` records an attempt that returned (a stream: once it is closed).
+        `mode` labels the time to the first token (a stream's first chunk; the whole answer
+        when not streamed)."""
         loop = asyncio.get_running_loop()
         last: AttemptFailed | None = None
         last_provider = ""
@@ -171,6 +174,7 @@ class LlmRouter:
                     raise self._final(model, last, last_provider, deadline_passed=True)
                 if not provider.breaker.allow():
                     break
+                started = loop.time()
                 try:
                     result = await attempt(provider, body)
                 except AttemptFailed as exc:
@@ -192,6 +196,9 @@ class LlmRouter:
                     if exc.kind == "retryable":
                         continue
                     break
+                if self.metrics is not None:
+                    self.metrics.llm_first_token.labels(provider.name, mode).observe(
+                        loop.time() - started)
                 accepted(provider, result)
                 return result
         raise self._final(model, last, last_provider, deadline_passed=loop.time() >= deadline)

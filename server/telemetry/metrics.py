@@ -123,8 +123,9 @@ class Metrics:
         # Issue 17: a phone call's turn, what its caller waits through.
         self.telephony_turn_latency = Histogram(
             "streamgate_telephony_turn_latency_seconds",
-            "Caller stops speaking (end of speech; a keypad turn: its digits taken) to the agent's "
-            "first audio sent to the provider", ["agent"], registry=r, buckets=TURN_BUCKETS,
+            "Caller stops speaking (last voiced audio; a keypad turn: its digits taken) to the "
+            "agent's first audio sent to the provider", ["agent"], registry=r,
+            buckets=TURN_BUCKETS,
         )
         self.asr_queue = Histogram(
             "streamgate_asr_queue_seconds",
@@ -181,6 +182,12 @@ class Metrics:
             "streamgate_llm_upstream_attempts_total",
             "Calls to LLM upstreams by outcome (ok, retryable, malformed, rejected)",
             ["provider", "outcome"], registry=r,
+        )
+        self.llm_first_token = Histogram(
+            "streamgate_llm_first_token_seconds",
+            "An LLM upstream attempt that answered: request sent -> first token (a stream's "
+            "first chunk) or the whole answer (mode=complete)", ["provider", "mode"],
+            registry=r, buckets=TURN_BUCKETS,
         )
         self.llm_tokens = Counter(
             "streamgate_llm_tokens_total", "Tokens settled for LLM requests", ["model"],

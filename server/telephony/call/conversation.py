@@ -6,10 +6,11 @@ yet acknowledged by a mark echo) interrupts it: the agent is cancelled, the prov
 cleared, and the reply enters the history as what was actually played (`interrupted: true`).
 A new turn arriving while a reply is unfinished (keypad digits mid-reply) interrupts it too.
 
-A turn's latency is what the caller waits through: from the end of their speech (the VAD's, so
-the ASR's end of speech -> final is in it) or the moment their keypad digits were taken, to the
-agent's first audio sent to the provider (`streamgate_telephony_turn_latency_seconds`; with
-tracing on, the span `telephony.turn` under the call's `telephony.call`, docs/observability.md).
+A turn's latency is what the caller waits through: from the end of their speech (their last
+voiced audio: the VAD's `endpointing_ms` of silence and the ASR's end of speech -> final are in
+it) or the moment their keypad digits were taken, to the agent's first audio sent to the
+provider (`streamgate_telephony_turn_latency_seconds`; with tracing on, the span
+`telephony.turn` under the call's `telephony.call`, docs/observability.md).
 """
 
 from __future__ import annotations
@@ -95,7 +96,11 @@ class Conversation:
 
     def final(self, text: str) -> None:
         if not self._closed and text.strip():
-            ago = self._asr.last_final_latency_s if self._asr is not None else 0.0
+            # The VAD ends an utterance `endpointing_ms` of silence after the caller's last
+            # voiced audio (audio that arrives in real time on a call): that wait is theirs too.
+            ago = self.cfg.endpointing_ms / 1000
+            if self._asr is not None:
+                ago += self._asr.last_final_latency_s
             self._turn(text=text.strip(), speech_ended_s_ago=ago)
 
     def dtmf(self, digits: str) -> None:
@@ -143,7 +148,7 @@ class Conversation:
                 start_ns=time.time_ns() - int(speech_ended_s_ago * 1e9),
                 attributes={"streamgate.turn": self.turns,
                             "streamgate.turn_kind": "dtmf" if dtmf else "speech",
-                            "streamgate.end_of_speech_to_final_ms":
+                            "streamgate.caller_stopped_to_turn_ms":
                                 round(speech_ended_s_ago * 1000)})
         if reply is not None:
             reply.on_first_audio = lambda: self._first_audio(loop.time() - started, span)
