@@ -471,7 +471,7 @@ class CallSearch:
     def __init__(
         self, name: str, target: Target, api_key: str | None, probe: ServerProbe,
         view: ServerView, *, lag_limit_ms: float, lag_what: str, warmup_s: float = 3.0,
-        seconds: float = 10.0, ramp_s: float = 5.0, batch: int = 100,
+        seconds: float = 10.0, ramp_s: float = 5.0, batch: int = 100, drain_s: float = 15.0,
     ) -> None:
         self.name = name
         self.gen = TwilioLoad(target, api_key)
@@ -483,6 +483,7 @@ class CallSearch:
         self.seconds = seconds
         self.ramp_s = ramp_s
         self.batch = batch
+        self.drain_s = drain_s
         self.pacer = RealtimePacer([])
 
     @property
@@ -547,8 +548,11 @@ class CallSearch:
         calls = self.gen.calls
         failures0 = Counter(self.gen.connect_failures)
         closes0, dropped0 = sum(calls.server_closes.values()), calls.dropped
+        shrinking = n < len(self.clients)
         await self.resize(n)
         await asyncio.sleep(self.warmup_s)
+        if shrinking:
+            await self.drain()
         calls.rtts = array("d")
         for c in self.clients:
             c.pings.clear()  # pongs of pings sent before the window are not timed
@@ -586,7 +590,8 @@ class CallSearch:
             lag, lag_samples = lag_p99_ms(view0.lag_buckets, view1.lag_buckets)
         own = srv.user_s + srv.sys_s
         return CallStep(
-            calls=n, opened=len(self.clients), seconds=elapsed, sent_ms=sent * FRAME_MS,
+            calls=n, opened=sum(1 for c in self.clients if c.state == _OPEN and not c.closing),
+            seconds=elapsed, sent_ms=sent * FRAME_MS,
             accepted_ms=diff(view0.accepted_ms, view1.accepted_ms),
             dropped_ms=diff(view0.dropped_ms, view1.dropped_ms),
             lag_p99_ms=lag, lag_samples=lag_samples, rtt=Percentiles.of(self.gen.calls.rtts),
@@ -621,7 +626,35 @@ class CallSearch:
             why.append(f"GENERATOR-BOUND? generator at {s.gen_cpu_pct:.0f}% CPU")
         return "; ".join(why)
 
+    async def drain(self) -> None:
+        """After a count that was too much, wait (at most `drain_s`) until, over a second, the
+        server's lag is back under its limit and its pongs under theirs: a server still working
+        off the backlog of the larger count (Pipecat's unbounded queues, or the bytes waiting
+        in streamgate's sockets) would put it in this count's window."""
+        calls = self.gen.calls
+        deadline = perf_counter() + self.drain_s
+        while perf_counter() < deadline:
+            before = await self.view()
+            calls.rtts = array("d")
+            calls.recording = True
+            await asyncio.sleep(1.0)
+            calls.recording = False
+            after = await self.view()
+            rtt = Percentiles.of(calls.rtts)
+            lag_ok = True
+            if before.lag_buckets is not None and after.lag_buckets is not None:
+                p99, samples = lag_p99_ms(before.lag_buckets, after.lag_buckets)
+                lag_ok = bool(samples) and p99 < self.lag_limit_ms
+            if lag_ok and rtt.samples and rtt.p99_ms < MAX_PING_RTT_P99_MS:
+                return
+
     async def resize(self, n: int) -> None:
+        """Grow or shrink the set to n live calls (calls the server ended are replaced)."""
+        gone = [c for c in self.clients if c.state != _OPEN or c.closing]
+        if gone:
+            self.pacer.remove(cast(list[RealtimeClient], gone))
+            ended = set(gone)
+            self.gen.clients[:] = [c for c in self.gen.clients if c not in ended]
         clients = self.clients
         if n > len(clients):
             await self.grow(n - len(clients))
