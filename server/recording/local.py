@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 from pathlib import Path
 from typing import IO, Final
@@ -19,6 +20,8 @@ SUFFIX: Final = ".jsonl"
 # Writes are buffered: a 20 ms audio frame is about 900 bytes of JSON, so one write(2) carries
 # about a second of a session's audio, and the event loop never waits on a disk per frame.
 WRITE_BUFFER_BYTES: Final = 64 * 1024
+FILE_MODE: Final = 0o600
+FOLDER_MODE: Final = 0o700
 _SAFE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -34,8 +37,10 @@ class LocalSink:
     __slots__ = ("_file", "name")
 
     def __init__(self, path: Path) -> None:
-        # "xb": a recording is never appended to or overwritten (ids are random)
-        self._file: IO[bytes] = path.open("xb", buffering=WRITE_BUFFER_BYTES)
+        # O_EXCL: a recording is never appended to or overwritten (ids are random); 0600: a
+        # voice is personal data, readable by the server's user only whatever the umask.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        self._file: IO[bytes] = os.fdopen(fd, "wb", buffering=WRITE_BUFFER_BYTES)
         self.name = str(path)
 
     def write(self, line: bytes) -> None:
@@ -52,7 +57,7 @@ class LocalRecordingStore:
 
     def open(self, header: Header) -> LocalSink:
         folder = self.directory / tenant_folder(header.tenant_id)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
         return LocalSink(folder / f"{header.recording_id}{SUFFIX}")
 
     def sweep(self, now: float) -> int:

@@ -333,6 +333,8 @@ def test_local_store_files_and_retention(tmp_path: Path) -> None:
     sink.close()
     path = tmp_path / "acme" / "r1.jsonl"
     assert path.read_bytes() == b"{}\n"
+    assert path.stat().st_mode & 0o777 == 0o600  # personal data: the server's user only
+    assert (tmp_path / "acme").stat().st_mode & 0o777 == 0o700
     with pytest.raises(FileExistsError):
         store.open(header())  # never overwritten
     old = tmp_path / "acme" / "old.jsonl"
