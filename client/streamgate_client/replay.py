@@ -372,6 +372,10 @@ def main(args: argparse.Namespace) -> int:
     if not recording.complete:
         print("note: the recording has no end (its server stopped mid-session, or it is cut)",
               file=sys.stderr)
+    if any(isinstance(e, fmt.Truncated) for e in recording.events):
+        print("note: the recording reached its size bound (recording.max_bytes): only the part "
+              "it holds was replayed, and what the server did after that point is not in it",
+              file=sys.stderr)
     if result.same:
         print(f"same: {len(result.recorded)} compared lines ({took:.2f} s)")
         return EXIT_SAME
