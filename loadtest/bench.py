@@ -130,7 +130,7 @@ QUICK = {"connections": 40, "seconds": 1.0, "warmup": 0.5, "idle_sessions": 40, 
          "rt_budget": 15.0, "tts_levels": ((1, 4), (4, 2)), "quiet_wait": 0.0,
          "workers_sessions": 20, "workers_seconds": 1.0, "calls_step": 5, "calls_resolution": 5,
          "calls_max": 5, "peer_step": 3, "peer_resolution": 3, "peer_max": 3, "calls_ramp": 0.5,
-         "calls_warmup": 0.5, "calls_seconds": 2.0, "calls_budget": 20.0}
+         "calls_warmup": 0.5, "calls_seconds": 1.0, "calls_budget": 20.0}
 TTS_FIRST_AUDIO_MS = 50.0
 # --workers 2 beside --workers 1: about half of what one pinned worker holds at p99 < 20 ms
 # (350 sessions, docs/benchmarks.md): well below saturation for both (13H1).

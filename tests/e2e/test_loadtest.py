@@ -195,7 +195,7 @@ def run_bench_calls(tmp_path: Path, part: str) -> str:
 
 def test_bench_twilio_calls(tmp_path: Path) -> None:
     """The calls-per-core bench's generator against a real streamgate (billing on, the key in
-    `start.customParameters`): 5 Twilio calls for ~2 s connect, stream, get the agent's speech
+    `start.customParameters`): 5 Twilio calls for a few seconds connect, stream, get the agent's speech
     back with marks, and every byte of their audio is accepted by the server's own count."""
     out = run_bench_calls(tmp_path, "telephony")
     assert "bench: streamgate calls: 5 calls (5 open)" in out, out
