@@ -221,6 +221,9 @@ class BillingConfig(Base):
     min_lease_chars: int = 20
     low_balance_chars: int = 500
     run_flusher: bool = True
+    # A dead flusher's unacknowledged usage is taken over by another once idle this long: longer
+    # than any flush round, or a slow live flusher's entries would be flushed twice in parallel.
+    flush_claim_idle_s: float = 30.0
     sweep_interval_s: float = 2.0
     key_cache_ttl_s: float = 10.0
     fallback_fraction: float = 0.5

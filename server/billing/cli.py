@@ -80,7 +80,8 @@ async def _run(args: argparse.Namespace, cfg: Config, locate: Locate) -> int:
             return refund
 
         return await flusher_main(urls.redis_url, urls.database_url, make_refund=make_refund,
-                                  until_empty=args.until_empty)
+                                  until_empty=args.until_empty,
+                                  claim_idle_ms=round(cfg.billing.flush_claim_idle_s * 1000))
     if cmd == "reconcile":
         urls = await locate(cfg)
         return await reconcile_main(urls.redis_url, urls.database_url)

@@ -392,6 +392,7 @@ async def flusher_main(
     make_refund: Callable[[BillingRedis], ReplayConflict] | None = None,
     tenants_key: str = keys.TENANTS_SET,
     until_empty: bool = False,
+    claim_idle_ms: int = 30000,
 ) -> int:
     """`streamgate flusher`: flush until SIGTERM/SIGINT. `make_refund` builds the REFUND hook.
 
@@ -417,7 +418,7 @@ async def flusher_main(
             flusher = UsageFlusher(
                 client, store, consumer=consumer or default_consumer(),
                 on_replay_conflict=make_refund(client) if make_refund else None,
-                tenants_key=tenants_key,
+                tenants_key=tenants_key, claim_idle_ms=claim_idle_ms,
             )
             if not until_empty:
                 await flusher.run(stop)

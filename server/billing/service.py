@@ -112,7 +112,8 @@ class BillingService:
         loop = asyncio.get_running_loop()
         if self.cfg.run_flusher:
             flusher = UsageFlusher(self.redis, self.store, consumer=default_consumer(),
-                                   on_replay_conflict=self._refund)
+                                   on_replay_conflict=self._refund,
+                                   claim_idle_ms=round(self.cfg.flush_claim_idle_s * 1000))
             self._flusher = loop.create_task(flusher.run(self._stop))
             self._tasks.append(self._flusher)
         self._tasks.append(loop.create_task(self._sweeper()))
@@ -124,7 +125,7 @@ class BillingService:
         if self._flusher is not None:
             # A flush round in progress finishes (commit, then XACK) instead of being cut
             # between XREADGROUP and XACK: its entries would wait pending on this dead
-            # consumer until another node claims them (claim_idle_ms, 30 s) — a drained
+            # consumer until another node claims them (billing.flush_claim_idle_s, 30 s) — a drained
             # node's last usage would reach PostgreSQL half a minute late.
             await asyncio.wait([self._flusher], timeout=STOP_GRACE_S)
             self._flusher = None

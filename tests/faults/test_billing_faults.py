@@ -211,6 +211,8 @@ async def test_flusher_killed_between_commit_and_xack_charges_once(
             **os.environ,
             "STREAMGATE_BILLING__REDIS_URL": env.redis_url,
             "STREAMGATE_BILLING__DATABASE_URL": env.dsn,
+            # The dead consumer's entries are claimed after 3 s instead of the default 30.
+            "STREAMGATE_BILLING__FLUSH_CLAIM_IDLE_S": "3",
         }
         crashed = await asyncio.to_thread(
             subprocess.run, flusher_cmd(), cwd=ROOT, capture_output=True, text=True,
@@ -231,8 +233,8 @@ async def test_flusher_killed_between_commit_and_xack_charges_once(
                 stdout=log_file, stderr=subprocess.STDOUT,
             )
         try:
-            # It claims the dead consumer's entries once idle for claim_idle_ms (30 s).
-            deadline = time.monotonic() + 60
+            # It claims the dead consumer's entries once idle for flush_claim_idle_s (3 s).
+            deadline = time.monotonic() + 30
             while True:
                 rs = await redis_state(env.redis_url, tenant.tenant_id)
                 if rs.pending == 0 and rs.stream_len == 0:
