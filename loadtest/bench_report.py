@@ -449,9 +449,10 @@ def issue15_table(runs: list[ServerRun]) -> list[str]:
 
 def call_lines(cap: CallCapacity) -> list[str]:
     lines = [
-        "| step | calls | audio accepted | dropped ms | ingest lag p99 ms | ping RTT p50 / p99 ms "
-        "| server CPU | per call | Redis+PG CPU | gen CPU / pacer lag ms | others on server / "
-        "gen CPU | agent media / marks answered / clears | RSS MB | result |",
+        "| step | calls | audio accepted (calls' lives) | dropped ms | ingest lag p99 ms "
+        "| ping RTT p50 / p99 ms | server CPU | per call | Redis+PG CPU "
+        "| gen CPU / pacer lag ms | others on server / gen CPU "
+        "| agent media / marks answered / clears | RSS MB | result |",
         "|---" * 14 + "|",
     ]
     for i, s in enumerate(cap.steps, 1):
@@ -949,17 +950,20 @@ def render_markdown(
         "below) every 20 ms, calls spread over the 20 ms; agent `media` is \"played\" in real time",
         "and each `mark` answered when the audio before it has played (at once after a `clear`),",
         "as Twilio does; every call sends a WebSocket ping each second and times the pong. The",
-        "search grows and shrinks one set of calls like the real-time search below",
+        "search tries counts like the real-time search below",
         f"(`--calls-step` {args.calls_step} for streamgate, `--peer-step` {args.peer_step} for",
-        "Pipecat, then bisection; a step's new calls connect evenly over `--calls-ramp`, then",
-        "`--calls-warmup`, then a measured window of `--calls-seconds`",
-        f"({args.calls_seconds:g} s).",
-        "A count is kept up with when, inside its window: every call connected and none was",
-        "lost; no audio dropped (`streamgate_audio_dropped_ms_total`); >= 99.9% of the audio",
-        "sent accepted (`streamgate_audio_accepted_ms_total`; published with each session's",
-        "usage report every 5 s, so the window is a multiple of 5 s; for Pipecat, the audio",
-        "that reached its STT stage); server CPU <= 90% of its core; p99 ingest lag under the",
-        "limit; ping RTT p99 < 50 ms. Ingest lag for streamgate is its own histogram",
+        "Pipecat, then bisection), each with fresh calls: they connect evenly over",
+        "`--calls-ramp`, stream through `--calls-warmup` and a measured window of",
+        f"`--calls-seconds` ({args.calls_seconds:g} s), then all hang up (`stop`, close); the next",
+        "count starts once the server holds no call. A count is kept up with when every call",
+        "connected and none was lost; over the calls' whole lives, no audio was dropped",
+        "(`streamgate_audio_dropped_ms_total`) and >= 99.9% of the audio sent was accepted",
+        "(`streamgate_audio_accepted_ms_total`, read before the first call and after the last",
+        "one ended: a call publishes these with each 5 s usage report and at its end, so only",
+        "then are they exact; for Pipecat, the audio that reached its STT stage, so audio",
+        "still queued when the calls hang up counts as not accepted); and inside the window,",
+        "server CPU <= 90% of its core, p99 ingest lag under the limit and ping RTT p99 < 50",
+        "ms. Ingest lag for streamgate is its own histogram",
         "`streamgate_ingest_lag_seconds{kind=\"telephony\"}` (a frame's read from the socket to",
         "its pass through the VAD; one observation per ingest step, the oldest frame's), diffed",
         "around the window, p99 interpolated in its bucket, limit 20 ms; for Pipecat, read ->",

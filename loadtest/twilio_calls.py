@@ -60,7 +60,8 @@ TWILIO_PATH = "/v1/telephony/twilio"
 PING_EVERY_S = 1.0
 RAMP_TICK_S = 0.1
 CLOSE_WAIT_S = 5.0
-SETTLE_S = 2.0  # after the last call hung up: its session ends and publishes its counters
+SETTLE_MAX_S = 20.0  # after the last call hung up: its session ends and publishes its counters
+SETTLE_POLL_S = 0.5
 GENERATOR_BUSY_PCT = 90.0
 # Issue 15's keep-up rules.
 MIN_ACCEPTED = 0.999
@@ -318,6 +319,7 @@ class ServerCounters:
     accepted_ms: float | None
     dropped_ms: float | None
     lag_buckets: dict[float, float] | None  # cumulative histogram: upper bound (s) -> count
+    calls_open: float | None = None  # calls the server still holds (None: not reported)
 
 
 ServerView = Callable[[], Awaitable[ServerCounters]]
@@ -333,6 +335,7 @@ def streamgate_counters(text: str) -> ServerCounters:
     the ingest-lag histogram of telephony frames, when the server has it."""
     accepted = dropped = 0.0
     seen_accepted = seen_dropped = False
+    active: float | None = None
     buckets: dict[float, float] = {}
     for line in text.splitlines():
         match = _SAMPLE_RE.match(line.strip())
@@ -345,13 +348,17 @@ def streamgate_counters(text: str) -> ServerCounters:
         elif name == "streamgate_audio_dropped_ms_total":
             dropped += float(value)
             seen_dropped = True
+        elif name == "streamgate_sessions_active":
+            if dict(_LABEL_RE.findall(labels or "")).get("kind") == LAG_KIND:
+                active = (active or 0.0) + float(value)
         elif name == LAG_METRIC + "_bucket":
             found = dict(_LABEL_RE.findall(labels or ""))
             if found.get("kind") == LAG_KIND and "le" in found:
                 bound = float(found["le"])  # "+Inf" parses
                 buckets[bound] = buckets.get(bound, 0.0) + float(value)
     return ServerCounters(accepted if seen_accepted else None,
-                          dropped if seen_dropped else None, buckets or None)
+                          dropped if seen_dropped else None, buckets or None,
+                          0.0 if active is None and seen_accepted else active)
 
 
 def lag_p99_ms(before: dict[float, float], after: dict[float, float]) -> tuple[float, int]:
@@ -471,7 +478,7 @@ class CallSearch:
     def __init__(
         self, name: str, target: Target, api_key: str | None, probe: ServerProbe,
         view: ServerView, *, lag_limit_ms: float, lag_what: str, warmup_s: float = 3.0,
-        seconds: float = 10.0, ramp_s: float = 5.0, batch: int = 100, drain_s: float = 15.0,
+        seconds: float = 10.0, ramp_s: float = 5.0, batch: int = 100,
     ) -> None:
         self.name = name
         self.gen = TwilioLoad(target, api_key)
@@ -483,7 +490,6 @@ class CallSearch:
         self.seconds = seconds
         self.ramp_s = ramp_s
         self.batch = batch
-        self.drain_s = drain_s
         self.pacer = RealtimePacer([])
 
     @property
@@ -500,8 +506,8 @@ class CallSearch:
             lo, hi = 0, None
             n: int | None = first or step
             while n is not None:
-                ramp = self.ramp_s if n > len(self.clients) else 0.0
-                if perf_counter() - started + ramp + self.warmup_s + self.seconds + 1 > budget_s:
+                if (perf_counter() - started + self.ramp_s + self.warmup_s + self.seconds
+                        + 3.0 > budget_s):
                     cap.stopped = f"time budget ({budget_s:g} s) reached"
                     break
                 s = await self.measure(n)
@@ -527,8 +533,7 @@ class CallSearch:
             pacing.cancel()
             cap.elapsed_s = perf_counter() - started
             await self.hang_up_all()
-        await asyncio.sleep(SETTLE_S)  # the calls end, and report what they accepted
-        view1 = await self.view()
+        view1 = await self.settled()
         cap.total_sent_ms = float(self.gen.calls.sent * FRAME_MS)
         if view0.accepted_ms is not None and view1.accepted_ms is not None:
             cap.total_accepted_ms = view1.accepted_ms - view0.accepted_ms
@@ -537,27 +542,32 @@ class CallSearch:
         return cap
 
     async def hang_up_all(self) -> None:
-        for c in self.clients:
+        clients = self.clients
+        self.pacer.remove(cast(list[RealtimeClient], clients))
+        for c in clients:
             c.hang_up()
-        lost = [c.lost for c in self.clients if not c.lost.done()]
+        lost = [c.lost for c in clients if not c.lost.done()]
         if lost:
             await asyncio.wait(lost, timeout=CLOSE_WAIT_S)
         self.gen.abort_all()
+        self.gen.clients.clear()
 
     async def measure(self, n: int) -> CallStep:
+        """n fresh calls: ramp, warm-up, the measured window, then every call hangs up. The
+        audio rules are judged over the calls' whole lives, from the server's counters before
+        the first call and after the last one ended (a call publishes them with each usage
+        report and at its end, so only then are they exact); CPU, lag and RTT in the window."""
         calls = self.gen.calls
         failures0 = Counter(self.gen.connect_failures)
         closes0, dropped0 = sum(calls.server_closes.values()), calls.dropped
-        shrinking = n < len(self.clients)
-        await self.resize(n)
+        life0, life_sent0 = await self.view(), calls.sent
+        await self.grow(n)
         await asyncio.sleep(self.warmup_s)
-        if shrinking:
-            await self.drain()
         calls.rtts = array("d")
         for c in self.clients:
             c.pings.clear()  # pongs of pings sent before the window are not timed
         view0 = await self.view()
-        srv0, gen0, sent0 = self.probe.sample(), time.process_time(), calls.sent
+        srv0, gen0 = self.probe.sample(), time.process_time()
         media0, marks0, answered0, clears0 = (calls.media_in, calls.marks_in,
                                               calls.marks_answered, calls.clears)
         with steady_generator():
@@ -565,25 +575,42 @@ class CallSearch:
             self.pacer.max_lag = 0.0
             t0 = perf_counter()
             await asyncio.sleep(self.seconds)
-            srv1, gen1, sent1 = self.probe.sample(), time.process_time(), calls.sent
+            srv1, gen1 = self.probe.sample(), time.process_time()
             view1 = await self.view()
             elapsed = perf_counter() - t0
             calls.recording = self.pacer.recording = False
         await asyncio.sleep(0.2)  # the last pongs
         unanswered = sum(c.unanswered_pings() for c in self.clients)
-        step = self._step(n, elapsed, srv1 - srv0, gen1 - gen0, sent1 - sent0, view0, view1)
+        step = self._step(n, elapsed, srv1 - srv0, gen1 - gen0, view0, view1)
         step.connect_failures = dict(Counter(self.gen.connect_failures) - failures0)
         step.lost = sum(calls.server_closes.values()) - closes0 + calls.dropped - dropped0
         step.media_in, step.marks_in = calls.media_in - media0, calls.marks_in - marks0
         step.marks_answered, step.clears = calls.marks_answered - answered0, calls.clears - clears0
+        await self.hang_up_all()
+        life1 = await self.settled()
+        step.sent_ms = float((calls.sent - life_sent0) * FRAME_MS)
+        if life0.accepted_ms is not None and life1.accepted_ms is not None:
+            step.accepted_ms = life1.accepted_ms - life0.accepted_ms
+        if life0.dropped_ms is not None and life1.dropped_ms is not None:
+            step.dropped_ms = life1.dropped_ms - life0.dropped_ms
         step.why_not = self.verdict(step, unanswered)
         return step
 
-    def _step(self, n: int, elapsed: float, srv: ProbeSample, gen_cpu: float, sent: int,
-              view0: ServerCounters, view1: ServerCounters) -> CallStep:
-        def diff(a: float | None, b: float | None) -> float | None:
-            return None if a is None or b is None else b - a
+    async def settled(self) -> ServerCounters:
+        """The server's counters once it holds no call and they stopped moving (at most
+        SETTLE_MAX_S): every call ended has published what it accepted."""
+        deadline = perf_counter() + SETTLE_MAX_S
+        last = await self.view()
+        while perf_counter() < deadline:
+            await asyncio.sleep(SETTLE_POLL_S)
+            now = await self.view()
+            if not now.calls_open and now.accepted_ms == last.accepted_ms:
+                return now
+            last = now
+        return last
 
+    def _step(self, n: int, elapsed: float, srv: ProbeSample, gen_cpu: float,
+              view0: ServerCounters, view1: ServerCounters) -> CallStep:
         lag: float | None = None
         lag_samples = 0
         if view0.lag_buckets is not None and view1.lag_buckets is not None:
@@ -591,9 +618,7 @@ class CallSearch:
         own = srv.user_s + srv.sys_s
         return CallStep(
             calls=n, opened=sum(1 for c in self.clients if c.state == _OPEN and not c.closing),
-            seconds=elapsed, sent_ms=sent * FRAME_MS,
-            accepted_ms=diff(view0.accepted_ms, view1.accepted_ms),
-            dropped_ms=diff(view0.dropped_ms, view1.dropped_ms),
+            seconds=elapsed, sent_ms=0.0, accepted_ms=None, dropped_ms=None,
             lag_p99_ms=lag, lag_samples=lag_samples, rtt=Percentiles.of(self.gen.calls.rtts),
             server_cpu_pct=100.0 * own / elapsed, server_sys_pct=100.0 * srv.sys_s / elapsed,
             helpers_cpu_pct=max(0.0, 100.0 * srv.helpers_s / elapsed),
@@ -625,51 +650,6 @@ class CallSearch:
         if why and s.gen_cpu_pct >= GENERATOR_BUSY_PCT:
             why.append(f"GENERATOR-BOUND? generator at {s.gen_cpu_pct:.0f}% CPU")
         return "; ".join(why)
-
-    async def drain(self) -> None:
-        """After a count that was too much, wait (at most `drain_s`) until, over a second, the
-        server's lag is back under its limit and its pongs under theirs: a server still working
-        off the backlog of the larger count (Pipecat's unbounded queues, or the bytes waiting
-        in streamgate's sockets) would put it in this count's window."""
-        calls = self.gen.calls
-        deadline = perf_counter() + self.drain_s
-        while perf_counter() < deadline:
-            before = await self.view()
-            calls.rtts = array("d")
-            calls.recording = True
-            await asyncio.sleep(1.0)
-            calls.recording = False
-            after = await self.view()
-            rtt = Percentiles.of(calls.rtts)
-            lag_ok = True
-            if before.lag_buckets is not None and after.lag_buckets is not None:
-                p99, samples = lag_p99_ms(before.lag_buckets, after.lag_buckets)
-                lag_ok = bool(samples) and p99 < self.lag_limit_ms
-            if lag_ok and rtt.samples and rtt.p99_ms < MAX_PING_RTT_P99_MS:
-                return
-
-    async def resize(self, n: int) -> None:
-        """Grow or shrink the set to n live calls (calls the server ended are replaced)."""
-        gone = [c for c in self.clients if c.state != _OPEN or c.closing]
-        if gone:
-            self.pacer.remove(cast(list[RealtimeClient], gone))
-            ended = set(gone)
-            self.gen.clients[:] = [c for c in self.gen.clients if c not in ended]
-        clients = self.clients
-        if n > len(clients):
-            await self.grow(n - len(clients))
-            return
-        extra = clients[n:]
-        del self.gen.clients[n:]
-        self.pacer.remove(cast(list[RealtimeClient], extra))
-        for c in extra:
-            c.hang_up()
-        lost = [c.lost for c in extra if not c.lost.done()]
-        if lost:
-            await asyncio.wait(lost, timeout=CLOSE_WAIT_S)
-        for c in extra:
-            if not c.lost.done():
-                c.abort()
 
     async def grow(self, k: int) -> None:
         """k new calls spread evenly over the ramp; each streams as soon as it is open."""
