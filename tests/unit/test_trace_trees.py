@@ -298,3 +298,29 @@ async def test_http_request_span_follows_the_clients_traceparent(
     (request,) = by_name(spans.get_finished_spans())["http.request"]
     assert parent_of(request) == int(CLIENT_SPAN, 16) and trace_of(request) == CLIENT_TRACE
     assert int_attr(request, "http.response.status_code") == 200
+
+
+async def test_unsampled_session_still_exports_its_error_spans() -> None:
+    """sample_ratio 0 with always_sample_errors: a session whose upstream engine fails exports
+    the failing spans (and nothing else), still carrying the client's trace id."""
+    exporter = InMemorySpanExporter()
+    TRACING.configure(enabled=True, sample_ratio=0.0, always_sample_errors=True,
+                      span_exporter=exporter)
+    unsampled = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"
+    try:
+        async with serving() as served:
+            served.upstream.script(FakeReply.error(500))
+            audio = silence(400) + espeak_pcm16("hello there") + silence(900)
+            async with connect(f"{served.url}/v1/asr/stream",
+                               additional_headers={"traceparent": unsampled}) as ws:
+                for i in range(0, len(audio), FRAME):
+                    await ws.send(audio[i:i + FRAME])
+                await ws.send(json.dumps({"type": "close"}))
+                errors = [e async for e in ws if json.loads(e)["type"] == "error"]
+            assert errors  # engine_error for the utterance
+    finally:
+        TRACING.shutdown()
+    exported = exporter.get_finished_spans()
+    names = sorted(s.name for s in exported)
+    assert names == ["asr.engine.finish", "asr.utterance", "upstream.asr"]
+    assert {trace_of(s) for s in exported} == {CLIENT_TRACE}
