@@ -40,5 +40,15 @@ async def test_ready_and_log_lines_carry_the_clients_trace() -> None:
         assert {line["msg"] for line in lines} >= {"session started", "session ended"}
         assert all(line["trace_id"] == CLIENT_TRACE for line in lines)
         assert all(len(str(line["span_id"])) == 16 for line in lines if "span_id" in line)
+
+        # A TTS session without a traceparent: a trace of its own, named in `ready`.
+        async with connect(f"{srv.ws}/v1/tts/stream",
+                           additional_headers={"Authorization": f"Bearer {TEST_KEY}"}) as ws:
+            ready = json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "close"}))
+            async for _ in ws:
+                pass
+        assert ready["type"] == "ready"
+        assert len(ready["trace_id"]) == 32 and ready["trace_id"] != CLIENT_TRACE
     finally:
         assert srv.stop() == 0
