@@ -58,6 +58,8 @@ class Result:
     case: Case
     scores: list[Score] = field(default_factory=list)
     skew: list[float | None] = field(default_factory=list)
+    languages: list[str] = field(default_factory=list)  # the OCR languages of each page
+    texts: list[str] = field(default_factory=list)  # each page's text as answered
     error: str = ""
 
 
@@ -178,6 +180,8 @@ def run_case(url: str, case: Case, pid: int | None = None) -> Result:
         result.scores.append(score_page(page, truth, seconds, cpu))
         skew = page.get("skew_deg")
         result.skew.append(float(skew) if isinstance(skew, int | float) else None)
+        result.languages.append(str(page.get("languages", "")))
+        result.texts.append(str(page.get("text", "")))
     return result
 
 

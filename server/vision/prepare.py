@@ -218,16 +218,33 @@ def prepare(gray: Gray, *, dpi: int | None = None) -> tuple[Gray, PagePreparatio
     return page, prep
 
 
-def densest_band(gray: Gray, rows: int) -> Gray:
-    """The `rows` consecutive rows of the page that hold the most ink (all of it when the page
-    is no taller): what OSD is shown, since its cost grows with the page and a band of text
-    lines names the orientation as well as the page does (decision 16V2)."""
-    if gray.shape[0] <= rows:
+def lies_on_its_side(gray: Gray) -> bool:
+    """Whether the page's text lines run down it rather than across: its ink profile is
+    sharper across the columns than across the rows."""
+    ink = gray < 128
+
+    def sharpness(profile: npt.NDArray[np.int64]) -> float:
+        # Mean square over square mean: 1 for ink spread evenly, large for lines and gaps.
+        return float(np.dot(profile, profile)) * profile.size
+
+    return sharpness(ink.sum(axis=0, dtype=np.int64)) > sharpness(ink.sum(axis=1,
+                                                                            dtype=np.int64))
+
+
+def densest_band(gray: Gray, lines: int) -> Gray:
+    """The band of the page, `lines` pixels across, that holds the most ink, cut along its text
+    lines (rows; columns on a page lying on its side): what OSD is shown, since its cost grows
+    with the page and a band of text lines names the orientation as well as the page does
+    (decision 16V2). The whole page when it is no bigger."""
+    sideways = lies_on_its_side(gray)
+    profile = (gray < 128).sum(axis=0 if sideways else 1, dtype=np.int64)
+    if profile.size <= lines:
         return gray
-    ink = (gray < 128).sum(axis=1, dtype=np.int64)
-    window = np.convolve(ink, np.ones(rows, dtype=np.int64), mode="valid")
-    top = int(np.argmax(window))
-    return np.ascontiguousarray(gray[top : top + rows])
+    window = np.convolve(profile, np.ones(lines, dtype=np.int64), mode="valid")
+    start = int(np.argmax(window))
+    if sideways:
+        return np.ascontiguousarray(gray[:, start : start + lines])
+    return np.ascontiguousarray(gray[start : start + lines])
 
 
 def rotate_quarters(gray: Gray, prep: PagePreparation, quarters: int) -> Gray:

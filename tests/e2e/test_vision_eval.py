@@ -2,10 +2,13 @@
 copies (tilted 1.3-2.7 degrees, noisy, JPEG, 150-300 dpi) and a PDF with a text layer, through
 POST /v1/vision/extract of a real `streamgate serve`, held to issue 16's "Done means": table
 cells exact >= 98 % and CER <= 2 % on every page, every OCR word in the answer, text-layer pages
-exact. (Seconds per page are measured by the full evaluation, not asserted here.)"""
+exact; each page's OCR languages picked by its script (no `languages` in the request): English
+pages read with English alone, the Hindi page with Hindi. (Seconds per page are measured by the
+full evaluation, not asserted here.)"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -25,13 +28,14 @@ def server() -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def results(server: Server) -> list[Result]:
-    chosen = [c for c in cases(["invoice", "table_unruled", "two_column"],
+    chosen = [c for c in cases(["invoice", "table_unruled", "two_column", "hindi"],
                                ["scan150", "scan200", "scan300"])
               if (c.name, c.degradation) in {("invoice", "scan150"),
                                              ("table_unruled", "scan200"),
-                                             ("two_column", "scan300")}
+                                             ("two_column", "scan300"),
+                                             ("hindi", "scan150")}
               or c.name == "pdf_text_layer"]
-    assert len(chosen) == 4
+    assert len(chosen) == 5
     return [run_case(server.url, case) for case in chosen]
 
 
@@ -47,7 +51,8 @@ def test_scans_meet_the_targets(results: list[Result]) -> None:
 
 
 def test_skew_is_reported_and_the_text_layer_is_exact(results: list[Result]) -> None:
-    skews = {r.case.degradation: r.skew[0] for r in results if r.case.degradation != "pdf"}
+    skews = {r.case.degradation: r.skew[0] for r in results
+             if r.case.degradation != "pdf" and r.case.name != "hindi"}
     assert skews["scan150"] == pytest.approx(2.0, abs=0.1)
     assert skews["scan200"] == pytest.approx(-2.7, abs=0.1)
     assert skews["scan300"] == pytest.approx(1.3, abs=0.1)
@@ -55,3 +60,18 @@ def test_skew_is_reported_and_the_text_layer_is_exact(results: list[Result]) -> 
     assert len(pdf.scores) == 2
     assert all(s.cer == 0.0 and s.word_recall == 1.0 for s in pdf.scores)
     assert pdf.scores[1].cells_right == pdf.scores[1].cells_total == 15
+
+
+def test_each_page_is_read_in_the_languages_of_its_script(results: list[Result]) -> None:
+    devanagari = re.compile("[\u0900-\u097f]")
+    for r in results:
+        if r.case.degradation == "pdf":
+            continue
+        [languages], [text] = r.languages, r.texts
+        if r.case.name == "hindi":
+            # Devanagari lines and one Latin line ("Reference: HR-2026-04"): Hindi first.
+            assert languages == "hin+eng", r.case.name
+            assert devanagari.search(text) and "HR-2026-04" in text
+        else:
+            assert languages == "eng", r.case.name
+            assert not devanagari.search(text), (r.case.name, text)

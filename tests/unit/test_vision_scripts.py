@@ -1,6 +1,6 @@
-"""Script detection from pixels (server/vision/scripts.py) and rule erasing that spares a
-Devanagari headline (server/vision/figures.py), on lines drawn here with DejaVu and Lohit
-Devanagari at the prepared page's text size."""
+"""Script and way-up detection from pixels (server/vision/scripts.py, prepare.py) and rule
+erasing that spares a Devanagari headline (server/vision/figures.py), on lines drawn here with
+DejaVu and Lohit Devanagari at the prepared page's text size."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
 from server.vision.figures import erase_rules
-from server.vision.scripts import PageScripts, looks_devanagari, page_scripts
+from server.vision.prepare import densest_band, lies_on_its_side
+from server.vision.scripts import PageScripts, looks_devanagari, page_scripts, upright_turn
 from tests.system_tools import require_pillow_feature
 
 FONTS = "/usr/share/fonts/truetype"
@@ -85,3 +86,21 @@ def test_a_titles_headline_is_not_erased_as_a_rule() -> None:
     assert np.array_equal(erased[title], gray[title])  # the headline stays
     assert (erased[300:303, 100:1176] < 128).mean() < 0.02  # both rules go
     assert (erased[450:453, 100:1176] < 128).mean() < 0.02
+
+
+def test_the_lines_say_which_way_up_the_page_is() -> None:
+    require_pillow_feature("raqm", "Devanagari cannot be shaped without libraqm and libfribidi")
+    for lines in ([(SANS, t) for t in LATIN + LATIN], [(DEVA, t) for t in HINDI]):
+        gray, _ = page(lines)
+        assert upright_turn(gray) == 0
+        assert upright_turn(np.ascontiguousarray(gray[::-1, ::-1])) == 180
+    few, _ = page([(SANS, LATIN[0]), (SANS, LATIN[2])])
+    assert upright_turn(few) is None  # two lines settle nothing: OSD is asked
+
+
+def test_a_page_on_its_side_is_told_from_an_upright_one() -> None:
+    gray, _ = page([(SANS, t) for t in LATIN + LATIN])
+    assert not lies_on_its_side(gray)
+    assert lies_on_its_side(np.ascontiguousarray(np.rot90(gray)))
+    band = densest_band(np.ascontiguousarray(np.rot90(gray)), 200)
+    assert band.shape == (gray.shape[1], 200)  # a band of columns: across its text lines
