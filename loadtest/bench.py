@@ -785,7 +785,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calls-seconds", type=float, default=10.0,
                    help="Twilio calls: measured window per step (a multiple of the 5 s usage "
                         "interval: streamgate publishes accepted audio with each usage report)")
-    p.add_argument("--calls-budget", type=float, default=160.0,
+    p.add_argument("--calls-budget", type=float, default=200.0,
                    help="Twilio calls: each search stops before a step would end after this")
     p.add_argument("--only", action="append", choices=PHASES,
                    help="run only this part (repeatable); docs/benchmarks.md is not written")
