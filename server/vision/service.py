@@ -241,18 +241,21 @@ class VisionService:
             await self._reread_cells(layout, page)
             layout = map_layout(layout, page.prep)
             done = time.perf_counter()
+            # Degrees clockwise, all turns together (a page on its side is turned a quarter
+            # while it is prepared, before the way up is settled).
+            turned = (-90 * page.prep.rotation) % 360
             log.info("vision page %d (%s, %s): skew %.2f deg, scale %.2f, turned %d, %s, "
                      "%d words; prepare %.0f ms (%s), orientation %.0f ms, ocr %.0f ms, "
                      "layout %.0f ms",
                      number, scripts, osd or "way up by its lines", page.prep.skew_deg,
-                     page.prep.scale, rotate, "+".join(chosen),
+                     page.prep.scale, turned, "+".join(chosen),
                      layout.ocr_words, 1000 * (prepared - started), page.prep.timings_ms,
                      1000 * (oriented - prepared), 1000 * (read - oriented),
                      1000 * (done - read))
             if self.metrics is not None:
                 self.metrics.engine_seconds.labels(model="tesseract", op="ocr_page").observe(
                     done - started)
-            return PageResult(image, layout, skew_deg=page.prep.skew_deg, rotation=rotate,
+            return PageResult(image, layout, skew_deg=page.prep.skew_deg, rotation=turned,
                               languages="+".join(chosen))
 
     async def _layer_page(self, image: PageImage, layer: TextLayer, languages: list[str]

@@ -72,6 +72,22 @@ def test_quarter_turns_map_back_too() -> None:
     assert all(abs(a - b) <= 3 for a, b in zip(prep.to_original(box), want, strict=True))
 
 
+def test_a_page_on_its_side_is_turned_upright_and_maps_back() -> None:
+    upright = np.asarray(text_page(), dtype=np.uint8)
+    sideways = np.ascontiguousarray(np.rot90(upright, -1))  # scanned turned a quarter clockwise
+    out, prep = prepare(sideways)
+    assert prep.rotation == 1  # turned back a quarter counter-clockwise: upright, portrait
+    assert out.shape[0] > out.shape[1] and abs(prep.skew_deg) <= 0.1
+    assert (prep.width, prep.height) == (sideways.shape[1], sideways.shape[0])
+    found = marker_box(out, below=int(1100 * prep.scale))  # low on the upright page
+    ys, xs = np.nonzero(sideways < 100)
+    marker = [(x, y) for x, y in zip(xs.tolist(), ys.tolist(), strict=True) if x < 200]
+    want = (min(x for x, _ in marker), min(y for _, y in marker),
+            max(x for x, _ in marker) + 1, max(y for _, y in marker) + 1)
+    assert all(abs(a - b) <= 3 for a, b in zip(prep.to_original(found), want, strict=True)), (
+        prep.to_original(found), want)
+
+
 def test_noise_is_removed_and_paper_made_white() -> None:
     rng = np.random.default_rng(7)
     clean = np.asarray(text_page(), dtype=np.float64)
