@@ -346,6 +346,13 @@ def _calls(cap: CallCapacity) -> str:
     return f"{'>= ' if cap.open_ended else ''}{cap.calls:,} calls"
 
 
+def _peer_calls(cap: CallCapacity) -> str:
+    best = cap.best
+    per_call = None if best is None else best.cpu_pct_per_call
+    return f"Pipecat: {_calls(cap)}" + ("" if per_call is None
+                                        else f" ({per_call:.3f}% of the core per call)")
+
+
 def _and(*parts: bool | None) -> bool | None:
     """All met -> True; any not met -> False; else (something not measured) None."""
     if any(p is False for p in parts):
@@ -384,12 +391,17 @@ def issue15_targets(runs: list[ServerRun]) -> list[Target15]:
             met = None  # the lag rule could not be checked: not judged
     out.append(Target15(f"1. >= {MIN_CALLS:,} concurrent Twilio calls per core, full call path, "
                         f"billing on ({rules})", measured,
-                        "-" if peer is None else f"Pipecat: {_calls(peer)}", met))
+                        "-" if peer is None else _peer_calls(peer), met))
     ratio: float | None = None
     if ours is not None and peer is not None and peer.calls > 0:
         ratio = ours.calls / peer.calls
     measured = ("-" if ratio is None or ours is None or peer is None
                 else f"{ratio:.1f}x ({ours.calls:,} / {peer.calls:,})")
+    ours_cpu = None if ours is None or ours.best is None else ours.best.cpu_pct_per_call
+    peer_cpu = None if peer is None or peer.best is None else peer.best.cpu_pct_per_call
+    if ratio is not None and ours_cpu and peer_cpu:
+        measured += (f"; CPU per call {ours_cpu:.3f}% vs Pipecat's {peer_cpu:.3f}% of the core: "
+                     f"{peer_cpu / ours_cpu:.1f}x")
     if ours is not None and peer is not None and peer.calls == 0 and peer.steps:
         measured = (f"Pipecat kept up with none of the counts tried (smallest: "
                     f"{min(s.calls for s in peer.steps)})")
