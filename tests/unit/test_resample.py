@@ -176,3 +176,19 @@ def test_utterance_resampler_serves_utterances_in_turn() -> None:
         one = _one_shot(8000, 16000, x)
         assert len(got) == len(one)
         assert np.max(np.abs(got.astype(np.int32) - one)) <= 3
+
+
+def test_utterance_resampler_holds_no_soxr_stream_between_utterances() -> None:
+    """A soxr HQ stream is ~55 KiB of a call's memory: only an open utterance holds one."""
+    from server.audio.resample import UtteranceResampler
+
+    r = UtteranceResampler(8000, 16000, "HQ", chunk_ms=100)
+    x = _sine(8000, 0.4, freq=300.0)
+    for _ in range(2):
+        r.start()
+        assert r._resampler is not None
+        got = np.frombuffer(r.feed(x.tobytes()) + r.finish(), dtype=np.int16)
+        assert r._resampler is None
+        one = _one_shot(8000, 16000, x)
+        assert len(got) == len(one)
+        assert np.max(np.abs(got.astype(np.int32) - one)) <= 3
