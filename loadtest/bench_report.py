@@ -485,11 +485,12 @@ def call_lines(cap: CallCapacity) -> list[str]:
     lines.append(f"Search: {len(cap.steps)} steps in {cap.elapsed_s:.0f} s; stopped: "
                  f"{cap.stopped}. **Most calls kept up with: {_calls(cap)}.**")
     per_call = cap.kib_per_call()
-    largest = cap.largest
-    if per_call is not None and largest is not None:
-        lines.append(f"RSS per active call: **{per_call:,.0f} KiB** (at {largest.opened} calls, "
-                     f"VmRSS {largest.rss_kb / 1024:.0f} MB vs {cap.rss_base_kb / 1024:.0f} MB "
-                     "before the first call).")
+    at = cap.rss_step
+    if per_call is not None and at is not None:
+        lines.append(f"RSS per active call: **{per_call:,.0f} KiB** (at {at.opened} calls, "
+                     f"VmRSS {at.rss_kb / 1024:.0f} MB vs {cap.rss_base_kb / 1024:.0f} MB "
+                     "before the first call; the largest count kept up with before any larger "
+                     "count ran).")
     best = cap.best
     if best is not None and best.opened:
         lines.append(f"CPU per call: **{best.cpu_pct_per_call or 0:.3f}% of one core = "
@@ -981,7 +982,8 @@ def render_markdown(
         "around the window, p99 interpolated in its bucket, limit 20 ms; for Pipecat, read ->",
         "its STT stage, limit 200 ms (its queues are unbounded: overload shows as lag, never as",
         "drops). A rule a server cannot report is \"not measured\", never assumed. RSS per active",
-        "call: VmRSS growth from before the first call to the largest count, per call. The",
+        "call: VmRSS growth from before the first call to the largest count kept up with while",
+        "the counts only grew (no larger count's memory in the allocator yet), per call. The",
         "\"others\" column is the CPU other processes took on the server's and the generator's",
         "CPUs during the window (/proc/stat; this machine is shared).",
         "",

@@ -467,8 +467,21 @@ class CallCapacity:
     def lag_measured(self) -> bool:
         return any(s.lag_p99_ms is not None for s in self.steps)
 
+    @property
+    def rss_step(self) -> CallStep | None:
+        """The step RSS per call is read at: the largest count kept up with among those run
+        while the counts only grew (so no larger count's buffers sit in the allocator's
+        high-water mark, and no overload's backlog in the sockets); else the largest count."""
+        growing: list[CallStep] = []
+        for step in self.steps:
+            if growing and step.calls <= growing[-1].calls:
+                break
+            growing.append(step)
+        passed = [s for s in growing if s.passed]
+        return passed[-1] if passed else self.largest
+
     def kib_per_call(self) -> float | None:
-        step = self.largest
+        step = self.rss_step
         if step is None or not step.opened:
             return None
         return (step.rss_kb - self.rss_base_kb) / step.opened
