@@ -6,15 +6,16 @@ says), then one `media` JSON text frame with 20 ms of base64 G.711 mu-law every 
 as the call lasts (calls spread over the 20 ms, paced by loadgen.RealtimePacer), the speech-like
 loop of loadgen.audio_frames so that VAD, utterances, the agent and its spoken replies all run.
 It reads what the server sends back: `media` (agent audio, "played" in real time), `mark`
-(answered once the audio before it has played, as Twilio does; a `clear` plays nothing more and
-answers the marks held at once) and `clear`. Frames are masked and built by hand; every call
-also sends a WebSocket ping every `PING_EVERY_S` and times its pong (ping RTT: how late the
-server's event loop answers).
+(answered once the audio before it has played, as Twilio does, with the next media frame; a
+`clear` plays nothing more and answers the marks held with the next frame) and `clear`.
+Frames are masked and built by hand; every call also sends a WebSocket ping every
+`PING_EVERY_S` and times its pong (ping RTT: how late the server's event loop answers).
 
-`CallSearch` grows and shrinks one set of calls as capacity.CapacitySearch does (steps, then
-bisection; new calls over a ramp) and judges each count by issue 15's keep-up rules, inside a
-measured window: every call connected and none lost, no audio dropped, >= 99.9 % of the audio
-sent accepted, server CPU <= 90 %, p99 ingest lag under the server's limit, ping RTT p99 < 50 ms.
+`CallSearch` tries counts as capacity.CapacitySearch does (steps, then bisection), each with
+fresh calls (connected over a ramp, a warm-up, a measured window, then all hang up), and
+judges each count by issue 15's keep-up rules: every call connected and none lost; over the
+calls' lives no audio dropped and >= 99.9 % of the audio sent accepted; inside the window
+server CPU <= 90 %, p99 ingest lag under the server's limit, ping RTT p99 < 50 ms.
 What the server says (audio accepted and dropped, ingest lag) comes from a `ServerView`: for
 streamgate its /metrics counters and histogram, for the Pipecat peer its /stats endpoint
 (loadtest/pipecat_peer/server.py). A rule the server cannot report is "not measured", never
@@ -29,7 +30,7 @@ import math
 import re
 import time
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -159,7 +160,10 @@ class TwilioCall(RealtimeClient):
         self.ping_at = 0.0  # next ping due (perf_counter)
         self.pings: dict[bytes, float] = {}
         self.play_until = 0.0  # when the agent audio received so far ends, played in real time
-        self.marks: dict[bytes, asyncio.TimerHandle] = {}  # marks not yet "played"
+        # Marks not yet "played", in order: (when the audio before it has played, its name).
+        # They are answered with the first media frame sent after that (in the same write:
+        # a syscall per mark would cost the generator as much as the media frames do).
+        self.marks: deque[tuple[float, bytes]] = deque()
 
     # handshake: a provider sends no Authorization header and waits for no `ready`
 
@@ -180,6 +184,11 @@ class TwilioCall(RealtimeClient):
         chunk = self.chunk = self.chunk + 1
         seq = self.seq = self.seq + 1
         frame = masked_text(MEDIA % (seq, self.sid, chunk, chunk * FRAME_MS, self.payloads[k]))
+        marks = self.marks
+        while marks and marks[0][0] <= scheduled:
+            self.seq += 1
+            frame += masked_text(MARK % (self.seq, self.sid, marks.popleft()[1]))
+            self.calls.marks_answered += 1
         if scheduled >= self.ping_at:
             self.ping_at = scheduled + PING_EVERY_S
             token = b"%08d" % seq
@@ -242,32 +251,18 @@ class TwilioCall(RealtimeClient):
         elif event == b"mark":
             name = json_string(msg, b'"name"')
             calls.marks_in += 1
-            loop = asyncio.get_running_loop()
-            self.marks[name] = loop.call_at(
-                loop.time() + max(0.0, self.play_until - perf_counter()), self._answer_mark, name)
+            self.marks.append((self.play_until, name))
         elif event == b"clear":
             calls.clears += 1
-            self.play_until = perf_counter()
-            pending, self.marks = self.marks, {}
-            for name, handle in pending.items():  # Twilio answers the marks of what it dropped
-                handle.cancel()
-                self._answer_mark(name)
+            # Nothing more plays; Twilio answers the marks of the audio it threw away at once.
+            self.play_until = now = perf_counter()
+            self.marks = deque((now, name) for _, name in self.marks)
         else:
             calls.other[event.decode(errors="replace") or "?"] += 1
 
-    def _answer_mark(self, name: bytes) -> None:
-        self.marks.pop(name, None)
-        if self.state != _OPEN or self.closing or self.transport is None:
-            return
-        self.seq += 1
-        self.transport.write(masked_text(MARK % (self.seq, self.sid, name)))
-        self.calls.marks_answered += 1
-
     def hang_up(self) -> None:
         """`stop`, then the close handshake: how a provider ends a call."""
-        for handle in self.marks.values():
-            handle.cancel()
-        self.marks = {}
+        self.marks.clear()
         if self.state == _OPEN and not self.closing and self.transport is not None:
             self.seq += 1
             self.transport.write(masked_text(STOP % (self.seq, self.sid,
@@ -279,9 +274,7 @@ class TwilioCall(RealtimeClient):
         super().connection_lost(exc)
         if was_open and self.opened.done():
             self.calls.dropped += 1
-        for handle in self.marks.values():
-            handle.cancel()
-        self.marks = {}
+        self.marks.clear()
 
     def _close_frame(self, payload: bytes) -> None:
         if not self.closing:
