@@ -337,6 +337,17 @@ def report(results: Sequence[Result], label: str, commit: str, previous: str) ->
                   f"`skew_deg` against the rotation applied, over {len(errors)} pages: "
                   f"mean error {sum(errors) / max(1, len(errors)):.3f} degrees, worst "
                   f"{max(errors, default=0.0):.3f}.", ""]
+    chosen: dict[str, Counter[str]] = {}
+    for r in results:
+        if r.case.degradation != "pdf":
+            chosen.setdefault(r.case.name, Counter()).update(r.languages)
+    if chosen:
+        lines += ["## Languages", "",
+                  "OCR languages each page was read with (picked by its script; the request "
+                  "named none):", "",
+                  *[f"- {name}: " + ", ".join(f"`{lang or '-'}` x{n}"
+                                              for lang, n in counts.most_common())
+                    for name, counts in chosen.items()], ""]
     failed = [r for r in results if r.error]
     if failed:
         lines += ["## Failed uploads", "",
