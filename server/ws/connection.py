@@ -42,6 +42,7 @@ _TEXT = Opcode.TEXT
 _CONT = Opcode.CONT
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 _OPEN = State.OPEN
+_OPCODES = frozenset(int(op) for op in Opcode)  # the ones websockets' parser accepts
 
 
 def frame_header(opcode: int, length: int) -> bytes:
@@ -299,6 +300,12 @@ class WsConnection(asyncio.Protocol):
         self.activity = True
         while n - pos >= 2:
             b1 = data[pos + 1]
+            if not b1 & 0x80 or data[pos] & 0x0F not in _OPCODES:
+                # websockets refuses these on their first two bytes: it must see them now, not
+                # once the rest of the frame has come (or at our close, behind a pong).
+                self._fast = False
+                self._receive_ws(data[pos:], session)
+                return
             length = b1 & 0x7F
             head = pos + 2
             if length >= 126:
@@ -307,7 +314,7 @@ class WsConnection(asyncio.Protocol):
                     break
                 length = int.from_bytes(data[head : head + extra], "big")
                 head += extra
-            if length > max_size or not b1 & 0x80:
+            if length > max_size:
                 self._fast = False
                 self._receive_ws(data[pos:], session)
                 return
@@ -469,6 +476,11 @@ class WsConnection(asyncio.Protocol):
         """Start the closing handshake; the peer gets CLOSE_HANDSHAKE_TIMEOUT_S to answer."""
         if self.protocol.state is State.OPEN:
             self._leave_fast()
+            if self.protocol.state is not State.OPEN:
+                # The partial frame the fast path held has a header websockets refuses: it
+                # failed the connection (as it would have on reading it) and sent its close.
+                self.flush()
+                return
             self.close_code = code
             self.protocol.send_close(code, reason[:120])
             self.close_deadline = self.server.now + CLOSE_HANDSHAKE_TIMEOUT_S

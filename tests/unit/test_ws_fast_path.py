@@ -235,6 +235,19 @@ def test_frames_sent_with_the_upgrade_are_left_to_websockets() -> None:
     assert server.log == [("binary", b"early audio"), ("binary", b"more")]
 
 
+@pytest.mark.parametrize("head", [b"\x83\x80", b"\x82\x7e", b"\x81\x7e\x01"])
+def test_a_partial_header_websockets_refuses_is_not_held(head: bytes) -> None:
+    """A reserved opcode or an unmasked frame fails on its first two bytes in websockets: the
+    fast path must not hold them until more bytes (or our own close) come."""
+    ping = masked(0x9, b"p")
+    run_both(ping + head + b"\x00" * 8, [len(ping) + len(head)], server_close_at=1)
+    run_both(ping + head + b"\x00" * 8, [len(ping) + len(head)])
+    conn, transport, _ = open_connection(True)
+    conn.data_received(ping + head)
+    assert not conn._pending and transport.closed and conn.close_code == 1002
+    conn.close(4000, "server closes")  # nothing left to close: no error
+
+
 def test_a_partial_frame_held_at_close_goes_to_websockets() -> None:
     conn, transport, server = open_connection(True)
     frame = masked(0x2, b"z" * 300)
