@@ -23,9 +23,13 @@ _EMPTY: Final[Int16Array] = np.empty(0, dtype=np.int16)
 
 
 class Resampler:
-    """Stateful int16 mono resampler; a no-op pass-through when the rates are equal."""
+    """Stateful int16 mono resampler; a no-op pass-through when the rates are equal.
 
-    __slots__ = ("_finished", "_in_rate", "_out_rate", "_stream")
+    Its soxr stream is built at the first chunk: an HQ stream holds ~80 KiB once it has run,
+    and a resampler often waits for audio (a phone call's TTS between replies, where a fresh
+    one is made for every chunk of text)."""
+
+    __slots__ = ("_finished", "_in_rate", "_out_rate", "_quality", "_stream")
 
     def __init__(self, in_rate: int, out_rate: int, quality: str = "HQ") -> None:
         if in_rate <= 0 or out_rate <= 0:
@@ -36,13 +40,10 @@ class Resampler:
             )
         self._in_rate = in_rate
         self._out_rate = out_rate
+        self._quality = quality
         self._finished = False
         # Equal rates skip soxr entirely: no filter delay and no per-session C state.
-        self._stream: soxr.ResampleStream | None = (
-            None
-            if in_rate == out_rate
-            else soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=quality)
-        )
+        self._stream: soxr.ResampleStream | None = None
 
     @property
     def in_rate(self) -> int:
@@ -54,7 +55,7 @@ class Resampler:
 
     @property
     def passthrough(self) -> bool:
-        return self._stream is None
+        return self._in_rate == self._out_rate
 
     @property
     def finished(self) -> bool:
@@ -73,7 +74,10 @@ class Resampler:
             return _EMPTY
         stream = self._stream
         if stream is None:
-            return arr
+            if self._in_rate == self._out_rate:
+                return arr
+            stream = self._stream = soxr.ResampleStream(
+                self._in_rate, self._out_rate, 1, dtype="int16", quality=self._quality)
         out: Int16Array = stream.resample_chunk(arr)
         return out
 
@@ -103,9 +107,9 @@ class UtteranceResampler:
     costs ~5 us per call whatever the chunk size, which per 20 ms frame was the biggest item
     of the ingest path. Each utterance is a stream of its own, flushed at its end (`finish`),
     so no part of its last syllable is left inside a filter when the engine is asked for the
-    final. Its soxr stream lives while the utterance does: a soxr HQ stream holds ~55 KiB of
-    filter state, the largest part of a phone call's memory, and a caller is silent much of
-    the time (a new stream costs ~50 us, once per utterance). An utterance abandoned without
+    final. Its soxr stream lives while the utterance does: a soxr HQ stream holds ~90 KiB once
+    it has run, a large part of a phone call's memory, and a caller is silent much of the time
+    (a new stream costs ~20-30 us, once per utterance). An utterance abandoned without
     `finish` leaves its stream to the next one, reset.
     """
 

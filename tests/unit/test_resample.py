@@ -192,3 +192,19 @@ def test_utterance_resampler_holds_no_soxr_stream_between_utterances() -> None:
         one = _one_shot(8000, 16000, x)
         assert len(got) == len(one)
         assert np.max(np.abs(got.astype(np.int32) - one)) <= 3
+
+
+def test_resampler_builds_its_soxr_stream_at_the_first_chunk() -> None:
+    """A call's TTS makes a resampler per chunk of text and most wait between replies: one
+    that has had no audio holds no soxr memory, and flushes nothing."""
+    r = Resampler(16000, 8000)
+    assert r._stream is None and not r.passthrough
+    assert len(r.process(np.empty(0, dtype=np.int16))) == 0 and r._stream is None
+    x = _sine(16000, 0.3, freq=440.0)
+    got = np.concatenate([r.process(x), r.flush()])
+    assert r._stream is not None
+    one = _one_shot(16000, 8000, x)
+    assert len(got) == len(one)
+    assert np.max(np.abs(got.astype(np.int32) - one)) <= 3
+    idle = Resampler(16000, 8000)
+    assert len(idle.flush()) == 0 and idle._stream is None
