@@ -20,7 +20,6 @@ from typing import Any
 import msgspec
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
 
 from server.config import VisionConfig
 from server.telemetry.metrics import Metrics
@@ -30,7 +29,14 @@ from server.vision.documents import Document, PageImage, TextLayer
 from server.vision.figures import erase_rules
 from server.vision.geometry import Block, mean_confidence
 from server.vision.layout import PageLayout, analyze, split_words
-from server.vision.ocr import Box, OcrPage, OcrWord, Orientation, detect_orientation, ocr_png
+from server.vision.ocr import (
+    Box,
+    OcrPage,
+    OcrWord,
+    Orientation,
+    detect_orientation,
+    ocr_png,
+)
 from server.vision.prepare import (
     TARGET_LINE_PX,
     PagePreparation,
@@ -172,9 +178,6 @@ class VisionService:
     async def start(self) -> None:
         for upstream in self.upstreams:
             await upstream.start()
-        # The first page a process reads cost 0.15-0.3 s more CPU than the next (numpy's and
-        # Pillow's first calls, the worker thread): paid here, once, at start.
-        await asyncio.to_thread(_warm_up)
 
     async def aclose(self) -> None:
         for upstream in self.upstreams:
@@ -379,22 +382,6 @@ def _turn_by_lines(gray: npt.NDArray[np.uint8]) -> int | None:
     """0 or 180 degrees when the text lines settle which way up the page is; None for OSD
     (a page lying on its side, or lines that do not agree)."""
     return None if lies_on_its_side(gray) else upright_turn(gray)
-
-
-def _warm_up() -> None:
-    """The page pipeline's own code (no tesseract) once over a small drawn page: lines of
-    dashes tilted a degree and a half, under a rule."""
-    pixels = np.full((700, 600), 255, dtype=np.uint8)
-    for row in range(10):
-        top = 60 + 50 * row
-        pixels[top : top + 20, 50:550:3] = 0
-    pixels[40:43, 40:560] = 0
-    turned = np.asarray(Image.fromarray(pixels).rotate(1.5, fillcolor=255), dtype=np.uint8)
-    page = _prepare(PageImage(1, turned, 100))
-    page_scripts(page.ocr_gray)
-    words = [OcrWord("warm", 90.0, (50 + 100 * col, 60 + 50 * row, 140 + 100 * col, 80 + 50 * row))
-             for row in range(10) for col in range(5)]
-    analyze(OcrPage(page.gray.shape[1], page.gray.shape[0], words), page.gray)
 
 
 def map_layout(layout: PageLayout, prep: PagePreparation) -> PageLayout:
