@@ -18,8 +18,10 @@ the pixels (numpy + Pillow, no other image library):
    NOISY_SIGMA grey levels) a 3x3 box blur runs first and what is left of the speckle within
    NOISE_CLIP sigmas of the paper is made white (a median filter did as well on the corpus at
    15 times the cost). Done at the smaller of the two resolutions;
-4. orientation (90-degree steps) and script come from tesseract's OSD (server/vision/ocr.py),
-   applied to the deskewed page by the service (`rotate_quarters`).
+4. orientation: a page whose text lines run down it is turned a quarter first (`prepare`);
+   which way up (0 or 180 degrees) the text lines tell (server/vision/scripts.py), or, when
+   they do not, tesseract's OSD (server/vision/ocr.py); the service applies that turn
+   (`rotate_quarters`). The script of each line is told from its pixels (scripts.py).
 
 Boxes found on the prepared page are mapped back to the uploaded page's pixels by
 `PagePreparation.to_original` (the corners through the inverse transform, then their bounding
