@@ -182,11 +182,11 @@ def _cmdline(proc_dir: Path) -> bytes:
         return b""
 
 
-def run_bench_calls(tmp_path: Path, part: str) -> str:
+def run_bench_calls(tmp_path: Path, part: str, **env: str) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--quick", "--only", part, "--logs-dir",
          str(tmp_path / "logs")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "### Targets (issue 15)" in proc.stdout, out
@@ -195,8 +195,9 @@ def run_bench_calls(tmp_path: Path, part: str) -> str:
 
 def test_bench_twilio_calls(tmp_path: Path) -> None:
     """The calls-per-core bench's generator against a real streamgate (billing on, the key in
-    `start.customParameters`): 5 Twilio calls for a few seconds connect, stream, get the agent's speech
-    back with marks, and every byte of their audio is accepted by the server's own count."""
+    `start.customParameters`): 5 Twilio calls for a few seconds connect, stream, get the
+    agent's speech back with marks, and every byte of their audio is accepted by the server's
+    own count."""
     out = run_bench_calls(tmp_path, "telephony")
     assert "bench: streamgate calls: 5 calls (5 open)" in out, out
     total = re.search(r"Whole search .*?: ([\d,]+) s of caller audio sent, ([\d.]+)% accepted, "
@@ -214,12 +215,15 @@ def test_bench_twilio_calls(tmp_path: Path) -> None:
 
 
 def test_bench_pipecat_peer(tmp_path: Path) -> None:
-    """The Pipecat peer (loadtest/pipecat_peer/server.py, from the bench-only virtualenv that
-    `make bench` builds) serves the same Twilio calls and reports its STT-stage lag."""
-    venv = Path(os.environ.get("STREAMGATE_BENCH_PIPECAT_VENV", ROOT / ".venv-bench-pipecat"))
+    """The Pipecat peer (loadtest/pipecat_peer/server.py) serves the same Twilio calls and
+    reports its STT-stage lag. `make bench` runs it from a bench-only virtualenv; here it runs
+    from the tests' own Pipecat virtualenv (scripts/setup.sh builds it with the same pins:
+    tests/e2e/pipecat-requirements.txt), so the peer is exercised on every run."""
+    venv = Path(os.environ.get("STREAMGATE_PIPECAT_VENV", ROOT / ".venv-pipecat"))
     if not (venv / "bin" / "python").exists():
-        pytest.skip(f"no {venv}: `make bench` (loadtest/pipecat_peer/setup.sh) builds it")
-    out = run_bench_calls(tmp_path, "pipecat")
+        pytest.fail(f"{venv} is missing: ./scripts/setup.sh makes it "
+                    "(from tests/e2e/pipecat-requirements.txt)")
+    out = run_bench_calls(tmp_path, "pipecat", STREAMGATE_BENCH_PIPECAT_VENV=str(venv))
     assert "bench: pipecat calls: 3 calls (3 open)" in out, out
     total = re.search(r"Whole search .*?: [\d,]+ s of caller audio sent, ([\d.]+)% accepted", out)
     assert total is not None and float(total[1]) > 90.0, out
