@@ -8,7 +8,6 @@ refuses or loses a control message.
 from __future__ import annotations
 
 import struct
-from collections import deque
 from typing import Generic, Literal, TypeVar, cast
 
 C = TypeVar("C")
@@ -27,7 +26,9 @@ class IngestQueue(Generic[C]):
         self.capacity = capacity
         self.policy = policy
         self.max_control = max_control
-        self._items: deque[bytes | C] = deque()
+        # A list, not a deque: drained whole once per step (handed over, not copied), and an
+        # empty list is ~500 bytes smaller per session.
+        self._items: list[bytes | C] = []
         self.audio_bytes = 0
         self.control_count = 0
         # Set by the caller for a WAV stream: its header, which may span several frames, must
@@ -87,8 +88,8 @@ class IngestQueue(Generic[C]):
         self.control_count += 1
 
     def drain(self) -> list[bytes | C]:
-        items = list(self._items)
-        self._items.clear()
+        items = self._items
+        self._items = []
         self.audio_bytes = 0
         self.control_count = 0
         self._header_frames = 0
@@ -96,8 +97,8 @@ class IngestQueue(Generic[C]):
 
     def drain_audio(self) -> list[bytes]:
         """drain() when control_count is 0: every item is audio."""
-        items = cast(list[bytes], list(self._items))
-        self._items.clear()
+        items = cast(list[bytes], self._items)
+        self._items = []
         self.audio_bytes = 0
         self._header_frames = 0
         return items
