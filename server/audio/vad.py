@@ -43,7 +43,7 @@ class SpeechStart:
     at_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per 20 ms frame of speech, and frozen costs 2x
 class SpeechAudio:
     pcm: bytes
     start_ms: int
