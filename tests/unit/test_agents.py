@@ -10,8 +10,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from server.config import TelephonyAgentConfig
+from server.telemetry import tracing
+from server.telemetry.tracing import TRACING
 from server.telephony.call.agents import (
     AgentError,
     AgentTurn,
@@ -95,6 +98,52 @@ async def test_webhook_posts_the_turn_and_speaks_the_json_text() -> None:
         "history": [{"role": "caller", "text": "hello", "interrupted": False},
                     {"role": "agent", "text": "Hi, how can I", "interrupted": True}],
     }]
+
+
+async def test_traced_agent_calls_carry_traceparent_and_a_stopped_reply_is_cancelled() -> None:
+    """Issue 17: each agent request is an `upstream.agent` client span under the turn's span,
+    and the agent's server receives its `traceparent`; a reply the call stops reading
+    (barge-in) ends its span as cancelled, not as an error."""
+    received: list[str] = []
+
+    async def hook(request: web.Request) -> web.StreamResponse:
+        received.append(request.headers.get("traceparent", ""))
+        return web.json_response({"text": "It is noon."})
+
+    exporter = InMemorySpanExporter()
+    TRACING.configure(enabled=True, span_exporter=exporter)
+    runner, url = await serve(hook)
+    webhook = WebhookAgent(webhook_cfg(url))
+    try:
+        with tracing.child("telephony.turn") as turn:
+            assert await collect(webhook.respond(TURN)) == ["It is noon."]
+        async with FakeUpstream() as fake:
+            fake.script_chat(FakeChat(["One.", " Two.", " Three."], delay_s=0.05))
+            chat = ChatAgent(TelephonyAgentConfig(kind="chat", url=fake.url))
+            try:
+                with tracing.child("telephony.turn"):
+                    pieces = chat.respond(TURN)
+                    assert await anext(pieces) == "One."
+                    await pieces.aclose()  # type: ignore[attr-defined]
+            finally:
+                await chat.aclose()
+    finally:
+        await webhook.aclose()
+        await runner.cleanup()
+        TRACING.shutdown()
+    hook_span, chat_span = [s for s in exporter.get_finished_spans()
+                            if s.name == "upstream.agent"]
+    assert hook_span.parent is not None
+    assert hook_span.parent.span_id == turn.get_span_context().span_id
+    assert hook_span.attributes is not None
+    assert hook_span.attributes["streamgate.agent"] == "webhook"
+    assert hook_span.attributes["http.response.status_code"] == 200
+    assert hook_span.status.is_ok
+    _, trace_id, span_id, _ = received[0].split("-")
+    assert (trace_id, span_id) == (format(hook_span.context.trace_id, "032x"),
+                                   format(hook_span.context.span_id, "016x"))
+    assert chat_span.attributes is not None and chat_span.attributes["cancelled"] is True
+    assert chat_span.status.is_ok
 
 
 async def test_webhook_plain_text_is_spoken_as_it_streams() -> None:

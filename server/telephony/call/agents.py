@@ -19,11 +19,14 @@ import json
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Literal, Protocol
 
 import aiohttp
 
 from server.config import TelephonyAgentConfig
+from server.telemetry import tracing
+from server.telemetry.tracing import TRACING, Span
 
 __all__ = [
     "Agent",
@@ -82,6 +85,35 @@ class EchoAgent:
 
     async def aclose(self) -> None:
         return None
+
+
+class _AgentCallSpan:
+    """The `upstream.agent` client span of one agent request, with tracing on: its
+    `traceparent` goes in `headers`, so the agent's server joins the call's trace
+    (docs/observability.md). A reply the call stopped reading (barge-in, hang-up) is
+    `cancelled`, not an error."""
+
+    __slots__ = ("span", "status")
+
+    def __init__(self, url: str, agent: str, headers: dict[str, str]) -> None:
+        self.span: Span | None = None
+        self.status: int | None = None
+        if TRACING.on:
+            self.span = tracing.client_span("upstream.agent", url, headers=headers,
+                                            attributes={"streamgate.agent": agent})
+
+    def __enter__(self) -> _AgentCallSpan:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        span = self.span
+        if span is None:
+            return
+        if isinstance(exc, GeneratorExit | asyncio.CancelledError):
+            span.set_attribute("cancelled", True)
+            exc = None
+        tracing.end_client_span(span, status=self.status, failure=exc)
 
 
 class _HttpAgent:
@@ -156,21 +188,24 @@ class WebhookAgent(_HttpAgent):
             "dtmf": turn.dtmf,
             "history": [h.to_json() for h in turn.history],
         }
-        async with self._client().post(self.cfg.url, json=body) as resp:
-            if resp.status >= 300:
-                detail = (await resp.text(errors="replace"))[:200]
-                raise AgentError(f"webhook answered HTTP {resp.status}: {detail}")
-            if resp.content_type == "application/json":
-                data = await resp.json(content_type=None)
-                text = data.get("text") if isinstance(data, dict) else None
-                if not isinstance(text, str):
-                    raise AgentError('webhook JSON reply has no "text" string')
-                yield text
-                return
-            decoder = codecs.getincrementaldecoder(resp.charset or "utf-8")(errors="replace")
-            async for data in resp.content.iter_any():
-                yield decoder.decode(data)
-            yield decoder.decode(b"", final=True)
+        headers: dict[str, str] = {}
+        with _AgentCallSpan(self.cfg.url, "webhook", headers) as call:
+            async with self._client().post(self.cfg.url, json=body, headers=headers) as resp:
+                call.status = resp.status
+                if resp.status >= 300:
+                    detail = (await resp.text(errors="replace"))[:200]
+                    raise AgentError(f"webhook answered HTTP {resp.status}: {detail}")
+                if resp.content_type == "application/json":
+                    data = await resp.json(content_type=None)
+                    text = data.get("text") if isinstance(data, dict) else None
+                    if not isinstance(text, str):
+                        raise AgentError('webhook JSON reply has no "text" string')
+                    yield text
+                    return
+                decoder = codecs.getincrementaldecoder(resp.charset or "utf-8")(errors="replace")
+                async for data in resp.content.iter_any():
+                    yield decoder.decode(data)
+                yield decoder.decode(b"", final=True)
 
 
 class ChatAgent(_HttpAgent):
@@ -210,22 +245,25 @@ class ChatAgent(_HttpAgent):
             "max_tokens": self.cfg.max_tokens,
             "temperature": self.cfg.temperature,
         }
-        async with self._client().post(self.endpoint, json=payload) as resp:
-            if resp.status >= 300:
-                detail = (await resp.text(errors="replace"))[:200]
-                raise AgentError(f"chat completions answered HTTP {resp.status}: {detail}")
-            if resp.content_type == "application/json":
-                data = await resp.json(content_type=None)
-                yield _message_content(data)
-                return
-            async for raw in resp.content:  # one SSE line at a time
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, comments (": keep-alive"), event names
-                data = line[5:].strip()
-                if data == b"[DONE]":
+        headers: dict[str, str] = {}
+        with _AgentCallSpan(self.endpoint, "chat", headers) as call:
+            async with self._client().post(self.endpoint, json=payload, headers=headers) as resp:
+                call.status = resp.status
+                if resp.status >= 300:
+                    detail = (await resp.text(errors="replace"))[:200]
+                    raise AgentError(f"chat completions answered HTTP {resp.status}: {detail}")
+                if resp.content_type == "application/json":
+                    data = await resp.json(content_type=None)
+                    yield _message_content(data)
                     return
-                yield _delta_content(json.loads(data))
+                async for raw in resp.content:  # one SSE line at a time
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments (": keep-alive"), event names
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        return
+                    yield _delta_content(json.loads(data))
 
 
 def _delta_content(chunk: Any) -> str:
