@@ -90,10 +90,20 @@ class TranslateResponse(msgspec.Struct):
 # --- upstream answers (validation only) ------------------------------------------------------
 
 
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: NonNegative = 0  # prompt tokens the provider served from its prompt cache
+
+
 class UpstreamUsage(msgspec.Struct):
     prompt_tokens: NonNegative = 0
     completion_tokens: NonNegative = 0
     total_tokens: NonNegative | None = None
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        details = self.prompt_tokens_details
+        return details.cached_tokens if details is not None else 0
 
     @property
     def total(self) -> int:

@@ -69,9 +69,21 @@ class LlmService:
     def deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.cfg.request_deadline_s
 
-    def count_tokens(self, model: str, tokens: int) -> None:
-        if self.metrics is not None and tokens > 0:
-            self.metrics.llm_tokens.labels(model).inc(tokens)
+    def count_tokens(self, model: str, tokens: int, answered: UpstreamUsage | None = None,
+                     seconds: float = 0.0) -> None:
+        """Settled tokens; with the upstream's own usage of an answered request, its cached
+        prompt tokens and its output rate (completion tokens over the whole request)."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        if tokens > 0:
+            metrics.llm_tokens.labels(model).inc(tokens)
+        if answered is not None:
+            if answered.cached_tokens:
+                metrics.llm_cached_tokens.labels(model).inc(answered.cached_tokens)
+            if answered.completion_tokens and seconds > 0:
+                metrics.llm_tokens_per_second.labels(model).observe(
+                    answered.completion_tokens / seconds)
 
     def chat_payload(self, req: ChatCompletionRequest, data: dict[str, Any],
                      est: Estimate) -> dict[str, Any]:
@@ -132,14 +144,18 @@ class LlmService:
         charge = await reserve(self.requests, principal=who, request_id=request_id,
                                model=model, tokens=est.reserve_tokens)
         used = 0  # a request that fails costs nothing
+        answered: UpstreamUsage | None = None
+        started = time.perf_counter()
         try:
             _, answer, parsed = await self.router.complete(model, payload, deadline)
+            answered = parsed.usage
             usage = _usage(parsed.usage, est.prompt_tokens, parsed.text, self.cfg)
             used = usage["total_tokens"]
             return answer, parsed, usage
         finally:
             await settle(charge, used, est.reserve_tokens)
-            self.count_tokens(model, min(used, est.reserve_tokens))
+            self.count_tokens(model, min(used, est.reserve_tokens), answered,
+                              time.perf_counter() - started)
 
     async def open_stream(self, who: Principal, req: ChatCompletionRequest,
                           data: dict[str, Any], request_id: str) -> ChatStream:
@@ -151,13 +167,14 @@ class LlmService:
         deadline = self.deadline()
         charge = await reserve(self.requests, principal=who, request_id=request_id,
                                model=req.model, tokens=est.reserve_tokens)
+        started = time.perf_counter()
         try:
             upstream = await self.router.open_stream(req.model, payload, deadline)
         except BaseException:
             await settle(charge, 0, est.reserve_tokens)
             raise
         wants_usage = req.stream_options is not None and req.stream_options.include_usage
-        return ChatStream(self, upstream, charge, est, req.model, wants_usage)
+        return ChatStream(self, upstream, charge, est, req.model, wants_usage, started)
 
 
 class ChatStream:
@@ -171,8 +188,9 @@ class ChatStream:
     """
 
     def __init__(self, service: LlmService, upstream: UpstreamStream, charge: RequestCharge,
-                 est: Estimate, model: str, wants_usage: bool) -> None:
+                 est: Estimate, model: str, wants_usage: bool, started: float) -> None:
         self._service = service
+        self._started = started  # perf_counter() when the request went upstream
         self._upstream = upstream
         self._charge = charge
         self._est = est
@@ -261,7 +279,10 @@ class ChatStream:
         self._upstream.close()
         used = self.used_tokens()
         await settle(self._charge, used, self._est.reserve_tokens)
-        self._service.count_tokens(self._model, min(used, self._est.reserve_tokens))
+        # The upstream's own usage of a whole answer (not of one broken mid-answer).
+        answered = None if self.failed else self._usage
+        self._service.count_tokens(self._model, min(used, self._est.reserve_tokens), answered,
+                                   time.perf_counter() - self._started)
         return used
 
 

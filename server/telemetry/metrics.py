@@ -193,6 +193,17 @@ class Metrics:
             "streamgate_llm_tokens_total", "Tokens settled for LLM requests", ["model"],
             registry=r,
         )
+        self.llm_cached_tokens = Counter(
+            "streamgate_llm_cached_prompt_tokens_total",
+            "Prompt tokens the upstream reported served from its prompt cache "
+            "(usage.prompt_tokens_details.cached_tokens)", ["model"], registry=r,
+        )
+        self.llm_tokens_per_second = Histogram(
+            "streamgate_llm_output_tokens_per_second",
+            "An answered LLM request's completion tokens over its whole duration (request -> "
+            "last token)", ["model"], registry=r,
+            buckets=(5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000),
+        )
 
     def before_scrape(self) -> None:
         for hook in self.scrape_hooks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -189,6 +190,28 @@ async def test_stream_passes_chunks_in_order_and_settles_usage() -> None:
         chunks, _ = await sse(gw, {**CHAT, "stream": True,
                                    "stream_options": {"include_usage": True}})
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 7
+
+
+async def test_cached_prompt_tokens_and_output_rate_are_in_metrics() -> None:
+    """Issue 17's comparison with LiveKit's LLMMetrics: the prompt tokens the upstream served
+    from its cache (`prompt_tokens_details.cached_tokens`) and the output rate (completion
+    tokens over the request) of answered requests, streamed or not."""
+    async with upstreams(1) as (a,), gateway(provider("a", a.url)) as gw:
+        a.script_llm(LlmReply(content="Hello!", usage={
+            "prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13,
+            "prompt_tokens_details": {"cached_tokens": 8}}))
+        status, body, _ = await gw.post("/v1/chat/completions", CHAT)
+        assert status == 200, body
+        a.llm_default = LlmReply(content="one two three four", chunk_delay_s=0.01)
+        _, last = await sse(gw, {**CHAT, "stream": True})
+        assert last == "[DONE]"
+        text = await gw.metrics()
+    assert 'streamgate_llm_cached_prompt_tokens_total{model="chat"} 8.0' in text
+    assert 'streamgate_llm_output_tokens_per_second_count{model="chat"} 2.0' in text
+    # 2 + 4 completion tokens in well under a second each: more than 6 tokens/s in all.
+    rate_sum = re.search(r'streamgate_llm_output_tokens_per_second_sum\{model="chat"\} (\S+)',
+                         text)
+    assert rate_sum is not None and float(rate_sum[1]) > 6.0
 
 
 async def test_stream_failing_mid_answer_ends_with_an_error_event_and_its_charge() -> None:

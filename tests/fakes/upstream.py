@@ -263,7 +263,7 @@ class LlmReply:
     delay_s: float = 0.0
     chunk_delay_s: float = 0.0
     pieces: list[str] | None = None  # streamed content pieces; default: content word by word
-    usage: dict[str, int] | str | None = "auto"
+    usage: dict[str, Any] | str | None = "auto"  # a dict: sent as it is (nested details too)
     finish_reason: str = "stop"
     body: bytes | None = None
     events: list[bytes] | None = None
@@ -387,7 +387,7 @@ def _fake_usage(body: dict[str, Any], pieces: list[str]) -> dict[str, int]:
 
 
 def _sse_events(model: str, pieces: list[str], finish: str,
-                usage: dict[str, int] | None) -> list[bytes]:
+                usage: dict[str, Any] | None) -> list[bytes]:
     def chunk(delta: dict[str, Any], reason: str | None) -> bytes:
         return json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
                            "created": 1700000000, "model": model,
