@@ -266,6 +266,10 @@ class TelephonyConfig(Base):
     chunk_ms: int = 100  # outbound audio per media message; a mark follows each
     dtmf_timeout_s: float = 1.5  # digits go to the agent after `#` or this much quiet
     pending_audio_ms: int = 2000  # inbound audio kept while the start's key is checked
+    # soxr quality of the agent's speech from the TTS engine's rate to the call's (8 kHz G.711):
+    # MQ is 50+ dB from HQ, far below G.711's own noise, and holds ~7 KiB per call, not ~80
+    # (docs/decisions/15M1-telephony-tts-resample-quality.md).
+    tts_resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ"] = "MQ"
     agent: TelephonyAgentConfig = msgspec.field(default_factory=TelephonyAgentConfig)
 
     def __post_init__(self) -> None:

@@ -54,6 +54,10 @@ class Resampler:
         return self._out_rate
 
     @property
+    def quality(self) -> str:
+        return self._quality
+
+    @property
     def passthrough(self) -> bool:
         return self._in_rate == self._out_rate
 

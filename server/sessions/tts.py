@@ -238,11 +238,14 @@ class TtsSession:
         early_first_frame: bool = False,
         frame_bytes: int | None = None,
         resume: TtsResumeStart | None = None,
+        resample_quality: str = "HQ",
     ) -> None:
         """`early_first_frame`: a chunk's first frame leaves as soon as any of its audio exists
         (time to first audio); off where the peer needs whole frames (telephony providers
         with fixed media sizes). `frame_bytes`: a peer's own frame size (Exotel's multiples
-        of 320 bytes) instead of `chunk_ms`; the credit window then holds at least two."""
+        of 320 bytes) instead of `chunk_ms`; the credit window then holds at least two.
+        `resample_quality`: soxr's, from the engine's rate to the session's (a phone call's
+        narrowband link takes MQ: docs/decisions/15M1-telephony-tts-resample-quality.md)."""
         self.early_first_frame = early_first_frame
         self.session_id = session_id
         self.resume_token = resume_token
@@ -254,7 +257,8 @@ class TtsSession:
         self._state: State = "open"
         self.close_action: CloseAction | None = None
         self.chunker = TextChunker(max_chars, max_tokens)
-        self.resampler = Resampler(engine_rate, params.sample_rate)
+        self._resample_quality = resample_quality
+        self.resampler = Resampler(engine_rate, params.sample_rate, resample_quality)
         self.encoder = StreamEncoder(params.encoding, params.sample_rate)
         self.frame_bytes = 0
         self.credit = CreditWindow(0)
@@ -432,7 +436,7 @@ class TtsSession:
             language=msg.language or self.params.language,
             encoding=msg.encoding or self.params.encoding, sample_rate=rate,
         )
-        self.resampler = Resampler(self.resampler.in_rate, rate)
+        self.resampler = Resampler(self.resampler.in_rate, rate, self._resample_quality)
         self.encoder = StreamEncoder(self.params.encoding, rate)
         self._size_frames(None)
         self._start(Start())
@@ -509,7 +513,8 @@ class TtsSession:
             return
         # The resampler's tail belongs to this chunk; a fresh one serves the next.
         self._queue_samples(chunk, self.resampler.flush())
-        self.resampler = Resampler(self.resampler.in_rate, self.resampler.out_rate)
+        self.resampler = Resampler(self.resampler.in_rate, self.resampler.out_rate,
+                                   self._resample_quality)
         if self._partial:
             self._queue_frame(bytes(self._partial))
             self._partial.clear()

@@ -220,6 +220,33 @@ def test_a_call_hears_the_caller_answers_and_hangs_up_1000(
     assert len(ended) == 1 and ended[0].close_code == 1000  # type: ignore[attr-defined]
 
 
+def test_the_agents_speech_is_resampled_to_the_call_at_the_configured_quality() -> None:
+    """Decision 15M1: MQ by default (16 kHz engine -> 8 kHz G.711), kept across the agent's
+    replies (each chunk gets a fresh resampler), and `telephony.tts_resample_quality` rules."""
+    async def scenario(quality: str | None) -> str:
+        call = await (open_call() if quality is None else
+                      open_call(tts_resample_quality=quality))
+        call.session.on_text(START)
+        await asyncio.sleep(0)
+        conversation = call.session.conversation
+        assert conversation is not None
+        for _ in range(20):
+            await call.media(1.0)
+            if any(h.role == "agent" for h in conversation.history):
+                break
+        assert call.conn.events("media")  # the agent spoke, through the resampler
+        playback = call.session.playback
+        assert playback is not None
+        machine = playback.machine
+        assert machine.resampler.in_rate == 16000 and machine.resampler.out_rate == 8000
+        got = machine.resampler.quality
+        await call.end()
+        return got
+
+    assert run(scenario(None)) == "MQ"
+    assert run(scenario("HQ")) == "HQ"
+
+
 def test_keypad_digits_reach_the_agent_after_the_quiet_timeout() -> None:
     async def scenario() -> None:
         call = await open_call(dtmf_timeout_s=1.5)

@@ -250,7 +250,7 @@ class TelephonySession:
                             idle_timeout_s=config.server.idle_timeout_s,
                             usage_interval_s=config.tts.session.usage_interval_s,
                             max_utterance_ms=0),
-            frame_bytes=frame_bytes,
+            frame_bytes=frame_bytes, resample_quality=cfg.tts_resample_quality,
         )
         self.playback = Playback(machine=tts, engine=synth, meter=meters.tts, send=self._send,
                                  can_write=lambda: not self.conn.write_paused,
