@@ -280,6 +280,10 @@ def test_twilio_call_span_tree(spans: InMemorySpanExporter) -> None:
     assert {parent_of(c) for c in engine_calls} <= {span_id(u) for u in utterances}
     turns = tree["telephony.turn"]
     assert turns and all(parent_of(t) == span_id(call_span) for t in turns)
+    # The agent's speech, chunk by chunk, under the call.
+    chunks = tree["tts.chunk"]
+    assert chunks and all(parent_of(c) == span_id(call_span) for c in chunks)
+    assert all(int_attr(c, "streamgate.characters") > 0 for c in chunks)
     answered = [t for t in turns if t.attributes and "streamgate.turn_latency_ms" in t.attributes]
     assert answered, "no turn reached the agent's first audio"
     first = answered[0]

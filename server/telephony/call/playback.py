@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from server.sessions.tts import (
     SynthRequest,
     TtsSession,
 )
+from server.telemetry import tracing
+from server.telemetry.tracing import TRACING
 from server.telephony.providers.events import ClearAudio, Command, PlayAudio
 from streamgate_protocol import messages as m
 
@@ -301,9 +304,18 @@ class Playback:
     async def _synthesize(self, req: SynthRequest) -> None:
         machine = self.machine
         params = machine.params
+        span = None
+        if TRACING.on:  # under the call's span; an upstream engine's call is its child
+            span = tracing.start_span("tts.chunk", attributes={
+                "streamgate.chunk_id": req.chunk_id, "streamgate.characters": len(req.text)})
+            tracing.activate(span)  # this task is the chunk's own
+        taken = time.perf_counter()
+        first_audio_s = -1.0
         stream = self.engine.synthesize(req.text, voice=params.voice, language=params.language)
         try:
             async for pcm in stream:
+                if first_audio_s < 0 and pcm:
+                    first_audio_s = time.perf_counter() - taken
                 machine.handle(EngineAudio(req, pcm))
                 self.pump()
                 while not machine.wants_audio and not self._closed:
@@ -311,8 +323,15 @@ class Playback:
                     await self._room.wait()
         except EngineError as exc:
             log.warning("tts chunk %d failed: %s", req.chunk_id, exc, extra=self._log)
+            if span is not None:
+                tracing.error(span, str(exc))
         finally:
             await _aclose(stream)
+            if span is not None:  # also when cancelled (barge-in: the chunk was cleared)
+                span.set_attributes({
+                    "streamgate.time_to_first_audio_ms": round(first_audio_s * 1000),
+                    "streamgate.synthesis_ms": round((time.perf_counter() - taken) * 1000)})
+                span.end()
         # Also after a failure: what was made is played, and the chunk order stays intact.
         machine.handle(EngineDone(req))
 
