@@ -70,7 +70,10 @@ class TracingConfig(Base):
     """OpenTelemetry traces (server/telemetry/tracing.py, docs/observability.md)."""
 
     enabled: bool = False
-    sample_ratio: float = 1.0  # of new traces; a client's sampled `traceparent` is followed
+    sample_ratio: float = 1.0  # of traces, a client's too (unless follow_client_sampled)
+    # A client's `traceparent` with its sampled flag set is traced whatever the ratio: any
+    # client (before its key is checked) could then have its sessions traced at full cost.
+    follow_client_sampled: bool = False
     always_sample_errors: bool = True  # error spans of unsampled traces are exported too
     exporter: Literal["none", "console", "otlp"] = "none"
     endpoint: str = ""  # OTLP/HTTP traces URL; empty: the exporter's default (or OTEL_* env)

@@ -152,11 +152,11 @@ def traced() -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        carrier = {name: value for name in ("traceparent", "tracestate")
-                   if (value := request.headers.get(name)) is not None}
+        parent = tracing.parent_from_values(request.headers.getall("traceparent", ()),
+                                            request.headers.getall("tracestate", ()))
         route = request.match_info.route.resource
         with tracing.child("http.request", kind=tracing.SpanKind.SERVER,
-                           parent=tracing.parent_from_headers(carrier), attributes={
+                           parent=parent, attributes={
                                "http.request.method": request.method,
                                "http.route": route.canonical if route else request.path,
                            }) as span:

@@ -40,7 +40,16 @@ class SessionRecording:
         self._t0 = clock()
         self._events = 0
         self._done = False  # the trailer is written, or the sink failed
-        self._put(fmt.encode_line(header))
+        line = fmt.encode_line(header)
+        if not budget.take(len(line)):
+            # A query as long as the bound itself (the request line allows ~8 KB): the file
+            # must still start with a header, so it goes without the query's values, and the
+            # recording stops there (the budget is spent: only the trailer follows).
+            self.header = header = msgspec.structs.replace(
+                header, query={k: "" for k in list(header.query)[:64]})
+            line = fmt.encode_line(header)
+            budget.take_trailer(len(line))
+        self._put(line)
 
     @property
     def truncated(self) -> bool:

@@ -487,9 +487,10 @@ class TtsSessionRunner:
             if engine_bytes:  # 16-bit mono at the engine's rate
                 self._rtf.observe(synthesis_s * self.engine.sample_rate * 2 / engine_bytes)
             if span is not None:
-                span.set_attributes({
-                    "streamgate.time_to_first_audio_ms": round(first_audio_s * 1000),
-                    "streamgate.synthesis_ms": round(synthesis_s * 1000)})
+                span.set_attribute("streamgate.synthesis_ms", round(synthesis_s * 1000))
+                if first_audio_s >= 0:  # no audio at all: no time to it
+                    span.set_attribute("streamgate.time_to_first_audio_ms",
+                                       round(first_audio_s * 1000))
         except EngineError as exc:
             machine.handle(EngineFailed(req, str(exc), exc.retryable))
             if span is not None:

@@ -12,14 +12,17 @@ model server that traces joins the same trace. Spans of a session are parented e
 session's own tasks its span is made current once (`activate`), so log lines and upstream calls
 made from them find it.
 
-Sampling: `sample_ratio` of new traces (a client's sampled `traceparent` is followed), and with
+Sampling: `sample_ratio` of traces, a client's too (its sampled flag is followed only with
+`follow_client_sampled`: otherwise any client could have every session traced), and with
 `always_sample_errors` the others are still recorded (not exported) so that a span that ends in
 error is exported on its own. Decision 17T1 says why the SDK and not a hand-rolled tracer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -56,7 +59,8 @@ ExporterName = Literal["none", "console", "otlp"]
 _propagator = TraceContextTextMapPropagator()
 
 __all__ = ["TRACING", "Span", "SpanKind", "Tracing", "activate", "child", "error", "inject",
-           "maybe_child", "parent_from_headers", "start_span", "trace_id_of", "wall_ns_at"]
+           "maybe_child", "parent_from_headers", "parent_from_values", "start_span",
+           "trace_id_of", "wall_ns_at"]
 
 
 class _RecordOnly(Sampler):
@@ -140,7 +144,8 @@ class Tracing:
         self.tracer: trace.Tracer = trace.NoOpTracer()
 
     def configure(self, *, enabled: bool, sample_ratio: float = 1.0,
-                  always_sample_errors: bool = True, exporter: ExporterName = "none",
+                  follow_client_sampled: bool = False, always_sample_errors: bool = True,
+                  exporter: ExporterName = "none",
                   endpoint: str = "", service_name: str = "streamgate",
                   span_exporter: SpanExporter | None = None) -> None:
         """Switch tracing on (or off) for the process. `span_exporter` (tests: the SDK's
@@ -155,13 +160,17 @@ class Tracing:
             root = _RatioOrRecord(ratio)
         else:
             root = TraceIdRatioBased(ratio)
+        # A client's sampled flag is a wish, from anyone: by default the ratio decides (by
+        # trace id: a client's trace is kept or left out whole, on every node alike).
+        client_sampled = ALWAYS_ON if follow_client_sampled else root
         if always_sample_errors:
             # A parent that was not sampled (ours, or a client's `traceparent` with flag 0):
             # recorded too, so its error spans are exported.
-            sampler: Sampler = ParentBased(root, remote_parent_not_sampled=_RecordOnly(),
+            sampler: Sampler = ParentBased(root, remote_parent_sampled=client_sampled,
+                                           remote_parent_not_sampled=_RecordOnly(),
                                            local_parent_not_sampled=_RecordOnly())
         else:
-            sampler = ParentBased(root)
+            sampler = ParentBased(root, remote_parent_sampled=client_sampled)
         provider = TracerProvider(sampler=sampler,
                                   resource=Resource.create({"service.name": service_name}))
         processor = _processor(span_exporter, exporter, endpoint)
@@ -214,14 +223,50 @@ TRACING = Tracing()
 
 def parent_from_headers(headers: Mapping[str, str]) -> Context | None:
     """The context a client's `traceparent` header names, or None (a new trace)."""
-    carrier = {k.lower(): v for k, v in headers.items() if k.lower() in
-               ("traceparent", "tracestate")}
-    if "traceparent" not in carrier:
+    lowered = {k.lower(): v for k, v in headers.items()}
+    parent, state = lowered.get("traceparent"), lowered.get("tracestate")
+    return parent_from_values([parent] if parent is not None else [],
+                              [state] if state is not None else [])
+
+
+def parent_from_values(traceparent: Sequence[str], tracestate: Sequence[str]) -> Context | None:
+    """The context of a client's trace headers (every value each was sent with), or None: a
+    new trace of our own. Never raises: a client's headers may be anything, from anyone (this
+    runs before the key is checked). One `traceparent` (two: ambiguous, ignored), of the W3C
+    size; `tracestate` members joined (W3C allows several headers), dropped whole when over
+    the W3C bounds or malformed (the SDK would log the client's text at WARNING)."""
+    if len(traceparent) != 1 or len(traceparent[0]) > MAX_TRACEPARENT_CHARS:
         return None
-    ctx = _propagator.extract(carrier)
+    carrier = {"traceparent": traceparent[0]}
+    state = ",".join(tracestate)
+    if state and _valid_tracestate(state):
+        carrier["tracestate"] = state
+    try:
+        ctx = _propagator.extract(carrier)
+    except Exception:  # the propagator's own parsing: nothing a client sends may refuse it
+        return None
     if not trace.get_current_span(ctx).get_span_context().is_valid:
         return None  # malformed: start a trace of our own
     return ctx
+
+
+# W3C trace context: version 00's traceparent is 55 characters (later versions may append);
+# tracestate at most 32 members and 512 characters are what a vendor must propagate.
+MAX_TRACEPARENT_CHARS = 128
+MAX_TRACESTATE_CHARS = 512
+MAX_TRACESTATE_MEMBERS = 32
+_TRACESTATE_MEMBER = re.compile(
+    r"[a-z0-9][_0-9a-z\-*/]{0,255}(@[a-z][_0-9a-z\-*/]{0,13})?="
+    r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+
+
+def _valid_tracestate(state: str) -> bool:
+    if len(state) > MAX_TRACESTATE_CHARS:
+        return False
+    members = [m.strip(" \t") for m in state.split(",")]
+    members = [m for m in members if m]
+    return len(members) <= MAX_TRACESTATE_MEMBERS and all(
+        _TRACESTATE_MEMBER.fullmatch(m) for m in members)
 
 
 def start_span(name: str, *, parent: Span | Context | None = None,
@@ -280,6 +325,12 @@ def client_span(name: str, url: str, *, attributes: Mapping[str, str | int] | No
 
 def end_client_span(span: Span, *, status: int | None = None,
                     failure: BaseException | None = None) -> None:
+    """End an outgoing call's span. A call cut off by its caller (cancelled: the client went,
+    a barge-in, a deadline elsewhere) is `streamgate.cancelled`, not an error: an error span
+    is exported even from an unsampled trace."""
+    if isinstance(failure, asyncio.CancelledError | GeneratorExit):
+        span.set_attribute("streamgate.cancelled", True)
+        failure = None
     if status is not None:
         span.set_attribute("http.response.status_code", status)
     if failure is not None:
@@ -315,6 +366,7 @@ def current_ids() -> tuple[str, str] | None:
 def configure_from(cfg: TracingConfig) -> None:
     """Tracing as the `[tracing]` section says (server start-up)."""
     TRACING.configure(enabled=cfg.enabled, sample_ratio=cfg.sample_ratio,
+                      follow_client_sampled=cfg.follow_client_sampled,
                       always_sample_errors=cfg.always_sample_errors, exporter=cfg.exporter,
                       endpoint=cfg.endpoint)
     if cfg.enabled:

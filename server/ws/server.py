@@ -105,10 +105,11 @@ class Router:
         """`_decide` under a `ws.upgrade` span (the client's `traceparent` its parent). The span
         stays current in the connection's admission task, so the session its `start` opens
         right after the 101 is its child."""
-        carrier = {name: value for name in ("traceparent", "tracestate")
-                   if (value := request.headers.get(name)) is not None}
+        headers = request.headers
+        parent = tracing.parent_from_values(headers.get_all("traceparent"),
+                                            headers.get_all("tracestate"))
         span = tracing.start_span(
-            "ws.upgrade", parent=tracing.parent_from_headers(carrier),
+            "ws.upgrade", parent=parent,
             kind=tracing.SpanKind.SERVER,
             attributes={"url.path": conn.path.split("?")[0], "client.address": conn.peer})
         tracing.activate(span)

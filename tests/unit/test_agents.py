@@ -142,7 +142,7 @@ async def test_traced_agent_calls_carry_traceparent_and_a_stopped_reply_is_cance
     _, trace_id, span_id, _ = received[0].split("-")
     assert (trace_id, span_id) == (format(hook_span.context.trace_id, "032x"),
                                    format(hook_span.context.span_id, "016x"))
-    assert chat_span.attributes is not None and chat_span.attributes["cancelled"] is True
+    assert chat_span.attributes is not None and chat_span.attributes["streamgate.cancelled"] is True
     assert chat_span.status.is_ok
 
 

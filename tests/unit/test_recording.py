@@ -228,6 +228,33 @@ def test_a_full_recording_stops_recording_and_ends_well_formed_within_its_bound(
     assert not any(isinstance(e, fmt.InText) for e in events)
 
 
+def test_the_header_counts_against_the_bound_even_with_a_huge_query() -> None:
+    """Review of issue 17: the header line (the client's whole query) was written outside the
+    budget, so a long query took a recording past `max_bytes`."""
+    max_bytes = 4096
+    sink, clock = FakeSink(), FakeClock()
+    huge = fmt.Header(recording_id="r1", kind="asr", path="/v1/asr/stream",
+                      query={"model": "synthetic", "x": "a" * 6000}, tenant_id="acme",
+                      started_at="2026-12-05T00:00:00.000+00:00", max_bytes=max_bytes)
+    recording = SessionRecording(huge, sink, RecordingBudget(max_bytes), clock)
+    handler = RecordingHandler(EchoSession(RecordingSocket(FakeSocket(), recording)), recording)
+    for _ in range(20):
+        clock.now += 0.02
+        handler.on_binary(bytes(160))
+    handler.on_connection_closed(1000)
+    assert len(b"".join(sink.lines)) <= max_bytes
+    got = sink.recording()
+    assert got.header.query == {"model": "", "x": ""}  # the names only: the values did not fit
+    assert recording.truncated and isinstance(got.events[-1], fmt.End)
+    # A header that fits is counted too: header + events + trailer within the bound.
+    sink = FakeSink()
+    _, _, handler, _ = recorded_session(sink, clock, max_bytes)
+    for _ in range(100):
+        handler.on_binary(bytes(160))
+    handler.on_connection_closed(1000)
+    assert len(b"".join(sink.lines)) <= max_bytes
+
+
 def test_the_budget_keeps_its_reserve_and_stays_spent() -> None:
     budget = RecordingBudget(TRAILER_RESERVE_BYTES + 100)
     assert budget.take(60)

@@ -328,3 +328,20 @@ async def test_unsampled_session_still_exports_its_error_spans() -> None:
     names = sorted(s.name for s in exported)
     assert names == ["asr.engine.finish", "asr.utterance", "upstream.asr"]
     assert {trace_of(s) for s in exported} == {CLIENT_TRACE}
+
+
+async def test_an_upgrade_with_two_traceparent_headers_is_served_under_a_trace_of_its_own(
+        spans: InMemorySpanExporter) -> None:
+    """Two `traceparent` headers (a proxy that adds its own) made the upgrade answer 500 with a
+    traceback in the log; now the session is admitted and traced under a new trace."""
+    async with serving() as served, connect(
+            f"{served.url}/v1/asr/stream",
+            additional_headers=[("traceparent", TRACEPARENT), ("traceparent", TRACEPARENT),
+                                ("tracestate", "a=1"), ("tracestate", "b=2")]) as ws:
+        ready = json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "close"}))
+        async for _ in ws:
+            pass
+    assert ready["type"] == "ready" and ready["trace_id"] not in ("", CLIENT_TRACE)
+    (upgrade,) = by_name(spans.get_finished_spans())["ws.upgrade"]
+    assert upgrade.parent is None and int_attr(upgrade, "http.response.status_code") == 101

@@ -3,12 +3,15 @@ the sampling says, a client's `traceparent` is the parent, log lines carry the i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from server.config import ConfigError, load_config
 from server.telemetry import tracing
@@ -102,3 +105,54 @@ def test_log_lines_carry_trace_and_span_ids(spans: InMemorySpanExporter) -> None
     ctx = span.get_span_context()
     assert line["trace_id"] == f"{ctx.trace_id:032x}"
     assert line["span_id"] == f"{ctx.span_id:016x}"
+
+
+# --- a client's trace headers: anything, from anyone (before the key is checked) -------------
+
+
+def test_trace_headers_the_client_may_send_never_refuse_and_never_echo(
+        spans: InMemorySpanExporter, caplog: pytest.LogCaptureFixture) -> None:
+    """Review of issue 17: two `traceparent` headers made websockets' Headers raise and the
+    upgrade answered 500; a malformed `tracestate` was logged verbatim at WARNING by the SDK."""
+    values = tracing.parent_from_values
+    assert values([CLIENT_PARENT, CLIENT_PARENT], []) is None  # ambiguous: a trace of our own
+    assert values([CLIENT_PARENT + "-" + "f" * 200], []) is None  # over the W3C size
+    assert values(["\x00\xff not a traceparent"], ["\x00"]) is None
+    kept = values([CLIENT_PARENT], ["vendor=abc", "other@sys=1"])  # two headers: joined
+    assert kept is not None
+    state = trace.get_current_span(kept).get_span_context().trace_state
+    assert dict(state) == {"vendor": "abc", "other@sys": "1"}
+    junk = "x" * 7000 + " <script>"
+    with caplog.at_level(logging.DEBUG):
+        for bad in (junk, "=", ",".join(f"k{i}=v" for i in range(33))):
+            ctx = values([CLIENT_PARENT], [bad])
+            assert ctx is not None  # the parent is followed, the state dropped
+            assert not trace.get_current_span(ctx).get_span_context().trace_state
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]
+
+
+def test_a_cancelled_outgoing_call_is_not_an_error(spans: InMemorySpanExporter) -> None:
+    """A call cut off by its caller (the client went, a barge-in) is marked cancelled: an
+    ERROR span would be exported even from an unsampled trace."""
+    span = tracing.client_span("upstream.asr", "http://model")
+    tracing.end_client_span(span, failure=asyncio.CancelledError())
+    (done,) = spans.get_finished_spans()
+    assert done.attributes is not None and done.attributes["streamgate.cancelled"] is True
+    assert done.status.status_code is not StatusCode.ERROR
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_a_clients_sampled_flag_decides_only_when_told_to(follow: bool) -> None:
+    """The sampled flag comes from anyone: by default the ratio decides a client's trace too
+    (ratio 0 here: nothing sampled); `follow_client_sampled` makes the flag decide."""
+    exporter = InMemorySpanExporter()
+    TRACING.configure(enabled=True, sample_ratio=0.0, follow_client_sampled=follow,
+                      always_sample_errors=False, span_exporter=exporter)
+    try:
+        span = tracing.start_span("ws.upgrade",
+                                  parent=tracing.parent_from_headers({"traceparent":
+                                                                      CLIENT_PARENT}))
+        span.end()
+    finally:
+        TRACING.shutdown()
+    assert len(exporter.get_finished_spans()) == (1 if follow else 0)

@@ -90,8 +90,7 @@ class EchoAgent:
 class _AgentCallSpan:
     """The `upstream.agent` client span of one agent request, with tracing on: its
     `traceparent` goes in `headers`, so the agent's server joins the call's trace
-    (docs/observability.md). A reply the call stopped reading (barge-in, hang-up) is
-    `cancelled`, not an error."""
+    (docs/observability.md)."""
 
     __slots__ = ("span", "status")
 
@@ -107,13 +106,8 @@ class _AgentCallSpan:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        span = self.span
-        if span is None:
-            return
-        if isinstance(exc, GeneratorExit | asyncio.CancelledError):
-            span.set_attribute("cancelled", True)
-            exc = None
-        tracing.end_client_span(span, status=self.status, failure=exc)
+        if self.span is not None:  # a reply the call stopped reading ends `cancelled`
+            tracing.end_client_span(self.span, status=self.status, failure=exc)
 
 
 class _HttpAgent:

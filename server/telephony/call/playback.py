@@ -328,9 +328,11 @@ class Playback:
         finally:
             await _aclose(stream)
             if span is not None:  # also when cancelled (barge-in: the chunk was cleared)
-                span.set_attributes({
-                    "streamgate.time_to_first_audio_ms": round(first_audio_s * 1000),
-                    "streamgate.synthesis_ms": round((time.perf_counter() - taken) * 1000)})
+                span.set_attribute("streamgate.synthesis_ms",
+                                   round((time.perf_counter() - taken) * 1000))
+                if first_audio_s >= 0:  # no audio at all: no time to it
+                    span.set_attribute("streamgate.time_to_first_audio_ms",
+                                       round(first_audio_s * 1000))
                 span.end()
         # Also after a failure: what was made is played, and the chunk order stays intact.
         machine.handle(EngineDone(req))
