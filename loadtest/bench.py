@@ -634,14 +634,11 @@ async def measure_idle_and_tts(live: LiveServer, run: ServerRun,
         await asyncio.sleep(1.0)
     if "tts" not in args.phases:
         return
-    assert live.config_path is not None
-    cfg = load_config(live.config_path, environ={})
-    engine = cfg.tts.models["synthetic"]
-    assert isinstance(engine, SyntheticTtsConfig)
+    engine, frame_ms = args.tts_settings
     for concurrency, per_session in args.tts_levels:
         t = await phase(run, f"TTS time to first audio, {concurrency} session(s)", measure_ttfa(
             live.target(TTS_PATH, "credit"), engine, concurrency=concurrency,
-            per_session=per_session, frame_ms=cfg.tts.session.chunk_ms), 120.0)
+            per_session=per_session, frame_ms=frame_ms), 120.0)
         if t is not None:
             run.tts.append(t)
             print(f"bench: {run.name}: TTS x{concurrency}: gateway p50/p99 "
@@ -844,8 +841,20 @@ def keep_logs(workdir: Path, logs_dir: Path) -> None:
             shutil.copyfile(log, logs_dir / log.name)
 
 
+def tts_settings(workdir: Path, args: argparse.Namespace) -> tuple[SyntheticTtsConfig, int]:
+    """The synthetic TTS engine's config and the frame size of the servers this run starts,
+    read once at the start: the config schema this process imported then matches
+    config/default.toml on disk then (a checkout edited during a long run would not)."""
+    path, _ = write_config(workdir, "tts-settings", args)
+    cfg = load_config(path, environ={})
+    engine = cfg.tts.models["synthetic"]
+    assert isinstance(engine, SyntheticTtsConfig)
+    return engine, cfg.tts.session.chunk_ms
+
+
 async def run_all(args: argparse.Namespace, workdir: Path) -> list[ServerRun]:
     runs: list[ServerRun] = []
+    args.tts_settings = tts_settings(workdir, args)
     if "telephony" in args.phases:
         runs.append(await with_server(
             TELEPHONY_RUN, args, workdir, lambda live, run: measure_calls(live, run, args)))

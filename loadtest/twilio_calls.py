@@ -647,7 +647,7 @@ class CallSearch:
         if frac is not None and frac < MIN_ACCEPTED:
             why.append(f"accepted {100.0 * frac:.2f}% of the audio sent")
         if s.server_cpu_pct > MAX_SERVER_CPU_PCT:
-            why.append(f"server CPU {s.server_cpu_pct:.0f}%")
+            why.append(f"server CPU {s.server_cpu_pct:.1f}%")
         if s.lag_p99_ms is not None and not s.lag_p99_ms < self.lag_limit_ms:
             why.append(f"ingest lag p99 {s.lag_p99_ms:.1f} ms")
         if not s.rtt.samples or not s.rtt.p99_ms < MAX_PING_RTT_P99_MS:
