@@ -105,8 +105,20 @@ def received_from_recording(recording: fmt.Recording) -> Received:
 
 
 def _canonical(message: dict[str, Any], ignored: frozenset[str]) -> str:
-    kept = {k: v for k, v in message.items() if k not in VOLATILE_FIELDS and k not in ignored}
+    kept = {k: _without(v, ignored) for k, v in message.items()
+            if k not in VOLATILE_FIELDS and k not in ignored}
     return json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _without(value: Any, ignored: frozenset[str]) -> Any:
+    """`value` without the ignored fields at any depth (a word's `confidence` in `words`)."""
+    if not ignored:
+        return value
+    if isinstance(value, dict):
+        return {k: _without(v, ignored) for k, v in value.items() if k not in ignored}
+    if isinstance(value, list):
+        return [_without(v, ignored) for v in value]
+    return value
 
 
 def canonical_lines(received: Received, *, kind: str, interims: bool = False,
@@ -339,8 +351,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interims", action="store_true",
                         help="compare interim transcripts too (they depend on timing)")
     parser.add_argument("--ignore", action="append", default=[], metavar="FIELD",
-                        help="leave this field out of every compared message (repeatable), "
-                        "e.g. --ignore text --ignore words for an engine whose words vary")
+                        help="leave this field out of every compared message, at any depth "
+                        "(repeatable), e.g. --ignore confidence for an engine whose "
+                        "confidences vary")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds to wait for the server to close after the last frame")
 

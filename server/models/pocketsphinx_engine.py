@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from server.config import PocketsphinxModelConfig
+from server.flow_control.sphinx_cmn import SessionMeans
 from server.models.base import (
     EngineError,
     EngineUnavailable,
@@ -411,6 +412,7 @@ class PocketsphinxTranscriber:
         self.supports_interim = True
         self.cfg = cfg
         self._pool: _WorkerPool | None = None
+        self.session_means = SessionMeans()
 
     @property
     def pool(self) -> _WorkerPool:
@@ -457,12 +459,13 @@ class PocketsphinxTranscriber:
     def open_stream(
         self, *, language: str, session_id: str, utterance_id: int
     ) -> TranscriptionStream:
-        return _SphinxStream(self)
+        return _SphinxStream(self, session_id)
 
 
 class _SphinxStream:
-    def __init__(self, engine: PocketsphinxTranscriber) -> None:
+    def __init__(self, engine: PocketsphinxTranscriber, session_id: str) -> None:
         self._engine = engine
+        self._session_id = session_id
         self._interim_bytes = max(0, engine.cfg.interim_every_ms) * SAMPLE_RATE // 1000 * 2
         self._pool: _WorkerPool | None = None
         self._worker: _Worker | None = None
@@ -526,7 +529,7 @@ class _SphinxStream:
         # Marked first: if the caller is cancelled mid-request, aclose() still aborts.
         self._in_utt = True
         try:
-            await self._call(worker, Start(), Ok)
+            await self._call(worker, self._start(), Ok)
         except EngineUnavailable:
             raise
         except EngineError:
@@ -537,8 +540,11 @@ class _SphinxStream:
             self._failed = None
             worker = await self._acquire()
             self._in_utt = True
-            await self._call(worker, Start(), Ok)
+            await self._call(worker, self._start(), Ok)
         return worker
+
+    def _start(self) -> Start:
+        return Start(cmn=self._engine.session_means.get(self._session_id))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -595,6 +601,8 @@ class _SphinxStream:
                 final = await self._call(worker, Finish(), Final)
             finally:
                 await self._release()
+        if final.cmn:
+            self._engine.session_means.put(self._session_id, final.cmn)
         words = [
             WordTiming(word=w, start_ms=s, end_ms=e, confidence=c) for w, s, e, c in final.words
         ]

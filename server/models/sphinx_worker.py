@@ -55,7 +55,8 @@ Word = tuple[str, int, int, float]  # (word, start_ms, end_ms, confidence 0..1)
 
 
 class Start(msgspec.Struct, tag=True, array_like=True):
-    pass
+    # The cepstral mean to start from: the session's last utterance's, or "" (the model's).
+    cmn: str = ""
 
 
 class Feed(msgspec.Struct, tag=True, array_like=True):
@@ -78,6 +79,7 @@ class Hyp(msgspec.Struct, tag=True, array_like=True):
 class Final(msgspec.Struct, tag=True, array_like=True):
     text: str
     words: list[Word]
+    cmn: str = ""  # the cepstral mean the utterance ended with: the session's next Start
 
 
 class Ok(msgspec.Struct, tag=True, array_like=True):
@@ -150,13 +152,18 @@ def final_from_segments(segments: Iterable[RawSegment], frate: int) -> Final:
 # --- the worker -----------------------------------------------------------------------------
 
 
-class _Session:
+class DecoderSession:
     """Applies requests to one decoder; always leaves it idle after an error."""
 
     def __init__(self, decoder: Any) -> None:
         self._dec = decoder
         self._in_utt = False
         self._frate = int(decoder.config["frate"])
+        # Live cepstral mean normalisation adapts to the audio it hears and carries that into
+        # the next utterance: in a pooled worker, into another session's (another tenant's),
+        # so the same audio read differently by worker and by history. Every utterance starts
+        # from fresh feature state (reinit_feat, ~0.1 ms: set_cmn alone keeps the live
+        # update's history) and the mean its own session's last one ended with (Start.cmn).
 
     def handle(self, req: Request) -> Reply:
         try:
@@ -178,6 +185,9 @@ class _Session:
             return Hyp(text=hyp.hypstr if hyp is not None else "")
         if isinstance(req, Start):
             self._reset()
+            dec.reinit_feat()
+            if req.cmn:
+                dec.set_cmn(req.cmn)
             dec.start_utt()
             self._in_utt = True
             return Ok()
@@ -187,7 +197,8 @@ class _Session:
             self._in_utt = False
             dec.end_utt()
             segs = [(s.word, s.start_frame, s.end_frame, s.prob) for s in dec.seg() or ()]
-            return final_from_segments(segs, self._frate)
+            final = final_from_segments(segs, self._frate)
+            return msgspec.structs.replace(final, cmn=str(dec.get_cmn()))
         # Abort
         self._reset()
         return Ok()
@@ -248,7 +259,7 @@ def serve(decoder_factory: Any = _new_decoder) -> int:
 
     try:
         try:
-            session = _Session(decoder_factory())
+            session = DecoderSession(decoder_factory())
         except Exception as exc:
             log.exception("sphinx worker: decoder initialisation failed")
             send(Err(f"decoder initialisation failed: {exc!r}"))
