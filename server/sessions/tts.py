@@ -461,6 +461,7 @@ class TtsSession:
         self._out.clear()
         self._out_bytes = 0
         self._partial.clear()
+        self._fresh_resampler()  # soxr holds back ~90 ms of the cleared audio
         self._flush_marks.clear()
         self.done_recent = FinalsReplay()  # what the client cleared is not spoken again
         self.resume_version += 1
@@ -468,6 +469,11 @@ class TtsSession:
         if cmd.peer_cleared:
             self.credit.refill()
         self._immediate.append(m.Cleared())
+
+    def _fresh_resampler(self) -> None:
+        """A new resampler for the next chunk (its soxr stream is built at its first audio)."""
+        self.resampler = Resampler(self.resampler.in_rate, self.resampler.out_rate,
+                                   self._resample_quality)
 
     # --- engine side ----------------------------------------------------------------------------
 
@@ -513,8 +519,7 @@ class TtsSession:
             return
         # The resampler's tail belongs to this chunk; a fresh one serves the next.
         self._queue_samples(chunk, self.resampler.flush())
-        self.resampler = Resampler(self.resampler.in_rate, self.resampler.out_rate,
-                                   self._resample_quality)
+        self._fresh_resampler()
         if self._partial:
             self._queue_frame(bytes(self._partial))
             self._partial.clear()
@@ -541,6 +546,10 @@ class TtsSession:
         if self._chunks.pop(req.chunk_id, None) is None or req.generation != self.generation:
             return
         self._release_flush_marks(req.chunk_id)
+        # The failed chunk's held-back audio (soxr's tail, a part-made frame) must not lead
+        # the next chunk's.
+        self._fresh_resampler()
+        self._partial.clear()
         self._immediate.append(m.Error(code="engine_error", retryable=cmd.retryable,
                                        message=f"chunk {req.chunk_id} not synthesized: "
                                        f"{cmd.message}"[:200]))

@@ -141,7 +141,6 @@ class WsConnection(asyncio.Protocol):
         "_fast",
         "_frag_op",
         "_frag_parts",
-        "_frag_size",
         "_max_size",
         "_out",
         "_parser_error_sent",
@@ -200,7 +199,6 @@ class WsConnection(asyncio.Protocol):
         self.write_paused = False
         self._frag_op: Opcode | None = None
         self._frag_parts: list[bytes] = []
-        self._frag_size = 0
         self._parser_error_sent = False
         # An `error` frame goes before every close but 1000 on our own protocol; a telephony
         # provider's socket takes only the provider's messages (docs/protocol.md).
@@ -251,7 +249,9 @@ class WsConnection(asyncio.Protocol):
             elif isinstance(event, Request):
                 # Reading pauses until admission decides; if this read ended with the
                 # request, websockets holds no frame bytes and the fast path may start.
-                self.clean_upgrade = data.endswith(b"\r\n\r\n")
+                # (The first blank line of the read must be its end: a frame's mask key may
+                # end in CRLFCRLF too.)
+                self.clean_upgrade = data.find(b"\r\n\r\n") == len(data) - 4
                 self._request(event)
 
     def _receive_fast(self, data: bytes, session: SessionHandler) -> None:
@@ -314,7 +314,10 @@ class WsConnection(asyncio.Protocol):
                     break
                 length = int.from_bytes(data[head : head + extra], "big")
                 head += extra
-            if length > max_size:
+            # Inside a fragmented message websockets allows a frame only what is left of
+            # max_size; over it, the connection fails at the header (1009), as here.
+            budget = self.protocol.current_size
+            if length > (max_size if budget is None else max_size - budget):
                 self._fast = False
                 self._receive_ws(data[pos:], session)
                 return
@@ -383,8 +386,10 @@ class WsConnection(asyncio.Protocol):
             else:
                 self._frag_op, self._frag_parts = op, [bytes(frame.data)]
         elif op is Opcode.CONT:
-            # websockets enforces max_size across fragments, so this list is bounded.
-            self._frag_parts.append(bytes(frame.data))
+            # websockets enforces max_size across fragments, so this list's bytes are bounded;
+            # empty fragments add nothing to the message and are not kept (their number is not).
+            if frame.data:
+                self._frag_parts.append(bytes(frame.data))
             if frame.fin and self._frag_op is not None:
                 op, self._frag_op = self._frag_op, None
                 data, self._frag_parts = b"".join(self._frag_parts), []

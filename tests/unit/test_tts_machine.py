@@ -8,6 +8,8 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -531,3 +533,46 @@ def test_events_given_to_a_caller_stay_in_order_with_the_audio() -> None:
     order = run(scenario())
     spoken = [x for x in order if x in ("audio", "AudioDone")]
     assert spoken == ["audio", "AudioDone"] * 3, order
+
+
+def _phone_machine() -> TtsSession:
+    """Engine at 16 kHz, session at 8 kHz (a phone call's TTS), MQ."""
+    s = TtsSession(
+        session_id="s1", resume_token="tok", params=TtsParams(model="fake", sample_rate=8000),
+        settings=TtsSessionConfig(), models=("fake",), engine_rate=16000, max_chars=200,
+        max_tokens=None, early_first_frame=True, resample_quality="MQ",
+        limits=m.Limits(max_frame_bytes=65536, idle_timeout_s=10.0, usage_interval_s=5.0,
+                        max_utterance_ms=0))
+    s.handle(Start())
+    s.poll()
+    return s
+
+
+def _audio_out(s: TtsSession) -> npt.NDArray[np.int16]:
+    frames = [o for o in s.poll().messages if isinstance(o, bytes)]
+    return np.frombuffer(b"".join(frames), dtype="<i2")
+
+
+@pytest.mark.parametrize("cut", ["barge-in", "engine failure"])
+def test_the_next_reply_carries_nothing_of_a_cut_chunk(cut: str) -> None:
+    """Review of issue 15: soxr holds back ~90 ms of its input; a barge-in (or a chunk that
+    failed part-way) kept the resampler, so the next reply began with the cut chunk's audio."""
+    s = _phone_machine()
+    s.receive_text(b'{"type":"text","text":"First reply."}')
+    s.receive_text(b'{"type":"flush"}')
+    [first] = s.take_requests()
+    tone = (np.sin(2 * np.pi * 440 * np.arange(3200) / 16000) * 20000).astype("<i2")
+    s.handle(EngineAudio(first, tone.tobytes()))  # 200 ms of the first reply
+    assert np.abs(_audio_out(s)).max() > 10000
+    if cut == "barge-in":
+        s.handle(Interrupt(peer_cleared=True))
+    else:
+        s.handle(EngineFailed(first, "upstream went away", True))
+    s.poll()
+    s.receive_text(b'{"type":"text","text":"Second reply."}')
+    s.receive_text(b'{"type":"flush"}')
+    [second] = s.take_requests()
+    s.handle(EngineAudio(second, bytes(6400)))  # the second reply: silence
+    s.handle(EngineDone(second))
+    after = _audio_out(s)
+    assert len(after) and np.abs(after).max() <= 2  # soxr's rounding, not the cut tone

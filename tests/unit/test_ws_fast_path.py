@@ -132,17 +132,25 @@ def test_raw_frames_are_what_websockets_would_send() -> None:
 
 
 def run_both(stream: bytes, cuts: list[int], server_close_at: int | None = None) -> None:
-    """Feed the same bytes, cut at the same places, to both connections and compare."""
+    """Feed the same bytes, cut at the same places, to both connections and compare: after
+    every read (a fast path that fails the connection late, once EOF hands websockets what it
+    held, ends in the same state), and at the end."""
     outcomes = []
+    steps: list[list[tuple[int, bytes, int | None, bool]]] = []
     for fast in (True, False):
         conn, transport, server = open_connection(fast)
         bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+        trace: list[tuple[int, bytes, int | None, bool]] = []
         for i, (a, b) in enumerate(itertools.pairwise(bounds)):
             if transport.closed:
                 break
             if server_close_at is not None and i == server_close_at:
                 conn.close(4000, "server closes")
             conn.data_received(stream[a:b])
+            out = bytes(transport.out or b"")
+            trace.append((len(server.log), out[out.index(b"\r\n\r\n") + 4:], conn.close_code,
+                          transport.closed))
+        steps.append(trace)
         if not transport.closed:
             conn.eof_received()
         conn.connection_lost(None)
@@ -151,7 +159,60 @@ def run_both(stream: bytes, cuts: list[int], server_close_at: int | None = None)
         outcomes.append((server.log, sent, conn.close_code,
                          conn.protocol.state, transport.closed))
     fast_outcome, ws_outcome = outcomes
+    assert steps[0] == steps[1]
     assert fast_outcome == ws_outcome
+
+
+def _state_after(fast: bool, reads: list[bytes]) -> tuple[Any, ...]:
+    conn, transport, server = open_connection(fast)
+    for data in reads:
+        conn.data_received(data)
+    return conn.close_code, transport.closed, conn.protocol.state, list(server.log)
+
+
+def test_a_continuation_over_what_is_left_of_max_size_fails_at_its_header() -> None:
+    """Review of issue 15: inside a fragmented message websockets allows a frame only what is
+    left of max_size and fails the connection (1009) at the header; the fast path held it,
+    waiting for up to max_size more bytes."""
+    first = masked(0x2, b"a" * 1000, fin=False)
+    head = masked(0x0, b"b" * MAX_SIZE)[:8]  # 2 + 2 (16-bit length) + 4 (mask)
+    fast, slow = _state_after(True, [first + head]), _state_after(False, [first + head])
+    assert fast == slow and fast[0] == 1009 and fast[1]
+    run_both(first + masked(0x0, b"b" * MAX_SIZE), [len(first) + 8])
+
+
+def test_empty_continuations_keep_nothing() -> None:
+    """Empty fragments add nothing to a message: they are not kept (a list entry each, for as
+    long as the message stays open, was a client's way to grow a session's memory)."""
+    for fast in (True, False):
+        conn, transport, server = open_connection(fast)
+        conn.data_received(masked(0x2, b"a", fin=False))
+        for _ in range(20):
+            conn.data_received(masked(0x0, b"", fin=False) * 500)
+        assert len(conn._frag_parts) == 1 and not transport.closed
+        conn.data_received(masked(0x0, b"b"))
+        assert server.log[-1] == ("binary", b"ab")
+
+
+def test_an_upgrade_read_ending_in_crlfcrlf_inside_a_frame_leaves_it_to_websockets() -> None:
+    """A frame sent with the upgrade whose mask key is CRLFCRLF: the read ends with a blank
+    line, but not the request's. The fast path must not start mid-frame."""
+    payload = bytes((0x82, 0x80, 0, 0, 0, 0))
+    frame = bytes((0x82, 0x80 | len(payload))) + b"\r\n\r\n" + payload
+    logs = []
+    for fast in (True, False):
+        server = LoopFreeServer()
+        conn = WsConnection(server)  # type: ignore[arg-type]
+        conn.connection_made(MemoryTransport(keep=True))  # type: ignore[arg-type]
+        conn.data_received(upgrade_bytes("/rec") + frame[:6])
+        if not fast:
+            conn._fast = False
+        else:
+            assert not conn._fast
+        conn.data_received(frame[6:] + masked(0x2, b"next"))
+        logs.append(list(server.log))
+    sent = apply_mask(payload, b"\r\n\r\n")  # what the client masked
+    assert logs[0] == logs[1] == [("binary", sent), ("binary", b"next")]
 
 
 def _payload(n: int) -> bytes:
