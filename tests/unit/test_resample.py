@@ -232,3 +232,21 @@ def test_mq_narrowband_speech_is_within_50_db_of_hq() -> None:
     ref = hq[8:n - 8]
     snr_db = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - aligned) ** 2))
     assert snr_db >= 50.0, snr_db
+
+
+def test_mq_upsampling_narrowband_speech_is_within_50_db_of_hq() -> None:
+    """Decision 15M1, the caller's direction: G.711 speech at 8 kHz up to an engine's 16 kHz."""
+    speech = np.frombuffer(espeak_pcm16("Please read me my balance.", 8000), dtype=np.int16)
+    outs: dict[str, npt.NDArray[np.float64]] = {}
+    for quality in ("HQ", "MQ"):
+        r = Resampler(8000, 16000, quality)
+        outs[quality] = np.concatenate([r.process(speech[i:i + 800])
+                                        for i in range(0, len(speech), 800)]
+                                       + [r.flush()]).astype(np.float64)
+    hq, mq = outs["HQ"], outs["MQ"]
+    n = min(len(hq), len(mq))
+    best = max(range(-16, 17),
+               key=lambda lag: float(np.dot(hq[16:n - 16], np.roll(mq, lag)[16:n - 16])))
+    ref, aligned = hq[16:n - 16], np.roll(mq, best)[16:n - 16]
+    snr_db = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - aligned) ** 2))
+    assert snr_db >= 50.0, snr_db

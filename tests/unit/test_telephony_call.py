@@ -239,6 +239,10 @@ def test_the_agents_speech_is_resampled_to_the_call_at_the_configured_quality() 
         assert playback is not None
         machine = playback.machine
         assert machine.resampler.in_rate == 16000 and machine.resampler.out_rate == 8000
+        runner = call.session.runner
+        assert runner is not None
+        # The caller's direction (8 kHz up to the engine's 16 kHz) alike.
+        assert runner.machine.settings.resample_quality == "MQ"
         got = machine.resampler.quality
         await call.end()
         return got

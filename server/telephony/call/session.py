@@ -225,7 +225,9 @@ class TelephonySession:
                            sample_rate=call.sample_rate, interim_results=False,
                            endpointing_ms=cfg.endpointing_ms, vad=cfg.vad, overflow="drop")
         asr = AsrSession(session_id=meters.session_id, resume_token="", params=params,
-                         settings=config.asr.session, models=ep.asr.models,
+                         settings=msgspec.structs.replace(
+                             config.asr.session, resample_quality=cfg.asr_resample_quality),
+                         models=ep.asr.models,
                          engine_rate=engine.sample_rate, engine_interim=engine.supports_interim,
                          max_frame_bytes=config.server.max_frame_bytes,
                          idle_timeout_s=config.server.idle_timeout_s)
