@@ -58,9 +58,9 @@ log = logging.getLogger("streamgate.tracing")
 ExporterName = Literal["none", "console", "otlp"]
 _propagator = TraceContextTextMapPropagator()
 
-__all__ = ["TRACING", "Span", "SpanKind", "Tracing", "activate", "child", "error", "inject",
-           "maybe_child", "parent_from_headers", "parent_from_values", "start_span",
-           "trace_id_of", "wall_ns_at"]
+__all__ = ["TRACING", "Context", "Span", "SpanKind", "Tracing", "activate", "child",
+           "current_context", "error", "inject", "maybe_child", "parent_from_headers",
+           "parent_from_values", "start_span", "trace_id_of", "wall_ns_at"]
 
 
 class _RecordOnly(Sampler):
@@ -353,6 +353,11 @@ def wall_ns_at(monotonic_s: float, now_monotonic_s: float) -> int:
     """The wall-clock time (ns since the epoch, what spans carry) of a moment of a monotonic
     clock, given that clock's reading now."""
     return time.time_ns() - int((now_monotonic_s - monotonic_s) * 1e9)
+
+
+def current_context() -> Context:
+    """The context current here (its span: what a span started later should hang under)."""
+    return otel_context.get_current()
 
 
 def current_ids() -> tuple[str, str] | None:

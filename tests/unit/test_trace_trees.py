@@ -32,6 +32,7 @@ from server.models import tts_registry
 from server.models.registry import aclose_all, build_transcribers, start_all
 from server.sessions.asr_runner import AsrEndpoint
 from server.sessions.tts_runner import TtsEndpoint
+from server.telemetry import tracing
 from server.telemetry.metrics import Metrics
 from server.telemetry.tracing import TRACING
 from server.ws.server import WsServer
@@ -345,3 +346,27 @@ async def test_an_upgrade_with_two_traceparent_headers_is_served_under_a_trace_o
     assert ready["type"] == "ready" and ready["trace_id"] not in ("", CLIENT_TRACE)
     (upgrade,) = by_name(spans.get_finished_spans())["ws.upgrade"]
     assert upgrade.parent is None and int_attr(upgrade, "http.response.status_code") == 101
+
+
+def test_a_call_without_a_traceparent_hangs_under_its_sockets_upgrade(
+        spans: InMemorySpanExporter) -> None:
+    """Providers send no headers: a call whose start event names no trace is a child of its
+    provider socket's `ws.upgrade` (current where the socket's session is built), so the
+    upgrade's admission and the call are one trace."""
+    start = twilio("start", {"start": {
+        "streamSid": "MZ2", "callSid": "CA2", "tracks": ["inbound"],
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+    upgrade_ids: list[int] = []
+
+    async def scenario() -> None:
+        with tracing.child("ws.upgrade") as upgrade:  # as the admission task holds it
+            upgrade_ids.append(upgrade.get_span_context().span_id)
+            call = await open_call()
+        call.session.on_text(start)
+        await asyncio.sleep(0)
+        await call.media(0.5)
+        await call.end()
+
+    run(scenario())
+    (call_span,) = by_name(spans.get_finished_spans())["telephony.call"]
+    assert parent_of(call_span) == upgrade_ids[0]

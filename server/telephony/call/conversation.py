@@ -27,7 +27,7 @@ from server.config import TelephonyConfig
 from server.sessions.lifecycle import MeteredUsage
 from server.telemetry import tracing
 from server.telemetry.metrics import Metrics
-from server.telemetry.tracing import TRACING, Span
+from server.telemetry.tracing import TRACING, Context, Span
 from server.telephony.call.agents import Agent, AgentError, AgentTurn, HistoryEntry
 from server.telephony.call.playback import Playback, Reply
 from server.telephony.providers.events import CallStarted
@@ -50,8 +50,12 @@ class Conversation:
     def __init__(self, *, agent: Agent, playback: Playback, call: CallStarted,
                  cfg: TelephonyConfig, usage: MeteredUsage, spawn: Spawn,
                  end: Callable[[str, int], None], log_extra: dict[str, str],
-                 metrics: Metrics | None = None, asr: SpeechEnd | None = None) -> None:
+                 metrics: Metrics | None = None, asr: SpeechEnd | None = None,
+                 trace_parent: Context | None = None) -> None:
         self.agent = agent
+        # The provider socket's `ws.upgrade` (tracing on): the call's parent when its start
+        # event names no trace of its own.
+        self._trace_parent = trace_parent
         self.playback = playback
         self.call = call
         self.cfg = cfg
@@ -78,11 +82,11 @@ class Conversation:
     def _start_span(self) -> None:
         """`telephony.call`, current in the task that builds the call (its ASR session and the
         call's tasks start under it). Its parent: a `traceparent` in the start event's custom
-        parameters (the provider cannot send headers), else whatever is current."""
+        parameters (the provider cannot send headers), else the provider socket's upgrade."""
         carrier = {k: v for k, v in self.call.custom_parameters.items()
                    if k in ("traceparent", "tracestate") and isinstance(v, str)}
         span = self._span = tracing.start_span(
-            "telephony.call", parent=tracing.parent_from_headers(carrier),
+            "telephony.call", parent=tracing.parent_from_headers(carrier) or self._trace_parent,
             attributes={"streamgate.call_id": self.call.call_id,
                         "streamgate.stream_id": self.call.stream_id})
         tracing.activate(span)

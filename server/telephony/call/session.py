@@ -34,6 +34,8 @@ from server.sessions.asr_runner import FINALS_TIMEOUT_S, AsrSessionRunner
 from server.sessions.lifecycle import MeteredUsage, SessionLifecycle
 from server.sessions.tts import TtsParams, TtsSession, default_frame_bytes
 from server.sessions.wire import Wire
+from server.telemetry import tracing
+from server.telemetry.tracing import TRACING
 from server.telephony.call.conversation import MAX_DIGITS, Conversation
 from server.telephony.call.meters import CallMeters, MeterRefused
 from server.telephony.call.playback import Playback, Reply
@@ -80,6 +82,8 @@ class TelephonySession:
         self.state: State = "waiting"
         self.call: CallStarted | None = None
         self.runner: AsrSessionRunner | None = None
+        # Built in the upgrade's admission task: its `ws.upgrade` span is current here.
+        self._trace_parent = tracing.current_context() if TRACING.on else None
         self.playback: Playback | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.conversation: Conversation | None = None
@@ -262,7 +266,8 @@ class TelephonySession:
             log_extra=self._log)
         self.conversation = Conversation(
             agent=ep.agent, playback=self.playback, call=call, cfg=cfg, usage=self.agent_usage,
-            spawn=self._spawn, end=self._end, log_extra=self._log, metrics=ep.metrics, asr=asr)
+            spawn=self._spawn, end=self._end, log_extra=self._log, metrics=ep.metrics, asr=asr,
+            trace_parent=self._trace_parent)
         self.state = "live"
         if self._start_timer is not None:
             self._start_timer.cancel()
