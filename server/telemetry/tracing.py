@@ -26,6 +26,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from types import TracebackType
 from typing import Literal
 
 from opentelemetry import context as otel_context
@@ -58,7 +59,7 @@ log = logging.getLogger("streamgate.tracing")
 ExporterName = Literal["none", "console", "otlp"]
 _propagator = TraceContextTextMapPropagator()
 
-__all__ = ["TRACING", "Context", "Span", "SpanKind", "Tracing", "activate", "child",
+__all__ = ["TRACING", "ClientCall", "Context", "Span", "SpanKind", "Tracing", "activate", "child",
            "current_context", "error", "inject", "maybe_child", "parent_from_headers",
            "parent_from_values", "start_span", "trace_id_of", "wall_ns_at"]
 
@@ -321,6 +322,29 @@ def client_span(name: str, url: str, *, attributes: Mapping[str, str | int] | No
     if headers is not None:
         _propagator.inject(headers, context=trace.set_span_in_context(span))
     return span
+
+
+class ClientCall:
+    """One outgoing HTTP call's client span, as a `with` block, made only with tracing on: its
+    `traceparent` goes into `headers` (the server called joins the trace); set `status` once
+    the response's status is known. The block's exception (a cancellation: `cancelled`)
+    ends it as `end_client_span` says."""
+
+    __slots__ = ("span", "status")
+
+    def __init__(self, name: str, url: str, headers: dict[str, str],
+                 attributes: Mapping[str, str | int] | None = None) -> None:
+        self.span = client_span(name, url, headers=headers, attributes=attributes) \
+            if TRACING.on else None
+        self.status: int | None = None
+
+    def __enter__(self) -> ClientCall:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.span is not None:
+            end_client_span(self.span, status=self.status, failure=exc)
 
 
 def end_client_span(span: Span, *, status: int | None = None,

@@ -38,7 +38,6 @@ from server.models.upstream_errors import (
 )
 from server.telemetry import tracing
 from server.telemetry.metrics import Metrics
-from server.telemetry.tracing import TRACING
 
 log = logging.getLogger(__name__)
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # a structured answer is kilobytes
@@ -164,18 +163,12 @@ class ChatUpstream:
         return min(delay, self.cfg.timeout_s)
 
     async def _attempt(self, payload: bytes) -> str:
-        if not TRACING.on:
-            return await self._post(payload, {"Content-Type": "application/json"})
         # One span per attempt; its `traceparent` goes to the model server (docs/observability.md).
         headers = {"Content-Type": "application/json"}
-        span = tracing.client_span("upstream.vlm", self.endpoint, headers=headers,
-                                   attributes={"streamgate.provider": self.name})
-        try:
+        with tracing.ClientCall("upstream.vlm", self.endpoint, headers,
+                                {"streamgate.provider": self.name}) as call:
             content = await self._post(payload, headers)
-        except BaseException as exc:  # a retryable or final failure, or a cancellation
-            tracing.end_client_span(span, failure=exc)
-            raise
-        tracing.end_client_span(span, status=200)
+            call.status = 200
         return content
 
     async def _post(self, payload: bytes, headers: dict[str, str]) -> str:

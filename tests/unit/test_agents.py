@@ -14,7 +14,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from server.config import TelephonyAgentConfig
 from server.telemetry import tracing
-from server.telemetry.tracing import TRACING
 from server.telephony.call.agents import (
     AgentError,
     AgentTurn,
@@ -100,7 +99,8 @@ async def test_webhook_posts_the_turn_and_speaks_the_json_text() -> None:
     }]
 
 
-async def test_traced_agent_calls_carry_traceparent_and_a_stopped_reply_is_cancelled() -> None:
+async def test_traced_agent_calls_carry_traceparent_and_a_stopped_reply_is_cancelled(
+        spans: InMemorySpanExporter) -> None:
     """Issue 17: each agent request is an `upstream.agent` client span under the turn's span,
     and the agent's server receives its `traceparent`; a reply the call stops reading
     (barge-in) ends its span as cancelled, not as an error."""
@@ -110,8 +110,6 @@ async def test_traced_agent_calls_carry_traceparent_and_a_stopped_reply_is_cance
         received.append(request.headers.get("traceparent", ""))
         return web.json_response({"text": "It is noon."})
 
-    exporter = InMemorySpanExporter()
-    TRACING.configure(enabled=True, span_exporter=exporter)
     runner, url = await serve(hook)
     webhook = WebhookAgent(webhook_cfg(url))
     try:
@@ -130,8 +128,7 @@ async def test_traced_agent_calls_carry_traceparent_and_a_stopped_reply_is_cance
     finally:
         await webhook.aclose()
         await runner.cleanup()
-        TRACING.shutdown()
-    hook_span, chat_span = [s for s in exporter.get_finished_spans()
+    hook_span, chat_span = [s for s in spans.get_finished_spans()
                             if s.name == "upstream.agent"]
     assert hook_span.parent is not None
     assert hook_span.parent.span_id == turn.get_span_context().span_id

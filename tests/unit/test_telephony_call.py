@@ -20,6 +20,7 @@ from server.models import tts_registry
 from server.models.registry import aclose_all, build_transcribers, start_all
 from server.sessions.asr_runner import AsrEndpoint
 from server.telemetry.metrics import Metrics
+from server.telephony.call.conversation import Conversation
 from server.telephony.call.endpoint import TelephonyEndpoint
 from server.telephony.call.session import TelephonySession
 from server.ws.connection import WsConnection
@@ -173,6 +174,19 @@ async def open_call(principal_in_upgrade: bool = True, tts_exhausted: bool = Fal
     return call
 
 
+async def answered_call(call: Call, start: bytes = START) -> Conversation:
+    """Start the call and send the caller's speech until the agent has answered once."""
+    call.session.on_text(start)
+    await asyncio.sleep(0)
+    conversation = call.session.conversation
+    assert conversation is not None
+    for _ in range(20):
+        await call.media(1.0)
+        if any(h.role == "agent" for h in conversation.history):
+            break
+    return conversation
+
+
 def test_no_start_event_closes_4001_after_the_start_timeout_in_no_wall_time(
         caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
@@ -226,14 +240,7 @@ def test_the_agents_speech_is_resampled_to_the_call_at_the_configured_quality() 
     async def scenario(quality: str | None) -> str:
         call = await (open_call() if quality is None else
                       open_call(tts_resample_quality=quality))
-        call.session.on_text(START)
-        await asyncio.sleep(0)
-        conversation = call.session.conversation
-        assert conversation is not None
-        for _ in range(20):
-            await call.media(1.0)
-            if any(h.role == "agent" for h in conversation.history):
-                break
+        await answered_call(call)
         assert call.conn.events("media")  # the agent spoke, through the resampler
         playback = call.session.playback
         assert playback is not None

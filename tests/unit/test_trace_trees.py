@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,23 +38,13 @@ from server.telemetry.tracing import TRACING
 from server.ws.server import WsServer
 from tests.fakes.upstream import FakeReply, FakeUpstream
 from tests.speech import espeak_pcm16, silence
-from tests.unit.test_telephony_call import open_call, twilio
+from tests.unit.test_telephony_call import answered_call, open_call, twilio
 from tests.unit.virtual_time import run
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
 TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
 FRAME = 640
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    TRACING.configure(enabled=True, span_exporter=exporter)
-    try:
-        yield exporter
-    finally:
-        TRACING.shutdown()
 
 
 @dataclass
@@ -255,14 +245,7 @@ def test_twilio_call_span_tree(spans: InMemorySpanExporter) -> None:
 
     async def scenario() -> None:
         call = await open_call()
-        call.session.on_text(start)
-        await asyncio.sleep(0)
-        conversation = call.session.conversation
-        assert conversation is not None
-        for _ in range(20):
-            await call.media(1.0)
-            if any(h.role == "agent" for h in conversation.history):
-                break
+        await answered_call(call, start)
         await call.end()
         count = call.endpoint.metrics.registry.get_sample_value(
             "streamgate_telephony_turn_latency_seconds_count", {"agent": "echo"})

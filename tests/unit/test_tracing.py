@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 from opentelemetry import trace
@@ -20,16 +19,6 @@ from server.telemetry.tracing import TRACING
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_PARENT = f"00-{CLIENT_TRACE}-00f067aa0ba902b7-01"
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    TRACING.configure(enabled=True, span_exporter=exporter)
-    try:
-        yield exporter
-    finally:
-        TRACING.shutdown()
 
 
 def test_off_by_default_and_makes_no_span() -> None:

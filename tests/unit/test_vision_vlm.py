@@ -12,7 +12,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from server.config import VisionConfig, VisionUpstreamConfig
 from server.telemetry import tracing
-from server.telemetry.tracing import TRACING
 from server.vision.chat import ChatUpstream, UpstreamError
 from server.vision.ocr import OcrWord
 from server.vision.schema import compile_schema
@@ -224,22 +223,17 @@ async def test_the_repair_prompt_lists_every_error_and_an_invented_value_is_unve
 
 
 async def test_a_traced_extraction_sends_traceparent_to_the_vision_model(
-        vlm_fake: FakeVisionUpstream) -> None:
+        vlm_fake: FakeVisionUpstream, spans: InMemorySpanExporter) -> None:
     """Issue 17: the vision model's call is an `upstream.vlm` client span under the request's
     span, and the model server receives its `traceparent`, so its own spans join the trace."""
-    exporter = InMemorySpanExporter()
-    TRACING.configure(enabled=True, span_exporter=exporter)
+    vlm_fake.script_answers({"item": "Pears", "price": 2.25})
+    ex, models = await extractor(vlm_fake.url, None)
     try:
-        vlm_fake.script_answers({"item": "Pears", "price": 2.25})
-        ex, models = await extractor(vlm_fake.url, None)
-        try:
-            with tracing.child("http.request") as request_span:
-                await ex.extract(SCHEMA, [PAGE])
-        finally:
-            await close(models)
+        with tracing.child("http.request") as request_span:
+            await ex.extract(SCHEMA, [PAGE])
     finally:
-        TRACING.shutdown()
-    (call,) = [s for s in exporter.get_finished_spans() if s.name == "upstream.vlm"]
+        await close(models)
+    (call,) = [s for s in spans.get_finished_spans() if s.name == "upstream.vlm"]
     assert call.parent is not None
     assert call.parent.span_id == request_span.get_span_context().span_id
     assert call.attributes is not None and call.attributes["http.response.status_code"] == 200

@@ -19,14 +19,12 @@ import json
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal, Protocol
 
 import aiohttp
 
 from server.config import TelephonyAgentConfig
 from server.telemetry import tracing
-from server.telemetry.tracing import TRACING, Span
 
 __all__ = [
     "Agent",
@@ -85,29 +83,6 @@ class EchoAgent:
 
     async def aclose(self) -> None:
         return None
-
-
-class _AgentCallSpan:
-    """The `upstream.agent` client span of one agent request, with tracing on: its
-    `traceparent` goes in `headers`, so the agent's server joins the call's trace
-    (docs/observability.md)."""
-
-    __slots__ = ("span", "status")
-
-    def __init__(self, url: str, agent: str, headers: dict[str, str]) -> None:
-        self.span: Span | None = None
-        self.status: int | None = None
-        if TRACING.on:
-            self.span = tracing.client_span("upstream.agent", url, headers=headers,
-                                            attributes={"streamgate.agent": agent})
-
-    def __enter__(self) -> _AgentCallSpan:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self.span is not None:  # a reply the call stopped reading ends `cancelled`
-            tracing.end_client_span(self.span, status=self.status, failure=exc)
 
 
 class _HttpAgent:
@@ -183,7 +158,8 @@ class WebhookAgent(_HttpAgent):
             "history": [h.to_json() for h in turn.history],
         }
         headers: dict[str, str] = {}
-        with _AgentCallSpan(self.cfg.url, "webhook", headers) as call:
+        with tracing.ClientCall("upstream.agent", self.cfg.url, headers,
+                                {"streamgate.agent": "webhook"}) as call:
             async with self._client().post(self.cfg.url, json=body, headers=headers) as resp:
                 call.status = resp.status
                 if resp.status >= 300:
@@ -240,7 +216,8 @@ class ChatAgent(_HttpAgent):
             "temperature": self.cfg.temperature,
         }
         headers: dict[str, str] = {}
-        with _AgentCallSpan(self.endpoint, "chat", headers) as call:
+        with tracing.ClientCall("upstream.agent", self.endpoint, headers,
+                                {"streamgate.agent": "chat"}) as call:
             async with self._client().post(self.endpoint, json=payload, headers=headers) as resp:
                 call.status = resp.status
                 if resp.status >= 300:
