@@ -65,6 +65,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from loadtest import call_floor
 from loadtest.bench_report import (
     CLOSED_LOOP_NAMES,
     P99_LIMIT_MS,
@@ -904,6 +905,8 @@ async def amain(args: argparse.Namespace, command: str) -> int:
             runs = await run_all(args, workdir)
         finally:
             keep_logs(workdir, args.logs_dir)
+    # In process, once the servers are gone: the libraries' cost per call frame (issue 15).
+    args.call_floor = call_floor.measure(frames=50_000 if args.quick else 200_000)
     print()
     print("\n".join(result_sections(args, runs)))
     print("\n".join(observation_lines(runs)))

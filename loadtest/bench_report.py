@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from loadtest.bench_tenant import Balance
+from loadtest.call_floor import CALL_SECOND_FRAMES, FloorStage
 from loadtest.capacity import Capacity, Step
 from loadtest.loadgen import FRAME_BYTES, FRAME_MS, IdleResult, RunResult
 from loadtest.tts_probe import TTS_TEXT, TtfaRun
@@ -451,6 +452,38 @@ def issue15_targets(runs: list[ServerRun]) -> list[Target15]:
     return out
 
 
+def floor_lines(runs: list[ServerRun], floor: list[FloorStage]) -> list[str]:
+    """Issue 15 target 1 against what the libraries alone cost per frame (loadtest.call_floor)."""
+    lines = ["| stage (cumulative) | us per frame | us per call-second | calls in 90% of a core |",
+             "|---|---|---|---|"]
+    for s in floor:
+        lines.append(f"| {s.name} | {s.us_per_frame:.2f} | {s.us_per_call_second:,.0f} | "
+                     f"{s.calls_at(MAX_SERVER_CPU_PCT):,.0f} |")
+    libs = floor[-1].us_per_frame
+    echo = by_name(runs).get("raw-echo")
+    window = None if echo is None else echo.window
+    lines.append("")
+    if window is not None and window.server_cpu_s and window.frames:
+        raw = window.server_cpu_s / window.frames * 1e6
+        both = FloorStage("", libs + raw)
+        lines.append(f"raw-echo in this run: {raw:.2f} us of server CPU per frame (its read, "
+                     f"websockets' parser and a small write; {window.fps:,.0f} frames/s at "
+                     f"{window.server_cpu_pct or 0:.0f}% of its core). "
+                     f"The libraries plus that: {libs + raw:.2f} us per frame, "
+                     f"**{both.calls_at(MAX_SERVER_CPU_PCT):,.0f} calls** in "
+                     f"{MAX_SERVER_CPU_PCT:g}% of a core if everything of ours cost nothing.")
+    ours = calls_run(runs, TELEPHONY_RUN)
+    per_call = None if ours is None or ours.best is None else ours.best.cpu_pct_per_call
+    if per_call:
+        us = per_call / 100 * 1e6 / CALL_SECOND_FRAMES
+        budget = MAX_SERVER_CPU_PCT / 100 * 1e6 / MIN_CALLS / CALL_SECOND_FRAMES
+        lines.append(f"streamgate in this run: {us:.1f} us per frame ({per_call:.3f}% of the "
+                     f"core per call), of which the libraries above are {libs:.1f}; "
+                     f"{MIN_CALLS:,} calls in {MAX_SERVER_CPU_PCT:g}% of a core allow {budget:.0f} "
+                     "us per frame for everything.")
+    return lines
+
+
 def issue15_table(runs: list[ServerRun]) -> list[str]:
     lines = ["| target | measured | peer / reference | met |", "|---|---|---|---|"]
     for t in issue15_targets(runs):
@@ -843,6 +876,13 @@ def result_sections(args: argparse.Namespace, runs: list[ServerRun]) -> list[str
              "Throughput is judged on the window shape (the headline table below); the ack per",
              "frame table is the worst case.", "",
              *goals_table(runs), ""]
+    floor: list[FloorStage] | None = getattr(args, "call_floor", None)
+    if floor:
+        lines += ["### The floor under a call (issue 15, target 1)", "",
+                  "`python -m loadtest.call_floor`, in the bench process after the servers: what",
+                  "the libraries a call's inbound audio goes through cost per 20 ms `media` frame",
+                  "with nothing of ours between them (no socket, agent, TTS, marks, billing or",
+                  "metrics): a lower bound.", "", *floor_lines(runs, floor), ""]
     for name, title in ((TELEPHONY_RUN, "streamgate `/v1/telephony/twilio`"),
                         (PEER_RUN, "Pipecat 1.14 (FastAPI websocket, TwilioFrameSerializer, "
                                    "Silero VAD, stub STT)")):
