@@ -13,6 +13,8 @@ import random
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.telephony.providers import (
     PROVIDERS,
@@ -35,6 +37,7 @@ from server.telephony.providers import (
     codec_for,
     detect_provider,
 )
+from server.telephony.providers.base import FrameTemplate, encode_json
 
 AUDIO = bytes(range(160))
 B64 = base64.b64encode(AUDIO).decode()
@@ -116,13 +119,14 @@ def test_twilio_encodes_exact_documented_json() -> None:
         codec.encode(ClearAudio())
     codec.decode(dumps(TW_START))
     assert codec.encode(PlayAudio(b"\x01\x02\x03")) == [
-        '{"event":"media","streamSid":"MZXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX","media":{"payload":"AQID"}}'
+        b'{"event":"media","streamSid":"MZXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX","media":{"payload":"AQID"}}'
     ]
     assert codec.encode(SendMark("my label")) == [
-        '{"event":"mark","streamSid":"MZXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX","mark":{"name":"my label"}}'
+        b'{"event":"mark","streamSid":"MZXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX",'
+        b'"mark":{"name":"my label"}}'
     ]
     assert codec.encode(ClearAudio()) == [
-        '{"event":"clear","streamSid":"MZXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"}'
+        b'{"event":"clear","streamSid":"MZXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"}'
     ]
     # A PlayAudio with a mark is media then mark; an empty one is just the mark.
     frames = [json.loads(f) for f in codec.encode(PlayAudio(b"\x01", mark="m1"))]
@@ -213,11 +217,11 @@ def test_exotel_encodes_exact_json_and_checks_format() -> None:
     codec = ExotelCodec()
     codec.decode(dumps(EX_START))
     assert codec.encode(PlayAudio(b"\x01\x00", mark="m")) == [
-        '{"event":"media","stream_sid":"MZxxxxxxxxxxxxxxxxxxxxxxxx","media":{"payload":"AQA="}}',
-        '{"event":"mark","stream_sid":"MZxxxxxxxxxxxxxxxxxxxxxxxx","mark":{"name":"m"}}',
+        b'{"event":"media","stream_sid":"MZxxxxxxxxxxxxxxxxxxxxxxxx","media":{"payload":"AQA="}}',
+        b'{"event":"mark","stream_sid":"MZxxxxxxxxxxxxxxxxxxxxxxxx","mark":{"name":"m"}}',
     ]
     assert codec.encode(ClearAudio()) == [
-        '{"event":"clear","stream_sid":"MZxxxxxxxxxxxxxxxxxxxxxxxx"}'
+        b'{"event":"clear","stream_sid":"MZxxxxxxxxxxxxxxxxxxxxxxxx"}'
     ]
     with pytest.raises(ProviderError, match="not whole 16-bit samples"):
         codec.encode(PlayAudio(b"\x01\x00\x02"))
@@ -299,13 +303,13 @@ def test_plivo_encodes_exact_documented_json() -> None:
     codec = PlivoCodec()
     codec.decode(dumps(PL_START))
     assert codec.encode(PlayAudio(b"\xff\x7f", mark="customer greeting audio")) == [
-        '{"event":"playAudio","media":{"contentType":"audio/x-mulaw","sampleRate":8000,'
-        '"payload":"/38="}}',
-        '{"event":"checkpoint","streamId":"87654321-4321-4321-4321-cba987654321",'
-        '"name":"customer greeting audio"}',
+        b'{"event":"playAudio","media":{"contentType":"audio/x-mulaw","sampleRate":8000,'
+        b'"payload":"/38="}}',
+        b'{"event":"checkpoint","streamId":"87654321-4321-4321-4321-cba987654321",'
+        b'"name":"customer greeting audio"}',
     ]
     assert codec.encode(ClearAudio()) == [
-        '{"event":"clearAudio","streamId":"87654321-4321-4321-4321-cba987654321"}'
+        b'{"event":"clearAudio","streamId":"87654321-4321-4321-4321-cba987654321"}'
     ]
     l16 = json.loads(dumps(PL_START))
     l16["start"]["mediaFormat"] = {"encoding": "audio/x-l16", "sampleRate": 16000}
@@ -404,10 +408,10 @@ def test_telnyx_encodes_exact_json_and_swaps_l16() -> None:
     codec = TelnyxCodec()
     codec.decode(dumps(TX_START))
     assert codec.encode(PlayAudio(b"\x01\x02", mark="m")) == [
-        '{"event":"media","media":{"payload":"AQI="}}',
-        '{"event":"mark","mark":{"name":"m"}}',
+        b'{"event":"media","media":{"payload":"AQI="}}',
+        b'{"event":"mark","mark":{"name":"m"}}',
     ]
-    assert codec.encode(ClearAudio()) == ['{"event":"clear"}']
+    assert codec.encode(ClearAudio()) == [b'{"event":"clear"}']
     # L16 is an RTP payload (network byte order); the gateway sees pcm_s16le both ways.
     l16 = json.loads(dumps(TX_START))
     l16["start"]["media_format"] = {"encoding": "L16", "sample_rate": 16000, "channels": 1}
@@ -586,3 +590,38 @@ def test_deep_nesting_is_a_provider_error_not_a_recursion_error(provider: str) -
     assert isinstance(audio, InboundAudio) and audio.payload == AUDIO
     assert detect_provider(deep) is None
     assert detect_provider(dumps(STARTS[provider])[:-1] + f', "x": {deep}}}') is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream_id=st.text(min_size=1, max_size=40), name=st.text(max_size=40),
+       payload=st.binary(max_size=400))
+def test_outbound_frames_equal_a_full_encode(stream_id: str, name: str, payload: bytes) -> None:
+    """The per-call templates give byte for byte what encoding the whole message gives, for
+    any stream id and mark name (quotes, backslashes, control and non-ASCII characters)."""
+    call = CallStarted(stream_id=stream_id, call_id="CA", account_id=None, tracks=(),
+                       custom_parameters={}, encoding="mulaw", sample_rate=8000, channels=1)
+    for codec in (TwilioCodec(), ExotelCodec(), TelnyxCodec(), PlivoCodec()):
+        codec._call = call
+        media, mark = codec.encode(PlayAudio(payload, mark=name)) if payload else (
+            None, *codec.encode(SendMark(name)))
+        if isinstance(codec, PlivoCodec):
+            want_media = {"event": "playAudio", "media": {
+                "contentType": "audio/x-mulaw", "sampleRate": 8000, "payload": payload}}
+            want_mark: dict[str, object] = {"event": "checkpoint", "streamId": stream_id,
+                                            "name": name}
+        else:
+            sid = {"streamSid": stream_id} if isinstance(codec, TwilioCodec) else \
+                {"stream_sid": stream_id} if isinstance(codec, ExotelCodec) else {}
+            want_media = {"event": "media", **sid, "media": {"payload": payload}}
+            want_mark = {"event": "mark", **sid, "mark": {"name": name}}
+        if media is not None:
+            assert media == encode_json(want_media)
+        assert mark == encode_json(want_mark)
+        assert json.loads(mark) == json.loads(encode_json(want_mark))
+
+
+def test_frame_template_needs_one_hole() -> None:
+    with pytest.raises(ValueError, match="exactly one hole"):
+        FrameTemplate({"event": "media"})
+    with pytest.raises(ValueError, match="exactly one hole"):
+        FrameTemplate({"a": FrameTemplate.HOLE, "b": FrameTemplate.HOLE})

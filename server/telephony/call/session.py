@@ -333,7 +333,7 @@ class TelephonySession:
                 log.error("cannot encode %s: %s", type(command).__name__, exc, extra=self._log)
                 continue
             for frame in frames:
-                conn.send_text(frame.encode())
+                conn.send_text(frame)
         conn.flush()
 
     def _agent_speech_report(self, report: UsageReport) -> None:

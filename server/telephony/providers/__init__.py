@@ -1,9 +1,9 @@
 """Telephony provider codecs: provider JSON dialects <-> provider-neutral events/commands.
 
 Sans-I/O (no sockets, no clock): feed each inbound WebSocket text frame to
-``codec.decode`` and send every string ``codec.encode`` returns. See docs/protocol.md,
-"Telephony as implemented", for how the session uses marks (credit), ``clear`` (barge-in) and
-the API key in the start event's custom parameters.
+``codec.decode`` and send every frame ``codec.encode`` returns (a text frame's UTF-8 bytes).
+See docs/protocol.md, "Telephony as implemented", for how the session uses marks (credit),
+``clear`` (barge-in) and the API key in the start event's custom parameters.
 
     codec = codec_for(detect_provider(first_frame) or "twilio")
     for event in codec.decode(first_frame): ...

@@ -15,6 +15,7 @@ fields are ignored so providers can add fields without breaking calls.
 
 from __future__ import annotations
 
+import binascii
 from array import array
 from collections.abc import Iterable, Mapping
 from typing import ClassVar, Final, Generic, Protocol, TypeAlias, TypeVar
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "CodecBase",
     "DigitBody",
+    "FrameTemplate",
     "MediaBody",
     "NameBody",
     "ProviderCodec",
@@ -109,14 +111,45 @@ class ProviderCodec(Protocol):
         """
         ...
 
-    def encode(self, command: Command) -> list[str]:
-        """The outbound text frame(s) for ``command``; ProviderError before ``start``."""
+    def encode(self, command: Command) -> list[bytes]:
+        """The outbound text frame(s) for ``command``, as the UTF-8 bytes a WebSocket text
+        frame carries; ProviderError before ``start``."""
         ...
 
 
-def encode_json(message: Mapping[str, object]) -> str:
-    """Compact JSON text; ``bytes`` values become base64 (msgspec's encoding for bytes)."""
-    return _ENCODER.encode(message).decode()
+def encode_json(message: Mapping[str, object]) -> bytes:
+    """Compact JSON (UTF-8); ``bytes`` values become base64 (msgspec's encoding for bytes)."""
+    return _ENCODER.encode(message)
+
+
+_HOLE: Final = "\x00streamgate-hole\x00"
+
+
+class FrameTemplate:
+    """An outbound message whose every field but one is fixed for the call (event name,
+    stream id, audio format), encoded once: a frame is then two byte concatenations around
+    the one value (base64 audio, a mark's name) instead of a dict built and encoded per
+    frame. ``message`` holds ``FrameTemplate.HOLE`` where the value goes; the bytes are
+    exactly what ``encode_json`` gives for the same message (the tests hold them to it)."""
+
+    HOLE: Final = _HOLE
+    __slots__ = ("_head", "_tail")
+
+    def __init__(self, message: Mapping[str, object]) -> None:
+        hole = _ENCODER.encode(_HOLE)
+        encoded = _ENCODER.encode(message)
+        if encoded.count(hole) != 1:
+            raise ValueError("a frame template needs exactly one hole")
+        self._head, _, self._tail = encoded.partition(hole)
+
+    def with_bytes(self, payload: bytes) -> bytes:
+        """The message with ``payload`` in the hole as a base64 JSON string."""
+        return b"".join((self._head, b'"', binascii.b2a_base64(payload, newline=False),
+                         b'"', self._tail))
+
+    def with_text(self, value: str) -> bytes:
+        """The message with ``value`` in the hole as a JSON string."""
+        return b"".join((self._head, _ENCODER.encode(value), self._tail))
 
 
 def string_params(params: Mapping[str, Scalar]) -> dict[str, str]:
@@ -234,7 +267,7 @@ class CodecBase(Generic[M]):
         return self._call
 
     # ----------------------------------------------------------------------- outbound
-    def encode(self, command: Command) -> list[str]:
+    def encode(self, command: Command) -> list[bytes]:
         call = self._require_call_for(f"cannot encode {type(command).__name__}")
         if isinstance(command, PlayAudio):
             if call.encoding == "pcm_s16le" and len(command.payload) % 2:
@@ -254,13 +287,13 @@ class CodecBase(Generic[M]):
             return [self._encode_clear(call)]
         raise TypeError(f"not a telephony command: {command!r}")
 
-    def _encode_play(self, call: CallStarted, payload: bytes) -> list[str]:
+    def _encode_play(self, call: CallStarted, payload: bytes) -> list[bytes]:
         raise NotImplementedError
 
-    def _encode_mark(self, call: CallStarted, name: str) -> str:
+    def _encode_mark(self, call: CallStarted, name: str) -> bytes:
         raise NotImplementedError
 
-    def _encode_clear(self, call: CallStarted) -> str:
+    def _encode_clear(self, call: CallStarted) -> bytes:
         raise NotImplementedError
 
 
@@ -274,21 +307,40 @@ class TwilioStyleCodec(CodecBase[M]):
     """
 
     stream_id_field: ClassVar[str | None] = None
+    # Built at the first outbound frame of the call (the stream id is known by then).
+    _media: FrameTemplate | None = None
+    _mark: FrameTemplate | None = None
+    _clear: bytes = b""
 
-    def _frame(self, call: CallStarted, event: str,
-               body: Mapping[str, object] | None = None) -> str:
+    def _message(self, call: CallStarted, event: str,
+                 body: Mapping[str, object] | None = None) -> dict[str, object]:
         message: dict[str, object] = {"event": event}
         if self.stream_id_field is not None:
             message[self.stream_id_field] = call.stream_id
         if body is not None:
             message[event] = body
-        return encode_json(message)
+        return message
 
-    def _encode_play(self, call: CallStarted, payload: bytes) -> list[str]:
-        return [self._frame(call, "media", {"payload": payload})]
+    def _templates(self, call: CallStarted) -> tuple[FrameTemplate, FrameTemplate]:
+        hole = FrameTemplate.HOLE
+        self._media = FrameTemplate(self._message(call, "media", {"payload": hole}))
+        self._mark = FrameTemplate(self._message(call, "mark", {"name": hole}))
+        self._clear = encode_json(self._message(call, "clear"))
+        return self._media, self._mark
 
-    def _encode_mark(self, call: CallStarted, name: str) -> str:
-        return self._frame(call, "mark", {"name": name})
+    def _encode_play(self, call: CallStarted, payload: bytes) -> list[bytes]:
+        media = self._media
+        if media is None:
+            media = self._templates(call)[0]
+        return [media.with_bytes(payload)]
 
-    def _encode_clear(self, call: CallStarted) -> str:
-        return self._frame(call, "clear")
+    def _encode_mark(self, call: CallStarted, name: str) -> bytes:
+        mark = self._mark
+        if mark is None:
+            mark = self._templates(call)[1]
+        return mark.with_text(name)
+
+    def _encode_clear(self, call: CallStarted) -> bytes:
+        if self._mark is None:
+            self._templates(call)
+        return self._clear

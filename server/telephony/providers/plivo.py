@@ -31,6 +31,7 @@ from server.telephony.providers.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
     CodecBase,
     DigitBody,
+    FrameTemplate,
     MediaBody,
     encode_json,
 )
@@ -118,6 +119,9 @@ def parse_extra_headers(raw: str | None) -> dict[str, str]:
 
 class PlivoCodec(CodecBase[_Message]):
     name = "plivo"
+    # Built at the call's first outbound frame (its format and stream id are known by then).
+    _play: FrameTemplate | None = None
+    _checkpoint: FrameTemplate | None = None
 
     def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         super().__init__(_DECODER, _EVENTS, max_message_bytes=max_message_bytes)
@@ -163,19 +167,31 @@ class PlivoCodec(CodecBase[_Message]):
             channels=1,
         )
 
-    def _encode_play(self, call: CallStarted, payload: bytes) -> list[str]:
+    def _encode_play(self, call: CallStarted, payload: bytes) -> list[bytes]:
+        play = self._play
+        if play is None:
+            play = self._templates(call)[0]
+        return [play.with_bytes(payload)]
+
+    def _encode_mark(self, call: CallStarted, name: str) -> bytes:
+        checkpoint = self._checkpoint
+        if checkpoint is None:
+            checkpoint = self._templates(call)[1]
+        return checkpoint.with_text(name)
+
+    def _encode_clear(self, call: CallStarted) -> bytes:
+        return encode_json({"event": "clearAudio", "streamId": call.stream_id})
+
+    def _templates(self, call: CallStarted) -> tuple[FrameTemplate, FrameTemplate]:
         # Plivo's playAudio example carries no streamId (the socket identifies the stream).
         # contentType/sampleRate repeat the call's format: Plivo advises against switching
         # codecs between playAudio events.
         media = {
             "contentType": _CONTENT_TYPES[call.encoding],
             "sampleRate": call.sample_rate,
-            "payload": payload,
+            "payload": FrameTemplate.HOLE,
         }
-        return [encode_json({"event": "playAudio", "media": media})]
-
-    def _encode_mark(self, call: CallStarted, name: str) -> str:
-        return encode_json({"event": "checkpoint", "streamId": call.stream_id, "name": name})
-
-    def _encode_clear(self, call: CallStarted) -> str:
-        return encode_json({"event": "clearAudio", "streamId": call.stream_id})
+        self._play = FrameTemplate({"event": "playAudio", "media": media})
+        self._checkpoint = FrameTemplate(
+            {"event": "checkpoint", "streamId": call.stream_id, "name": FrameTemplate.HOLE})
+        return self._play, self._checkpoint

@@ -318,6 +318,6 @@ class TelnyxCodec(TwilioStyleCodec[_Message]):
             channels=fmt.channels,
         )
 
-    def _encode_play(self, call: CallStarted, payload: bytes) -> list[str]:
+    def _encode_play(self, call: CallStarted, payload: bytes) -> list[bytes]:
         wire = swap16(payload, self.name) if self._swap else payload
         return super()._encode_play(call, wire)
