@@ -17,9 +17,12 @@ import logging
 import secrets
 import time
 import uuid
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+from prometheus_client import Histogram
 
 from server.billing.auth import Principal
 from server.billing.meter import METER_ERRORS, MeterFactory, SessionMeter, UsageReport
@@ -88,6 +91,39 @@ class CreditPayloads:
 _credit_payloads = CreditPayloads()
 
 
+class LagHistogram:
+    """One child of streamgate_ingest_lag_seconds, counted into plain ints per ingest step
+    and published when scraped (AsrEndpoint's scrape hook): prometheus_client's `observe`
+    takes a lock twice and walks the buckets in Python, which per 20 ms frame cost more than
+    the step's own bookkeeping (server/telemetry/metrics.py: hot paths count into ints).
+    Exactly what `observe` would have recorded, bucket for bucket, once published."""
+
+    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        self._bounds: tuple[float, ...] = tuple(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # The first bucket whose upper bound is >= seconds, as prometheus_client picks it.
+        self._counts[bisect_left(self._bounds, seconds)] += 1
+        self._sum += seconds
+
+    def publish(self) -> None:
+        counts = self._counts
+        if not any(counts):
+            return
+        child = self._child
+        for bucket, n in zip(child._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
+        child._sum.inc(self._sum)
+        self._counts = [0] * len(counts)
+        self._sum = 0.0
+
+
 class AsrEndpoint:
     kind = KIND
 
@@ -118,8 +154,18 @@ class AsrEndpoint:
         self.bytes_in = metrics.bytes_in.labels(KIND)
         self.frames_out = metrics.frames_out.labels(KIND)
         self.bytes_out = metrics.bytes_out.labels(KIND)
+        self._lag: dict[str, LagHistogram] = {}  # by kind: asr, telephony
+
+    def ingest_lag(self, kind: str) -> LagHistogram:
+        """streamgate_ingest_lag_seconds{kind} as the runners count it (published when scraped)."""
+        lag = self._lag.get(kind)
+        if lag is None:
+            lag = self._lag[kind] = LagHistogram(self.metrics.ingest_lag.labels(kind))
+        return lag
 
     def _publish_gauges(self) -> None:
+        for lag in self._lag.values():
+            lag.publish()
         ingest_ms = invoke_ms = credit = 0
         for r in self.runners:
             machine = r.machine
@@ -274,7 +320,7 @@ class AsrSessionRunner:
         self._ingest_seconds = self.metrics.stage_seconds.labels("ingest")
         # streamgate_ingest_lag_seconds: the clock is read at the first frame after a step (in
         # the read that brought it), observed once the step took it through the VAD.
-        self._ingest_lag = self.metrics.ingest_lag.labels(lag_kind)
+        self._ingest_lag = endpoint.ingest_lag(lag_kind)
         self._lag_from = 0.0  # 0.0: no frame waits for the ingest step
         self._wake = Wakeup()  # asyncio.Event, minus a getpid() per wait on Python 3.11
         self._writable = Wakeup()

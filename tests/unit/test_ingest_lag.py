@@ -7,12 +7,18 @@ observes the oldest one's lag, once.
 
 from __future__ import annotations
 
+import random
+
+from prometheus_client import CollectorRegistry, Histogram
+
+from server.sessions.asr_runner import LagHistogram
 from server.telemetry.metrics import INGEST_LAG_BUCKETS
 from tests.speech import silence
 from tests.unit.test_asr_runner import Session, frames, open_session, settle_loop
 
 
 def lag(s: Session, le: float | str, kind: str = "asr") -> float:
+    s.runner.metrics.before_scrape()  # as /metrics does: the runners' counts are published
     registry = s.runner.metrics.registry
     value = registry.get_sample_value("streamgate_ingest_lag_seconds_bucket",
                                       {"kind": kind, "le": str(le)})
@@ -52,3 +58,28 @@ async def test_frames_held_behind_a_stalled_step_count_from_the_oldest_read() ->
     await s.feed(['{"type":"close"}'])
     await s.ended()
     assert lag(s, "+Inf") == 1  # a close message is no audio
+
+
+def test_counted_lags_publish_exactly_what_observe_records() -> None:
+    """The runners count lags into ints; published, they are what prometheus_client's own
+    `observe` makes of the same values (bucket edges included), and publishing twice adds
+    nothing."""
+    registry = CollectorRegistry()
+    counted = Histogram("counted", "", ["kind"], registry=registry, buckets=INGEST_LAG_BUCKETS)
+    direct = Histogram("direct", "", ["kind"], registry=registry, buckets=INGEST_LAG_BUCKETS)
+    rng = random.Random(15)
+    values = [*INGEST_LAG_BUCKETS, 0.0, 2.5, *(rng.expovariate(100.0) for _ in range(500))]
+    lags = LagHistogram(counted.labels("asr"))
+    for v in values:
+        lags.observe(v)
+        direct.labels("asr").observe(v)
+    assert registry.get_sample_value("counted_count", {"kind": "asr"}) == 0  # not yet
+    lags.publish()
+    lags.publish()
+    for le in [*map(str, INGEST_LAG_BUCKETS), "+Inf"]:
+        want = registry.get_sample_value("direct_bucket", {"kind": "asr", "le": le})
+        got = registry.get_sample_value("counted_bucket", {"kind": "asr", "le": le})
+        assert got == want, le
+    assert registry.get_sample_value("counted_count", {"kind": "asr"}) == len(values)
+    assert registry.get_sample_value("counted_sum", {"kind": "asr"}) == \
+        registry.get_sample_value("direct_sum", {"kind": "asr"})
