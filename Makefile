@@ -1,10 +1,14 @@
 # Thin wrappers around scripts/; `make test ARGS="-k credit"` passes arguments through.
-.PHONY: setup run test lint bench hostile eval-vision
+.PHONY: setup native run test lint bench hostile eval-vision
 
 ARGS ?=
 
 setup:
 	./scripts/setup.sh
+
+# Recompile the hot path with mypyc even if up to date (setup does it when a source changed).
+native: setup
+	.venv/bin/python scripts/build_native.py --force -v
 
 run:
 	./scripts/run.sh $(ARGS)

@@ -15,6 +15,7 @@
 #                       Python versions can sit side by side (CI runs the unit tests on 3.13 too)
 #   STREAMGATE_SKIP_SYSTEM_PACKAGES=1   do not check Debian packages (non-Debian machines, CI images)
 #   STREAMGATE_PIPECAT_VENV   where the Pipecat test client's virtualenv lives (default: .venv-pipecat)
+#   STREAMGATE_NATIVE=0 do not compile the hot path (and run it as pure Python: docs/native.md)
 set -euo pipefail
 
 # System packages the server and its tests need (Debian/Ubuntu names). Python itself is handled
@@ -131,6 +132,13 @@ if [[ ! -f "$STAMP" || "$ROOT/pyproject.toml" -nt "$STAMP" ]]; then
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev,load]"
     touch "$STAMP"
 fi
+
+# --- the compiled hot path (docs/native.md) -------------------------------------------------------
+# mypyc compiles the listed hot-path modules into .build/native/<python-tag>/ (about two minutes
+# the first time, seconds when nothing changed: it compares source hashes). No C compiler or no
+# Python headers: one line saying so, and the server runs the same modules as pure Python.
+"$VENV/bin/python" "$ROOT/scripts/build_native.py" \
+    || log "compiling the hot path failed; the server runs it as pure Python"
 
 # --- Pipecat, the client of tests/e2e/test_pipecat_services.py ------------------------------------
 # A virtualenv of its own: every Pipecat release pins soxr and soundfile versions that would

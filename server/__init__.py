@@ -1,0 +1,2 @@
+# Compiled hot-path modules, when built and matching their source (server/native.py).
+__import__("server.native").native.install()

@@ -25,6 +25,7 @@ from websockets.typing import StatusLike, Subprotocol
 from server.protocol.errors import Rejected
 from server.sessions.upgrade import Admitted, SessionHandler
 from server.ws.handshake import error_frame_payload, json_response
+from server.ws.text_error import InvalidText
 
 try:
     from websockets.speedups import apply_mask
@@ -61,18 +62,6 @@ def frame_header(opcode: int, length: int) -> bytes:
 _SMALL_HEADERS = {op: [bytes((0x80 | op, n)) for n in range(126)] for op in (0x1, 0x2)}
 
 
-def _select_subprotocol(
-    _protocol: ServerProtocol, offered: Sequence[Subprotocol]
-) -> Subprotocol | None:
-    """Browsers pass the key as `Sec-WebSocket-Protocol: token, <key>`; we answer `token`.
-    A client that offers no subprotocol is fine too (websockets' default would refuse it)."""
-    return Subprotocol("token") if "token" in offered else None
-
-
-class InvalidText(UnicodeDecodeError):
-    """A text message that is not UTF-8 (a close reason's error is websockets' own)."""
-
-
 class Utf8ServerProtocol(ServerProtocol):
     """websockets' sans-I/O server, plus RFC 6455 8.1 for text messages: "fail the connection"
     (1007) on invalid UTF-8, even in a field no parser reads.
@@ -85,6 +74,14 @@ class Utf8ServerProtocol(ServerProtocol):
         super().__init__(*args, **kwargs)
         # The UTF-8 state of a fragmented text message (a character may span fragments).
         self._text_decoder: codecs.IncrementalDecoder | None = None
+
+    def select_subprotocol(self, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
+        """Browsers pass the key as `Sec-WebSocket-Protocol: token, <key>`; we answer `token`.
+        A client that offers no subprotocol is fine too (websockets' default would refuse it).
+
+        An override, not websockets' `select_subprotocol=` argument: websockets binds that
+        with __get__, which a compiled function lacks (docs/native.md)."""
+        return Subprotocol("token") if "token" in subprotocols else None
 
     def reject(self, status: StatusLike, text: str) -> Response:
         """websockets' own refusals (invalid upgrade, request line or headers over its limits,
@@ -171,7 +168,6 @@ class WsConnection(asyncio.Protocol):
         self.server = server
         cfg = server.config
         self.protocol = Utf8ServerProtocol(
-            select_subprotocol=_select_subprotocol,
             max_size=cfg.max_frame_bytes,
             logger=logging.getLogger("streamgate.ws.protocol"),
         )

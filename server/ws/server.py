@@ -17,6 +17,7 @@ from typing import Any, Final, Protocol
 
 from websockets.http11 import Request
 
+from server import native
 from server.config import ServerConfig
 from server.flow_control.finals import FINALS_TIMEOUT_S
 from server.protocol.admission import AdmissionPolicy, Authenticator, Principal
@@ -190,6 +191,7 @@ class WsServer:
         bind `config.host:ws_port` here."""
         loop = self._loop = asyncio.get_running_loop()
         self.now = loop.time()
+        native.report()  # once per process: which hot-path modules run compiled (docs/native.md)
         if bound is None:
             bound = BoundPort([sock], None) if sock is not None else bind_port(
                 self.config.host, self.config.ws_port, backlog=4096, deployment=deployment_id())
