@@ -113,6 +113,17 @@ def imports_of(path: Path, names: set[str]) -> list[str]:
     return sorted(found & names)
 
 
+GROUP_RE = re.compile(rb"([A-Za-z_][\w.]*)__mypyc\x00")
+
+
+def native_deps(group_lib: Path, names: set[str]) -> list[str]:
+    """The listed modules whose group library `group_lib` imports: mypyc calls into another
+    compiled module natively wherever the types say so (an attribute typed with its class, a
+    call of its function), imported directly or not. The names are in the library's data."""
+    found = {m.group(1).decode() for m in GROUP_RE.finditer(group_lib.read_bytes())}
+    return sorted(found & names)
+
+
 def up_to_date(modules: list[str]) -> bool:
     manifest = out_dir() / "manifest.json"
     try:
@@ -227,8 +238,12 @@ def write_manifest(lib: Path, requested: list[str], built: list[str],
         so = path.removesuffix(".py") + suffix
         if not (lib / so).is_file():
             raise SystemExit(f"native: {so} missing after the build")
+        deps = set(imports_of(ROOT / path, names - {name}))
+        group_lib = lib / (path.removesuffix(".py") + "__mypyc" + suffix)
+        if group_lib.is_file():
+            deps.update(native_deps(group_lib, names - {name}))
         modules[name] = {"source": path, "sha256": sha256(ROOT / path), "so": so,
-                         "deps": imports_of(ROOT / path, names - {name})}
+                         "deps": sorted(deps)}
     # The groups' runtime libraries (separate compilation: one per module) and mypyc's own.
     libs = {}
     for so_path in lib.rglob("*" + suffix):

@@ -146,3 +146,18 @@ def test_the_build_this_checkout_made_is_used_when_fresh() -> None:
         assert result["compiled"] is ("server.ws.connection" in compiled)
     else:
         assert line.startswith("native: pure Python") and result["compiled"] is False
+
+
+def test_the_build_reads_native_dependencies_from_a_group_library(tmp_path: Path) -> None:
+    """mypyc calls another group natively where the types say so, imported or not: the build
+    records the groups a library imports (their names are in its data) as dependencies."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import build_native
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    lib = tmp_path / f"runner__mypyc{SUFFIX}"
+    lib.write_bytes(b"\x7fELF\x00server.flow_control.ingest_queue__mypyc\x00"
+                    b"exec_runner__mypyc\x00server.other__mypyc\x00")
+    names = {"server.flow_control.ingest_queue", "server.flow_control.credit"}
+    assert build_native.native_deps(lib, names) == ["server.flow_control.ingest_queue"]
