@@ -180,7 +180,44 @@ class Endpointer:
             # One whole frame (a socket read of one 20 ms frame, the usual case): the frame
             # loop below, specialised. Same events and state, for a third of the Python work.
             if self._in_speech:
-                return self._speech_frame(pcm)
+                # The loop's in-speech branch for one frame (no pending bytes, no prefix).
+                fs = self._fs
+                pos = self._pos
+                pos_end = self._pos = pos + fs
+                is_speech = self._is_speech
+                emit = ended = forced = False
+                end_sample = 0
+                if is_speech is None or is_speech(pcm, fs):
+                    self._silence = 0
+                    self._last_voiced_end = pos_end
+                    emit = True
+                else:
+                    silence = self._silence = self._silence + 1
+                    sil_ms = silence * self._frame_ms
+                    endp = self._endpointing_ms
+                    if sil_ms <= endp:
+                        emit = True
+                    if sil_ms >= endp:
+                        ended = True
+                        end_sample = self._last_voiced_end
+                if not ended and pos_end - self._utt_start + fs > self._max_samples:
+                    # The next frame would not fit: cut here rather than exceed the limit.
+                    ended = forced = True
+                    end_sample = pos_end
+                rate = self._rate
+                if not ended:
+                    return [SpeechAudio(bytes(pcm), pos * 1000 // rate)]
+                self._in_speech = False
+                self._ring.clear()
+                if emit:
+                    return [SpeechAudio(bytes(pcm), pos * 1000 // rate),
+                            SpeechEnd(end_sample * 1000 // rate, forced)]
+                # An unemitted final silence frame becomes silence history for the next onset.
+                self._ring += pcm
+                excess = len(self._ring) - self._ring_max
+                if excess > 0:
+                    del self._ring[:excess]
+                return [SpeechEnd(end_sample * 1000 // rate, forced)]
             window = self._window
             base = self._count - window[0] if len(window) == self._window_len else self._count
             if base + 1 < self._onset_frames and self._is_speech is not None:
@@ -315,47 +352,6 @@ class Endpointer:
         self._utt_start = utt_start
         self._pos = pos
         return events
-
-    def _speech_frame(self, pcm: BytesLike) -> list[VadEvent]:
-        """`process` of one whole frame inside an utterance (no pending bytes, no pre-roll
-        prefix): the frame loop's in-speech branch for a single frame."""
-        fs = self._fs
-        pos = self._pos
-        pos_end = self._pos = pos + fs
-        is_speech = self._is_speech
-        emit = ended = forced = False
-        end_sample = 0
-        if is_speech is None or is_speech(pcm, fs):
-            self._silence = 0
-            self._last_voiced_end = pos_end
-            emit = True
-        else:
-            silence = self._silence = self._silence + 1
-            sil_ms = silence * self._frame_ms
-            endp = self._endpointing_ms
-            if sil_ms <= endp:
-                emit = True
-            if sil_ms >= endp:
-                ended = True
-                end_sample = self._last_voiced_end
-        if not ended and pos_end - self._utt_start + fs > self._max_samples:
-            # The next frame would not fit: cut here rather than exceed the limit.
-            ended = forced = True
-            end_sample = pos_end
-        rate = self._rate
-        if not ended:
-            return [SpeechAudio(bytes(pcm), pos * 1000 // rate)]
-        self._in_speech = False
-        self._ring.clear()
-        if emit:
-            return [SpeechAudio(bytes(pcm), pos * 1000 // rate),
-                    SpeechEnd(end_sample * 1000 // rate, forced)]
-        # An unemitted final silence frame becomes silence history for the next onset.
-        self._ring += pcm
-        excess = len(self._ring) - self._ring_max
-        if excess > 0:
-            del self._ring[:excess]
-        return [SpeechEnd(end_sample * 1000 // rate, forced)]
 
     def force_end(self) -> list[VadEvent]:
         """Close the open utterance now (client finalize/close); [] when none is open."""

@@ -27,8 +27,6 @@ class IngestQueue(Generic[C]):
         self.capacity = capacity
         self.policy = policy
         self.max_control = max_control
-        # A list, not a deque: drained whole once per step (handed over, not copied), and an
-        # empty list is ~500 bytes smaller per session.
         # A deque: an overflowing `drop` queue removes its oldest frame per put, which a list
         # pays for with a move of every item (a client choosing 2-byte frames: 16x the CPU).
         self._items: deque[bytes | C] = deque()
@@ -92,7 +90,7 @@ class IngestQueue(Generic[C]):
 
     def drain(self) -> list[bytes | C]:
         items = list(self._items)  # each item copied once in its life: O(1) a frame
-        self._items = deque()
+        self._items.clear()  # emptied in place: a new deque per step cost more than the copy
         self.audio_bytes = 0
         self.control_count = 0
         self._header_frames = 0
@@ -100,8 +98,9 @@ class IngestQueue(Generic[C]):
 
     def drain_audio(self) -> list[bytes]:
         """drain() when control_count is 0: every item is audio."""
-        items = cast(list[bytes], list(self._items))
-        self._items = deque()
+        # A quoted cast: `list[bytes]` unquoted builds a GenericAlias on every call (per frame).
+        items = cast("list[bytes]", list(self._items))
+        self._items.clear()
         self.audio_bytes = 0
         self._header_frames = 0
         return items

@@ -391,8 +391,9 @@ class AsrSession:
                     f" overflow policy {self.params.overflow!r} applies",
                 )
             )
-        self.dropped_bytes += self.queue.put_audio(data)
-        if self.queue.policy == "block" and self.queue.full:
+        queue = self.queue
+        self.dropped_bytes += queue.put_audio(data)
+        if queue.audio_bytes >= queue.capacity and queue.policy == "block":  # queue.full, cheap
             self._reading_paused = True
             return True
         return False
