@@ -73,18 +73,19 @@ class CreditPayloads:
     window per drained quarter) up to 50 times a second; encoding each anew cost more than the
     VAD's bookkeeping. Bounded: cleared when full."""
 
-    __slots__ = ("_max", "_payloads")
+    __slots__ = ("_max", "encoded")
 
     def __init__(self, max_entries: int = 256) -> None:
-        self._payloads: dict[int, bytes] = {}
+        # Read directly on the per-frame path (a dict lookup, no call); filled by payload().
+        self.encoded: dict[int, bytes] = {}
         self._max = max_entries
 
     def payload(self, grant: int) -> bytes:
-        payload = self._payloads.get(grant)
+        payload = self.encoded.get(grant)
         if payload is None:
-            if len(self._payloads) >= self._max:
-                self._payloads.clear()
-            payload = self._payloads[grant] = encode_event(m.Credit(bytes=grant))
+            if len(self.encoded) >= self._max:
+                self.encoded.clear()
+            payload = self.encoded[grant] = encode_event(m.Credit(bytes=grant))
         return payload
 
 
@@ -604,7 +605,9 @@ class AsrSessionRunner:
         machine = self.machine
         streams: dict[int, TranscriptionStream] = {}
         model = machine.params.model
-        engine_seconds = self.metrics.engine_seconds
+        # Children resolved once: labels() takes a lock and a dict lookup, per engine call.
+        feed_seconds = self.metrics.engine_seconds.labels(model, "feed")
+        finish_seconds = self.metrics.engine_seconds.labels(model, "finish")
         final_latency = self.metrics.asr_final_latency.labels(model)
         queue_seconds = self.metrics.asr_queue.labels(model)
         engine_time: dict[int, float] = {}  # per utterance: its time in engine calls
@@ -639,14 +642,14 @@ class AsrSessionRunner:
                         engine_time[utt] = engine_time.get(utt, 0.0) + took
                         if stats.queue_s:
                             queue_time[utt] = queue_time.get(utt, 0.0) + stats.queue_s
-                        engine_seconds.labels(model, "feed").observe(took)
+                        feed_seconds.observe(took)
                     else:
                         hyp = await stream.finish()
                         # Dropped once answered: a finish cancelled while it waits (finals
                         # abandoned, client gone) is closed below like every open stream.
                         del streams[utt]
                         took = time.perf_counter() - t0
-                        engine_seconds.labels(model, "finish").observe(took)
+                        finish_seconds.observe(took)
                         engine_s = engine_time.pop(utt, 0.0) + took
                         queue_s = queue_time.pop(utt, 0.0) + stats.queue_s
                         machine.receive_result(utt, hyp, final=True, now=self._time(),
@@ -793,8 +796,12 @@ class AsrSessionRunner:
         if not events:
             return
         conn = self.conn
+        credits = _credit_payloads.encoded  # grant -> payload, filled by payload()
         for ev in events:
-            data = _credit_payloads.payload(ev.bytes) if type(ev) is m.Credit else encode_event(ev)
+            if type(ev) is m.Credit:  # one a frame: most often the only message
+                data = credits.get(ev.bytes) or _credit_payloads.payload(ev.bytes)
+            else:
+                data = encode_event(ev)
             conn.send_text(data)
             self._bytes_out += len(data)
         self._frames_out += len(events)

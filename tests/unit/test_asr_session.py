@@ -369,7 +369,7 @@ def test_cached_credit_frames_are_the_encoded_message_framed() -> None:
         expected = Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
         cached = cache.payload(grant)
         assert frame_header(0x1, len(cached)) + cached == expected
-    assert len(cache._payloads) <= 2
+    assert len(cache.encoded) <= 2
 
 
 def test_metrics_on_request_time_end_of_speech_to_final() -> None:
