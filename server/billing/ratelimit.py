@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.billing import keys
 from server.billing.redis_client import BillingRedis
+from server.billing.script_batch import ScriptBatcher
 from server.billing.wallet_cache import LuaScript
 
 log = logging.getLogger("streamgate.ratelimit")
@@ -62,7 +63,11 @@ class RateLimiter:
         timeout_s: float | None = 0.5,
         audio_window_ms: int = 60_000,
         clock: Callable[[], float] = time.monotonic,
+        batcher: ScriptBatcher | None = None,
     ) -> None:
+        """`batcher`: the calls every live session makes with each usage report
+        (`refresh_session`, `add_audio`) go through it, in one round trip with the other
+        sessions' (docs/decisions/15L1); admission calls are sent at once."""
         if not 0 < fallback_fraction <= 1:
             raise ValueError("fallback_fraction must be in (0, 1]")
         self._r = redis
@@ -72,6 +77,7 @@ class RateLimiter:
         # Limits are per minute; the window is a parameter only so tests need not wait a minute.
         self._window_ms = audio_window_ms
         self._clock = clock
+        self._batch = batcher
         self._gcra = LuaScript("gcra")
         self._sessions = LuaScript("sessions")
         self._audio = LuaScript("audio")
@@ -84,13 +90,17 @@ class RateLimiter:
         """True while the last Redis call failed (decisions are local)."""
         return self._outage
 
-    async def _call(self, script: LuaScript, keys_: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _call(self, script: LuaScript, keys_: Sequence[str], args: Sequence[Any],
+                    *, batched: bool = False) -> Any:
         """The script's reply, or None if Redis is unreachable (caller falls back)."""
         if self._clock() < self._down_until:
             return None
         try:
             async with asyncio.timeout(self._timeout):
-                res = await script(self._r, keys_, args)
+                if batched and self._batch is not None:
+                    res = await self._batch(script, keys_, args)
+                else:
+                    res = await script(self._r, keys_, args)
         except _UNREACHABLE as exc:
             self._failed(exc)
             return None
@@ -147,7 +157,8 @@ class RateLimiter:
         """Extend a live session's entry; always allowed (it was admitted already)."""
         ttl_ms = max(1, round(ttl_s * 1000))
         res = await self._call(
-            self._sessions, [keys.sessions_key(tenant)], ["refresh", session_id, 1, ttl_ms]
+            self._sessions, [keys.sessions_key(tenant)], ["refresh", session_id, 1, ttl_ms],
+            batched=True,
         )
         if res is None:
             self._local.refresh(tenant, session_id, ttl_s, self._clock())
@@ -174,7 +185,8 @@ class RateLimiter:
             raise ValueError("need audio_ms >= 0 and limit_seconds_per_minute >= 0")
         limit_ms = limit_seconds_per_minute * self._window_ms // 60  # per window, integer ms
         res = await self._call(
-            self._audio, [keys.audio_key(tenant)], [audio_ms, limit_ms, self._window_ms]
+            self._audio, [keys.audio_key(tenant)], [audio_ms, limit_ms, self._window_ms],
+            batched=True,
         )
         if res is None:
             local_limit = math.floor(self._scaled(limit_ms))

@@ -24,6 +24,7 @@ from server.billing.meter import (
 from server.billing.ratelimit import RateLimiter
 from server.billing.redis_client import BillingRedis
 from server.billing.redis_client import connect as connect_redis
+from server.billing.script_batch import ScriptBatcher
 from server.billing.store import BillingStore, KeyRecord, Price, TopupResult
 from server.billing.wallet_cache import WalletCache
 from server.billing.wallet_meter import AudioLimit, LeasePolicy, WalletMeter
@@ -89,6 +90,7 @@ class BillingService:
         self.store: BillingStore | None = None
         self.redis: BillingRedis | None = None
         self.cache: WalletCache | None = None
+        self.batcher: ScriptBatcher | None = None  # live sessions' reports, batched
         self.limits: RateLimiter
         self.prices: dict[tuple[str, str], Price] = {}
         self._keys: dict[str, tuple[float, KeyRecord | None]] = {}
@@ -104,8 +106,10 @@ class BillingService:
         """Connect; with `background`, also run the flusher (if configured) and the sweeper."""
         self.store = await BillingStore.connect(database_url)
         self.redis = connect_redis(redis_url)
-        self.cache = WalletCache(self.redis)
-        self.limits = RateLimiter(self.redis, fallback_fraction=self.cfg.fallback_fraction)
+        self.batcher = ScriptBatcher(self.redis)
+        self.cache = WalletCache(self.redis, batcher=self.batcher)
+        self.limits = RateLimiter(self.redis, fallback_fraction=self.cfg.fallback_fraction,
+                                  batcher=self.batcher)
         await self.refresh_prices()
         if not background:
             return
@@ -135,6 +139,8 @@ class BillingService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        if self.batcher is not None:
+            await self.batcher.aclose()
         if self.redis is not None:
             await self.redis.aclose()
         if self.store is not None:

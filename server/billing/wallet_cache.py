@@ -22,6 +22,7 @@ from redis.exceptions import NoScriptError, WatchError
 
 from server.billing import keys
 from server.billing.redis_client import BillingRedis
+from server.billing.script_batch import ScriptBatcher
 
 MAX_MICROS = 2**50  # also the bound for units and seq; matches MAX in lua/_common.lua
 _LUA_DIR = Path(__file__).with_name("lua")
@@ -164,9 +165,12 @@ _NAMES = ("seed", "reserve", "report", "settle", "expired", "sweep", "topup", "r
 
 
 class WalletCache:
-    def __init__(self, redis: BillingRedis) -> None:
+    def __init__(self, redis: BillingRedis, *, batcher: ScriptBatcher | None = None) -> None:
+        """`batcher`: live sessions' periodic reports go through it, sent with the other
+        sessions' reports of the same moment in one round trip (docs/decisions/15L1)."""
         self._r = redis
         self._s = {name: LuaScript(name) for name in _NAMES}
+        self._batch = batcher
 
     async def load_scripts(self) -> None:
         """Optional warm-up at start-up; calls load lazily anyway."""
@@ -241,11 +245,13 @@ class WalletCache:
         _check("topup_want", topup_want)
         _check("low_water", low_water)
         _check("ttl_ms", ttl_ms, lo=1)
-        res = await self._s["report"](
-            self._r,
-            keys.lease_script_keys(tenant, lease_id),
-            [lease_id, seq, cum_units, cum_cost, topup_want, low_water, ttl_ms],
-        )
+        keys_ = keys.lease_script_keys(tenant, lease_id)
+        args = [lease_id, seq, cum_units, cum_cost, topup_want, low_water, ttl_ms]
+        script = self._s["report"]
+        if self._batch is not None:
+            res = await self._batch(script, keys_, args)
+        else:
+            res = await script(self._r, keys_, args)
         return ReportResult(_report_status(res[0]), *(_int(v) for v in res[1:5]))
 
     async def replay(
