@@ -260,6 +260,7 @@ class TtsSession:
         self._resample_quality = resample_quality
         self.resampler = Resampler(engine_rate, params.sample_rate, resample_quality)
         self.encoder = StreamEncoder(params.encoding, params.sample_rate)
+        self._raw_pcm = self._engine_pcm_is_output()
         self.frame_bytes = 0
         self.credit = CreditWindow(0)
         self.audio_backlog = AudioBacklogBound(0)
@@ -284,7 +285,9 @@ class TtsSession:
         self._cancel_synthesis = False
         # Resume (server/sessions/resume.py): the newest chunks whose audio went out, kept so a
         # client that missed their end hears them again; bumped whenever what a resume would
-        # need changes (text, a chunk done or charged, a clear).
+        # need changes (text, a chunk charged, a clear). A chunk done is not such a change: it
+        # moves from the pending chunks to `done_recent` with the same id, text and charge
+        # (one save per request fewer; a point older by that still lists it).
         self.done_recent: FinalsReplay[TtsChunkPoint] = FinalsReplay()
         self.resume_version = 0
         self._resumed = resume is not None
@@ -438,6 +441,7 @@ class TtsSession:
         )
         self.resampler = Resampler(self.resampler.in_rate, rate, self._resample_quality)
         self.encoder = StreamEncoder(self.params.encoding, rate)
+        self._raw_pcm = self._engine_pcm_is_output()
         self._size_frames(None)
         self._start(Start())
 
@@ -488,26 +492,45 @@ class TtsSession:
             chunk.synthesized = True
             self.characters_synthesized += len(chunk.text)
             self.resume_version += 1
-        samples = self.resampler.process(np.frombuffer(pcm, dtype="<i2"))
-        self._queue_samples(chunk, samples)
+        if self._raw_pcm:
+            # The engine's PCM16 is already what the session sends: no resampling, encoding
+            # or array (a few microseconds of numpy calls per engine chunk).
+            self._queue_encoded(chunk, pcm, len(pcm) // 2)
+        else:
+            self._queue_samples(chunk, self.resampler.process(np.frombuffer(pcm, dtype="<i2")))
+
+    def _engine_pcm_is_output(self) -> bool:
+        return self.resampler.passthrough and self.params.encoding == "pcm_s16le"
 
     def _queue_frame(self, frame: bytes) -> None:
         self._out.append(frame)
         self._out_bytes += len(frame)
 
     def _queue_samples(self, chunk: _Chunk, samples: np.ndarray) -> None:
-        if not len(samples):
+        if len(samples):
+            self._queue_encoded(chunk, self.encoder.encode(samples), len(samples))
+
+    def _queue_encoded(self, chunk: _Chunk, data: bytes, samples: int) -> None:
+        """`samples` of the chunk's audio, encoded, into frames of `frame_bytes`."""
+        if not data:
             return
-        chunk.samples += len(samples)
-        partial = self._partial
-        partial += self.encoder.encode(samples)
+        chunk.samples += samples
         frame = self.frame_bytes
+        partial = self._partial
         if not chunk.started and self.early_first_frame:
             # Time to first audio: the chunk's first frame leaves with what the engine has
             # produced so far (up to chunk_ms) instead of waiting for a whole chunk_ms of it.
             chunk.started = True
-            self._queue_frame(bytes(partial[:frame]))
-            del partial[:frame]
+            if partial:
+                partial += data
+                self._queue_frame(bytes(partial[:frame]))
+                del partial[:frame]
+                data = b""
+            else:  # the engine's bytes themselves, when they fit in one frame
+                first = data if len(data) <= frame else data[:frame]
+                self._queue_frame(first)
+                data = data[len(first):]
+        partial += data
         while len(partial) >= frame:
             self._queue_frame(bytes(partial[:frame]))
             del partial[:frame]
@@ -624,9 +647,10 @@ class TtsSession:
                     done = self._chunks.pop(item.chunk_id, None)
                     self.chunks_done += 1
                     if done is not None and self.resume_token:
+                        # Not a change a resume needs saved: the point lists the chunk, as
+                        # it did while its audio was going out (resume_chunks).
                         self.done_recent.add(done.chunk_id, TtsChunkPoint(
                             done.chunk_id, done.text, done.synthesized))
-                        self.resume_version += 1
                 queue.popleft()
                 out.append(item)
             if spent:
@@ -683,6 +707,14 @@ class TtsSession:
     def reading_paused(self) -> bool:
         """The machine asked for reading to pause and not yet to resume."""
         return self._reading_paused
+
+    @property
+    def has_output(self) -> bool:
+        """`poll` has something to hand out: an event, audio or an event queued (sendable or
+        not), a synthesis to cancel, a close. Without it a step changed nothing to carry out
+        (an engine piece that completed no frame)."""
+        return bool(self._immediate or self._out) or self._cancel_synthesis \
+            or self.close_action is not None
 
     @property
     def has_requests(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import secrets
 import time
@@ -232,7 +233,11 @@ class TtsSessionRunner:
         self.metrics = endpoint.metrics
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
-        self._current: asyncio.Task[None] | None = None
+        self._current: asyncio.Task[None] | None = None  # the chunk being synthesized
+        self._looping = False  # _synth_loop runs: chunks may start
+        # The session task's context (its span, when tracing): each chunk's task runs in a
+        # copy of it, wherever it was started from.
+        self._context: contextvars.Context | None = None
         self._gone = False
         self._close_code: int | None = None
         self._draining = False
@@ -314,6 +319,7 @@ class TtsSessionRunner:
 
     def _after_input(self) -> None:
         self._pump()
+        self._start_chunk()
         self._wake.set()
 
     def _charge(self) -> None:
@@ -394,6 +400,7 @@ class TtsSessionRunner:
     async def _run(self) -> None:
         if self._span is not None:
             tracing.activate(self._span)  # this task's and the chunks' it starts
+        self._context = contextvars.copy_context()
         usage = self.usage.start_reports(self._on_usage, before=self._before_report)
         try:
             await self._synth_loop()
@@ -431,32 +438,63 @@ class TtsSessionRunner:
     async def _synth_loop(self) -> None:
         """Back pressure applies between chunks: a listener slow to grant credit must not hold
         an engine slot (a few of them would stall every session on the model), and one chunk's
-        audio is bounded by the model's context limit."""
+        audio is bounded by the model's context limit.
+
+        A chunk the session can start at once is started where it becomes possible (the
+        `flush` or text that made it, the end of the chunk before: `_start_chunk`), not a loop
+        turn later here: this loop waits for the chunk, and does what has to wait (text, room
+        in the audio backlog, a lease top-up)."""
         machine = self.machine
-        while not self._gone and machine.state != "closed":
-            if not machine.has_requests:
-                if machine.state == "closing" and machine.idle:
+        self._looping = True
+        try:
+            while not self._gone and machine.state != "closed":
+                task = self._current
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    if self._current is task:  # else the next chunk started as it ended
+                        self._current = None
+                    continue
+                if self._start_chunk():
+                    continue
+                if not machine.has_requests:
+                    if machine.state == "closing" and machine.idle:
+                        return
+                    # Waits for text, or while closing for the last audio to go out.
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if not machine.wants_audio:
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
+                # The lease is used up: the next chunk waits for a top-up.
+                if not await self._lease_covers_next_chunk():
+                    machine.handle(Close(4002, "insufficient_balance",
+                                         "wallet balance exhausted"))
+                    self._pump()
                     return
-                # Waits for text, or while closing for the last audio to go out.
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if not machine.wants_audio:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            if not await self._lease_covers_next_chunk():
-                machine.handle(Close(4002, "insufficient_balance", "wallet balance exhausted"))
-                self._pump()
-                return
-            req = machine.next_request()
-            if req is None or self._gone:
-                continue  # cleared (or closed) while the lease was topped up
-            self._pump()  # less text waits now: reading may resume
-            self._current = asyncio.get_running_loop().create_task(self._synthesize(req))
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._current
-            self._current = None
+        finally:
+            self._looping = False
+
+    def _start_chunk(self) -> bool:
+        """Hand the next chunk to the engine now if nothing else is being synthesized, the
+        audio backlog has room and the lease covers it without a top-up (the loop waits
+        for those). Called where a chunk may become startable, so its synthesis task is
+        queued behind nothing else this session does (time to first audio)."""
+        machine = self.machine
+        if (self._current is not None or not self._looping or self._gone
+                or machine.state == "closed" or not machine.has_requests
+                or not machine.wants_audio or self.meter.exhausted):
+            return False
+        req = machine.next_request()
+        if req is None:
+            return False
+        self._pump()  # less text waits now: reading may resume
+        context = self._context
+        self._current = asyncio.get_running_loop().create_task(
+            self._synthesize(req), context=None if context is None else context.copy())
+        return True
 
     async def _synthesize(self, req: SynthRequest) -> None:
         """One chunk, read from the engine as fast as it comes."""
@@ -477,7 +515,8 @@ class TtsSessionRunner:
                     engine_bytes += len(pcm)
                     machine.handle(EngineAudio(req, pcm))
                     self._charge()
-                    self._pump()
+                    if machine.has_output or machine.resume_version != self._saved_version:
+                        self._pump()  # else nothing to send (a piece that made no frame)
                     if first_audio_s < 0 and pcm:
                         # Its first frame is on the wire (or waits for credit).
                         first_audio_s = time.perf_counter() - taken
@@ -499,6 +538,9 @@ class TtsSessionRunner:
             if span is not None:
                 span.end()  # also when cancelled (barge-in: the chunk was cleared)
         self._pump()
+        if self._current is asyncio.current_task():
+            self._current = None
+            self._start_chunk()  # the next chunk, without waiting for the loop's turn
 
     async def _before_report(self) -> None:
         """What the report pays for is in the resume point first (charged chunks are never
