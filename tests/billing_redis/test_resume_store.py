@@ -86,3 +86,24 @@ def test_memory_store_is_bounded() -> None:
         assert await store.claim("t4", "acme", 60) is not None
 
     asyncio.run(scenario())
+
+
+async def test_saves_made_together_go_in_one_round_trip_each_with_its_own_answer(
+        redis_url: str) -> None:
+    """Sessions that save at the same moment (a burst of TTS requests, their first audio) share
+    one pipeline; a superseded writer among them is still refused, the others saved."""
+    client = connect(redis_url)
+    try:
+        store = RedisResumeStore(client)
+        tokens = [uuid.uuid4().hex for _ in range(20)]
+        for token in tokens:
+            assert await store.save(token, point(offset=0), 60)
+        assert await store.claim(tokens[0], "acme", 60) is not None  # epoch 1 now
+        before = store._batch.batches
+        saved = await asyncio.gather(*(store.save(t, point(offset=3200), 60) for t in tokens))
+        assert saved == [False] + [True] * 19
+        assert store._batch.batches - before == 1
+        claimed = await store.claim(tokens[7], "acme", 60)
+        assert isinstance(claimed, ResumePoint) and claimed.offset == 3200  # the batch wrote it
+    finally:
+        await client.aclose()
