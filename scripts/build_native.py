@@ -39,6 +39,9 @@ MODULES: tuple[str, ...] = (
     "server/telephony/call/meters.py",
     "server/telephony/call/session.py",
     "server/telephony/providers/events.py",
+    "server/models/batcher.py",
+    "server/models/synthetic.py",
+    "server/models/tts_synthetic.py",
     "server/audio/vad.py",
     "server/audio/resample.py",
     "server/audio/encoders.py",
@@ -166,7 +169,8 @@ def compile_once(modules: list[str], work: Path, verbose: bool) -> tuple[bool, s
     """One mypyc + C build of `modules` into work/lib; (ok, output). `work` persists between
     builds: mypyc rewrites only the C files that change, and setuptools recompiles only those,
     so rebuilding after an edit to one module costs that module (and what depends on it)."""
-    env = dict(os.environ, MYPYPATH="client")
+    # A mypy cache of its own: mypyc's, kept for quick rebuilds, is not the linter's.
+    env = dict(os.environ, MYPYPATH="client", MYPY_CACHE_DIR=str(work / "mypy-cache"))
     proc = subprocess.run(
         [sys.executable, "-c", BUILD_SNIPPET, ",".join(modules), str(work / "lib"),
          str(work / "tmp"), str(work / "c")],
@@ -187,44 +191,54 @@ def drop_outputs(lib: Path, path: str) -> None:
 
 
 SMOKE = r"""
-import importlib, json, sys
+import importlib, json, sys, traceback
 sys.path.insert(0, sys.argv[2])
 from server import native
 native.install(build_dir=sys.argv[1], force=True)
+sources = dict(item.split("=", 1) for item in sys.argv[4].split(","))
 bad = {}
 for name in sys.argv[3].split(","):
     try:
         mod = importlib.import_module(name)
         if not native.is_compiled(mod):
-            bad[name] = "imported as pure Python"
+            bad[name] = ["imported as pure Python", name]
     except BaseException as e:  # noqa: BLE001
-        bad[name] = f"{type(e).__name__}: {e}"
+        # The culprit is the compiled module whose code raised (its frames carry its .py
+        # name), not necessarily the one imported: that may only import it.
+        culprit = name
+        for frame in traceback.extract_tb(e.__traceback__):
+            for source, module in sources.items():
+                if frame.filename.endswith(source):
+                    culprit = module
+        bad[name] = [f"{type(e).__name__}: {e}", culprit]
 print(json.dumps(bad))
 """
 
 
 def smoke_import(lib: Path, modules: list[str]) -> dict[str, str]:
-    """Import each compiled module in a fresh interpreter: what fails and why."""
-    failed: dict[str, str] = {}
-    together = [module_name(p) for p in modules]
-    proc = subprocess.run(
-        [sys.executable, "-c", SMOKE, str(lib), str(ROOT), ",".join(together)],
-        cwd=ROOT, capture_output=True, text=True, check=False,
-        env=dict(os.environ, STREAMGATE_NATIVE="0"),
-    )
-    if proc.returncode == 0 and proc.stdout.strip().splitlines()[-1:] == ["{}"]:
-        return failed  # all at once in one interpreter: the usual case
-    for path in modules:  # one at a time, to tell which
-        name = module_name(path)
+    """Import the compiled modules in fresh interpreters: {module to leave out: why}."""
+    sources = ",".join(f"{p}={module_name(p)}" for p in modules)
+
+    def run(names: list[str]) -> dict[str, list[str]]:
         proc = subprocess.run(
-            [sys.executable, "-c", SMOKE, str(lib), str(ROOT), name],
+            [sys.executable, "-c", SMOKE, str(lib), str(ROOT), ",".join(names), sources],
             cwd=ROOT, capture_output=True, text=True, check=False,
             env=dict(os.environ, STREAMGATE_NATIVE="0"),  # server/__init__.py: hands off
         )
         try:
-            failed.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            result: dict[str, list[str]] = json.loads(proc.stdout.strip().splitlines()[-1])
         except (IndexError, ValueError):
-            failed[name] = (proc.stderr.strip().splitlines() or ["crashed"])[-1]
+            last = (proc.stderr.strip().splitlines() or ["crashed"])[-1]
+            result = {name: [last, name] for name in names}
+        return result
+
+    names = [module_name(p) for p in modules]
+    if not run(names):
+        return {}  # all at once in one interpreter: the usual case
+    failed: dict[str, str] = {}
+    for name in names:  # one at a time, to tell which
+        for why, culprit in run([name]).values():
+            failed.setdefault(culprit, why if culprit == name else f"{why} (importing {name})")
     return failed
 
 
@@ -263,6 +277,7 @@ def write_manifest(lib: Path, requested: list[str], built: list[str],
 def build(modules: list[str], verbose: bool) -> int:
     todo = list(modules)
     excluded: dict[str, str] = {}
+    retried = False
     t0 = time.monotonic()
     dest = out_dir()
     work = dest.with_name(dest.name + ".work")
@@ -278,6 +293,12 @@ def build(modules: list[str], verbose: bool) -> int:
         ok, output = compile_once(todo, work, verbose)
         if not ok:
             bad = {m.group("path") for m in ERROR_RE.finditer(output)} & set(todo)
+            if not bad and not retried:
+                # mypyc's incremental cache has crashed it (an internal error naming no
+                # module) after a module was left out: once more from a clean cache.
+                retried = True
+                shutil.rmtree(work / "mypy-cache", ignore_errors=True)
+                continue
             if not bad:
                 tail = " | ".join(output.strip().splitlines()[-3:])
                 log(f"build failed, running pure Python: {tail}")
