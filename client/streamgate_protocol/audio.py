@@ -169,6 +169,7 @@ class StreamDecoder:
         "_carry",
         "_channels",
         "_data_remaining",
+        "_direct",
         "_encoding",
         "_frame_bytes",
         "_g711",
@@ -209,6 +210,10 @@ class StreamDecoder:
         self._header_complete = encoding != "wav"
         if self._header_complete:
             self._set_payload(encoding, channels)
+        # Raw mono G.711 (a phone call's audio): every byte is a whole sample and there is no
+        # header or data bound, so decode_pcm hands each frame straight to the C decoder.
+        self._direct = self._g711 if encoding != "wav" and channels == 1 and _NATIVE_LE \
+            else None
 
     @property
     def encoding(self) -> str:
@@ -259,6 +264,10 @@ class StreamDecoder:
         The ingest path's form: mono G.711 goes through audioop's C decoder and mono PCM
         through untouched, so a 20 ms frame costs no numpy call (each one is ~1 us of fixed
         overhead, more than the work on 160 samples)."""
+        direct = self._direct
+        if direct is not None:
+            self.samples_decoded += len(data)
+            return direct(data, 2)
         payload = self._whole_frames(data)
         if not payload:
             return b""
