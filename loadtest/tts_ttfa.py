@@ -26,22 +26,47 @@ from pathlib import Path
 
 from loadtest import bench
 from loadtest.bench_report import ServerRun
-from loadtest.loadgen import LoadGen, Percentiles, Target
+from loadtest.loadgen import OP_TEXT, LoadGen, Percentiles, Target, client_frame
 from loadtest.pin import raise_nofile_limit
 from loadtest.procfs import cpu_seconds
-from loadtest.tts_probe import REQUEST_TIMEOUT_S, TTS_TEXT, TtsClient, engine_ttfa
+from loadtest.tts_probe import (
+    REQUEST_TIMEOUT_S,
+    TTS_TEXT,
+    TtsClient,
+    engine_ttfa,
+    perf_counter,
+)
 from server.config import SyntheticTtsConfig
 
 
-async def gateway_round(target: Target, pid: int, *, sessions: int,
-                        per_session: int) -> tuple[array[float], float, list[str]]:
+class DeferredCreditClient(TtsClient):
+    """--deferred-credit: the credit for a frame leaves a loop turn later, after this
+    process has read (and timed) the other sessions' frames that arrived with it, so a
+    session's TTFA does not include the credit writes of the sessions read before it (one
+    syscall each). For comparison only: the bench's client (TtsClient) writes at once."""
+
+    def on_binary(self, nbytes: int) -> None:
+        if self.ttfa is None:
+            self.ttfa = perf_counter() - self.flush_at
+        asyncio.get_running_loop().call_soon(self._grant, nbytes)
+
+    def _grant(self, nbytes: int) -> None:
+        if self.transport is not None and not self.closing:
+            grant = b'{"type":"credit","bytes":%d}' % nbytes
+            self.transport.write(client_frame(OP_TEXT, grant))
+
+
+async def gateway_round(target: Target, pid: int, *, sessions: int, per_session: int,
+                        deferred_credit: bool = False
+                        ) -> tuple[array[float], float, list[str]]:
     """One round: TTFA samples (s) and server CPU seconds per measured request."""
     gen = LoadGen(target)
     samples: array[float] = array("d")
     errors: list[str] = []
     clk = os.sysconf("SC_CLK_TCK")
     try:
-        await gen.connect(sessions, TtsClient, batch=sessions)
+        await gen.connect(sessions, DeferredCreditClient if deferred_credit else TtsClient,
+                          batch=sessions)
         clients: list[TtsClient] = gen.clients  # type: ignore[assignment]
         # The warm-up request of every session, together, before the CPU is read.
         await asyncio.gather(*(c.speak(TTS_TEXT) for c in clients))
@@ -70,7 +95,8 @@ async def measure(live: bench.LiveServer, run: ServerRun, args: argparse.Namespa
     rows: list[tuple[float, float, float, float, float]] = []
     for r in range(args.rounds):
         gw, cpu_per_req, errors = await gateway_round(
-            target, live.process.pid, sessions=args.sessions, per_session=args.per_session)
+            target, live.process.pid, sessions=args.sessions, per_session=args.per_session,
+            deferred_credit=args.deferred_credit)
         eng, _ = await engine_ttfa(engine_cfg, concurrency=args.sessions,
                                    per_session=args.per_session, frame_ms=frame_ms)
         g, e = Percentiles.of(gw), Percentiles.of(eng)
@@ -114,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--per-session", type=int, default=10)
     p.add_argument("--quiet-wait", type=float, default=0.0)
+    p.add_argument("--deferred-credit", action="store_true",
+                   help="the client's credit writes a loop turn after the frame is timed")
     own, rest = p.parse_known_args(argv)
     args = bench.parse_args(["--only", "tts", "--no-write", "--quiet-wait",
                              str(own.quiet_wait), *rest])
