@@ -73,6 +73,11 @@ class WalletMeter:
         self.units = 0
         self._billed_high = 0
         self.dropped = 0
+        # Accepted units at which the lease is used up (`exhausted`), kept with the grant: the
+        # check runs per ingest batch, 50 times a second per call. -1: a price it cannot be
+        # kept for (not a positive price per positive block), checked the long way.
+        self._exhausted_at = -1
+        self._granted = 0
         self.granted = 0  # this lease's grant as last known
         self._spendable = 0
         self._seq = 0
@@ -93,11 +98,23 @@ class WalletMeter:
         self.dropped += audio_ms
 
     @property
+    def granted(self) -> int:
+        return self._granted
+
+    @granted.setter
+    def granted(self, value: int) -> None:
+        self._granted = value
+        self._exhausted_at = _units_to_reach(self._price, value + self._base_cost)
+
+    @property
     def exhausted(self) -> bool:
         """Accepted usage reached what the lease holds: the session must top up (an immediate
         report) or stop. Checked per ingest batch, whatever Redis is doing; true at once when
         the key is revoked, so a streaming session learns of it at its next batch."""
-        return self.revoked or self._price.cost(self.units) - self._base_cost >= self.granted
+        at = self._exhausted_at
+        if at >= 0:
+            return self.revoked or self.units >= at
+        return self.revoked or self._price.cost(self.units) - self._base_cost >= self._granted
 
     def revoke(self) -> None:
         """The key was revoked: the session ends at its next batch or report (what it used up
@@ -222,7 +239,7 @@ class WalletMeter:
         acknowledged usage: open a new lease for the usage since then."""
         last = self._acks[-1] if self._acks else _Ack(0, 0, 0)
         self._base_units += last.cum_units
-        self._base_cost += last.cum_cost
+        self._base_cost += last.cum_cost  # `exhausted`'s bound follows with the grant below
         self._lease_no += 1
         self.lease_id = f"{self.session_id}.{self._lease_no}"
         self._acks, self._pending = [], None
@@ -292,3 +309,20 @@ class WalletMeter:
 
     def _log(self) -> dict[str, str]:
         return {"session_id": self.session_id, "tenant_id": self.tenant_id}
+
+
+_NEVER = 2**63  # more units than a session can accept
+
+
+def _units_to_reach(price: Price, cost: int) -> int:
+    """The fewest cumulative units whose `price.cost` is at least `cost` (the lease's grant plus
+    what earlier leases charged), or -1 when the price is not positive per positive block."""
+    m, b = price.micros_per_block, price.block_units
+    if b <= 0 or m < 0:
+        return -1
+    if cost <= 0:
+        return 0
+    if m == 0:
+        return _NEVER  # free: costs nothing however much is used
+    # ceil(u * m / b) >= cost  <=>  u * m > (cost - 1) * b
+    return (cost - 1) * b // m + 1
