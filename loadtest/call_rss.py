@@ -284,6 +284,14 @@ def probe_report(levels: list[Level], dump_dir: Path | None, top: int) -> list[s
                     f"{last.opened} calls (per call: count, KiB):", ""]
             out += [f"- {k}: {n / max(last.opened, 1):.1f}, {sz / 1024 / max(last.opened, 1):.1f}"
                     for sz, n, k in sorted(rows, reverse=True) if n > 0]
+        if "buffers" in last.dump and "buffers" in base.dump:
+            b1 = {k: (n, sz) for k, n, sz in base.dump["buffers"]}
+            rows = [(sz - b1.get(k, (0, 0))[1], n - b1.get(k, (0, 0))[0], k)
+                    for k, n, sz in last.dump["buffers"]]
+            out += ["", f"Buffers of >= 512 bytes by holder, added by {last.opened} calls "
+                    "(per call: count, KiB):", ""]
+            out += [f"- {k}: {n / max(last.opened, 1):.1f}, {sz / 1024 / max(last.opened, 1):.1f}"
+                    for sz, n, k in sorted(rows, reverse=True) if sz > 0]
     if dump_dir is not None:
         out += tracemalloc_report(levels, dump_dir, top)
     return out

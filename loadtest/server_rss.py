@@ -103,6 +103,28 @@ def untracked_referents(top: int = 25) -> list[tuple[str, int, int]]:
     return [(name, n, sizes[name]) for name, n in counts.most_common(top)]
 
 
+def buffer_holders(min_size: int = 512, top: int = 25) -> list[tuple[str, int, int]]:
+    """Who holds the large buffers (bytes, bytearray, memoryview, numpy arrays of >= min_size
+    bytes): the type of each tracked object that refers to one, how many and their bytes."""
+    counts: collections.Counter[str] = collections.Counter()
+    sizes: collections.Counter[str] = collections.Counter()
+    seen: set[int] = set()
+    for obj in gc.get_objects():
+        for ref in gc.get_referents(obj):
+            if not isinstance(ref, bytes | bytearray | memoryview) and not hasattr(ref, "nbytes"):
+                continue
+            size = sys.getsizeof(ref) if isinstance(ref, bytes | bytearray) else int(
+                getattr(ref, "nbytes", 0))
+            if size < min_size or id(ref) in seen:
+                continue
+            seen.add(id(ref))
+            holder = type(obj)
+            name = f"{holder.__module__}.{holder.__qualname__} -> {type(ref).__qualname__}"
+            counts[name] += 1
+            sizes[name] += size
+    return [(name, counts[name], size) for name, size in sizes.most_common(top)]
+
+
 def dump(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {
         "mallinfo2": allocator.mallinfo2(),
@@ -114,6 +136,7 @@ def dump(path: Path) -> dict[str, Any]:
         "gc_frozen": gc.get_freeze_count(),
         "objects_by_type": objects_by_type(),
         "untracked": untracked_referents(),
+        "buffers": buffer_holders(),
     }
     try:
         out["tasks"] = len(asyncio.all_tasks())
