@@ -211,6 +211,14 @@ def test_exotel_decodes_every_inbound_message() -> None:
     assert codec.decode(dumps(EX_DTMF)) == [Dtmf("5")]
     assert codec.decode(dumps(EX_MARK)) == [MarkAcknowledged("m-1")]
     assert codec.decode(dumps(EX_STOP)) == [CallStopped("callended")]
+    # A stop without its body, and a start without a media_format (the documented default:
+    # 8 kHz raw PCM) or custom parameters, are still understood.
+    assert codec.decode('{"event": "stop"}') == [CallStopped(None)]
+    bare = json.loads(dumps(EX_START))
+    del bare["start"]["media_format"], bare["start"]["custom_parameters"]
+    (call,) = ExotelCodec().decode(dumps(bare))
+    assert isinstance(call, CallStarted)
+    assert (call.encoding, call.sample_rate, call.custom_parameters) == ("pcm_s16le", 8000, {})
 
 
 def test_exotel_encodes_exact_json_and_checks_format() -> None:

@@ -78,13 +78,17 @@ class _MediaFormat(msgspec.Struct, kw_only=True):
     # bit_rate is not read: "16" (bits/sample) now, "128kbps" in older docs.
 
 
+_DEFAULT_FORMAT: Final = _MediaFormat()
+
+
 class _StartBody(msgspec.Struct, kw_only=True):
     stream_sid: str | None = None
     call_sid: str
     account_sid: str | None = None
-    custom_parameters: dict[str, Scalar] = msgspec.field(default_factory=dict)
-    # Documented default is 8 kHz raw PCM, so a start without it is still usable.
-    media_format: _MediaFormat = msgspec.field(default_factory=_MediaFormat)
+    custom_parameters: dict[str, Scalar] = {}
+    # Documented default is 8 kHz raw PCM, so a start without it is still usable (None: the
+    # default; a plain default, not a default_factory, which mypyc-compiled modules refuse).
+    media_format: _MediaFormat | None = None
 
 
 class _Start(_Inbound, tag="start"):
@@ -113,7 +117,7 @@ class _StopBody(msgspec.Struct):
 
 
 class _Stop(_Inbound, tag="stop"):
-    stop: _StopBody = msgspec.field(default_factory=_StopBody)
+    stop: _StopBody | None = None
 
 
 _Message: TypeAlias = _Connected | _Start | _Media | _Mark | _Dtmf | _Stop
@@ -141,7 +145,7 @@ class ExotelCodec(TwilioStyleCodec[_Message]):
         if isinstance(message, _Dtmf):
             return [Dtmf(message.dtmf.digit)]
         if isinstance(message, _Stop):
-            return [CallStopped(message.stop.reason)]
+            return [CallStopped(message.stop.reason if message.stop is not None else None)]
         return [Connected()]
 
     def _call_from(self, message: _Start) -> CallStarted:
@@ -150,7 +154,7 @@ class ExotelCodec(TwilioStyleCodec[_Message]):
         stream_sid = body.stream_sid or message.stream_sid
         if not stream_sid:
             raise ProviderError("exotel: malformed 'start' message: no stream_sid")
-        fmt = body.media_format
+        fmt = body.media_format if body.media_format is not None else _DEFAULT_FORMAT
         encoding = _ENCODINGS.get(fmt.encoding.lower())
         if encoding is None:
             raise ProviderError(

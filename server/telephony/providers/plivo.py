@@ -73,7 +73,7 @@ class _StartBody(msgspec.Struct, rename="camel", kw_only=True):
     call_id: str
     stream_id: str
     account_id: str | None = None
-    tracks: list[str] = msgspec.field(default_factory=list)
+    tracks: list[str] = []
     media_format: _MediaFormat
 
 

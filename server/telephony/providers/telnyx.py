@@ -96,7 +96,7 @@ class _StartBody(msgspec.Struct, kw_only=True):
     call_control_id: str
     user_id: str | None = None
     stream_id: str | None = None
-    custom_parameters: dict[str, Scalar] = msgspec.field(default_factory=dict)
+    custom_parameters: dict[str, Scalar] = {}
     media_format: _MediaFormat
 
 

@@ -68,8 +68,8 @@ class _StartBody(msgspec.Struct, rename="camel", kw_only=True):
     stream_sid: str
     call_sid: str
     account_sid: str | None = None
-    tracks: list[str] = msgspec.field(default_factory=list)
-    custom_parameters: dict[str, Scalar] = msgspec.field(default_factory=dict)
+    tracks: list[str] = []
+    custom_parameters: dict[str, Scalar] = {}
     media_format: _MediaFormat
 
 
