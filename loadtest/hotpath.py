@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     results: dict[str, float] = {}
+    extra: dict[str, float] | None = None
     for _ in range(max(1, args.repeat)):
         if args.only in (None, "echo"):
             t = run_echo(args.sessions, args.frames, args.batch, args.signal)
@@ -231,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_streamgate(config, args.sessions, args.frames, args.batch, args.profile,
                                args.signal))
             results["streamgate"] = min(t, results.get("streamgate", t))
-    print(f"streamgate writes per frame: {extra['writes_per_frame']:.2f}")
+    if extra is not None:  # `--only echo` runs no streamgate session
+        print(f"streamgate writes per frame: {extra['writes_per_frame']:.2f}")
     for name, seconds in results.items():
         print(f"{name:12s} {seconds * 1e6:7.2f} us/frame (batch {args.batch})")
     if len(results) == 2:
