@@ -246,6 +246,15 @@ def _arena_line(info: dict[str, Any]) -> str:
             f"{total.get('mmap_count', 0)} = {total.get('mmap_bytes', 0) // 1024:,} KiB")
 
 
+def _in_use(dump: dict[str, Any]) -> tuple[int, int, int, int]:
+    """glibc bytes in use and free inside its arenas, pymalloc's bytes in use and arenas."""
+    total = (dump.get("malloc_info") or {}).get("total", {})
+    system, free = int(total.get("system_current", 0)), int(total.get("free", 0))
+    py = dump.get("pymalloc", {})
+    return (system - free + int(total.get("mmap_bytes", 0)), free,
+            int(py.get("bytes in allocated blocks", 0)), int(py.get("arenas allocated current", 0)))
+
+
 def probe_report(levels: list[Level], dump_dir: Path | None, top: int) -> list[str]:
     base = levels[0]
     assert base.dump is not None
@@ -269,6 +278,19 @@ def probe_report(levels: list[Level], dump_dir: Path | None, top: int) -> list[s
             for h in mi["heaps"]:
                 out.append(f"  - arena {h['nr']}: system {h.get('system_current', 0) // 1024:,}"
                            f" KiB, free {h.get('free', 0) // 1024:,} KiB")
+    out += ["", "Per call, from the base (KiB): memory in use is steadier than RSS, which also "
+            "holds the allocators' high-water marks:", "",
+            "| calls | glibc in use | glibc free, held | pymalloc blocks in use "
+            "| pymalloc arenas |",
+            "|---|---|---|---|---|"]
+    b_in, b_free, b_py, b_ar = _in_use(base.dump)
+    for lv in levels[1:]:
+        if lv.dump is None or not lv.opened:
+            continue
+        g_in, g_free, py, ar = _in_use(lv.dump)
+        n = lv.opened
+        out.append(f"| {n} | {(g_in - b_in) / 1024 / n:.1f} | {(g_free - b_free) / 1024 / n:.1f}"
+                   f" | {(py - b_py) / 1024 / n:.1f} | {(ar - b_ar) * PYMALLOC_ARENA_KB / n:.1f} |")
     last = levels[-1]
     if last.dump is not None and last is not base:
         before = dict(map(tuple, base.dump["objects_by_type"]))
