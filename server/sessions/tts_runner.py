@@ -490,7 +490,8 @@ class TtsSessionRunner:
         req = machine.next_request()
         if req is None:
             return False
-        self._pump()  # less text waits now: reading may resume
+        if machine.reading_paused:
+            self._pump()  # less text waits now: reading may resume
         context = self._context
         self._current = asyncio.get_running_loop().create_task(
             self._synthesize(req), context=None if context is None else context.copy())
