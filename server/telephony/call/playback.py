@@ -317,7 +317,8 @@ class Playback:
                 if first_audio_s < 0 and pcm:
                     first_audio_s = time.perf_counter() - taken
                 machine.handle(EngineAudio(req, pcm))
-                self.pump()
+                if machine.has_output:
+                    self.pump()  # else the piece completed no frame: nothing to send
                 while not machine.wants_audio and not self._closed:
                     self._room.clear()  # the provider stopped echoing marks: stop pulling audio
                     await self._room.wait()
