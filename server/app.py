@@ -75,6 +75,7 @@ class Gateway:
         self._http_port: BoundPort | None = None
         self.billing: BillingService | None = None
         self.telephony: TelephonyEndpoint | None = None
+        self.resume_store: ResumeStore | None = None
         self.requests: BillingService | UnmeteredRequests = UnmeteredRequests()
         self.billing_urls: BillingUrls | None = None
         self.admin_token = ""
@@ -144,6 +145,7 @@ class Gateway:
         # Resume points in Redis (any node can resume a session) when billing has one.
         resume_store: ResumeStore = (RedisResumeStore(self.billing.redis)
                                      if self.billing is not None else MemoryResumeStore())
+        self.resume_store = resume_store
         asr_endpoint = AsrEndpoint(
             config=cfg, engines=self.engines, meters=meters, server=ws, metrics=self.metrics,
             resume_store=resume_store,
@@ -272,6 +274,8 @@ class Gateway:
             await self.retention.stop()
         await aclose_all(self.engines)
         await close_synthesizers(self.synthesizers)
+        if self.resume_store is not None:
+            await self.resume_store.aclose()  # the last sessions' saves, before Redis closes
         if self.billing is not None:
             await self.billing.stop()  # after the sessions settled: the flusher goes last
         if self.billing_urls is not None and self.billing_urls.services is not None:

@@ -117,6 +117,11 @@ class ResumeStore(Protocol):
         the holder of the current epoch may."""
         ...
 
+    async def aclose(self) -> None:
+        """Send the saves still waiting and wait for those in flight: the server calls it
+        once its sessions ended, before the store's client closes."""
+        ...
+
 
 class MemoryResumeStore:
     """One process's sessions, for a server without Redis. Bounded: the oldest entry goes when
@@ -159,6 +164,9 @@ class MemoryResumeStore:
         current = self._live(token)
         if current is not None and current.epoch == epoch:
             del self._points[token]
+
+    async def aclose(self) -> None:
+        """Nothing to send: every save is stored as it is made."""
 
 
 P = TypeVar("P", ResumePoint, TtsResumePoint)

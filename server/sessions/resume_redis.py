@@ -93,3 +93,6 @@ class RedisResumeStore:
 
     async def forget(self, token: str, epoch: int) -> None:
         await self._forget(keys=[resume_key(token)], args=[epoch])
+
+    async def aclose(self) -> None:
+        await self._batch.aclose()

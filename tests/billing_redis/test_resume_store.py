@@ -107,3 +107,22 @@ async def test_saves_made_together_go_in_one_round_trip_each_with_its_own_answer
         assert isinstance(claimed, ResumePoint) and claimed.offset == 3200  # the batch wrote it
     finally:
         await client.aclose()
+
+
+async def test_aclose_stores_the_saves_still_waiting_before_the_client_closes(
+        redis_url: str) -> None:
+    """The server closes the store after its sessions ended and before Redis: a save still
+    waiting for its batch window is sent then, not lost with a task left behind."""
+    client = connect(redis_url)
+    try:
+        store = RedisResumeStore(client, save_window_s=60.0)  # the window never ends by itself
+        token = uuid.uuid4().hex
+        saving = asyncio.ensure_future(store.save(token, point(offset=3200), 60))
+        await asyncio.sleep(0)
+        assert not saving.done()
+        await store.aclose()
+        assert saving.done() and saving.result() is True
+        claimed = await store.claim(token, "acme", 60)
+        assert claimed is not None and claimed.offset == 3200
+    finally:
+        await client.aclose()
