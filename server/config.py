@@ -272,9 +272,9 @@ class TelephonyConfig(Base):
     # soxr quality of the agent's speech from the TTS engine's rate to the call's (8 kHz G.711):
     # MQ is 50+ dB from HQ, far below G.711's own noise, and holds ~7 KiB per call, not ~80
     # (docs/decisions/15M1-telephony-tts-resample-quality.md).
-    tts_resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ"] = "MQ"
+    tts_resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ", "HB"] = "HB"
     # The same for the caller's speech, 8 kHz up to the ASR engine's rate (decision 15M1).
-    asr_resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ"] = "MQ"
+    asr_resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ", "HB"] = "HB"
     agent: TelephonyAgentConfig = msgspec.field(default_factory=TelephonyAgentConfig)
 
     def __post_init__(self) -> None:

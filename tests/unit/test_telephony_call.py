@@ -235,8 +235,9 @@ def test_a_call_hears_the_caller_answers_and_hangs_up_1000(
 
 
 def test_the_agents_speech_is_resampled_to_the_call_at_the_configured_quality() -> None:
-    """Decision 15M1: MQ by default (16 kHz engine -> 8 kHz G.711), kept across the agent's
-    replies (each chunk gets a fresh resampler), and `telephony.tts_resample_quality` rules."""
+    """Decisions 15M1, 15R2: HB by default (16 kHz engine -> 8 kHz G.711: the half-band FIR),
+    kept across the agent's replies (each chunk gets a fresh resampler), and
+    `telephony.tts_resample_quality` rules."""
     async def scenario(quality: str | None) -> str:
         call = await (open_call() if quality is None else
                       open_call(tts_resample_quality=quality))
@@ -249,12 +250,12 @@ def test_the_agents_speech_is_resampled_to_the_call_at_the_configured_quality() 
         runner = call.session.runner
         assert runner is not None
         # The caller's direction (8 kHz up to the engine's 16 kHz) alike.
-        assert runner.machine.settings.resample_quality == "MQ"
+        assert runner.machine.settings.resample_quality == "HB"
         got = machine.resampler.quality
         await call.end()
         return got
 
-    assert run(scenario(None)) == "MQ"
+    assert run(scenario(None)) == "HB"
     assert run(scenario("HQ")) == "HQ"
 
 
