@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import fcntl
 import hashlib
 import json
 import os
@@ -362,9 +363,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.force and up_to_date(modules):
         return 0
-    log(f"compiling {len(modules)} hot-path modules with mypyc {mypy_version()} "
-        "(once per change; docs/native.md)")
-    return build(modules, args.verbose)
+    # One build at a time per checkout and Python (two test runs may start set-up at once).
+    out_dir().parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir().with_name(out_dir().name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not args.force and up_to_date(modules):
+            return 0  # the other one built it
+        log(f"compiling {len(modules)} hot-path modules with mypyc {mypy_version()} "
+            "(once per change; docs/native.md)")
+        return build(modules, args.verbose)
 
 
 if __name__ == "__main__":
