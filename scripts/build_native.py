@@ -36,6 +36,7 @@ MODULES: tuple[str, ...] = (
     "server/ws/connection.py",
     "server/sessions/asr.py",
     "server/sessions/asr_runner.py",
+    "server/sessions/tts.py",
     "server/telephony/call/endpoint.py",
     "server/telephony/call/meters.py",
     "server/telephony/call/session.py",

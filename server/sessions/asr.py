@@ -58,6 +58,7 @@ from server.flow_control.outbox import Outbox
 from server.flow_control.replay import FinalsReplay
 from server.models.base import EngineError, Hypothesis
 from server.sessions.asr_params import AsrParams, BadParams, params_with_config
+from server.sessions.errors import IllegalTransition
 from server.sessions.resume import FinalMessage, ResumeStart
 from streamgate_protocol import messages as m
 from streamgate_protocol.audio import AudioFormatError, StreamDecoder
@@ -134,10 +135,6 @@ _TRANSITIONS: Final[dict[State, frozenset[State]]] = {
     "settling": frozenset({"closed"}),
     "closed": frozenset(),
 }
-
-
-class IllegalTransition(RuntimeError):
-    """A command the session's state does not allow (a bug in the caller, not the client)."""
 
 
 _Control = m.Finalize | m.Close

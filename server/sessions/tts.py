@@ -46,6 +46,7 @@ from server.flow_control.text_backlog import TextBacklogBound
 from server.protocol.decoding import BadMessage, decode_client_message
 from server.sessions.asr import CloseAction
 from server.sessions.asr_params import BadParams
+from server.sessions.errors import IllegalTransition as IllegalTransition
 from server.sessions.resume import TtsChunkPoint, TtsResumeStart
 from streamgate_protocol import messages as m
 from streamgate_protocol.audio import StreamEncoder
@@ -59,10 +60,6 @@ TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
     "closing": frozenset({"closed"}),
     "closed": frozenset(),
 }
-
-
-class IllegalTransition(RuntimeError):
-    """A move the transition table does not allow (as h11's LocalProtocolError)."""
 
 
 def transition(state: State, to: State) -> State:
