@@ -118,6 +118,42 @@ def imports_of(path: Path, names: set[str]) -> list[str]:
     return sorted(found & names)
 
 
+FIRST_PARTY = ("server", "streamgate_protocol", "streamgate_client")
+
+
+def _module_file(dotted: str) -> str | None:
+    """The repository path of a first-party module (server.x -> server/x.py, a package's
+    __init__.py, streamgate_protocol.x under client/), or None."""
+    if dotted.split(".", 1)[0] not in FIRST_PARTY:
+        return None
+    stem = dotted.replace(".", "/")
+    for base in ("", "client/"):
+        for candidate in (f"{base}{stem}.py", f"{base}{stem}/__init__.py"):
+            if (ROOT / candidate).is_file():
+                return candidate
+    return None
+
+
+def inputs_of(path: str, listed: set[str]) -> dict[str, str]:
+    """{path: sha256} of the first-party modules `path` imports that are not compiled
+    themselves: mypyc copies their `Final` constants into the compiled code, so an edit there
+    must make this module stale as an edit of its own source does (a compiled dependency is
+    tracked by `deps`)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse((ROOT / path).read_bytes())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        else:
+            continue
+        for name in names:
+            source = _module_file(name)
+            if source is not None and source != path and source not in listed:
+                found.add(source)
+    return {source: sha256(ROOT / source) for source in sorted(found)}
+
+
 GROUP_RE = re.compile(rb"([A-Za-z_][\w.]*)__mypyc\x00")
 
 
@@ -147,6 +183,9 @@ def up_to_date(modules: list[str]) -> bool:
         if name in built:
             if built[name]["sha256"] != digest or not (out_dir() / built[name]["so"]).is_file():
                 return False
+            for source, want in built[name].get("inputs", {}).items():
+                if not (ROOT / source).is_file() or sha256(ROOT / source) != want:
+                    return False
         elif excluded.get(name, {}).get("sha256") != digest:
             return False
     return True
@@ -259,7 +298,7 @@ def write_manifest(lib: Path, requested: list[str], built: list[str],
         if group_lib.is_file():
             deps.update(native_deps(group_lib, names - {name}))
         modules[name] = {"source": path, "sha256": sha256(ROOT / path), "so": so,
-                         "deps": sorted(deps)}
+                         "deps": sorted(deps), "inputs": inputs_of(path, set(requested))}
     # The groups' runtime libraries (separate compilation: one per module) and mypyc's own.
     libs = {}
     for so_path in lib.rglob("*" + suffix):

@@ -95,13 +95,16 @@ def plan(manifest: dict[str, Any], build_dir: Path, source_root: Path,
          ) -> tuple[dict[str, Path], list[str], list[str]]:
     """(module or library name -> .so, compiled module names, stale module names).
 
-    A module is served compiled when its .so is there, its source hashes as recorded, and every
-    module it depends on is served compiled too (mypyc calls across modules natively)."""
+    A module is served compiled when its .so is there, its source and the uncompiled modules it
+    imports (mypyc copies their `Final` constants into it) hash as recorded, and every module
+    it depends on is served compiled too (mypyc calls across modules natively)."""
     modules: dict[str, Any] = manifest.get("modules", {})
     fresh: set[str] = set()
     for name, entry in modules.items():
         if ((build_dir / entry["so"]).is_file()
-                and _sha256(source_root / entry["source"]) == entry["sha256"]):
+                and _sha256(source_root / entry["source"]) == entry["sha256"]
+                and all(_sha256(source_root / source) == digest
+                        for source, digest in entry.get("inputs", {}).items())):
             fresh.add(name)
     changed = True
     while changed:  # drop whatever depends on a dropped module, to a fixed point

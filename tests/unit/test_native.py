@@ -77,6 +77,38 @@ def test_a_stale_module_leaves_the_independent_ones_compiled(tmp_path: Path) -> 
     assert "1 changed since the build run as pure Python" in status.line()
 
 
+def test_an_edited_constant_in_an_uncompiled_import_makes_the_module_stale(
+        tmp_path: Path) -> None:
+    """mypyc copies a `Final` constant it imports into the compiled code: the build records
+    the uncompiled modules a compiled one imports, and an edit there makes it stale too."""
+    build, src = _fake_build(tmp_path, {"pkg.a": b"from pkg.limits import X\n",
+                                        "pkg.b": b"B = 2\n"})
+    (src / "pkg/limits.py").write_bytes(b"X: Final = 1\n")
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["modules"]["pkg.a"]["inputs"] = {"pkg/limits.py": _sha(b"X: Final = 1\n")}
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    assert native.decide(None, build, src)[0].compiled == ["pkg.a", "pkg.b"]
+    (src / "pkg/limits.py").write_bytes(b"X: Final = 2\n")  # edited after the build
+    status, paths = native.decide(None, build, src)
+    assert status.compiled == ["pkg.b"] and status.stale == ["pkg.a"] and "pkg.a" not in paths
+    (src / "pkg/limits.py").unlink()  # gone: stale as well
+    assert native.decide(None, build, src)[0].stale == ["pkg.a"]
+
+
+def test_the_build_records_the_uncompiled_first_party_imports() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import build_native
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    inputs = build_native.inputs_of("server/sessions/asr.py", set(build_native.MODULES))
+    assert "server/flow_control/finals.py" in inputs  # FINALS_TIMEOUT_S, a Final it copies
+    assert "server/sessions/asr_runner.py" not in inputs  # compiled: tracked by deps
+    assert all(not p.startswith(("numpy", "msgspec")) for p in inputs)  # first party only
+    assert inputs["server/flow_control/finals.py"] == _sha(
+        (ROOT / "server/flow_control/finals.py").read_bytes())
+
+
 def test_a_missing_so_runs_pure(tmp_path: Path) -> None:
     build, src = _fake_build(tmp_path, {"pkg.a": b"A = 1\n", "pkg.b": b"B = 2\n"})
     (build / f"pkg/a{SUFFIX}").unlink()
