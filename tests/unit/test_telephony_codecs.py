@@ -638,6 +638,23 @@ def test_outbound_frames_equal_a_full_encode(stream_id: str, name: str, payload:
         assert json.loads(mark) == json.loads(encode_json(want_mark))
 
 
+def test_a_stream_id_that_spells_the_hole_is_encoded_whole() -> None:
+    """A start event's stream id is the client's: one equal to the template's hole (the same
+    characters, not the constant) must not break the call's frames (it raised ValueError)."""
+    spelled = "".join(list(FrameTemplate.HOLE))  # equal, not the same object
+    call = CallStarted(stream_id=spelled, call_id="CA", account_id=None, tracks=(),
+                       custom_parameters={}, encoding="mulaw", sample_rate=8000, channels=1)
+    for codec in (TwilioCodec(), ExotelCodec(), PlivoCodec()):
+        codec._call = call
+        media, mark = codec.encode(PlayAudio(b"\x01\x02", mark="m1"))
+        sent = json.loads(mark)
+        assert spelled in sent.values()
+        assert sent.get("name", sent.get("mark", {}).get("name")) == "m1"
+        body = json.loads(media)
+        assert body["event"] in ("media", "playAudio")
+        assert base64.b64decode(body["media"]["payload"]) == b"\x01\x02"
+
+
 def test_frame_template_needs_one_hole() -> None:
     with pytest.raises(ValueError, match="exactly one hole"):
         FrameTemplate({"event": "media"})

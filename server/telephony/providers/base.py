@@ -133,23 +133,48 @@ class FrameTemplate:
     exactly what ``encode_json`` gives for the same message (the tests hold them to it)."""
 
     HOLE: Final = _HOLE
-    __slots__ = ("_head", "_tail")
+    __slots__ = ("_head", "_message", "_tail")
 
     def __init__(self, message: Mapping[str, object]) -> None:
+        if _holes(message) != 1:
+            raise ValueError("a frame template needs exactly one hole")
         hole = _ENCODER.encode(_HOLE)
         encoded = _ENCODER.encode(message)
-        if encoded.count(hole) != 1:
-            raise ValueError("a frame template needs exactly one hole")
+        # A field from the wire (a stream id) that spells the hole makes the bytes ambiguous:
+        # such a call's frames are encoded whole, as before templates.
+        self._message = None if encoded.count(hole) == 1 else message
         self._head, _, self._tail = encoded.partition(hole)
 
     def with_bytes(self, payload: bytes) -> bytes:
         """The message with ``payload`` in the hole as a base64 JSON string."""
+        if self._message is not None:
+            return _ENCODER.encode(_filled(self._message, payload))
         return b"".join((self._head, b'"', binascii.b2a_base64(payload, newline=False),
                          b'"', self._tail))
 
     def with_text(self, value: str) -> bytes:
         """The message with ``value`` in the hole as a JSON string."""
+        if self._message is not None:
+            return _ENCODER.encode(_filled(self._message, value))
         return b"".join((self._head, _ENCODER.encode(value), self._tail))
+
+
+def _holes(node: object) -> int:
+    """How many values of `node` are the template's hole itself (the constant, by identity:
+    a string from the wire that spells it is not one)."""
+    if node is _HOLE:
+        return 1
+    if isinstance(node, Mapping):
+        return sum(_holes(v) for v in node.values())
+    return 0
+
+
+def _filled(node: object, value: object) -> object:
+    if node is _HOLE:
+        return value
+    if isinstance(node, Mapping):
+        return {k: _filled(v, value) for k, v in node.items()}
+    return node
 
 
 def string_params(params: Mapping[str, Scalar]) -> dict[str, str]:
