@@ -11,15 +11,21 @@ commands, and WATCH/MULTI on keys of one tenant (one hash tag, so one slot: keys
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterUnreachableError, SlotNotCoveredError
+from redis.exceptions import (
+    RedisClusterException,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -27,20 +33,72 @@ class ClusterClient(RedisCluster):
     """RedisCluster that reports an unreachable cluster as redis' ConnectionError, like the
     one-server client does: with no node answering, redis-py raises RedisClusterUnreachableError
     (no RedisError at all), which every `except RedisError` (503 billing_unavailable, the
-    sweeper, rate limits failing open) would let through as a crash."""
+    sweeper, rate limits failing open, usage reports deferred) would let through as a crash.
+    Commands, and pipelines (`pipeline()`: the batched billing scripts, WATCH/MULTI), alike."""
 
     async def initialize(self, *args: Any, **kwargs: Any) -> ClusterClient:
         try:
             await super().initialize(*args, **kwargs)
         except _UNREACHABLE as exc:
-            raise RedisConnectionError(f"Redis Cluster unreachable: {exc}") from exc
+            raise _unreachable(exc) from exc
         return self
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().execute_command(*args, **kwargs)
         except _UNREACHABLE as exc:
-            raise RedisConnectionError(f"Redis Cluster unreachable: {exc}") from exc
+            raise _unreachable(exc) from exc
+
+    def pipeline(self, transaction: Any | None = None,
+                 shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:  # as RedisCluster.pipeline
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        # redis-py declares an attribute ClusterPipeline never sets as abstract
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """A pipeline of ClusterClient: redis-py's pipeline and transaction strategies give up on a
+    cluster no node answers with RedisClusterUnreachableError of their own (after their own
+    topology refresh), never passing through `ClusterClient.execute_command`; converted here
+    wherever a pipeline does I/O: `execute`, WATCH/UNWATCH, and the commands a transaction
+    runs at once while watching."""
+
+    async def execute(self, raise_on_error: bool = True,
+                      allow_redirections: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except _UNREACHABLE as exc:
+            raise _unreachable(exc) from exc
+
+    async def watch(self, *names: Any) -> None:  # type: ignore[override]
+        try:
+            await super().watch(*names)  # type: ignore[no-untyped-call]
+        except _UNREACHABLE as exc:
+            raise _unreachable(exc) from exc
+
+    async def unwatch(self) -> None:  # type: ignore[override]
+        try:
+            await super().unwatch()  # type: ignore[no-untyped-call]
+        except _UNREACHABLE as exc:
+            raise _unreachable(exc) from exc
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        staged = super().execute_command(*args, **kwargs)
+        if staged is self or not inspect.isawaitable(staged):
+            return staged  # queued: nothing sent yet
+        return _converted(staged)  # a command a watching transaction runs at once
+
+
+async def _converted(reply: Awaitable[Any]) -> Any:
+    try:
+        return await reply
+    except _UNREACHABLE as exc:
+        raise _unreachable(exc) from exc
+
+
+def _unreachable(exc: Exception) -> RedisConnectionError:
+    return RedisConnectionError(f"Redis Cluster unreachable: {exc}")
 
 
 _UNREACHABLE = (RedisClusterUnreachableError, SlotNotCoveredError)
@@ -60,8 +118,10 @@ def is_cluster_url(url: str) -> bool:
 
 
 def _retry() -> Retry:
-    # Few, short retries: every billing script is idempotent, and a Redis outage must turn into
-    # a quick, clear decision, not seconds of backoff per call.
+    # Few, short retries: every money script is idempotent (wallet_cache.py; the rate limiter's
+    # audio.lua is not, so a retry can count audio seconds twice against a limit, never money:
+    # script_batch.py), and a Redis outage must turn into a quick, clear decision, not seconds
+    # of backoff per call.
     return Retry(ExponentialBackoff(cap=0.2, base=0.02), 2)
 
 

@@ -10,11 +10,24 @@ its own, as it was), so at 1,000 calls a report costs a share of one round trip.
 
 Nothing about a script's outcome changes: each caller gets its own script's reply or error
 (a script error, NOSCRIPT handled by loading the script and running it again); a connection
-error or timeout fails every call of the batch with it, and the callers retry as before. Every
-billing script is idempotent (wallet_cache.py), so redis-py re-sending the whole pipeline
-after a connection error is as safe as re-sending one script. A caller that stops waiting
-(cancelled, timed out) leaves the batch unharmed: its script may still run, as a cancelled
-single call's may.
+error or timeout fails every call of the round trip with it, and the callers retry as before.
+A round trip that fails is the only one its calls fail with: the calls answered before a
+NOSCRIPT recovery keep their replies if the recovery fails. On a Redis Cluster no node
+answers, the error is redis' ConnectionError, as for one call (redis_client.ClusterClient).
+
+Re-sent scripts: redis-py re-sends a pipeline after a connection error or timeout (the whole
+pipeline on one server; on a cluster, the commands not answered yet), so a script whose reply
+was lost can run twice, as a single retried EVALSHA can. The money scripts are idempotent
+(report.lua: a seq already reported is `duplicate`; the resume save writes the same point
+again), and so is a concurrency slot's refresh. `audio.lua` (the rate limiter's audio seconds
+per minute, `RateLimiter.add_audio`) is not: it adds its audio on every run, so a re-sent
+batch can count the audio of every session in it twice against its tenant's limit, never
+money, and at worst refuses audio (4029) early within the minute's window. Batching widens
+that from one session to a batch's; left as is (making it idempotent means keying each add by
+session and report seq), as the count is a limit's estimate, not a bill.
+
+A caller that stops waiting (cancelled, timed out) leaves the batch unharmed: its script may
+still run, as a cancelled single call's may.
 """
 
 from __future__ import annotations
@@ -84,33 +97,41 @@ class ScriptBatcher:
         task.add_done_callback(self._running.discard)
 
     async def _run(self, batch: list[_Call]) -> None:
+        replies = await self._round_trip(batch)
+        if replies is None:
+            return
+        missing = [call for call, reply in zip(batch, replies, strict=True)
+                   if isinstance(reply, NoScriptError)]
+        # Answer the calls whose scripts ran before any recovery: a failed recovery below must
+        # not report a script as failed that did run (add_audio would count its audio twice).
+        for call, reply in zip(batch, replies, strict=True):
+            if not isinstance(reply, NoScriptError):
+                _answer(call, reply)
+        if not missing:
+            return
+        # A restarted or flushed Redis: load each script once, run those again.
+        again = await self._round_trip(missing, reload=True)
+        if again is not None:
+            for call, reply in zip(missing, again, strict=True):
+                _answer(call, reply)
+
+    async def _round_trip(self, calls: list[_Call], *, reload: bool = False) -> list[Any] | None:
+        """One pipeline's replies (after loading the calls' scripts if `reload`), or None when
+        the round trip failed: then every one of `calls` has failed with its error."""
         try:
-            replies = await self._pipeline(batch)
-            missing = [(call, i) for i, call in enumerate(batch)
-                       if isinstance(replies[i], NoScriptError)]
-            if missing:
-                # A restarted or flushed Redis: load each script once, run those again.
-                for script in {id(call.script): call.script for call, _ in missing}.values():
+            if reload:
+                for script in {id(call.script): call.script for call in calls}.values():
                     await script.load(self._r)
-                again = await self._pipeline([call for call, _ in missing])
-                for (_, i), reply in zip(missing, again, strict=True):
-                    replies[i] = reply
+            return await self._pipeline(calls)
         except asyncio.CancelledError:
-            for call in batch:
+            for call in calls:
                 call.future.cancel()
             raise
         except Exception as exc:  # the round trip failed: every call of it did
-            for call in batch:
+            for call in calls:
                 if not call.future.done():
                     call.future.set_exception(exc)
-            return
-        for call, reply in zip(batch, replies, strict=True):
-            if call.future.done():
-                continue  # its caller stopped waiting
-            if isinstance(reply, Exception):
-                call.future.set_exception(reply)
-            else:
-                call.future.set_result(reply)
+            return None
 
     async def _pipeline(self, calls: list[_Call]) -> list[Any]:
         self.batches += 1
@@ -125,3 +146,12 @@ class ScriptBatcher:
         self._send()
         if self._running:
             await asyncio.wait(list(self._running))
+
+
+def _answer(call: _Call, reply: Any) -> None:
+    if call.future.done():
+        return  # its caller stopped waiting
+    if isinstance(reply, Exception):
+        call.future.set_exception(reply)
+    else:
+        call.future.set_result(reply)

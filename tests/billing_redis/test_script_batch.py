@@ -198,3 +198,46 @@ def test_bad_settings_are_refused() -> None:
         ScriptBatcher(r, window_s=-1)
     with pytest.raises(ValueError, match="max_batch"):
         ScriptBatcher(r, max_batch=0)
+
+
+class _Unloadable(LuaScript):
+    """A script Redis never saw (NOSCRIPT) whose SCRIPT LOAD fails: the NOSCRIPT recovery's
+    round trip fails."""
+
+    def __init__(self) -> None:
+        super().__init__("audio")
+        self.sha = "f" * 40
+
+    async def load(self, r: Any) -> str:
+        raise RedisConnectionError("SCRIPT LOAD failed (injected)")
+
+
+async def test_a_failed_noscript_recovery_fails_only_the_scripts_it_retried(
+        redis_url: str) -> None:
+    """The calls whose scripts ran in the first round trip keep their replies: add_audio's
+    audio is counted in Redis once, not also locally as if Redis were down (reviewer F4)."""
+    r = connect(redis_url)
+    batcher = ScriptBatcher(r, window_s=0.01)
+    limits = RateLimiter(r, batcher=batcher)
+    tenant = new_tenant()
+    try:
+        await limits.add_audio(tenant, 0, 60)  # loads audio.lua (NOSCRIPT on a fresh Redis)
+        before = batcher.batches
+        outcome: list[Any] = list(await asyncio.gather(
+            limits.add_audio(tenant, 40_000, 60),
+            batcher(_Unloadable(), [keys.audio_key(tenant) + ":none"], [1, 1, 1]),
+            return_exceptions=True))
+        counted, lost = outcome
+        assert batcher.batches - before == 1  # one pipeline; the load failed before a second
+        assert isinstance(lost, RedisConnectionError) and "injected" in str(lost)
+        assert not isinstance(counted, BaseException)
+        assert counted.allowed and not counted.fallback  # Redis answered it
+        stored: Any = await r.hget(keys.audio_key(tenant), "cur")
+        assert int(stored) == 40_000  # counted once, in Redis
+        # Redis counts on (no outage was marked): 40 + 30 s is over 60 s a minute.
+        over = await limits.add_audio(tenant, 30_000, 60)
+        assert not over.allowed and not over.fallback
+    finally:
+        await drop_tenant(r, tenant)
+        await batcher.aclose()
+        await r.aclose()
