@@ -112,9 +112,11 @@ class ResumeStore(Protocol):
         if the token is unknown, expired or another tenant's."""
         ...
 
-    async def forget(self, token: str, epoch: int) -> None:
+    async def forget(self, token: str, epoch: int, ttl_s: float) -> None:
         """The session ended for good (a normal close, an error): it cannot be resumed. Only
-        the holder of the current epoch may."""
+        the holder of the current epoch (or of a token with nothing stored) may. What is left
+        for `ttl_s` is a tombstone under `epoch + 1`: a save of the finished session that
+        reaches the store after this (a batched one) is refused, not stored again."""
         ...
 
     async def aclose(self) -> None:
@@ -125,45 +127,49 @@ class ResumeStore(Protocol):
 
 class MemoryResumeStore:
     """One process's sessions, for a server without Redis. Bounded: the oldest entry goes when
-    `max_entries` are kept."""
+    `max_entries` are kept. An entry is (epoch, point, deadline); a forgotten session's is a
+    tombstone, (epoch + 1, None, deadline), as in Redis (resume_redis.py)."""
 
     def __init__(self, max_entries: int = 100_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._points: OrderedDict[str, tuple[AnyResumePoint, float]] = OrderedDict()
+        self._points: OrderedDict[str, tuple[int, AnyResumePoint | None, float]] = OrderedDict()
         self._max = max_entries
         self._clock = clock
 
-    def _live(self, token: str) -> AnyResumePoint | None:
+    def _live(self, token: str) -> tuple[int, AnyResumePoint | None, float] | None:
         entry = self._points.get(token)
         if entry is None:
             return None
-        if entry[1] <= self._clock():
+        if entry[2] <= self._clock():
             del self._points[token]
             return None
-        return entry[0]
+        return entry
 
-    async def save(self, token: str, point: AnyResumePoint, ttl_s: float) -> bool:
-        current = self._live(token)
-        if current is not None and current.epoch > point.epoch:
-            return False
-        self._points[token] = (point, self._clock() + ttl_s)
+    def _put(self, token: str, epoch: int, point: AnyResumePoint | None, ttl_s: float) -> None:
+        self._points[token] = (epoch, point, self._clock() + ttl_s)
         self._points.move_to_end(token)
         while len(self._points) > self._max:
             self._points.popitem(last=False)
+
+    async def save(self, token: str, point: AnyResumePoint, ttl_s: float) -> bool:
+        current = self._live(token)
+        if current is not None and current[0] > point.epoch:
+            return False
+        self._put(token, point.epoch, point, ttl_s)
         return True
 
     async def claim(self, token: str, tenant_id: str, ttl_s: float) -> AnyResumePoint | None:
         current = self._live(token)
-        if current is None or current.tenant_id != tenant_id:
+        if current is None or current[1] is None or current[1].tenant_id != tenant_id:
             return None
-        claimed = msgspec.structs.replace(current, epoch=current.epoch + 1)
-        self._points[token] = (claimed, self._clock() + ttl_s)
+        claimed = msgspec.structs.replace(current[1], epoch=current[0] + 1)
+        self._points[token] = (claimed.epoch, claimed, self._clock() + ttl_s)
         return claimed
 
-    async def forget(self, token: str, epoch: int) -> None:
+    async def forget(self, token: str, epoch: int, ttl_s: float) -> None:
         current = self._live(token)
-        if current is not None and current.epoch == epoch:
-            del self._points[token]
+        if current is None or current[0] == epoch:
+            self._put(token, epoch + 1, None, ttl_s)
 
     async def aclose(self) -> None:
         """Nothing to send: every save is stored as it is made."""

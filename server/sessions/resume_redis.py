@@ -5,6 +5,11 @@ slot of a Redis Cluster; the digest keeps tokens out of Redis): `epoch`, `tenant
 (msgspec JSON). Each operation is one Lua script, so a save under an older epoch can never
 overwrite a resume's claim.
 
+A forgotten session leaves a tombstone for the resume window: its `epoch` raised by one, no
+`tenant` and no `point`. A save of the finished session still on its way (waiting in the batch
+below while FORGET went straight out) then finds a newer epoch and is refused instead of
+writing the point back; a claim finds no tenant (docs/decisions/F1-resume-forget-tombstone.md).
+
 Saves are many (a TTS session's text and charged chunks, an ASR session's quiet points and
 reports, every session's) and wait for nothing: the saves of all sessions made within
 `SAVE_WINDOW_S` of each other go to Redis as one pipeline (server/billing/script_batch.py,
@@ -45,7 +50,11 @@ return {epoch, redis.call('HGET', KEYS[1], 'point')}
 
 _FORGET = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if epoch and tonumber(epoch) == tonumber(ARGV[1]) then redis.call('DEL', KEYS[1]) end
+if epoch and tonumber(epoch) ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HDEL', KEYS[1], 'tenant', 'point')
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -91,8 +100,8 @@ class RedisResumeStore:
         point = _decoder.decode(raw)
         return msgspec.structs.replace(point, epoch=int(epoch))
 
-    async def forget(self, token: str, epoch: int) -> None:
-        await self._forget(keys=[resume_key(token)], args=[epoch])
+    async def forget(self, token: str, epoch: int, ttl_s: float) -> None:
+        await self._forget(keys=[resume_key(token)], args=[epoch, max(1, int(ttl_s * 1000))])
 
     async def aclose(self) -> None:
         await self._batch.aclose()

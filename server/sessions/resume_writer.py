@@ -79,12 +79,14 @@ class ResumeWriter:
             self._task = None
 
     async def forget(self) -> None:
-        """The session ended for good: a resume is refused from now on."""
+        """The session ended for good: a resume is refused from now on. A save cancelled here
+        may still reach the store after the forget (a batched store sends what was queued);
+        the store refuses it (`ResumeStore.forget` leaves a newer epoch behind)."""
         await self.aclose()
         if self.superseded:
             return
         try:
-            await self._store.forget(self.token, self.epoch)
+            await self._store.forget(self.token, self.epoch, self._ttl_s)
         except Exception as exc:
             self._log.warning("resume point not forgotten: %s", exc, extra=dict(self._extra))
 

@@ -1,11 +1,13 @@
 """The resume store (server/sessions/resume.py, resume_redis.py): a resume claims a session
 once per epoch, a writer with an older epoch is refused, a finished session is forgotten, a
 point expires, another tenant never sees one; the same rules in memory and in Redis (one server
-and a real Redis Cluster: this package runs every test on both)."""
+and a real Redis Cluster: this package runs every test on both); a save that reaches the store
+after the session was forgotten is refused."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -13,8 +15,9 @@ import pytest
 
 from server.billing.redis_client import connect
 from server.sessions.asr_params import AsrParams
-from server.sessions.resume import MemoryResumeStore, ResumePoint, ResumeStore
+from server.sessions.resume import AnyResumePoint, MemoryResumeStore, ResumePoint, ResumeStore
 from server.sessions.resume_redis import RedisResumeStore, resume_key
+from server.sessions.resume_writer import ResumeWriter, SaveOutcome
 from streamgate_protocol import messages as m
 
 
@@ -42,12 +45,12 @@ async def test_a_resume_claims_the_point_once_and_the_old_writer_is_refused(
     token = uuid.uuid4().hex
     assert await store.save(token, point(offset=6400), 60)
     claimed = await store.claim(token, "acme", 60)
-    assert claimed is not None and claimed.epoch == 1
+    assert isinstance(claimed, ResumePoint) and claimed.epoch == 1
     assert claimed.offset == 6400 and claimed.finals == point().finals  # round trip, typed
     assert not await store.save(token, point(epoch=0, offset=9600), 60)  # superseded
     assert await store.save(token, point(epoch=1, offset=9600), 60)  # the new holder writes
     again = await store.claim(token, "acme", 60)
-    assert again is not None and again.epoch == 2 and again.offset == 9600
+    assert isinstance(again, ResumePoint) and again.epoch == 2 and again.offset == 9600
 
 
 async def test_another_tenant_an_unknown_token_and_a_finished_session_find_nothing(
@@ -56,11 +59,80 @@ async def test_another_tenant_an_unknown_token_and_a_finished_session_find_nothi
     assert await store.claim(token, "acme", 60) is None
     assert await store.save(token, point(), 60)
     assert await store.claim(token, "intruder", 60) is None
-    await store.forget(token, epoch=5)  # not the holder: nothing happens
+    await store.forget(token, epoch=5, ttl_s=60)  # not the holder: nothing happens
     claimed = await store.claim(token, "acme", 60)
     assert claimed is not None
-    await store.forget(token, claimed.epoch)
+    await store.forget(token, claimed.epoch, 60)
     assert await store.claim(token, "acme", 60) is None
+    # The finished session's own writer is refused from now on, so it cannot bring it back.
+    assert not await store.save(token, point(epoch=claimed.epoch, offset=3200), 60)
+    assert await store.claim(token, "acme", 60) is None
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def held_store(request: pytest.FixtureRequest,
+                     redis_url: str) -> AsyncIterator[ResumeStore]:
+    """A store whose saves wait until `aclose()` (Redis: a batch window that never ends by
+    itself; memory: a save stored when its task runs)."""
+    if request.param == "memory":
+        yield MemoryResumeStore()
+        return
+    client = connect(redis_url)
+    try:
+        yield RedisResumeStore(client, save_window_s=60.0)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("saved_before", [False, True])
+async def test_a_save_still_waiting_when_the_session_is_forgotten_does_not_bring_it_back(
+        held_store: ResumeStore, saved_before: bool) -> None:
+    """The session ends for good (close 1000, 4002) while its last save waits in the batch:
+    FORGET goes straight out, the save after it. The save is refused and nothing is claimed,
+    whether the session had a point stored already or not (its first save was the one held)."""
+    token = uuid.uuid4().hex
+    if saved_before:
+        early = asyncio.ensure_future(held_store.save(token, point(offset=0), 60))
+        await asyncio.sleep(0)
+        await held_store.aclose()
+        assert await early
+    saving = asyncio.ensure_future(held_store.save(token, point(offset=3200), 60))
+    await asyncio.sleep(0)  # the save is made (Redis: it waits in the batch)
+    if isinstance(held_store, RedisResumeStore):
+        assert not saving.done()
+    await held_store.forget(token, 0, 60)
+    late = asyncio.ensure_future(held_store.save(token, point(offset=6400), 60))  # after it
+    await asyncio.sleep(0)
+    await held_store.aclose()  # the batch goes now, after the forget
+    assert await late is False
+    if isinstance(held_store, RedisResumeStore):
+        assert await saving is False
+    assert await held_store.claim(token, "acme", 60) is None
+
+
+async def test_a_writer_forgotten_with_its_save_in_the_batch_leaves_nothing_to_resume(
+        held_store: ResumeStore) -> None:
+    """ResumeWriter.forget cancels the save it has in flight, but a batched store still sends
+    it (server/billing/script_batch.py): the store refuses it after the forget."""
+    token = uuid.uuid4().hex
+    writer = ResumeWriter(held_store, token, epoch=0, ttl_s=60,
+                          log=logging.getLogger("test"), log_extra={})
+    outcomes: list[SaveOutcome] = []
+
+    def on_saved(_: AnyResumePoint, outcome: SaveOutcome) -> None:
+        outcomes.append(outcome)
+
+    writer.on_saved = on_saved
+    writer.request(lambda: point(offset=3200))
+    for _ in range(3):  # the write begins a turn later, then the store takes the save
+        await asyncio.sleep(0)
+    await writer.forget()
+    await held_store.aclose()
+    assert await held_store.claim(token, "acme", 60) is None
+    if isinstance(held_store, MemoryResumeStore):
+        assert outcomes == ["saved"]  # stored as it was made, then forgotten
+    else:
+        assert outcomes == []  # cancelled while it waited in the batch
 
 
 async def test_a_point_expires_after_its_window(store: ResumeStore) -> None:
@@ -123,6 +195,6 @@ async def test_aclose_stores_the_saves_still_waiting_before_the_client_closes(
         await store.aclose()
         assert saving.done() and saving.result() is True
         claimed = await store.claim(token, "acme", 60)
-        assert claimed is not None and claimed.offset == 3200
+        assert isinstance(claimed, ResumePoint) and claimed.offset == 3200
     finally:
         await client.aclose()
