@@ -8,7 +8,7 @@ overwrite a resume's claim.
 A forgotten session leaves a tombstone for the resume window: its `epoch` raised by one, no
 `tenant` and no `point`. A save of the finished session still on its way (waiting in the batch
 below while FORGET went straight out) then finds a newer epoch and is refused instead of
-writing the point back; a claim finds no tenant (docs/decisions/F1-resume-forget-tombstone.md).
+writing the point back; a claim finds no tenant (docs/decisions/15F1-resume-forget-tombstone.md).
 
 Saves are many (a TTS session's text and charged chunks, an ASR session's quiet points and
 reports, every session's) and wait for nothing: the saves of all sessions made within
