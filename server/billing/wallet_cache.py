@@ -1,9 +1,10 @@
 """The Redis side of billing: wallet cache, leases and usage stream (docs/billing.md, "Redis").
 
 Every state change is one Lua script in `lua/`, so it is atomic and touches the keys of one
-tenant only (all named in KEYS, one hash tag: Redis Cluster ready). Every script is idempotent,
-because redis-py retries commands on connection errors and callers retry on timeouts: a script
-that ran but whose reply was lost must be safe to run again.
+tenant only (all named in KEYS, one hash tag: Redis Cluster ready). Every wallet script is
+idempotent (the rate limiter's audio.lua is not: server/billing/script_batch.py), because
+redis-py retries commands on connection errors and callers retry on timeouts: a script that ran
+but whose reply was lost must be safe to run again.
 
 Money is integer micros. Lua computes with doubles, so every amount passed in is checked here to
 lie within +-2^50, where doubles are exact (the scripts check again).
