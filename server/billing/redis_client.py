@@ -66,22 +66,15 @@ class _ClusterPipeline(ClusterPipeline):
 
     async def execute(self, raise_on_error: bool = True,
                       allow_redirections: bool = True) -> list[Any]:
-        try:
-            return await super().execute(raise_on_error, allow_redirections)
-        except _UNREACHABLE as exc:
-            raise _unreachable(exc) from exc
+        replies: list[Any] = await _converted(super().execute(raise_on_error,
+                                                              allow_redirections))
+        return replies
 
     async def watch(self, *names: Any) -> None:  # type: ignore[override]
-        try:
-            await super().watch(*names)  # type: ignore[no-untyped-call]
-        except _UNREACHABLE as exc:
-            raise _unreachable(exc) from exc
+        await _converted(super().watch(*names))  # type: ignore[no-untyped-call]
 
     async def unwatch(self) -> None:  # type: ignore[override]
-        try:
-            await super().unwatch()  # type: ignore[no-untyped-call]
-        except _UNREACHABLE as exc:
-            raise _unreachable(exc) from exc
+        await _converted(super().unwatch())  # type: ignore[no-untyped-call]
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         staged = super().execute_command(*args, **kwargs)

@@ -5,6 +5,8 @@ Redis Cluster, like every test of this package."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ from redis.exceptions import ResponseError
 
 from server.billing import keys
 from server.billing.ratelimit import RateLimiter
-from server.billing.redis_client import connect
+from server.billing.redis_client import BillingRedis, connect
 from server.billing.script_batch import ScriptBatcher
 from server.billing.wallet_cache import LuaScript, WalletCache
 from tests.billing_redis.test_wallet_cache import TTL, drop_tenant, new_tenant
@@ -27,6 +29,26 @@ async def _reports(wc: WalletCache, tenant: str, leases: list[str], seq: int,
         wc.report(tenant, lease, seq=seq, cum_units=cost * 10, cum_cost=cost,
                   topup_want=100, low_water=50, ttl_ms=TTL)
         for lease in leases)))
+
+
+@asynccontextmanager
+async def _leased(redis_url: str, window_s: float, leases: tuple[str, ...]
+                  ) -> AsyncIterator[tuple[BillingRedis, ScriptBatcher, WalletCache, str]]:
+    """A tenant with 10,000 micros and a lease of 1,000 per name, its reports batched."""
+    r = connect(redis_url)
+    batcher = ScriptBatcher(r, window_s=window_s)
+    wc = WalletCache(r, batcher=batcher)
+    tenant = new_tenant()
+    try:
+        await wc.seed(tenant, 10_000, 0)
+        for lease in leases:
+            await wc.reserve(tenant, lease, min_micros=1, want_micros=1_000, ttl_ms=TTL,
+                             session_id=lease, **META)
+        yield r, batcher, wc, tenant
+    finally:
+        await drop_tenant(r, tenant)
+        await batcher.aclose()
+        await r.aclose()
 
 
 async def test_batched_reports_answer_as_single_ones(redis_url: str) -> None:
@@ -66,35 +88,16 @@ async def test_batched_reports_answer_as_single_ones(redis_url: str) -> None:
 
 
 async def test_a_flushed_redis_loads_the_scripts_again(redis_url: str) -> None:
-    r = connect(redis_url)
-    batcher = ScriptBatcher(r, window_s=0.01)
-    wc = WalletCache(r, batcher=batcher)
-    tenant = new_tenant()
-    try:
-        await wc.seed(tenant, 10_000, 0)
-        for lease in ("a", "b"):
-            await wc.reserve(tenant, lease, min_micros=1, want_micros=1_000, ttl_ms=TTL,
-                             session_id=lease, **META)
+    async with _leased(redis_url, 0.01, ("a", "b")) as (r, batcher, wc, tenant):
         await r.script_flush()
         before = batcher.batches
         results = await _reports(wc, tenant, ["a", "b"], 1, 10)
         assert [res.status for res in results] == ["ok", "ok"]
         assert batcher.batches - before == 2  # NOSCRIPT for both, then both again at once
-    finally:
-        await drop_tenant(r, tenant)
-        await batcher.aclose()
-        await r.aclose()
 
 
 async def test_a_script_error_is_its_callers_alone(redis_url: str) -> None:
-    r = connect(redis_url)
-    batcher = ScriptBatcher(r, window_s=0.01)
-    wc = WalletCache(r, batcher=batcher)
-    tenant = new_tenant()
-    try:
-        await wc.seed(tenant, 10_000, 0)
-        await wc.reserve(tenant, "a", min_micros=1, want_micros=1_000, ttl_ms=TTL,
-                         session_id="a", **META)
+    async with _leased(redis_url, 0.01, ("a",)) as (_r, batcher, wc, tenant):
         report = LuaScript("report")
         bad = batcher(report, keys.lease_script_keys(tenant, "a"),
                       ["a", "not-a-number", 1, 1, 0, 0, TTL])
@@ -103,22 +106,10 @@ async def test_a_script_error_is_its_callers_alone(redis_url: str) -> None:
         outcome = await asyncio.gather(bad, good, return_exceptions=True)
         assert isinstance(outcome[0], ResponseError) and "seq" in str(outcome[0])
         assert not isinstance(outcome[1], BaseException) and outcome[1].status == "ok"
-    finally:
-        await drop_tenant(r, tenant)
-        await batcher.aclose()
-        await r.aclose()
 
 
 async def test_a_caller_that_stops_waiting_leaves_the_batch_alone(redis_url: str) -> None:
-    r = connect(redis_url)
-    batcher = ScriptBatcher(r, window_s=0.05)
-    wc = WalletCache(r, batcher=batcher)
-    tenant = new_tenant()
-    try:
-        await wc.seed(tenant, 10_000, 0)
-        for lease in ("a", "b"):
-            await wc.reserve(tenant, lease, min_micros=1, want_micros=1_000, ttl_ms=TTL,
-                             session_id=lease, **META)
+    async with _leased(redis_url, 0.05, ("a", "b")) as (_r, _batcher, wc, tenant):
         loop = asyncio.get_running_loop()
         gone = loop.create_task(wc.report(tenant, "a", seq=1, cum_units=5, cum_cost=5,
                                           topup_want=0, low_water=0, ttl_ms=TTL))
@@ -135,10 +126,6 @@ async def test_a_caller_that_stops_waiting_leaves_the_batch_alone(redis_url: str
                                 low_water=0, ttl_ms=TTL)
         assert again.status == "duplicate"
         assert await wc.spendable(tenant) == 10_000 - 2_000
-    finally:
-        await drop_tenant(r, tenant)
-        await batcher.aclose()
-        await r.aclose()
 
 
 async def test_rate_limit_refreshes_and_audio_go_in_the_batch(redis_url: str) -> None:
