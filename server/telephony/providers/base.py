@@ -42,6 +42,7 @@ __all__ = [
     "NameBody",
     "ProviderCodec",
     "Scalar",
+    "TemplatedCodec",
     "TwilioStyleCodec",
     "encode_json",
     "string_params",
@@ -329,7 +330,36 @@ class CodecBase(Generic[M]):
         raise NotImplementedError
 
 
-class TwilioStyleCodec(CodecBase[M]):
+class TemplatedCodec(CodecBase[M]):
+    """Outbound audio and marks from the call's two `FrameTemplate`s, built at its first
+    outbound frame (its format and stream id are known by then) by `_templates`."""
+
+    _play: FrameTemplate | None = None
+    _mark: FrameTemplate | None = None
+
+    def _templates(self, call: CallStarted) -> tuple[FrameTemplate, FrameTemplate]:
+        """(audio, mark) templates for `call`."""
+        raise NotImplementedError
+
+    def _built(self, call: CallStarted) -> tuple[FrameTemplate, FrameTemplate]:
+        if self._play is None or self._mark is None:
+            self._play, self._mark = self._templates(call)
+        return self._play, self._mark
+
+    def _encode_play(self, call: CallStarted, payload: bytes) -> list[bytes]:
+        play = self._play
+        if play is None:
+            play = self._built(call)[0]
+        return [play.with_bytes(payload)]
+
+    def _encode_mark(self, call: CallStarted, name: str) -> bytes:
+        mark = self._mark
+        if mark is None:
+            mark = self._built(call)[1]
+        return mark.with_text(name)
+
+
+class TwilioStyleCodec(TemplatedCodec[M]):
     """Outbound frames in Twilio's shape, shared by the dialects modelled on it:
 
         media {<id>, media {payload}} / mark {<id>, mark {name}} / clear {<id>}
@@ -339,10 +369,7 @@ class TwilioStyleCodec(CodecBase[M]):
     """
 
     stream_id_field: ClassVar[str | None] = None
-    # Built at the first outbound frame of the call (the stream id is known by then).
-    _media: FrameTemplate | None = None
-    _mark: FrameTemplate | None = None
-    _clear: bytes = b""
+    _clear: bytes = b""  # built with the templates
 
     def _message(self, call: CallStarted, event: str,
                  body: Mapping[str, object] | None = None) -> dict[str, object]:
@@ -355,24 +382,11 @@ class TwilioStyleCodec(CodecBase[M]):
 
     def _templates(self, call: CallStarted) -> tuple[FrameTemplate, FrameTemplate]:
         hole = FrameTemplate.HOLE
-        self._media = FrameTemplate(self._message(call, "media", {"payload": hole}))
-        self._mark = FrameTemplate(self._message(call, "mark", {"name": hole}))
         self._clear = encode_json(self._message(call, "clear"))
-        return self._media, self._mark
-
-    def _encode_play(self, call: CallStarted, payload: bytes) -> list[bytes]:
-        media = self._media
-        if media is None:
-            media = self._templates(call)[0]
-        return [media.with_bytes(payload)]
-
-    def _encode_mark(self, call: CallStarted, name: str) -> bytes:
-        mark = self._mark
-        if mark is None:
-            mark = self._templates(call)[1]
-        return mark.with_text(name)
+        return (FrameTemplate(self._message(call, "media", {"payload": hole})),
+                FrameTemplate(self._message(call, "mark", {"name": hole})))
 
     def _encode_clear(self, call: CallStarted) -> bytes:
         if self._mark is None:
-            self._templates(call)
+            self._built(call)
         return self._clear

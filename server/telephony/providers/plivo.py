@@ -29,10 +29,10 @@ import msgspec
 
 from server.telephony.providers.base import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    CodecBase,
     DigitBody,
     FrameTemplate,
     MediaBody,
+    TemplatedCodec,
     encode_json,
 )
 from server.telephony.providers.events import (
@@ -117,11 +117,8 @@ def parse_extra_headers(raw: str | None) -> dict[str, str]:
     return params
 
 
-class PlivoCodec(CodecBase[_Message]):
+class PlivoCodec(TemplatedCodec[_Message]):
     name = "plivo"
-    # Built at the call's first outbound frame (its format and stream id are known by then).
-    _play: FrameTemplate | None = None
-    _checkpoint: FrameTemplate | None = None
 
     def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         super().__init__(_DECODER, _EVENTS, max_message_bytes=max_message_bytes)
@@ -168,18 +165,6 @@ class PlivoCodec(CodecBase[_Message]):
             channels=1,
         )
 
-    def _encode_play(self, call: CallStarted, payload: bytes) -> list[bytes]:
-        play = self._play
-        if play is None:
-            play = self._templates(call)[0]
-        return [play.with_bytes(payload)]
-
-    def _encode_mark(self, call: CallStarted, name: str) -> bytes:
-        checkpoint = self._checkpoint
-        if checkpoint is None:
-            checkpoint = self._templates(call)[1]
-        return checkpoint.with_text(name)
-
     def _encode_clear(self, call: CallStarted) -> bytes:
         return encode_json({"event": "clearAudio", "streamId": call.stream_id})
 
@@ -192,7 +177,6 @@ class PlivoCodec(CodecBase[_Message]):
             "sampleRate": call.sample_rate,
             "payload": FrameTemplate.HOLE,
         }
-        self._play = FrameTemplate({"event": "playAudio", "media": media})
-        self._checkpoint = FrameTemplate(
-            {"event": "checkpoint", "streamId": call.stream_id, "name": FrameTemplate.HOLE})
-        return self._play, self._checkpoint
+        return (FrameTemplate({"event": "playAudio", "media": media}),
+                FrameTemplate({"event": "checkpoint", "streamId": call.stream_id,
+                               "name": FrameTemplate.HOLE}))
